@@ -1,0 +1,1 @@
+"""Thin command-line entry points; each module exposes ``main(argv=None) -> int``."""
