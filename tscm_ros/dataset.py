@@ -1,0 +1,546 @@
+"""Place-recognition datasets extracted from rosbag2 recordings, and triplet mining on them.
+
+A dataset directory holds::
+
+    images/            one PNG or JPEG per kept frame
+    frames.csv         image, stamp_ns, x, y, z, qx, qy, qz, qw, bag, sequence, split, role
+    manifest.json      source bags, topics, sampling, split settings, counts, format version
+
+Each source bag is one *sequence* (one traversal of the area). Frames are split into
+train / val / test **by place**: the x-y plane is cut into square cells, whole cells go to one
+split, and frames closer than ``buffer_m`` to a frame of a later split (train < val < test) are
+dropped, so no test place is ever trained on. Within every split the first ``database_bags``
+sequences are the *database* and the others the *queries*.
+
+Place distances are horizontal (x, y) in metres throughout.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+from scipy.spatial import cKDTree
+
+from tscm_ros import __version__
+from tscm_ros.errors import BagError, ConfigError, DatasetError
+
+LOG = logging.getLogger(__name__)
+
+DATASET_FORMAT = "tscm_ros.dataset"
+DATASET_VERSION = 1
+SPLITS = ("train", "val", "test")
+ROLES = ("database", "query")
+FRAME_COLUMNS = ("image", "stamp_ns", "x", "y", "z", "qx", "qy", "qz", "qw", "bag", "sequence", "split", "role")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Keep a frame once the robot moved ``every_m`` metres AND ``every_s`` seconds passed since the
+    last kept frame (0 disables a criterion; both 0 keeps every frame with a pose)."""
+
+    every_m: float = 0.0
+    every_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.every_m < 0 or self.every_s < 0:
+            raise ConfigError(f"sampling intervals must be >= 0, got every_m={self.every_m}, every_s={self.every_s}")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How frames are split by place into train / val / test and into database / queries."""
+
+    cell_m: float = 50.0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    buffer_m: float = 10.0
+    database_bags: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cell_m <= 0:
+            raise ConfigError(f"split cell size must be > 0 m, got {self.cell_m}")
+        if self.val_fraction < 0 or self.test_fraction < 0 or self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                f"val and test fractions must be >= 0 and sum below 1, got {self.val_fraction} and {self.test_fraction}"
+            )
+        if self.buffer_m < 0:
+            raise ConfigError(f"split buffer must be >= 0 m, got {self.buffer_m}")
+        if self.database_bags < 1:
+            raise ConfigError(f"database_bags must be >= 1, got {self.database_bags}")
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+def assign_splits(positions_xy: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+    """Split name per frame: whole grid cells of ``cfg.cell_m`` go to one split, in a seeded random
+    cell order, each cell to the split furthest below its target share (test and val get a cell first)."""
+    cells = np.floor(np.asarray(positions_xy, dtype=np.float64)[:, :2] / cfg.cell_m).astype(np.int64)
+    unique_cells, cell_of_frame = np.unique(cells, axis=0, return_inverse=True)
+    cell_of_frame = cell_of_frame.reshape(-1)
+    frames_per_cell = np.bincount(cell_of_frame, minlength=len(unique_cells))
+    fractions = {"train": 1.0 - cfg.val_fraction - cfg.test_fraction, "val": cfg.val_fraction, "test": cfg.test_fraction}
+    counts = dict.fromkeys(SPLITS, 0)
+    split_of_cell = np.empty(len(unique_cells), dtype=object)
+    total = len(cell_of_frame)
+    for cell in np.random.default_rng(cfg.seed).permutation(len(unique_cells)):
+        first_needed = [name for name in ("test", "val") if fractions[name] > 0 and counts[name] == 0]
+        if first_needed:
+            name = first_needed[0]
+        else:
+            name = max(SPLITS, key=lambda s: fractions[s] * total - counts[s])
+        split_of_cell[cell] = name
+        counts[name] += int(frames_per_cell[cell])
+    return split_of_cell[cell_of_frame].astype(str)
+
+
+def buffer_mask(positions_xy: np.ndarray, splits: np.ndarray, buffer_m: float) -> np.ndarray:
+    """True for frames to keep: a frame is dropped when a frame of a later split (train < val < test)
+    lies within ``buffer_m``, so places of different splits stay at least that far apart."""
+    xy = np.asarray(positions_xy, dtype=np.float64)[:, :2]
+    keep = np.ones(len(xy), dtype=bool)
+    if buffer_m <= 0:
+        return keep
+    for rank, name in enumerate(SPLITS[:-1]):
+        later = np.isin(splits, SPLITS[rank + 1 :])
+        mine = splits == name
+        if not later.any() or not mine.any():
+            continue
+        distance, _ = cKDTree(xy[later]).query(xy[mine], k=1)
+        keep[np.flatnonzero(mine)[distance < buffer_m]] = False
+    return keep
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction
+
+
+@dataclass
+class _BagReport:
+    path: str
+    sequence: int
+    image_topic: str
+    pose_topic: str
+    frames_read: int = 0
+    frames_without_pose: int = 0
+    frames_sampled: int = 0
+
+
+def _write_image(path: Path, rgb: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise DatasetError(f"could not write image {path}")
+
+
+def _sample_bag(
+    bag: Path, sequence: int, image_dir: Path, image_format: str, sampling: SamplingConfig, reader_args: dict, progress: bool
+) -> tuple[list[dict], _BagReport]:
+    from tscm_ros.bag import open_frames
+
+    reader = open_frames(str(bag), **reader_args)
+    report = _BagReport(str(bag), sequence, str(reader.image_topic), str(reader.pose_topic))
+    rows: list[dict] = []
+    travelled = 0.0
+    previous_xy = None
+    last_kept_stamp = None
+    last_kept_travelled = 0.0
+    frames = reader
+    if progress:
+        from tqdm import tqdm
+
+        frames = tqdm(reader, total=len(reader), desc=f"{bag.name}", unit="frame")
+    for frame in frames:
+        report.frames_read += 1
+        if frame.pose is None:
+            report.frames_without_pose += 1
+            continue
+        xy = np.asarray(frame.pose.position, dtype=np.float64)[:2]
+        if previous_xy is not None:
+            travelled += float(np.linalg.norm(xy - previous_xy))
+        previous_xy = xy
+        if last_kept_stamp is not None and (
+            travelled - last_kept_travelled < sampling.every_m or (frame.stamp_ns - last_kept_stamp) * 1e-9 < sampling.every_s
+        ):
+            continue
+        last_kept_stamp, last_kept_travelled = frame.stamp_ns, travelled
+        name = f"seq{sequence:02d}_{len(rows):06d}.{image_format}"
+        _write_image(image_dir / name, frame.image)
+        position = np.asarray(frame.pose.position, dtype=np.float64)
+        orientation = np.asarray(frame.pose.orientation, dtype=np.float64)
+        rows.append(
+            {
+                "image": f"images/{name}",
+                "stamp_ns": int(frame.stamp_ns),
+                **dict(zip(("x", "y", "z"), position.tolist())),
+                **dict(zip(("qx", "qy", "qz", "qw"), orientation.tolist())),
+                "bag": bag.name,
+                "sequence": sequence,
+            }
+        )
+    if report.frames_read == 0:
+        raise BagError(f"bag {bag}: no images on topic {report.image_topic}")
+    if not rows:
+        raise BagError(
+            f"bag {bag}: none of its {report.frames_read} images has a pose "
+            f"(pose topic {report.pose_topic} missing, empty or not overlapping the images in time)"
+        )
+    report.frames_sampled = len(rows)
+    return rows, report
+
+
+def _write_csv(path: Path, rows: Sequence[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=FRAME_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def replace_directory(staging: Path, target: Path, overwrite: bool) -> None:
+    """Move a finished ``staging`` directory to ``target`` with renames only (atomic for readers)."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    if not overwrite:
+        raise ConfigError(f"output {target} already exists (choose another path or pass --overwrite)")
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / target.name)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def extract_dataset(
+    bags: Sequence[str | Path],
+    out: str | Path,
+    image_topic: str | None = None,
+    pose_topic: str | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
+    split: SplitConfig = SplitConfig(),
+    image_format: str = "png",
+    max_gap_s: float = 1.0,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Extract frames with poses from ``bags`` (one sequence each) into a dataset at ``out``.
+
+    Written in a temporary directory next to ``out`` and renamed into place when complete;
+    on any error nothing is left behind. Returns the manifest.
+    """
+    if not bags:
+        raise ConfigError("no input bag given")
+    if image_format not in ("png", "jpg"):
+        raise ConfigError(f"image format must be 'png' or 'jpg', got {image_format!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
+    bag_paths = [Path(bag) for bag in bags]
+    for bag in bag_paths:
+        if not bag.exists():
+            raise BagError(f"bag {bag} does not exist")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        image_dir = staging / "images"
+        image_dir.mkdir()
+        rows: list[dict] = []
+        reports = []
+        reader_args = {"image_topic": image_topic, "pose_topic": pose_topic, "max_gap_s": max_gap_s}
+        for sequence, bag in enumerate(bag_paths):
+            bag_rows, report = _sample_bag(bag, sequence, image_dir, image_format, sampling, reader_args, progress)
+            rows.extend(bag_rows)
+            reports.append(report)
+        positions = np.array([[row["x"], row["y"]] for row in rows])
+        splits = assign_splits(positions, split)
+        keep = buffer_mask(positions, splits, split.buffer_m)
+        kept_rows = []
+        for row, name, kept in zip(rows, splits, keep):
+            if not kept:
+                (staging / row["image"]).unlink()
+                continue
+            role = "database" if row["sequence"] < split.database_bags else "query"
+            kept_rows.append({**row, "split": str(name), "role": role})
+        if not kept_rows:
+            raise DatasetError(f"dataset {out}: no frame left after the split buffer of {split.buffer_m} m")
+        _write_csv(staging / "frames.csv", kept_rows)
+        counts = {
+            name: {role: sum(1 for r in kept_rows if r["split"] == name and r["role"] == role) for role in ROLES}
+            for name in SPLITS
+        }
+        manifest = {
+            "format": DATASET_FORMAT,
+            "version": DATASET_VERSION,
+            "created_by": f"tscm_ros {__version__}",
+            "bags": [asdict(report) for report in reports],
+            "sampling": asdict(sampling),
+            "split": asdict(split),
+            "image_format": image_format,
+            "max_gap_s": max_gap_s,
+            "counts": {"frames": len(kept_rows), "dropped_by_buffer": int((~keep).sum()), "splits": counts},
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        replace_directory(staging, out, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for name in SPLITS:
+        LOG.info("%s: %d database + %d query frames", name, counts[name]["database"], counts[name]["query"])
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def yaw_from_quaternion(orientations: np.ndarray) -> np.ndarray:
+    """Heading (yaw about z, radians) of quaternions given as rows x, y, z, w."""
+    q = np.asarray(orientations, dtype=np.float64)
+    x, y, z, w = q[:, 0], q[:, 1], q[:, 2], q[:, 3]
+    return np.arctan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
+
+
+@dataclass
+class Dataset:
+    """Frames of a dataset directory (or a subset of them) as arrays; images load on demand."""
+
+    root: Path
+    manifest: dict
+    images: list[str]
+    stamps_ns: np.ndarray
+    positions: np.ndarray
+    orientations: np.ndarray
+    bags: list[str]
+    sequences: np.ndarray
+    splits: np.ndarray
+    roles: np.ndarray
+    _image_cache: dict = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def headings(self) -> np.ndarray:
+        """Yaw of each frame in radians."""
+        return yaw_from_quaternion(self.orientations)
+
+    def subset(self, split: str | None = None, role: str | None = None) -> "Dataset":
+        """The frames of one split and/or role (sharing this dataset's image cache)."""
+        mask = np.ones(len(self), dtype=bool)
+        if split is not None:
+            mask &= self.splits == split
+        if role is not None:
+            mask &= self.roles == role
+        rows = np.flatnonzero(mask)
+        return Dataset(
+            root=self.root,
+            manifest=self.manifest,
+            images=[self.images[i] for i in rows],
+            stamps_ns=self.stamps_ns[rows],
+            positions=self.positions[rows],
+            orientations=self.orientations[rows],
+            bags=[self.bags[i] for i in rows],
+            sequences=self.sequences[rows],
+            splits=self.splits[rows],
+            roles=self.roles[rows],
+            _image_cache=self._image_cache,
+        )
+
+    def image(self, index: int) -> np.ndarray:
+        """The RGB uint8 image of frame ``index`` (cached after the first read)."""
+        relative = self.images[index]
+        cached = self._image_cache.get(relative)
+        if cached is None:
+            path = self.root / relative
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise DatasetError(f"dataset {self.root}: image {relative} is missing or unreadable")
+            cached = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            self._image_cache[relative] = cached
+        return cached
+
+    def load_images(self, indices: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+        """RGB uint8 images of the given frames."""
+        return [self.image(int(i)) for i in indices]
+
+
+def load_dataset(root: str | Path) -> Dataset:
+    """Read a dataset directory written by :func:`extract_dataset`, checking it is complete."""
+    root = Path(root)
+    manifest_path, frames_path = root / "manifest.json", root / "frames.csv"
+    if not root.is_dir():
+        raise DatasetError(f"dataset {root} does not exist or is not a directory")
+    for path in (manifest_path, frames_path):
+        if not path.is_file():
+            raise DatasetError(f"dataset {root}: {path.name} is missing (not a dataset made by extract_dataset?)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"dataset {root}: manifest.json is not valid JSON ({exc})") from exc
+    if manifest.get("format") != DATASET_FORMAT:
+        raise DatasetError(f"dataset {root}: manifest.json is not a {DATASET_FORMAT} manifest")
+    if int(manifest.get("version", -1)) > DATASET_VERSION:
+        raise DatasetError(
+            f"dataset {root}: format version {manifest.get('version')} is newer than this tscm_ros reads ({DATASET_VERSION})"
+        )
+    with open(frames_path, newline="", encoding="utf-8") as stream:
+        reader = csv.DictReader(stream)
+        missing = set(FRAME_COLUMNS) - set(reader.fieldnames or ())
+        if missing:
+            raise DatasetError(f"dataset {root}: frames.csv lacks columns {sorted(missing)}")
+        rows = list(reader)
+    if not rows:
+        raise DatasetError(f"dataset {root}: frames.csv has no frames (empty dataset)")
+    try:
+        dataset = Dataset(
+            root=root,
+            manifest=manifest,
+            images=[row["image"] for row in rows],
+            stamps_ns=np.array([int(row["stamp_ns"]) for row in rows], dtype=np.int64),
+            positions=np.array([[float(row[c]) for c in ("x", "y", "z")] for row in rows]),
+            orientations=np.array([[float(row[c]) for c in ("qx", "qy", "qz", "qw")] for row in rows]),
+            bags=[row["bag"] for row in rows],
+            sequences=np.array([int(row["sequence"]) for row in rows], dtype=np.int64),
+            splits=np.array([row["split"] for row in rows]),
+            roles=np.array([row["role"] for row in rows]),
+        )
+    except (ValueError, TypeError) as exc:
+        raise DatasetError(f"dataset {root}: frames.csv has a malformed value ({exc})") from exc
+    if not np.isin(dataset.splits, SPLITS).all() or not np.isin(dataset.roles, ROLES).all():
+        raise DatasetError(f"dataset {root}: frames.csv has an unknown split or role (splits {SPLITS}, roles {ROLES})")
+    for relative in dataset.images:
+        if not (root / relative).is_file():
+            raise DatasetError(f"dataset {root}: image {relative} listed in frames.csv is missing")
+    return dataset
+
+
+def require_split(dataset: Dataset, split: str) -> tuple[Dataset, Dataset]:
+    """The (database, queries) of a split, raising DatasetError when either is empty."""
+    database, queries = dataset.subset(split, "database"), dataset.subset(split, "query")
+    if len(database) == 0 or len(queries) == 0:
+        raise DatasetError(
+            f"dataset {dataset.root}: the {split} split has {len(database)} database and {len(queries)} query frames; "
+            "both are needed (extract from at least two traversals, or change the split settings)"
+        )
+    return database, queries
+
+
+# --------------------------------------------------------------------------------------------
+# Triplet mining
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    """Pittsburgh-style triplet mining settings."""
+
+    positive_radius_m: float = 10.0
+    negative_radius_m: float = 25.0
+    heading_deg: float | None = None
+    negatives_per_triplet: int = 10
+    negative_candidates: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.positive_radius_m <= self.negative_radius_m:
+            raise ConfigError(
+                f"need 0 < positive_radius_m <= negative_radius_m, got {self.positive_radius_m} and {self.negative_radius_m}"
+            )
+        if self.negatives_per_triplet < 1 or self.negative_candidates < self.negatives_per_triplet:
+            raise ConfigError(
+                f"need 1 <= negatives_per_triplet <= negative_candidates, got {self.negatives_per_triplet} "
+                f"and {self.negative_candidates}"
+            )
+        if self.heading_deg is not None and not 0 < self.heading_deg <= 180:
+            raise ConfigError(f"heading_deg must be in (0, 180] or null, got {self.heading_deg}")
+
+
+@dataclass
+class Triplets:
+    """Frame indices: anchors (M,), positives (M,), negatives (M, K)."""
+
+    anchors: np.ndarray
+    positives: np.ndarray
+    negatives: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.anchors)
+
+
+class PlaceGraph:
+    """Which frames of a set are positives / negatives of each other, by position (and heading)."""
+
+    def __init__(self, positions: np.ndarray, sequences: np.ndarray, headings: np.ndarray, cfg: MiningConfig):
+        self.cfg = cfg
+        xy = np.asarray(positions, dtype=np.float64)[:, :2]
+        tree = cKDTree(xy)
+        self.positives: list[np.ndarray] = []
+        self.non_negatives: list[np.ndarray] = []
+        near = tree.query_ball_point(xy, cfg.positive_radius_m)
+        not_far = tree.query_ball_point(xy, cfg.negative_radius_m)
+        for anchor in range(len(xy)):
+            candidates = np.array(sorted(near[anchor]), dtype=np.int64)
+            candidates = candidates[sequences[candidates] != sequences[anchor]]
+            if cfg.heading_deg is not None and len(candidates):
+                turn = np.abs(np.angle(np.exp(1j * (headings[candidates] - headings[anchor]))))
+                candidates = candidates[turn <= math.radians(cfg.heading_deg)]
+            self.positives.append(candidates)
+            self.non_negatives.append(np.array(sorted(not_far[anchor]), dtype=np.int64))
+        self.size = len(xy)
+
+    def usable_anchors(self) -> np.ndarray:
+        """Frames with at least one positive (in another sequence) and one negative."""
+        return np.array(
+            [a for a in range(self.size) if len(self.positives[a]) and len(self.non_negatives[a]) < self.size],
+            dtype=np.int64,
+        )
+
+
+def mine_triplets(embeddings: np.ndarray, graph: PlaceGraph, rng: np.random.Generator) -> Triplets:
+    """One triplet per usable anchor from the embedding cache: the positive nearest in embedding space,
+    and the ``negatives_per_triplet`` hardest negatives among ``negative_candidates`` random far frames."""
+    cfg = graph.cfg
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    anchors, positives, negatives = [], [], []
+    for anchor in graph.usable_anchors():
+        pos = graph.positives[anchor]
+        positive = pos[np.argmin(((embeddings[pos] - embeddings[anchor]) ** 2).sum(axis=1))]
+        far = np.ones(graph.size, dtype=bool)
+        far[graph.non_negatives[anchor]] = False
+        far_indices = np.flatnonzero(far)
+        candidates = rng.choice(far_indices, size=min(cfg.negative_candidates, len(far_indices)), replace=False)
+        distance = ((embeddings[candidates] - embeddings[anchor]) ** 2).sum(axis=1)
+        order = np.argsort(distance, kind="stable")[: cfg.negatives_per_triplet]
+        hardest = candidates[order]
+        if len(hardest) < cfg.negatives_per_triplet:
+            hardest = np.resize(hardest, cfg.negatives_per_triplet)
+        anchors.append(anchor)
+        positives.append(positive)
+        negatives.append(hardest)
+    if not anchors:
+        return Triplets(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, cfg.negatives_per_triplet), np.int64))
+    return Triplets(np.array(anchors), np.array(positives), np.stack(negatives))
+
+
+__all__ = [
+    "Dataset",
+    "MiningConfig",
+    "PlaceGraph",
+    "SamplingConfig",
+    "SplitConfig",
+    "Triplets",
+    "assign_splits",
+    "buffer_mask",
+    "extract_dataset",
+    "load_dataset",
+    "mine_triplets",
+    "require_split",
+    "yaw_from_quaternion",
+]
