@@ -1,0 +1,59 @@
+"""Start the tscm_ros place-recognition node with config/place_recognition.yaml.
+
+    ros2 launch tscm_ros place_recognition.launch.py map:=/path/to/map model:=/path/to/student.pt
+
+Launch arguments override the common parameters; everything else comes from the parameter file
+(params_file:=... to use another one). An argument left empty keeps the parameter file's value.
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+# launch argument -> (node parameter, type, description)
+COMMON_ARGUMENTS = {
+    "map": ("map_path", str, "keyframe map directory (from build_map)"),
+    "model": ("model_path", str, "student checkpoint; empty in the file = the offline-pretrained student"),
+    "image_topic": ("image_topic", str, "camera image topic"),
+    "device": ("device", str, "auto, cpu or cuda"),
+    "use_compressed": ("use_compressed", bool, "subscribe to sensor_msgs/CompressedImage (true/false)"),
+}
+
+
+def _parameter_value(text, kind):
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() == "true"
+    return text
+
+
+def _node(context):
+    overrides = {}
+    for argument, (parameter, kind, _) in COMMON_ARGUMENTS.items():
+        text = LaunchConfiguration(argument).perform(context)
+        if text != "":
+            overrides[parameter] = _parameter_value(text, kind)
+    return [
+        Node(
+            package="tscm_ros",
+            executable="place_recognition_node",
+            name="tscm_place_recognition",
+            output="screen",
+            emulate_tty=True,
+            parameters=[LaunchConfiguration("params_file").perform(context), overrides],
+        )
+    ]
+
+
+def generate_launch_description():
+    default_params = os.path.join(get_package_share_directory("tscm_ros"), "config", "place_recognition.yaml")
+    arguments = [DeclareLaunchArgument("params_file", default_value=default_params,
+                                       description="ROS parameter file for the node")]
+    arguments += [DeclareLaunchArgument(name, default_value="", description=description)
+                  for name, (_, _, description) in COMMON_ARGUMENTS.items()]
+    return LaunchDescription(arguments + [OpaqueFunction(function=_node)])
