@@ -33,7 +33,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from tscm_ros import __version__
-from tscm_ros.errors import BagError, ConfigError, DatasetError
+from tscm_ros.errors import BagError, ConfigError, DatasetError, TscmError
 
 LOG = logging.getLogger(__name__)
 
@@ -257,7 +257,12 @@ def extract_dataset(
         reports = []
         reader_args = {"image_topic": image_topic, "pose_topic": pose_topic, "max_gap_s": max_gap_s}
         for sequence, bag in enumerate(bag_paths):
-            bag_rows, report = _sample_bag(bag, sequence, image_dir, image_format, sampling, reader_args, progress)
+            try:
+                bag_rows, report = _sample_bag(bag, sequence, image_dir, image_format, sampling, reader_args, progress)
+            except TscmError as exc:
+                if str(bag) in str(exc):
+                    raise
+                raise type(exc)(f"bag {bag}: {exc}") from exc
             rows.extend(bag_rows)
             reports.append(report)
         positions = np.array([[row["x"], row["y"]] for row in rows])

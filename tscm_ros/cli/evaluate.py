@@ -1,0 +1,133 @@
+"""evaluate: recall@N of one or more models side by side.
+
+Modes (exactly one): ``--data DIR`` measures place recognition on a dataset split made by
+extract_dataset (queries against the database). Further modes add an argument to the ``mode``
+group of :func:`build_parser` and a ``_run_<mode>`` function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from tscm_ros.cli.common import run_main
+from tscm_ros.errors import ConfigError
+
+PRETRAINED = "pretrained"
+
+DESCRIPTION = """\
+Measure recall@N (a query counts as found when one of its top-N database matches lies within
+--radius-m of it) for each --model, side by side, and write recall.md (Markdown table),
+recall.png (recall@N curves) and recall.json into --out. --model takes a checkpoint (teacher or
+student best.pt) or the word 'pretrained' for the offline-pretrained default student without
+place-recognition training (the baseline).
+"""
+
+EXAMPLE = """\
+example:
+  evaluate --data data/campus --model runs/teacher/best.pt --model runs/student/best.pt --model pretrained --out eval/campus
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of evaluate."""
+    parser = argparse.ArgumentParser(
+        prog="evaluate", description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--data", metavar="DIR", help="dataset directory made by extract_dataset")
+    parser.add_argument("--model", action="append", required=True, metavar="CKPT",
+                        help=f"model checkpoint, or '{PRETRAINED}' for the untrained baseline (repeatable)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory for recall.md, recall.png, recall.json")
+    parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="dataset split (default test)")
+    parser.add_argument("--radius-m", type=float, default=25.0, metavar="M",
+                        help="a retrieved frame is correct within M metres of the query (default 25)")
+    parser.add_argument("--ns", type=int, nargs="+", default=[1, 5, 10, 20], metavar="N", help="recall@N values (default 1 5 10 20)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    return parser
+
+
+def _describer(model: str, device: str, batch_size: int):
+    from tscm_ros.describe import Describer
+
+    return Describer.from_checkpoint(None if model == PRETRAINED else model, device=device, batch_size=batch_size)
+
+
+def _run_data(args: argparse.Namespace) -> tuple[list, str]:
+    from tscm_ros.dataset import load_dataset, require_split
+    from tscm_ros.recall import evaluate_descriptors
+
+    dataset = load_dataset(args.data)
+    database, queries = require_split(dataset, args.split)
+    describers = [(model, _describer(model, args.device, args.batch_size)) for model in args.model]
+    results = []
+    for model, describer in describers:
+        database_descriptors = describer.describe(database.load_images(range(len(database))))
+        query_descriptors = describer.describe(queries.load_images(range(len(queries))))
+        result = evaluate_descriptors(
+            query_descriptors, database_descriptors, queries.positions, database.positions, args.radius_m, args.ns
+        )
+        results.append((f"{model} ({describer.model_name})", result))
+    title = (
+        f"{Path(args.data).name}, {args.split} split: {len(queries)} queries against {len(database)} database frames, "
+        f"correct within {args.radius_m:g} m"
+    )
+    return results, title
+
+
+def _write_report(results: list, title: str, out: Path, overwrite: bool) -> None:
+    from tscm_ros.dataset import replace_directory
+    from tscm_ros.recall import plot_recall_curves, recall_table_markdown
+
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (staging / "recall.md").write_text(recall_table_markdown(results, title), encoding="utf-8")
+        plot_recall_curves(results, str(staging / "recall.png"), title)
+        summary = {
+            "title": title,
+            "models": [
+                {"model": name, "recall": {str(n): r for n, r in result.recall.items()}, "queries": result.num_queries,
+                 "queries_without_match": result.num_skipped}
+                for name, result in results
+            ],
+        }
+        (staging / "recall.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        replace_directory(staging, out, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.radius_m <= 0 or any(n < 1 for n in args.ns) or args.batch_size < 1:
+        raise ConfigError("--radius-m, --ns and --batch-size must be positive")
+    args.ns = sorted(set(args.ns))
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
+    results, title = _run_data(args)
+    _write_report(results, title, out, args.overwrite)
+    from tscm_ros.recall import recall_table_markdown
+
+    print(recall_table_markdown(results, title), end="")
+    print(f"wrote {out / 'recall.md'}, {out / 'recall.png'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: evaluate models; exit code 2 with ``error: ...`` on bad input."""
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
