@@ -1,0 +1,122 @@
+"""The per-image step of loop-closure detection, shared by the live node, build_map and evaluation.
+
+``LoopDetector.process`` describes one RGB image with the student, queries the keyframe map with the
+exclusion rules, and in mapping mode adds the image as a keyframe when ``KeyframeSelector`` accepts it.
+No ROS here: the node converts messages and publishes, everything else happens in this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tscm_ros.errors import ConfigError
+from tscm_ros.keyframe_map import Candidate, Exclusion, KeyframeMap, KeyframeMeta
+
+
+@dataclass
+class KeyframeSelector:
+    """Decides which frames become keyframes: enough time and travel since the last one, and
+    (optionally) a descriptor that differs enough from it.
+
+    Each threshold at 0 (or ``max_similarity`` None) is off. Distance is only checked when both the
+    frame's and the last keyframe's positions are known.
+    """
+
+    min_interval_s: float = 0.0
+    min_distance_m: float = 0.0
+    max_similarity: float | None = None
+    _last_stamp_ns: int | None = field(default=None, init=False, repr=False)
+    _last_position: np.ndarray | None = field(default=None, init=False, repr=False)
+    _last_descriptor: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.min_interval_s < 0 or self.min_distance_m < 0:
+            raise ConfigError("keyframe selection: minimum interval and distance must be >= 0")
+        if self.max_similarity is not None and not 0.0 < self.max_similarity <= 1.0:
+            raise ConfigError(f"keyframe selection: max_similarity must be in (0, 1], got {self.max_similarity}")
+
+    def moved_enough(self, stamp_ns: int, position: np.ndarray | None) -> bool:
+        """Time and travel since the last keyframe are both above their thresholds."""
+        if self._last_stamp_ns is None:
+            return True
+        if abs(stamp_ns - self._last_stamp_ns) < self.min_interval_s * 1e9:
+            return False
+        if self.min_distance_m > 0 and position is not None and self._last_position is not None:
+            return float(np.linalg.norm(position - self._last_position)) >= self.min_distance_m
+        return True
+
+    def looks_new(self, descriptor: np.ndarray) -> bool:
+        """The descriptor's similarity to the last keyframe's is below ``max_similarity``."""
+        if self.max_similarity is None or self._last_descriptor is None:
+            return True
+        return float(np.dot(descriptor, self._last_descriptor)) < self.max_similarity
+
+    def accept(self, stamp_ns: int, position: np.ndarray | None, descriptor: np.ndarray) -> bool:
+        """Whether this frame becomes a keyframe; remembers it if so."""
+        if not (self.moved_enough(stamp_ns, position) and self.looks_new(descriptor)):
+            return False
+        self._last_stamp_ns = stamp_ns
+        self._last_position = None if position is None else np.asarray(position, dtype=np.float64)
+        self._last_descriptor = descriptor
+        return True
+
+
+@dataclass(frozen=True)
+class MatchingConfig:
+    """How a query is matched: at most ``k`` candidates scoring at least ``min_score``, ignoring
+    keyframes within ``exclude_recent_s`` of the query stamp or ``exclude_within_m`` along the path."""
+
+    k: int = 5
+    min_score: float = 0.5
+    exclude_recent_s: float = 30.0
+    exclude_within_m: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"k must be >= 1, got {self.k}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ConfigError(f"min_score must be in [0, 1], got {self.min_score}")
+        if self.exclude_recent_s < 0 or self.exclude_within_m < 0:
+            raise ConfigError("exclude_recent_s and exclude_within_m must be >= 0")
+
+
+@dataclass
+class Detection:
+    """What one processed image gave: its descriptor, the candidates, and its keyframe id if added."""
+
+    descriptor: np.ndarray
+    candidates: list[Candidate]
+    added_keyframe_id: int | None = None
+
+
+class LoopDetector:
+    """Describe, match, and (in mapping mode) grow the map, one image at a time."""
+
+    def __init__(self, describer, keyframe_map: KeyframeMap, matching: MatchingConfig,
+                 mapping: KeyframeSelector | None = None, source: str = "live") -> None:
+        if keyframe_map.model_fingerprint != describer.fingerprint:
+            raise ConfigError(
+                f"the map was built with model {keyframe_map.model_name or '?'} "
+                f"(fingerprint {keyframe_map.model_fingerprint}) but the loaded model is "
+                f"{describer.model_name} (fingerprint {describer.fingerprint})")
+        self.describer = describer
+        self.map = keyframe_map
+        self.matching = matching
+        self.mapping = mapping
+        self.source = source
+
+    def process(self, image: np.ndarray, stamp_ns: int, pose=None) -> Detection:
+        """Candidates for one HxWx3 uint8 RGB image taken at ``stamp_ns`` (pose: ``bag.Pose`` or None)."""
+        descriptor = self.describer.describe([image])[0]
+        position = None if pose is None else pose.position
+        exclusion = Exclusion(min_time_gap_s=self.matching.exclude_recent_s,
+                              min_distance_m=self.matching.exclude_within_m,
+                              query_stamp_ns=stamp_ns, query_position=position)
+        candidates = self.map.query(descriptor, self.matching.k, exclusion, self.matching.min_score)
+        detection = Detection(descriptor=descriptor, candidates=candidates)
+        if self.mapping is not None and self.mapping.accept(stamp_ns, position, descriptor):
+            ids = self.map.add(descriptor[None, :], [KeyframeMeta(stamp_ns=stamp_ns, pose=pose, bag=self.source)])
+            detection.added_keyframe_id = int(ids[0])
+        return detection
