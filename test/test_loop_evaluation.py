@@ -1,0 +1,106 @@
+"""Loop-closure metrics on a hand-made case with a known answer, and the bag-mode evaluation end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from tscm_ros.loop_evaluation import (
+    evaluate_loop_closures,
+    max_recall_at_full_precision,
+    precision_recall_curve,
+    within_radius,
+)
+
+# Four keyframes 20 m apart on a line; correct = within 10 m.
+KEYFRAMES = np.array([[0, 0, 0], [20, 0, 0], [40, 0, 0], [60, 0, 0]], dtype=float)
+# Six queries (position, ranked candidate ids, their scores):
+QUERIES = [
+    ((1, 0, 0), [0, 1], [0.9, 0.3]),           # q0: loop at k0, top-1 correct
+    ((21, 0, 0), [2, 1], [0.8, 0.7]),          # q1: loop at k1, top-1 wrong (k2), k1 second
+    ((41, 0, 0), [2], [0.8]),                  # q2: loop at k2, top-1 correct, score tied with q1
+    ((200, 0, 0), [3], [0.6]),                 # q3: no keyframe within 10 m: its top-1 is a false positive
+    ((59, 0, 0), [], []),                      # q4: loop at k3, but no candidate at all
+    ((0, 1, 0), [3, 2, 1, 0], [0.5, 0.4, 0.3, 0.2]),  # q5: loop at k0, found only at rank 4
+]
+
+
+def hand_made_metrics(ns=(1, 2, 5)):
+    positions = np.array([q[0] for q in QUERIES], dtype=float)
+    within = within_radius(positions, KEYFRAMES, 10.0)
+    ids = [np.array(q[1], dtype=np.int64) for q in QUERIES]
+    scores = [np.array(q[2], dtype=np.float64) for q in QUERIES]
+    return evaluate_loop_closures(ids, scores, within, ns)
+
+
+def test_recall_at_n_counts_only_queries_with_a_true_loop():
+    metrics = hand_made_metrics()
+    assert metrics.num_queries == 6
+    assert metrics.num_with_loop == 5  # q3 has no keyframe within 10 m
+    assert metrics.num_without_candidates == 1  # q4
+    # R@1: q0, q2. R@2: + q1. R@5: + q5. q4 (no candidate) is a miss at every N.
+    assert metrics.recall_at == pytest.approx({1: 2 / 5, 2: 3 / 5, 5: 4 / 5})
+
+
+def test_precision_recall_curve_accepts_ties_together():
+    curve = hand_made_metrics().curve
+    # Thresholds are the distinct top-1 scores; at 0.8 q1 (wrong) and q2 (right) enter together.
+    np.testing.assert_allclose(curve.thresholds, [0.9, 0.8, 0.6, 0.5])
+    np.testing.assert_allclose(curve.precision, [1.0, 2 / 3, 2 / 4, 2 / 5])
+    np.testing.assert_allclose(curve.recall, [1 / 5, 2 / 5, 2 / 5, 2 / 5])
+
+
+def test_average_precision_and_max_recall_at_full_precision():
+    metrics = hand_made_metrics()
+    assert metrics.average_precision == pytest.approx(1 / 5 * 1.0 + 1 / 5 * 2 / 3)
+    # Only the 0.9 threshold is perfect; q2 ties with the wrong q1, so it cannot be accepted alone.
+    assert metrics.max_recall_at_full_precision == pytest.approx(1 / 5)
+    assert metrics.full_precision_threshold == pytest.approx(0.9)
+
+
+def test_average_precision_agrees_with_scikit_learn_rescaled_to_all_true_loops():
+    metrics = hand_made_metrics()
+    answered = [q for q in QUERIES if q[1]]
+    top1_correct = [1, 0, 1, 0, 0]  # q0, q1, q2, q3, q5
+    sklearn_ap = average_precision_score(top1_correct, [q[2][0] for q in answered])
+    # scikit-learn's recall is relative to the correct top-1s (2); ours to the queries with a true loop (5).
+    assert metrics.average_precision == pytest.approx(sklearn_ap * 2 / 5)
+
+
+def test_a_wrong_best_scored_query_means_no_recall_at_full_precision():
+    curve = precision_recall_curve(np.array([0.9, 0.7]), np.array([False, True]), np.array([True, True]))
+    assert max_recall_at_full_precision(curve)[0] == 0.0
+    assert math.isnan(max_recall_at_full_precision(curve)[1])
+
+
+def test_a_perfect_detector_reaches_full_recall_at_full_precision():
+    within = within_radius(KEYFRAMES + 1.0, KEYFRAMES, 10.0)
+    ids = [np.array([i]) for i in range(4)]
+    metrics = evaluate_loop_closures(ids, [np.array([0.5 + 0.1 * i]) for i in range(4)], within, (1,))
+    assert metrics.recall_at == {1: 1.0}
+    assert metrics.average_precision == pytest.approx(1.0)
+    assert metrics.max_recall_at_full_precision == 1.0
+    assert metrics.full_precision_threshold == pytest.approx(0.5)
+
+
+def test_no_true_loop_anywhere_gives_undefined_recall():
+    within = within_radius(np.array([[500.0, 0, 0]]), KEYFRAMES, 10.0)
+    metrics = evaluate_loop_closures([np.array([0])], [np.array([0.7])], within, (1,))
+    assert metrics.num_with_loop == 0
+    assert math.isnan(metrics.recall_at[1]) and math.isnan(metrics.average_precision)
+    assert math.isnan(metrics.max_recall_at_full_precision)
+
+
+def test_keyframes_without_pose_are_never_correct():
+    within = within_radius(np.zeros((1, 3)), np.array([[np.nan] * 3, [3.0, 4.0, 0.0]]), 5.0)
+    assert within.tolist() == [[False, True]]
+
+
+def test_inconsistent_inputs_are_rejected():
+    with pytest.raises(ValueError):
+        evaluate_loop_closures([np.array([0])], [], np.ones((1, 4), dtype=bool))
+    with pytest.raises(ValueError):
+        precision_recall_curve(np.array([0.5]), np.array([True]), np.array([False]))
