@@ -1,0 +1,608 @@
+"""Training: the teacher with a triplet loss over hard negatives, the student with TSCM's
+cross-metric distillation (L_hard + L_soft + L_cm) from a frozen teacher.
+
+One loop serves both. Each epoch: refresh the embedding cache of the training frames with the
+current model, mine Pittsburgh triplets from it, train, measure recall@1/5/10 on the val split,
+keep the best checkpoint, save ``last.pt`` for ``--resume``, and stop early when val recall stops
+improving. Under ``torchrun`` the model is wrapped in DistributedDataParallel and every process
+trains on its share of the triplets; all processes compute the same cache and validation, so
+they take the same decisions without talking, and only rank 0 writes.
+
+The run directory holds config.yaml (as used, model config inline), metrics.csv,
+learning_curves.png, best.pt (model checkpoint format of tscm_ros.checkpoint) and last.pt.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from tscm_ros.checkpoint import load_checkpoint, load_model_config, save_checkpoint
+from tscm_ros.dataset import Dataset, MiningConfig, PlaceGraph, Triplets, load_dataset, mine_triplets, require_split
+from tscm_ros.errors import CheckpointError, ConfigError, DatasetError
+from tscm_ros.losses import TripletDescriptors, tscm_loss
+from tscm_ros.models import build_model
+from tscm_ros.preprocess import PreprocessConfig, preprocess
+from tscm_ros.recall import evaluate_descriptors
+
+LOG = logging.getLogger(__name__)
+
+KINDS = ("teacher", "student")
+STATE_FORMAT = "tscm_ros.train_state"
+STATE_VERSION = 1
+VAL_NS = (1, 5, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (config/train_*.yaml).
+
+    ``model`` names the network: a model config preset ('tiny', 'student_offline', ...) or file, or, as
+    written to a run's config.yaml, the model config itself (a mapping with ``kind`` and ``preprocess``).
+    """
+
+    model: Any
+    epochs: int = 30
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    margin: float = 0.1
+    patience: int = 5
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    positive_radius_m: float = 10.0
+    negative_radius_m: float = 25.0
+    heading_deg: float | None = None
+    negatives_per_triplet: int = 10
+    negative_candidates: int = 1000
+    triplets_per_epoch: int | None = None
+    eval_radius_m: float = 25.0
+    cache_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "lr", "eval_radius_m", "cache_batch_size")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"training setting {name} must be > 0, got {getattr(self, name)}")
+        if self.patience < 0 or self.weight_decay < 0 or self.margin < 0:
+            raise ConfigError("training settings patience, weight_decay and margin must be >= 0")
+        if self.triplets_per_epoch is not None and self.triplets_per_epoch < 1:
+            raise ConfigError(f"triplets_per_epoch must be >= 1 or null, got {self.triplets_per_epoch}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        self.mining()  # validates the mining settings
+
+    def mining(self) -> MiningConfig:
+        """The triplet-mining part of the settings."""
+        return MiningConfig(
+            positive_radius_m=self.positive_radius_m,
+            negative_radius_m=self.negative_radius_m,
+            heading_deg=self.heading_deg,
+            negatives_per_triplet=self.negatives_per_triplet,
+            negative_candidates=self.negative_candidates,
+        )
+
+    def to_dict(self) -> dict:
+        """Plain dict, as written to the run's config.yaml."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str) -> "TrainConfig":
+        """Build from a dict, checking names and types; ``source`` names the file in errors."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(f"{source}: unknown training setting(s) {unknown}; known: {sorted(fields)}")
+        if "model" not in values:
+            raise ConfigError(f"{source}: the training setting 'model' (model config file) is missing")
+        checked = {}
+        for name, value in values.items():
+            default = fields[name].default
+            expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
+            if name == "heading_deg" or name == "triplets_per_epoch":
+                expected = (int, float, type(None)) if name == "heading_deg" else (int, type(None))
+            if expected and (not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected)):
+                raise ConfigError(f"{source}: training setting {name}={value!r} has the wrong type")
+            checked[name] = float(value) if expected == (int, float) else value
+        try:
+            return cls(**checked)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """``key=value`` strings (values parsed as YAML) to a dict."""
+    parsed = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+    return parsed
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{what} {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of settings")
+    return data
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a training config file and apply ``key=value`` overrides."""
+    path = Path(path)
+    values = _read_yaml(path, "training config")
+    values.update(parse_overrides(overrides))
+    model = values.get("model")
+    if model is not None and not isinstance(model, (str, dict)):
+        raise ConfigError(f"{path}: 'model' must be a model config preset, file or mapping, got {model!r}")
+    return TrainConfig.from_dict(values, str(path))
+
+
+def resolve_model_config(config: TrainConfig, kind: str) -> tuple[dict, PreprocessConfig]:
+    """The model config (with ``kind``) and preprocessing that ``config.model`` names, checked against ``kind``."""
+    if isinstance(config.model, dict):
+        model_config = dict(config.model)
+        preprocess_config = PreprocessConfig.from_dict(model_config.pop("preprocess", None))
+    else:
+        model_config, preprocess_config = load_model_config(config.model, kind=kind)
+    if model_config.get("kind") != kind:
+        raise ConfigError(f"train {kind}: the model config describes a {model_config.get('kind')!r} model, not a {kind}")
+    if model_config.get("projection_dim"):
+        raise ConfigError(
+            f"train {kind}: set projection_dim to null for training; the deployment projection is fitted afterwards "
+            "(tscm_ros.models.add_pca_projection)"
+        )
+    return model_config, preprocess_config
+
+
+def default_config_path(kind: str) -> Path:
+    """config/train_<kind>.yaml of a source checkout, else of the installed package share directory."""
+    name = f"train_{kind}.yaml"
+    candidates = [Path(__file__).resolve().parent.parent / "config" / name, Path(sys.prefix) / "share" / "tscm_ros" / "config" / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"default training config {name} not found (looked in {', '.join(map(str, candidates))}); pass --config")
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' is the GPU when one is present, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but no CUDA GPU is available")
+        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    return torch.device("cpu")
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def describe_frames(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    preprocess_config: PreprocessConfig,
+    device: torch.device,
+    batch_size: int,
+    amp: bool = False,
+) -> np.ndarray:
+    """Descriptors (N, D) float32 of all frames of ``dataset``, the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for start in range(0, len(dataset), batch_size):
+        images = dataset.load_images(range(start, min(start + batch_size, len(dataset))))
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            chunks.append(model(preprocess(images, preprocess_config, device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(chunks).numpy()
+
+
+def _val_recall(
+    model: torch.nn.Module, database: Dataset, queries: Dataset, preprocess_config: PreprocessConfig, device, cfg: TrainConfig, amp: bool
+) -> dict[int, float]:
+    db = describe_frames(model, database, preprocess_config, device, cfg.cache_batch_size, amp)
+    q = describe_frames(model, queries, preprocess_config, device, cfg.cache_batch_size, amp)
+    return evaluate_descriptors(q, db, queries.positions, database.positions, cfg.eval_radius_m, VAL_NS).recall
+
+
+def write_metrics_csv(history: Sequence[dict], path: Path) -> None:
+    """One row per epoch, atomically."""
+    columns = list(history[0])
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def plot_learning_curves(history: Sequence[dict], path: Path, title: str) -> None:
+    """Losses and val recall@N per epoch as a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, (losses, recalls) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in ("loss", "loss_hard", "loss_soft", "loss_cm"):
+        if name in history[0]:
+            losses.plot(epochs, [row[name] for row in history], marker="o", label=name)
+    losses.set_xlabel("epoch")
+    losses.set_ylabel("training loss")
+    losses.legend()
+    for n in VAL_NS:
+        recalls.plot(epochs, [100 * row[f"val_recall@{n}"] for row in history], marker="o", label=f"recall@{n}")
+    recalls.set_xlabel("epoch")
+    recalls.set_ylabel("val recall (%)")
+    recalls.set_ylim(0, 100)
+    recalls.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed set-up (torchrun)
+
+
+@dataclass(frozen=True)
+class _Distributed:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed() -> _Distributed:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return _Distributed(0, 1, 0)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return _Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    run_dir: Path
+    epochs_done: int
+    best_epoch: int
+    best_val_recall: dict[int, float]
+    stopped_early: bool
+
+
+def _teacher_for(teacher_path: str | Path, device: torch.device):
+    teacher = load_checkpoint(str(teacher_path), expected_kind="teacher")
+    model = teacher.model.to(device).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return teacher, model
+
+
+def train(
+    kind: str,
+    data: str | Path,
+    out: str | Path,
+    config: TrainConfig,
+    teacher_path: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a ``kind`` ('teacher' or 'student') model on the dataset at ``data`` into the run dir ``out``.
+
+    Everything is checked (config, dataset, teacher) before the run directory is touched.
+    With ``resume`` the run continues after the last completed epoch of ``out/last.pt``.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
+    if (kind == "student") != (teacher_path is not None):
+        raise ConfigError("train student needs --teacher CKPT; train teacher takes none")
+    run_dir = Path(out)
+    model_config, preprocess_config = resolve_model_config(config, kind)
+    used_config = dataclasses.replace(config, model={**model_config, "preprocess": preprocess_config.to_dict()})
+
+    dataset = load_dataset(data)
+    train_set = dataset.subset("train")
+    val_database, val_queries = require_split(dataset, "val")
+    graph = PlaceGraph(train_set.positions, train_set.sequences, train_set.headings, config.mining())
+    if len(graph.usable_anchors()) == 0:
+        raise DatasetError(
+            f"dataset {data}: no training triplet possible (needs train frames with a positive within "
+            f"{config.positive_radius_m} m in another sequence and negatives beyond {config.negative_radius_m} m)"
+        )
+
+    distributed = _init_distributed()
+    device = resolve_device(config.device, distributed.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    use_amp = config.amp and device.type == "cuda"
+    torch.manual_seed(config.seed)
+    model = build_model(model_config).to(device)
+
+    teacher_descriptors = None
+    teacher_fingerprint = None
+    if kind == "student":
+        teacher, teacher_model = _teacher_for(teacher_path, device)
+        teacher_fingerprint = teacher.fingerprint
+        with torch.no_grad():
+            probe = train_set.load_images([0])
+            student_dim = model(preprocess(probe, preprocess_config, device)).shape[1]
+            teacher_dim = teacher_model(preprocess(probe, teacher.preprocess, device)).shape[1]
+        if student_dim != teacher_dim:
+            raise ConfigError(
+                f"the student gives {student_dim}-d descriptors but teacher {teacher_path} gives {teacher_dim}-d; "
+                "distillation needs the same dimension"
+            )
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    state = _start_run(run_dir, resume, used_config, kind, teacher_fingerprint, distributed)
+    if state is not None:
+        _restore(state, model, optimizer, scaler, run_dir)
+    if kind == "student":
+        # The teacher is frozen and sees no augmentation: its descriptors are computed once.
+        teacher_descriptors = torch.from_numpy(
+            describe_frames(teacher_model, train_set, teacher.preprocess, device, config.cache_batch_size, use_amp)
+        ).to(device)
+        del teacher_model
+    history: list[dict] = list(state["history"]) if state else []
+    start_epoch = int(state["epoch"]) if state else 0
+    best_key = tuple(state["best_key"]) if state and state["best_key"] is not None else None
+    best_epoch = int(state["best_epoch"]) if state else 0
+    stale_epochs = int(state["stale_epochs"]) if state else 0
+    stopped_early = bool(state["stopped_early"]) if state else False
+
+    trained = model
+    if distributed.world_size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    epoch = start_epoch
+    while epoch < config.epochs and not stopped_early:
+        epoch += 1
+        started = time.monotonic()
+        rng = np.random.default_rng([config.seed, epoch])
+        embeddings = describe_frames(model, train_set, preprocess_config, device, config.cache_batch_size, use_amp)
+        triplets = _epoch_triplets(mine_triplets(embeddings, graph, rng), rng, config, distributed)
+        losses = _train_epoch(
+            trained, optimizer, scaler, train_set, triplets, teacher_descriptors, preprocess_config, device, config, use_amp,
+            progress and distributed.is_main, f"{kind} epoch {epoch}/{config.epochs}",
+        )
+        if distributed.world_size > 1:
+            totals = torch.tensor([losses[k] * losses["steps"] for k in ("loss", "loss_hard", "loss_soft", "loss_cm")] + [losses["steps"]], dtype=torch.float64)
+            dist.all_reduce(totals)
+            steps = max(totals[-1].item(), 1.0)
+            losses.update({k: totals[i].item() / steps for i, k in enumerate(("loss", "loss_hard", "loss_soft", "loss_cm"))})
+        recall = _val_recall(model, val_database, val_queries, preprocess_config, device, config, use_amp)
+        row = {"epoch": epoch, "triplets": len(triplets) * distributed.world_size, "loss": losses["loss"], "loss_hard": losses["loss_hard"]}
+        if kind == "student":
+            row.update(loss_soft=losses["loss_soft"], loss_cm=losses["loss_cm"])
+        row.update({f"val_recall@{n}": recall[n] for n in VAL_NS})
+        row.update(lr=config.lr, seconds=round(time.monotonic() - started, 3))
+        history.append(row)
+        key = tuple(recall[n] for n in VAL_NS)
+        improved = best_key is None or key > best_key
+        if improved:
+            best_key, best_epoch, stale_epochs = key, epoch, 0
+        else:
+            stale_epochs += 1
+        stopped_early = config.patience > 0 and stale_epochs >= config.patience
+        if distributed.is_main:
+            if improved:
+                _save_best(run_dir, model, model_config, preprocess_config, epoch, recall, data, kind, teacher_fingerprint)
+            _atomic_torch_save(
+                _train_state(model, optimizer, scaler, epoch, history, best_key, best_epoch, stale_epochs, stopped_early, kind, teacher_fingerprint),
+                run_dir / "last.pt",
+            )
+            write_metrics_csv(history, run_dir / "metrics.csv")
+            plot_learning_curves(history, run_dir / "learning_curves.png", f"train {kind}: {Path(data).name}")
+            LOG.info(
+                "epoch %d: loss %.4f, val recall@1/5/10 %.1f/%.1f/%.1f %%%s", epoch, row["loss"],
+                *(100 * recall[n] for n in VAL_NS), " (best)" if improved else "",
+            )
+    if distributed.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    best_recall = dict(zip(VAL_NS, best_key)) if best_key is not None else {}
+    return TrainResult(run_dir, epoch, best_epoch, best_recall, stopped_early)
+
+
+def _epoch_triplets(triplets: Triplets, rng: np.random.Generator, config: TrainConfig, distributed: _Distributed) -> Triplets:
+    """Shuffled, capped at ``triplets_per_epoch``, cut to a multiple of the world size, this rank's share."""
+    order = rng.permutation(len(triplets))
+    if config.triplets_per_epoch is not None:
+        order = order[: config.triplets_per_epoch]
+    order = order[: len(order) - len(order) % distributed.world_size][distributed.rank :: distributed.world_size]
+    return Triplets(triplets.anchors[order], triplets.positives[order], triplets.negatives[order])
+
+
+def _train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    train_set: Dataset,
+    triplets: Triplets,
+    teacher_descriptors: torch.Tensor | None,
+    preprocess_config: PreprocessConfig,
+    device: torch.device,
+    config: TrainConfig,
+    use_amp: bool,
+    progress: bool,
+    description: str,
+) -> dict[str, float]:
+    from tqdm import tqdm
+
+    model.train()
+    sums = dict.fromkeys(("loss", "loss_hard", "loss_soft", "loss_cm"), 0.0)
+    steps = math.ceil(len(triplets) / config.batch_size)
+    bar = tqdm(range(steps), desc=description, unit="step", disable=not progress, leave=False)
+    for step in bar:
+        batch = slice(step * config.batch_size, (step + 1) * config.batch_size)
+        anchors, positives, negatives = triplets.anchors[batch], triplets.positives[batch], triplets.negatives[batch]
+        count, k = len(anchors), negatives.shape[1]
+        indices = np.concatenate([anchors, positives, negatives.reshape(-1)])
+        images = preprocess(train_set.load_images(indices), preprocess_config, device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            descriptors = model(images).float()
+        student = TripletDescriptors(
+            descriptors[:count], descriptors[count : 2 * count], descriptors[2 * count :].reshape(count, k, -1)
+        )
+        teacher = None
+        if teacher_descriptors is not None:
+            lookup = teacher_descriptors[torch.as_tensor(indices, device=device)]
+            teacher = TripletDescriptors(lookup[:count], lookup[count : 2 * count], lookup[2 * count :].reshape(count, k, -1))
+        terms = tscm_loss(student, teacher, margin=config.margin)
+        loss = terms.total
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        for name, value in (("loss", terms.total), ("loss_hard", terms.hard), ("loss_soft", terms.soft), ("loss_cm", terms.cross_metric)):
+            sums[name] += float(value.detach())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return {**{name: total / max(steps, 1) for name, total in sums.items()}, "steps": steps}
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory and checkpoints
+
+
+def _start_run(run_dir: Path, resume: bool, config: TrainConfig, kind: str, teacher_fingerprint, distributed: _Distributed) -> dict | None:
+    """Prepare the run directory; returns the saved training state when resuming from last.pt."""
+    last = run_dir / "last.pt"
+    if not resume:
+        taken = run_dir.exists() and any(run_dir.iterdir())
+        _barrier(distributed)  # every process looks before the main one creates anything
+        if taken:
+            raise ConfigError(f"run directory {run_dir} already exists and is not empty (pass --resume to continue it)")
+        if distributed.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        _barrier(distributed)
+        return None
+    if not run_dir.is_dir():
+        raise ConfigError(f"cannot resume: run directory {run_dir} does not exist")
+    if distributed.is_main:
+        _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if not last.is_file():
+        LOG.info("resume: %s has no last.pt yet, starting from the first epoch", run_dir)
+        return None
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise CheckpointError(f"cannot resume from {last}: not a readable training state ({exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"cannot resume from {last}: not a tscm_ros training state")
+    if int(state.get("version", -1)) > STATE_VERSION:
+        raise CheckpointError(f"cannot resume from {last}: training state version {state.get('version')} is newer than supported")
+    if state["kind"] != kind:
+        raise CheckpointError(f"cannot resume from {last}: it is a {state['kind']} run, not a {kind} run")
+    if state.get("teacher_fingerprint") != teacher_fingerprint:
+        raise CheckpointError(f"cannot resume from {last}: it was distilled from another teacher ({state.get('teacher_fingerprint')})")
+    return state
+
+
+def _barrier(distributed: _Distributed) -> None:
+    if distributed.world_size > 1:
+        dist.barrier()
+
+
+def _train_state(model, optimizer, scaler, epoch, history, best_key, best_epoch, stale_epochs, stopped_early, kind, teacher_fingerprint) -> dict:
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "kind": kind,
+        "teacher_fingerprint": teacher_fingerprint,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "history": history,
+        "best_key": list(best_key) if best_key is not None else None,
+        "best_epoch": best_epoch,
+        "stale_epochs": stale_epochs,
+        "stopped_early": stopped_early,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _restore(state: dict, model, optimizer, scaler, run_dir: Path) -> None:
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot resume from {run_dir / 'last.pt'}: it does not match the configured model ({exc})") from exc
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    LOG.info("resumed %s after epoch %d", run_dir, state["epoch"])
+
+
+def _save_best(run_dir, model, model_config, preprocess_config, epoch, recall, data, kind, teacher_fingerprint) -> None:
+    extra = {
+        "epoch": epoch,
+        "val_recall": {str(n): float(value) for n, value in recall.items()},
+        "dataset": Path(data).name,
+        "trained_as": kind,
+    }
+    if teacher_fingerprint is not None:
+        extra["teacher_fingerprint"] = teacher_fingerprint
+    tmp = run_dir / f".best.pt.tmp-{os.getpid()}"
+    save_checkpoint(str(tmp), model, model_config, preprocess_config, extra)
+    os.replace(tmp, run_dir / "best.pt")
