@@ -1,0 +1,732 @@
+"""Keyframe map: global descriptors in a FAISS index plus per-keyframe metadata.
+
+Distance and score
+------------------
+Descriptors are expected to be L2-normalised (the Describer's rows are). ``Candidate.distance`` is the
+squared Euclidean distance ``d`` between the query descriptor and the keyframe descriptor, in [0, 4] for
+unit-norm vectors, and ``Candidate.score = clip(1 - d / 2, 0, 1)``: their cosine similarity clipped at 0
+(1 for identical descriptors, 0 for orthogonal or opposite ones). ``min_score`` drops candidates scoring
+below it, which is the same as a distance threshold ``d <= 2 * (1 - min_score)``.
+
+The distance is exact (computed from the full descriptors) for the ``flat`` and plain ``hnsw`` indexes,
+and for every lossy index (PCA reduction or IVF-PQ) built with ``rerank=True``, the default: the lossy
+index then only proposes a shortlist of ``k * k_factor`` keyframes, which FAISS re-ranks by their exact
+distance to the query (``IndexRefineFlat``), so scores and thresholds mean the same for every index type.
+With ``rerank=False`` the map does not keep the full descriptors (``4 * dim`` bytes less per keyframe) and
+the distance is the lossy index's own estimate: for PCA, the squared distance between the projections on
+the ``pca_dim`` principal components (a lower bound of the true distance, so scores are slightly
+optimistic); for PQ, its quantised approximation of that. Whitening changes the metric itself, so it
+requires ``rerank=True``.
+
+Index types
+-----------
+- ``flat``: exact search (``IndexFlatL2``). Adding is an append, so online mapping one keyframe at a time
+  between queries is cheap.
+- ``hnsw``: graph search (``IndexHNSWFlat``: ``hnsw_m`` links per node, ``ef_construction``,
+  ``ef_search``). Incremental adds, no training.
+- ``ivfpq``: inverted lists with product quantisation (``nlist`` lists, ``pq_m`` bytes per vector,
+  ``nprobe`` lists visited per query). Needs training.
+Any type can put a PCA reduction to ``pca_dim`` (optionally whitened) in front; it is learned from the
+map's own descriptors. Types that need training (``ivfpq``, or any with ``pca_dim``) keep an exact flat
+index until the map holds ``train_size`` descriptors; the ``add`` that reaches it trains on them (at most
+``MAX_TRAIN_POINTS``, sampled with a fixed seed) and moves them into the real index, so that one call takes
+seconds on a big map. Later adds go straight in; the learned PCA and quantisers are not updated.
+``nlist`` left at None is chosen at training time as the power of two nearest ``sqrt(n)``.
+
+Exclusion
+---------
+So that a robot does not "close a loop" with what it has just seen, a query can exclude keyframes
+(``Exclusion``): those whose stamp is within ``min_time_gap_s`` of ``query_stamp_ns`` (either side), and,
+when the query position is known, those within ``min_distance_m`` *along the trajectory*: the path length
+travelled between the keyframe and the query, not their straight-line distance (a real revisit is close
+in space but far along the path). The path length is accumulated over the keyframes that have a pose, in
+the order they were added (time order, as the bag reader and the node deliver them); the query is placed on
+it after the latest posed keyframe not newer than ``query_stamp_ns`` (the last one when no stamp is given),
+at the straight-line distance from it. Keyframes without a pose are only excluded by time. The search asks
+the index for ``k`` plus the number of excluded keyframes, and asks again for twice as many if an
+approximate index still returned fewer than ``k`` valid ones, so the ``k`` candidates returned are valid.
+
+On disk
+-------
+A map is a directory written atomically (temp dir, then rename; an existing map is moved aside only once
+the new one is complete, then deleted): ``manifest.json`` (``format_version``, model fingerprint and name,
+``dim``, ``preprocess``, ``index`` type, parameters and FAISS factory string, ``count``, ``created``,
+``tscm_ros_version``, size and SHA-256 of every file), ``index.faiss`` (FAISS's own format),
+``keyframes.npz`` (stamps, positions, orientations with NaN for unknown poses, source bags) and, when any
+keyframe has one, ``thumbnails.npz``. Nothing is pickled. ``KeyframeMap.load`` checks all of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import faiss
+import numpy as np
+
+from tscm_ros import __version__
+from tscm_ros.errors import ConfigError, MapError
+
+if TYPE_CHECKING:
+    from tscm_ros.bag import Pose
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.faiss"
+KEYFRAMES_FILE = "keyframes.npz"
+THUMBNAILS_FILE = "thumbnails.npz"
+INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+MAX_TRAIN_POINTS = 100_000
+
+
+@dataclass
+class KeyframeMeta:
+    """What the map knows about one keyframe besides its descriptor."""
+
+    stamp_ns: int
+    pose: Pose | None
+    bag: str
+    thumbnail: np.ndarray | None = None
+
+
+@dataclass
+class Candidate:
+    """One match of a query: the keyframe, its squared L2 ``distance`` and ``score`` (see module doc)."""
+
+    keyframe_id: int
+    stamp_ns: int
+    pose: Pose | None
+    distance: float
+    score: float
+
+
+@dataclass
+class Exclusion:
+    """Keyframes a query must not return: too recent in time, or too close along the trajectory."""
+
+    min_time_gap_s: float = 0.0
+    min_distance_m: float = 0.0
+    query_stamp_ns: int | None = None
+    query_position: np.ndarray | None = None
+
+
+def score_from_distance(distance: np.ndarray | float) -> np.ndarray:
+    """Similarity score in [0, 1] from squared L2 distance between unit-norm descriptors."""
+    return np.clip(1.0 - np.asarray(distance, dtype=np.float64) / 2.0, 0.0, 1.0)
+
+
+class _Column:
+    """A numpy array that grows by amortised doubling, so adding one row at a time stays cheap."""
+
+    def __init__(self, row_shape: tuple[int, ...], dtype: Any) -> None:
+        self._data = np.empty((0, *row_shape), dtype=dtype)
+        self._size = 0
+
+    def extend(self, rows: np.ndarray) -> None:
+        needed = self._size + len(rows)
+        if needed > len(self._data):
+            grown = np.empty((max(needed, 2 * len(self._data), 64), *self._data.shape[1:]), self._data.dtype)
+            grown[: self._size] = self._data[: self._size]
+            self._data = grown
+        self._data[self._size : needed] = rows
+        self._size = needed
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._data[: self._size]
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, max(1, limit) + 1) if n % d == 0)
+
+
+def _nearest_power_of_two(x: float) -> int:
+    return 2 ** max(0, round(math.log2(max(1.0, x))))
+
+
+def _sub_indexes(index: faiss.Index) -> list[faiss.Index]:
+    """The index and the ones it wraps (refinement, pre-transform), outermost first."""
+    chain = [faiss.downcast_index(index)]
+    while True:
+        last = chain[-1]
+        if isinstance(last, faiss.IndexRefine):
+            chain.append(faiss.downcast_index(last.base_index))
+        elif isinstance(last, faiss.IndexPreTransform):
+            chain.append(faiss.downcast_index(last.index))
+        else:
+            return chain
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class KeyframeMap:
+    """Descriptors of keyframes in a FAISS index, with their stamps, poses, source bags and thumbnails.
+
+    Keyframe ids are consecutive integers in the order keyframes were added, starting at 0.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        model_fingerprint: str,
+        preprocess: dict,
+        index: str = "flat",
+        *,
+        model_name: str = "",
+        pca_dim: int | None = None,
+        whiten: bool = False,
+        rerank: bool = True,
+        k_factor: int = 4,
+        hnsw_m: int = 32,
+        ef_construction: int = 80,
+        ef_search: int = 64,
+        nlist: int | None = None,
+        pq_m: int | None = None,
+        nprobe: int = 16,
+        train_size: int | None = None,
+    ) -> None:
+        """An empty map for ``dim``-d descriptors of the model with ``model_fingerprint``.
+
+        ``index`` is 'flat', 'hnsw' or 'ivfpq'; the keyword parameters are described in the module doc.
+        Raises ConfigError on invalid parameters.
+        """
+        if not isinstance(dim, int) or dim < 1:
+            raise ConfigError(f"keyframe map: descriptor dimension must be a positive integer, got {dim!r}")
+        if index not in INDEX_TYPES:
+            raise ConfigError(f"keyframe map: unknown index type {index!r}; choose one of {', '.join(INDEX_TYPES)}")
+        if pca_dim is not None and not (isinstance(pca_dim, int) and 1 <= pca_dim < dim):
+            raise ConfigError(f"keyframe map: pca_dim must be an integer in [1, {dim - 1}] for {dim}-d descriptors, got {pca_dim!r}")
+        if whiten and pca_dim is None:
+            raise ConfigError("keyframe map: whiten=True needs pca_dim (whitening is part of the PCA reduction)")
+        if whiten and not rerank:
+            raise ConfigError("keyframe map: whiten=True needs rerank=True (whitened distances are not descriptor distances)")
+        for name, value in (("k_factor", k_factor), ("hnsw_m", hnsw_m), ("ef_construction", ef_construction),
+                            ("ef_search", ef_search), ("nprobe", nprobe)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"keyframe map: {name} must be a positive integer, got {value!r}")
+        reduced_dim = pca_dim or dim
+        if pq_m is None:
+            pq_m = _largest_divisor_at_most(reduced_dim, reduced_dim // 8)
+        if not isinstance(pq_m, int) or pq_m < 1 or reduced_dim % pq_m:
+            raise ConfigError(f"keyframe map: pq_m must divide the indexed dimension {reduced_dim}, got {pq_m!r}")
+        if nlist is not None and (not isinstance(nlist, int) or nlist < 1):
+            raise ConfigError(f"keyframe map: nlist must be a positive integer or None, got {nlist!r}")
+        needs_training = index == "ivfpq" or pca_dim is not None
+        if train_size is None:
+            train_size = 0
+            if pca_dim is not None:
+                train_size = max(1000, 4 * pca_dim)
+            if index == "ivfpq":
+                train_size = max(train_size, 10_000, 39 * (nlist or 0))
+        if not isinstance(train_size, int) or train_size < 0 or (needs_training and train_size < max(256, nlist or 0, pca_dim or 0)):
+            raise ConfigError(f"keyframe map: train_size {train_size!r} is too small for index {index!r} "
+                              f"(needs at least {max(256, nlist or 0, pca_dim or 0)})")
+
+        self.dim = dim
+        self.model_fingerprint = str(model_fingerprint)
+        self.model_name = str(model_name)
+        self.preprocess = dict(preprocess)
+        self.index_type = index
+        self._params: dict[str, Any] = {
+            "pca_dim": pca_dim, "whiten": whiten, "rerank": rerank, "k_factor": k_factor, "hnsw_m": hnsw_m,
+            "ef_construction": ef_construction, "ef_search": ef_search, "nlist": nlist, "pq_m": pq_m,
+            "nprobe": nprobe, "train_size": train_size,
+        }
+        self._source = "in-memory keyframe map"
+        self._trained = not needs_training
+        self._factory = self._factory_string(nlist) if self._trained else "Flat"
+        self._index = faiss.index_factory(dim, self._factory, faiss.METRIC_L2)
+        self._configure_index()
+        self._stamps = _Column((), np.int64)
+        self._bag_index = _Column((), np.int32)
+        self._positions = _Column((3,), np.float64)
+        self._orientations = _Column((4,), np.float64)
+        self._path_length = _Column((), np.float64)
+        self._bags: list[str] = []
+        self._bag_ids: dict[str, int] = {}
+        self._thumbnails: dict[int, np.ndarray] = {}
+
+    # ----- properties -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        """False while a type that needs training still searches its exact flat fallback."""
+        return self._trained
+
+    @property
+    def index_config(self) -> dict:
+        """Index type, parameters and FAISS factory string, as recorded in the manifest."""
+        return {"type": self.index_type, "factory": self._factory, "trained": self._trained, **self._params}
+
+    @property
+    def stamps(self) -> np.ndarray:
+        """(N,) int64 stamps in nanoseconds, by keyframe id (a read-only view)."""
+        return self._read_only(self._stamps.values)
+
+    @property
+    def positions(self) -> np.ndarray:
+        """(N, 3) float64 keyframe positions by id, NaN rows for keyframes without a pose (read-only)."""
+        return self._read_only(self._positions.values)
+
+    @property
+    def bags(self) -> list[str]:
+        """Source bag of each keyframe, by id."""
+        return [self._bags[i] for i in self._bag_index.values]
+
+    def summary(self) -> str:
+        """One line describing the map, for logs."""
+        model = f"{self.model_name} " if self.model_name else ""
+        state = "" if self._trained else f", exact until trained at {self._params['train_size']} keyframes"
+        return (f"{len(self)} keyframes of {self.dim}-d descriptors, index {self.index_type} ({self._factory}{state}), "
+                f"model {model}(fingerprint {self.model_fingerprint})")
+
+    @staticmethod
+    def _read_only(array: np.ndarray) -> np.ndarray:
+        view = array.view()
+        view.flags.writeable = False
+        return view
+
+    # ----- building ---------------------------------------------------------------------------------
+
+    def _factory_string(self, nlist: int | None) -> str:
+        p = self._params
+        parts = []
+        if p["pca_dim"]:
+            parts.append(f"{'PCAW' if p['whiten'] else 'PCA'}{p['pca_dim']}")
+        if self.index_type == "flat":
+            parts.append("Flat")
+        elif self.index_type == "hnsw":
+            parts.append(f"HNSW{p['hnsw_m']}")
+        else:
+            parts.append(f"IVF{nlist},PQ{p['pq_m']}")
+        if p["rerank"] and (p["pca_dim"] or self.index_type == "ivfpq"):
+            parts.append("RFlat")
+        return ",".join(parts)
+
+    def _configure_index(self) -> None:
+        for sub in _sub_indexes(self._index):
+            if isinstance(sub, faiss.IndexRefine):
+                sub.k_factor = float(self._params["k_factor"])
+            elif isinstance(sub, faiss.IndexHNSW):
+                sub.hnsw.efConstruction = self._params["ef_construction"]
+                sub.hnsw.efSearch = self._params["ef_search"]
+            elif isinstance(sub, faiss.IndexIVF):
+                sub.nprobe = self._params["nprobe"]
+
+    def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None,
+                          k_factor: int | None = None) -> None:
+        """Change speed/recall trade-offs of an existing map (saved with it)."""
+        for name, value in (("ef_search", ef_search), ("nprobe", nprobe), ("k_factor", k_factor)):
+            if value is not None:
+                if not isinstance(value, int) or value < 1:
+                    raise ConfigError(f"keyframe map: {name} must be a positive integer, got {value!r}")
+                self._params[name] = value
+        self._configure_index()
+
+    def _train(self) -> None:
+        """Replace the exact fallback by the real index, trained on the descriptors held so far."""
+        vectors = self._index.reconstruct_n(0, self._index.ntotal)
+        sample = vectors
+        if len(vectors) > MAX_TRAIN_POINTS:
+            chosen = np.random.default_rng(0).choice(len(vectors), MAX_TRAIN_POINTS, replace=False)
+            sample = vectors[np.sort(chosen)]
+        nlist = self._params["nlist"]
+        if self.index_type == "ivfpq" and nlist is None:
+            nlist = min(_nearest_power_of_two(math.sqrt(len(vectors))), len(sample) // 39 or 1)
+            self._params["nlist"] = nlist
+        factory = self._factory_string(nlist)
+        index = faiss.index_factory(self.dim, factory, faiss.METRIC_L2)
+        self._index = index
+        self._configure_index()
+        index.train(np.ascontiguousarray(sample))
+        index.add(vectors)
+        self._factory = factory
+        self._trained = True
+
+    def _check_descriptors(self, descriptors: np.ndarray, what: str) -> np.ndarray:
+        array = np.asarray(descriptors)
+        if array.ndim != 2 or array.shape[1] != self.dim:
+            raise MapError(f"{what} have shape {array.shape}; {self._source} holds {self.dim}-d descriptors "
+                           f"(expected shape (N, {self.dim}))")
+        if not np.issubdtype(array.dtype, np.number):
+            raise MapError(f"{what} must be numbers, got dtype {array.dtype}")
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise MapError(f"{what} contain NaN or infinite values")
+        return array
+
+    def add(self, descriptors: np.ndarray, metas: Sequence[KeyframeMeta]) -> np.ndarray:
+        """Add N keyframes: (N, dim) descriptors and their metadata. Returns their ids, (N,) int64."""
+        vectors = self._check_descriptors(descriptors, "descriptors to add")
+        if len(metas) != len(vectors):
+            raise MapError(f"add: {len(vectors)} descriptors but {len(metas)} metadata entries")
+        stamps = np.empty(len(metas), np.int64)
+        positions = np.full((len(metas), 3), np.nan)
+        orientations = np.full((len(metas), 4), np.nan)
+        bag_index = np.empty(len(metas), np.int32)
+        thumbnails: dict[int, np.ndarray] = {}
+        first_id = len(self)
+        for row, meta in enumerate(metas):
+            stamps[row] = int(meta.stamp_ns)
+            if meta.pose is not None:
+                position = np.asarray(meta.pose.position, dtype=np.float64)
+                orientation = np.asarray(meta.pose.orientation, dtype=np.float64)
+                if position.shape != (3,) or orientation.shape != (4,) or not (
+                        np.isfinite(position).all() and np.isfinite(orientation).all()):
+                    raise MapError(f"add: keyframe at stamp {meta.stamp_ns} has an invalid pose "
+                                   f"(need finite position (3,) and orientation (4,))")
+                positions[row], orientations[row] = position, orientation
+            bag = str(meta.bag)
+            if bag not in self._bag_ids:
+                self._bag_ids[bag] = len(self._bags)
+                self._bags.append(bag)
+            bag_index[row] = self._bag_ids[bag]
+            if meta.thumbnail is not None:
+                thumbnail = np.asarray(meta.thumbnail)
+                if thumbnail.dtype != np.uint8 or thumbnail.ndim not in (2, 3):
+                    raise MapError(f"add: thumbnail of keyframe at stamp {meta.stamp_ns} must be an HxW or HxWxC "
+                                   f"uint8 image, got {thumbnail.dtype} {thumbnail.shape}")
+                thumbnails[first_id + row] = thumbnail.copy()
+
+        self._index.add(vectors)
+        self._stamps.extend(stamps)
+        self._positions.extend(positions)
+        self._orientations.extend(orientations)
+        self._bag_index.extend(bag_index)
+        self._path_length.extend(self._extend_path(positions))
+        self._thumbnails.update(thumbnails)
+        if not self._trained and len(self) >= self._params["train_size"]:
+            self._train()
+        return np.arange(first_id, first_id + len(vectors), dtype=np.int64)
+
+    def _extend_path(self, positions: np.ndarray) -> np.ndarray:
+        """Path length travelled up to each new keyframe (NaN where it has no pose)."""
+        lengths = np.full(len(positions), np.nan)
+        posed = ~np.isnan(positions[:, 0])
+        if not posed.any():
+            return lengths
+        known = ~np.isnan(self._path_length.values)
+        if known.any():
+            last = np.flatnonzero(known)[-1]
+            start, start_length = self._positions.values[last], self._path_length.values[last]
+        else:
+            start, start_length = positions[posed][0], 0.0
+        steps = np.linalg.norm(np.diff(np.vstack([start, positions[posed]]), axis=0), axis=1)
+        lengths[posed] = start_length + np.cumsum(steps)
+        return lengths
+
+    # ----- querying ---------------------------------------------------------------------------------
+
+    def keyframe(self, keyframe_id: int) -> KeyframeMeta:
+        """Metadata of one keyframe (pose None when unknown, thumbnail None when not stored)."""
+        if not 0 <= int(keyframe_id) < len(self):
+            raise MapError(f"keyframe id {keyframe_id} is not in {self._source} ({len(self)} keyframes)")
+        i = int(keyframe_id)
+        return KeyframeMeta(stamp_ns=int(self._stamps.values[i]), pose=self._pose(i),
+                            bag=self._bags[self._bag_index.values[i]], thumbnail=self._thumbnails.get(i))
+
+    def _pose(self, i: int) -> Pose | None:
+        position = self._positions.values[i]
+        if np.isnan(position[0]):
+            return None
+        from tscm_ros.bag import Pose  # bag.py pulls in the bag readers; only needed once a pose is returned
+
+        return Pose(position=position.copy(), orientation=self._orientations.values[i].copy())
+
+    def _excluded(self, exclusion: Exclusion | None) -> np.ndarray | None:
+        """Boolean mask over keyframe ids that the exclusion removes, or None if it removes nothing."""
+        if exclusion is None or len(self) == 0:
+            return None
+        mask = np.zeros(len(self), dtype=bool)
+        stamps = self._stamps.values
+        if exclusion.min_time_gap_s > 0 and exclusion.query_stamp_ns is not None:
+            gap_ns = float(exclusion.min_time_gap_s) * 1e9
+            mask |= np.abs((stamps - int(exclusion.query_stamp_ns)).astype(np.float64)) < gap_ns
+        path = self._path_length.values
+        posed = ~np.isnan(path)
+        if exclusion.min_distance_m > 0 and exclusion.query_position is not None and posed.any():
+            query_position = np.asarray(exclusion.query_position, dtype=np.float64).reshape(3)
+            direction = 1.0
+            if exclusion.query_stamp_ns is None:
+                anchor = np.flatnonzero(posed)[-1]
+            else:
+                before = posed & (stamps <= int(exclusion.query_stamp_ns))
+                if before.any():
+                    candidates = np.flatnonzero(before)
+                    anchor = candidates[np.argmax(stamps[candidates])]
+                else:
+                    candidates = np.flatnonzero(posed)
+                    anchor = candidates[np.argmin(stamps[candidates])]
+                    direction = -1.0
+            offset = float(np.linalg.norm(query_position - self._positions.values[anchor]))
+            query_path = path[anchor] + direction * offset
+            with np.errstate(invalid="ignore"):
+                mask |= np.abs(path - query_path) < float(exclusion.min_distance_m)
+        return mask if mask.any() else None
+
+    def query(self, descriptor: np.ndarray, k: int, exclusion: Exclusion | None = None,
+              min_score: float = 0.0) -> list[Candidate]:
+        """The (up to) k keyframes most similar to one (dim,) descriptor, best first."""
+        vector = np.asarray(descriptor)
+        if vector.ndim != 1:
+            raise MapError(f"query: descriptor must have shape ({self.dim},), got {vector.shape}")
+        return self.query_batch(vector[None, :], k, exclusion, min_score)[0]
+
+    def query_batch(self, descriptors: np.ndarray, k: int,
+                    exclusion: Exclusion | Sequence[Exclusion | None] | None = None,
+                    min_score: float = 0.0) -> list[list[Candidate]]:
+        """``query`` for N descriptors (N, dim) in one FAISS call; ``exclusion`` is one for all or one per query."""
+        vectors = self._check_descriptors(descriptors, "query descriptors")
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise MapError(f"query: k must be a positive integer, got {k!r}")
+        if isinstance(exclusion, Exclusion) or exclusion is None:
+            exclusions = [exclusion] * len(vectors)
+        else:
+            exclusions = list(exclusion)
+            if len(exclusions) != len(vectors):
+                raise MapError(f"query: {len(vectors)} descriptors but {len(exclusions)} exclusions")
+        results: list[list[Candidate]] = [[] for _ in vectors]
+        total = len(self)
+        if total == 0:
+            return results
+        masks = [self._excluded(e) for e in exclusions]
+        most_excluded = max(int(m.sum()) if m is not None else 0 for m in masks)
+        k_search = min(total, int(k) + most_excluded)
+        pending = np.arange(len(vectors))
+        while len(pending):
+            distances, ids = self._index.search(vectors[pending], k_search)
+            still_pending = []
+            for row, query_row in enumerate(pending):
+                found = ids[row] >= 0
+                row_ids, row_distances = ids[row][found], distances[row][found]
+                scores = score_from_distance(row_distances)
+                keep = scores >= min_score
+                if masks[query_row] is not None:
+                    keep &= ~masks[query_row][row_ids]
+                chosen = np.flatnonzero(keep)[:k]
+                exhausted = (k_search >= total or not found.all()
+                             or (len(scores) and scores[-1] < min_score))
+                if len(chosen) < k and not exhausted:
+                    still_pending.append(query_row)
+                    continue
+                results[query_row] = [
+                    Candidate(keyframe_id=int(row_ids[j]), stamp_ns=int(self._stamps.values[row_ids[j]]),
+                              pose=self._pose(int(row_ids[j])), distance=float(row_distances[j]),
+                              score=float(scores[j]))
+                    for j in chosen
+                ]
+            pending = np.asarray(still_pending, dtype=np.int64)
+            k_search = min(total, 2 * k_search)
+        return results
+
+    # ----- saving and loading -----------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the map to ``directory`` atomically, replacing a map already there only once complete."""
+        target = Path(directory)
+        if target.exists() and not (target.is_dir() and ((target / MANIFEST_FILE).is_file() or not any(target.iterdir()))):
+            raise MapError(f"cannot save the map to {target}: it exists and is not a keyframe map; refusing to replace it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            self._write(staging)
+            if target.exists():
+                backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(target, backup)
+                os.rename(staging, target)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.rename(staging, target)
+            _fsync(target.parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._source = f"map {target}"
+
+    def _write(self, directory: Path) -> None:
+        try:
+            faiss.write_index(self._index, str(directory / INDEX_FILE))
+        except RuntimeError as exc:
+            raise MapError(f"cannot write {directory / INDEX_FILE}: {exc}") from exc
+        np.savez(directory / KEYFRAMES_FILE, stamp_ns=self._stamps.values, position=self._positions.values,
+                 orientation=self._orientations.values, bag_index=self._bag_index.values,
+                 bag_names=np.array(self._bags, dtype=np.str_))
+        files = [INDEX_FILE, KEYFRAMES_FILE]
+        if self._thumbnails:
+            np.savez(directory / THUMBNAILS_FILE, **{f"k{i}": image for i, image in sorted(self._thumbnails.items())})
+            files.append(THUMBNAILS_FILE)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model_fingerprint": self.model_fingerprint,
+            "model_name": self.model_name,
+            "dim": self.dim,
+            "preprocess": self.preprocess,
+            "index": self.index_config,
+            "count": len(self),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "tscm_ros_version": __version__,
+            "files": {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+                      for name in files},
+        }
+        (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        for name in [*files, MANIFEST_FILE]:
+            _fsync(directory / name)
+        _fsync(directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, expected_fingerprint: str | None = None, *,
+             expected_model_name: str | None = None) -> KeyframeMap:
+        """Read a map saved by ``save``, checking every file; MapError if anything is wrong.
+
+        With ``expected_fingerprint`` (the loaded model's), a map built with another model is refused with
+        a message naming the model it needs (``expected_model_name`` names the loaded one in that message).
+        """
+        root = Path(directory)
+        if not root.is_dir():
+            leftovers = sorted(root.parent.glob(f".{root.name}.old-*"))
+            hint = f"; an interrupted save left the previous map at {leftovers[0]}" if leftovers else ""
+            raise MapError(f"map {root} does not exist or is not a directory{hint}")
+        manifest = cls._read_manifest(root)
+        if expected_fingerprint is not None and expected_fingerprint != manifest["model_fingerprint"]:
+            built_with = manifest["model_name"] or "(unnamed)"
+            loaded = f"{expected_model_name} " if expected_model_name else ""
+            raise MapError(
+                f"map {root} was built with model {built_with} (fingerprint {manifest['model_fingerprint']}); "
+                f"the loaded model {loaded}has fingerprint {expected_fingerprint}. Use --model with the checkpoint "
+                f"the map was built with ({built_with}), or rebuild the map with this model (build_map)")
+        for name, expected in manifest["files"].items():
+            path = root / name
+            if not path.is_file():
+                raise MapError(f"map {root} is incomplete: {name} is missing")
+            if path.stat().st_size != expected.get("bytes") or _sha256(path) != expected.get("sha256"):
+                raise MapError(f"{path} is corrupt: its size or SHA-256 does not match {root / MANIFEST_FILE}")
+
+        params = {key: value for key, value in manifest["index"].items() if key not in ("type", "factory", "trained")}
+        try:
+            keyframe_map = cls(manifest["dim"], manifest["model_fingerprint"], manifest["preprocess"],
+                               manifest["index"]["type"], model_name=manifest["model_name"], **params)
+        except (ConfigError, TypeError) as exc:
+            raise MapError(f"{root / MANIFEST_FILE} has invalid index settings: {exc}") from exc
+        keyframe_map._source = f"map {root}"
+        keyframe_map._trained = manifest["index"]["trained"]
+        keyframe_map._factory = manifest["index"]["factory"] if keyframe_map._trained else "Flat"
+        keyframe_map._index = cls._read_index(root, manifest, keyframe_map._factory)
+        keyframe_map._configure_index()
+        keyframe_map._read_keyframes(root, manifest["count"])
+        return keyframe_map
+
+    @staticmethod
+    def _read_manifest(root: Path) -> dict:
+        path = root / MANIFEST_FILE
+        if not path.is_file():
+            raise MapError(f"map {root} has no {MANIFEST_FILE}: not a keyframe map, or an incomplete one")
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MapError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(manifest, dict):
+            raise MapError(f"{path} must hold a JSON object")
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version < 1:
+            raise MapError(f"{path} has no valid format_version")
+        if version > FORMAT_VERSION:
+            raise MapError(f"{path} has format_version {version}, written by tscm_ros "
+                           f"{manifest.get('tscm_ros_version', '?')}; this tscm_ros ({__version__}) reads up to "
+                           f"format_version {FORMAT_VERSION}: upgrade tscm_ros to load this map")
+        expected_types = {"model_fingerprint": str, "model_name": str, "dim": int, "preprocess": dict,
+                          "index": dict, "count": int, "files": dict}
+        for key, kind in expected_types.items():
+            if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+                raise MapError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+        index = manifest["index"]
+        if index.get("type") not in INDEX_TYPES or not isinstance(index.get("factory"), str) \
+                or not isinstance(index.get("trained"), bool):
+            raise MapError(f"{path}: field 'index' needs a type ({', '.join(INDEX_TYPES)}), a factory string and trained")
+        for name in (INDEX_FILE, KEYFRAMES_FILE):
+            if name not in manifest["files"]:
+                raise MapError(f"{path} does not list {name}")
+        if not set(manifest["files"]) <= {INDEX_FILE, KEYFRAMES_FILE, THUMBNAILS_FILE} or \
+                not all(isinstance(entry, dict) for entry in manifest["files"].values()):
+            raise MapError(f"{path}: field 'files' lists unexpected entries")
+        return manifest
+
+    @staticmethod
+    def _read_index(root: Path, manifest: dict, factory: str) -> faiss.Index:
+        path = root / INDEX_FILE
+        try:
+            index = faiss.read_index(str(path))
+        except (RuntimeError, MemoryError) as exc:
+            raise MapError(f"{path} is not a readable FAISS index: {str(exc).strip().splitlines()[0]}") from exc
+        if index.d != manifest["dim"]:
+            raise MapError(f"{path} holds {index.d}-d vectors but {root / MANIFEST_FILE} says dim {manifest['dim']}")
+        if index.ntotal != manifest["count"]:
+            raise MapError(f"{path} holds {index.ntotal} vectors but {root / MANIFEST_FILE} says count {manifest['count']}")
+        try:
+            expected = faiss.index_factory(manifest["dim"], factory, faiss.METRIC_L2)
+        except RuntimeError as exc:
+            raise MapError(f"{root / MANIFEST_FILE}: invalid index factory string {factory!r}") from exc
+        found, wanted = _sub_indexes(index), _sub_indexes(expected)
+        same_structure = len(found) == len(wanted) and all(isinstance(f, type(w)) for f, w in zip(found, wanted))
+        if not same_structure or index.metric_type != faiss.METRIC_L2 or not index.is_trained:
+            structure = " > ".join(type(sub).__name__ for sub in found)
+            raise MapError(f"{path} is not the trained L2 index {factory!r} that {root / MANIFEST_FILE} describes "
+                           f"(found {structure})")
+        return index
+
+    def _read_keyframes(self, root: Path, count: int) -> None:
+        path = root / KEYFRAMES_FILE
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in ("stamp_ns", "position", "orientation", "bag_index", "bag_names")}
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise MapError(f"{path} is not a valid keyframe table: {exc}") from exc
+        shapes_ok = (arrays["stamp_ns"].shape == (count,) and arrays["position"].shape == (count, 3)
+                     and arrays["orientation"].shape == (count, 4) and arrays["bag_index"].shape == (count,)
+                     and arrays["bag_names"].ndim == 1 and arrays["stamp_ns"].dtype.kind == "i"
+                     and arrays["bag_index"].dtype.kind == "i" and arrays["bag_names"].dtype.kind == "U")
+        if not shapes_ok or (count and not (0 <= arrays["bag_index"].min() and arrays["bag_index"].max() < len(arrays["bag_names"]))):
+            raise MapError(f"{path} does not describe the {count} keyframes of the index (wrong shapes or types)")
+        self._bags = [str(name) for name in arrays["bag_names"]]
+        self._bag_ids = {name: i for i, name in enumerate(self._bags)}
+        self._stamps.extend(arrays["stamp_ns"].astype(np.int64))
+        self._positions.extend(arrays["position"].astype(np.float64))
+        self._orientations.extend(arrays["orientation"].astype(np.float64))
+        self._bag_index.extend(arrays["bag_index"].astype(np.int32))
+        self._path_length.extend(self._extend_path(self._positions.values))
+        thumbnails_path = root / THUMBNAILS_FILE
+        if thumbnails_path.is_file():
+            try:
+                with np.load(thumbnails_path, allow_pickle=False) as data:
+                    for key in data.files:
+                        if not (key.startswith("k") and key[1:].isdigit() and int(key[1:]) < count):
+                            raise ValueError(f"unexpected entry {key}")
+                        keyframe_id = int(key[1:])
+                        self._thumbnails[keyframe_id] = data[key]
+            except (OSError, ValueError, EOFError) as exc:
+                raise MapError(f"{thumbnails_path} is not a valid thumbnail table: {exc}") from exc
