@@ -1,0 +1,291 @@
+"""TSCM's teacher and student networks (and a pretrained-backbone + GeM baseline), built from config dicts.
+
+Every network maps (N, 3, H, W) normalised images to (N, dim) L2-normalised descriptors. A descriptor is
+two halves, each L2-normalised before the whole is normalised again, so both carry equal weight and the
+student's halves line up with the teacher's (what the distillation losses compare dimension by dimension):
+
+- global half: GeM pooling of the CNN feature map (optionally a linear layer to ``gem.dim``);
+- aggregation half: NetVLAD-Loupe output(s) - the student's patch-embedding branch, or the teacher's
+  fused / CNN / ViT token branches concatenated.
+
+Config layouts are documented in config/model_*.yaml.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tscm_ros.errors import ConfigError
+from tscm_ros.models.backbones import Backbone, build_backbone
+from tscm_ros.models.blocks import GeM, InterTransformer, NetVLADLoupe, feature_map_to_tokens, l2_normalize
+
+_REQUIRED = object()
+
+
+def config_section(config: dict[str, Any], key: str, defaults: dict[str, Any], where: str) -> dict[str, Any]:
+    """Return ``config[key]`` merged over ``defaults``; ConfigError on unknown or missing options.
+
+    A default of ``_REQUIRED`` marks a required option.
+    """
+    section = config.get(key, {})
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: '{key}' must be a mapping, got {section!r}")
+    unknown = set(section) - set(defaults)
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {sorted(unknown)} in '{key}'; allowed: {sorted(defaults)}")
+    merged = {**defaults, **section}
+    missing = [name for name, value in merged.items() if value is _REQUIRED]
+    if missing:
+        raise ConfigError(f"{where}: '{key}' lacks required option(s) {missing}")
+    return merged
+
+
+def _check_keys(config: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(config) - allowed
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+class GeMHead(nn.Module):
+    """GeM pooling of a feature map, optionally followed by a linear layer to ``dim``.
+
+    The linear layer starts as a zero-padded identity, so an untrained model keeps the pretrained GeM
+    geometry exactly (and the initialisation is bit-for-bit reproducible on any machine).
+    """
+
+    def __init__(self, channels: int, p: float = 3.0, dim: int | None = None) -> None:
+        super().__init__()
+        self.gem = GeM(p)
+        self.dim = int(dim or channels)
+        self.projection: nn.Linear | None = None
+        if dim:
+            if dim < channels:
+                raise ConfigError(f"gem.dim ({dim}) must be at least the backbone's {channels} channels")
+            self.projection = nn.Linear(channels, dim, bias=False)
+            with torch.no_grad():
+                self.projection.weight.copy_(torch.eye(dim, channels))
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        pooled = self.gem(feature_map)
+        return self.projection(pooled) if self.projection is not None else pooled
+
+
+class OutputProjection(nn.Module):
+    """Affine map of the descriptor to a smaller deployment dimension, then L2 normalisation.
+
+    Fit it from descriptors with :meth:`fit_pca` (PCA, optionally whitened) or train it; it starts as
+    "keep the first ``out_dim`` dimensions".
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        if not 0 < out_dim <= in_dim:
+            raise ConfigError(f"projection_dim must be in 1..{in_dim}, got {out_dim}")
+        self.linear = nn.Linear(in_dim, out_dim)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(out_dim, in_dim))
+            self.linear.bias.zero_()
+
+    @torch.no_grad()
+    def fit_pca(self, descriptors: torch.Tensor, whiten: bool = True) -> None:
+        """Set the map to PCA (whitened if asked) of ``descriptors`` (M, in_dim), M >= out_dim."""
+        out_dim = self.linear.out_features
+        if descriptors.ndim != 2 or descriptors.shape[1] != self.linear.in_features:
+            raise ConfigError(f"PCA needs descriptors of shape (M, {self.linear.in_features}), got {tuple(descriptors.shape)}")
+        if descriptors.shape[0] < out_dim:
+            raise ConfigError(f"PCA to {out_dim} dimensions needs at least {out_dim} descriptors, got {descriptors.shape[0]}")
+        data = descriptors.detach().to(torch.float64).cpu()
+        mean = data.mean(dim=0)
+        _, singular, components = torch.linalg.svd(data - mean, full_matrices=False)
+        weight = components[:out_dim]
+        if whiten:
+            scale = singular[:out_dim] / max(data.shape[0] - 1, 1) ** 0.5
+            weight = weight / (scale + 1e-6 * scale[0] + 1e-12)[:, None]
+        self.linear.weight.copy_(weight.to(self.linear.weight.dtype))
+        self.linear.bias.copy_((-weight @ mean).to(self.linear.bias.dtype))
+
+    def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
+        return l2_normalize(self.linear(descriptors))
+
+
+def join_halves(global_half: torch.Tensor, aggregation_half: torch.Tensor) -> torch.Tensor:
+    """Concatenate the two descriptor halves, each unit-norm, and normalise the result."""
+    return l2_normalize(torch.cat([l2_normalize(global_half), l2_normalize(aggregation_half)], dim=-1))
+
+
+class StudentNet(nn.Module):
+    """TSCM student: truncated CNN + GeM, and a patch-embedding branch aggregated by NetVLAD-Loupe."""
+
+    kind = "student"
+
+    def __init__(self, config: dict[str, Any], load_pretrained: bool = True) -> None:
+        super().__init__()
+        where = f"student config {config.get('name', '')!r}"
+        _check_keys(config, {"kind", "name", "seed", "backbone", "gem", "patch_branch", "projection_dim"}, where)
+        gem = config_section(config, "gem", {"p": 3.0, "dim": None}, where)
+        patch = config_section(
+            config, "patch_branch",
+            {"patch_size": 16, "dim": _REQUIRED, "clusters": _REQUIRED, "output_dim": _REQUIRED, "gating": True},
+            where,
+        )
+        self.name = str(config.get("name", "student"))
+        self.backbone = build_backbone(config.get("backbone"), load_pretrained=load_pretrained)
+        self.gem_head = GeMHead(self.backbone.channels, gem["p"], gem["dim"])
+        size = int(patch["patch_size"])
+        self.patch_embedding = nn.Conv2d(3, int(patch["dim"]), kernel_size=size, stride=size)
+        self.patch_norm = nn.LayerNorm(int(patch["dim"]))
+        self.patch_vlad = NetVLADLoupe(int(patch["dim"]), int(patch["clusters"]), int(patch["output_dim"]), bool(patch["gating"]))
+        self.native_dim = self.gem_head.dim + int(patch["output_dim"])
+        projection_dim = config.get("projection_dim")
+        self.projection = OutputProjection(self.native_dim, int(projection_dim)) if projection_dim else None
+        self.dim = int(projection_dim) if projection_dim else self.native_dim
+
+    def native_descriptor(self, images: torch.Tensor) -> torch.Tensor:
+        """The descriptor before the optional deployment projection (what distillation compares)."""
+        global_half = self.gem_head(self.backbone(images))
+        tokens = self.patch_norm(feature_map_to_tokens(self.patch_embedding(images)))
+        return join_halves(global_half, self.patch_vlad(tokens))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        descriptors = self.native_descriptor(images)
+        return self.projection(descriptors) if self.projection is not None else descriptors
+
+
+class TeacherNet(nn.Module):
+    """TSCM teacher: CNN and ViT branches fused by the inter-transformer, three NetVLAD-Loupe heads + GeM."""
+
+    kind = "teacher"
+
+    def __init__(self, config: dict[str, Any], load_pretrained: bool = True) -> None:
+        super().__init__()
+        where = f"teacher config {config.get('name', '')!r}"
+        _check_keys(
+            config,
+            {"kind", "name", "seed", "cnn_backbone", "vit_backbone", "gem", "token_dim", "transformer", "netvlad"},
+            where,
+        )
+        gem = config_section(config, "gem", {"p": 3.0, "dim": None}, where)
+        transformer = config_section(config, "transformer", {"heads": 4, "ffn_dim": None, "dropout": 0.0}, where)
+        vlad = config_section(
+            config, "netvlad",
+            {"clusters": 64, "fused_dim": _REQUIRED, "cnn_dim": _REQUIRED, "vit_dim": _REQUIRED, "gating": True},
+            where,
+        )
+        if "token_dim" not in config:
+            raise ConfigError(f"{where}: lacks 'token_dim' (the width of the projected tokens)")
+        token_dim = int(config["token_dim"])
+        self.name = str(config.get("name", "teacher"))
+        self.cnn_backbone = build_backbone(config.get("cnn_backbone"), load_pretrained=load_pretrained)
+        self.vit_backbone = build_backbone(config.get("vit_backbone"), load_pretrained=load_pretrained)
+        self.gem_head = GeMHead(self.cnn_backbone.channels, gem["p"], gem["dim"])
+        self.cnn_projection = nn.Linear(self.cnn_backbone.channels, token_dim)
+        self.vit_projection = nn.Linear(self.vit_backbone.channels, token_dim)
+        if token_dim % int(transformer["heads"]):
+            raise ConfigError(f"{where}: token_dim {token_dim} is not divisible by {transformer['heads']} heads")
+        self.inter_transformer = InterTransformer(
+            token_dim, int(transformer["heads"]), transformer["ffn_dim"], float(transformer["dropout"])
+        )
+        clusters, gating = int(vlad["clusters"]), bool(vlad["gating"])
+        self.fused_vlad = NetVLADLoupe(token_dim, clusters, int(vlad["fused_dim"]), gating)
+        self.cnn_vlad = NetVLADLoupe(token_dim, clusters, int(vlad["cnn_dim"]), gating)
+        self.vit_vlad = NetVLADLoupe(token_dim, clusters, int(vlad["vit_dim"]), gating)
+        self.dim = self.gem_head.dim + int(vlad["fused_dim"]) + int(vlad["cnn_dim"]) + int(vlad["vit_dim"])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        cnn_map = self.cnn_backbone(images)
+        cnn_tokens = self.cnn_projection(feature_map_to_tokens(cnn_map))
+        vit_tokens = self.vit_projection(feature_map_to_tokens(self.vit_backbone(images)))
+        fused_tokens = self.inter_transformer(cnn_tokens, vit_tokens)
+        aggregation = torch.cat(
+            [self.fused_vlad(fused_tokens), self.cnn_vlad(cnn_tokens), self.vit_vlad(vit_tokens)], dim=-1
+        )
+        return join_halves(self.gem_head(cnn_map), aggregation)
+
+
+class GeMNet(nn.Module):
+    """Baseline: a pretrained backbone + GeM, L2-normalised, no VPR training."""
+
+    kind = "baseline"
+
+    def __init__(self, config: dict[str, Any], load_pretrained: bool = True) -> None:
+        super().__init__()
+        where = f"baseline config {config.get('name', '')!r}"
+        _check_keys(config, {"kind", "name", "seed", "backbone", "gem"}, where)
+        gem = config_section(config, "gem", {"p": 3.0}, where)
+        self.name = str(config.get("name", "baseline"))
+        self.backbone = build_backbone(config.get("backbone"), load_pretrained=load_pretrained)
+        self.gem = GeM(gem["p"])
+        self.dim = self.backbone.channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return l2_normalize(self.gem(self.backbone(images)))
+
+
+MODEL_KINDS: dict[str, type[nn.Module]] = {"student": StudentNet, "teacher": TeacherNet, "baseline": GeMNet}
+
+
+def build_model(model_config: dict[str, Any], load_pretrained: bool = True) -> nn.Module:
+    """Build the network a model config describes, on CPU, deterministically from ``model_config['seed']``.
+
+    ``model_config['kind']`` is 'student', 'teacher' or 'baseline'. ``load_pretrained=False`` skips reading
+    pretrained backbone weights (for a model whose weights come from a checkpoint). The global RNG state
+    is left untouched.
+    """
+    if not isinstance(model_config, dict):
+        raise ConfigError(f"model config must be a mapping, got {type(model_config).__name__}")
+    kind = model_config.get("kind")
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"model config 'kind' must be one of {sorted(MODEL_KINDS)}, got {kind!r}")
+    seed = model_config.get("seed", 0)
+    if not isinstance(seed, int):
+        raise ConfigError(f"model config 'seed' must be an integer, got {seed!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MODEL_KINDS[kind](model_config, load_pretrained=load_pretrained)
+    return model.eval()
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode and stop gradients to all its parameters (the frozen teacher). Returns it."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with batch norms folded into convolutions, in channels-last layout.
+
+    Same descriptors (to float rounding) in less time on the CPU; bench/descriptor_latency.py measures it.
+    Feed it channels-last input (``x.contiguous(memory_format=torch.channels_last)``).
+    """
+    fast = copy.deepcopy(model).eval()
+    for module in fast.modules():
+        if isinstance(module, Backbone):
+            module.fuse_batch_norms()
+    return fast.to(memory_format=torch.channels_last)
+
+
+def add_pca_projection(
+    model: StudentNet, model_config: dict[str, Any], native_descriptors: np.ndarray | torch.Tensor, dim: int,
+    whiten: bool = True,
+) -> dict[str, Any]:
+    """Give ``model`` a deployment projection to ``dim`` fitted by PCA on its native descriptors.
+
+    Modifies ``model`` in place and returns the matching model config (save both with save_checkpoint).
+    """
+    if not isinstance(model, StudentNet):
+        raise ConfigError("a deployment projection is only defined for the student")
+    projection = OutputProjection(model.native_dim, int(dim))
+    projection.fit_pca(torch.as_tensor(np.asarray(native_descriptors), dtype=torch.float32), whiten=whiten)
+    model.projection = projection.to(next(model.parameters()).device)
+    model.dim = int(dim)
+    new_config = copy.deepcopy(model_config)
+    new_config["projection_dim"] = int(dim)
+    return new_config
