@@ -40,14 +40,16 @@ import json
 import math
 import shutil
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
-from tscm_ros.errors import ConfigError
+from tscm_ros.errors import BagError, ConfigError
 
 DEFAULT_NS = (1, 5, 10)
 DEFAULT_RADIUS_M = 10.0
@@ -171,3 +173,451 @@ def evaluate_loop_closures(ranked_ids: Sequence[np.ndarray], ranked_scores: Sequ
         num_with_loop=int(has_loop.sum()),
         num_without_candidates=int(np.isnan(top1_scores).sum()),
     )
+
+
+# ----- running methods over bags ---------------------------------------------------------------------
+
+
+@dataclass
+class MethodRun:
+    """One method's results: its per-query candidates, latencies and metrics."""
+
+    name: str
+    model_name: str
+    fingerprint: str
+    dim: int
+    map_positions: np.ndarray
+    query_stamps: np.ndarray
+    query_positions: np.ndarray
+    ranked_ids: list[np.ndarray]
+    ranked_scores: list[np.ndarray]
+    latencies_ms: np.ndarray
+    metrics: LoopMetrics
+    within: np.ndarray = field(repr=False)
+
+    @property
+    def median_latency_ms(self) -> float:
+        """Median wall time of one query (describe + search), in milliseconds."""
+        return float(np.median(self.latencies_ms)) if len(self.latencies_ms) else math.nan
+
+
+@dataclass(frozen=True)
+class BagSource:
+    """Where frames come from: a rosbag2 directory and (optionally) its topics."""
+
+    path: str
+    image_topic: str | None = None
+    pose_topic: str | None = None
+    max_gap_s: float = 1.0
+
+    def frames(self):
+        """A reader (``bag.FrameReader``: ``len``, iteration over ``bag.Frame`` in stamp order)."""
+        from tscm_ros.bag import open_frames
+
+        return open_frames(self.path, image_topic=self.image_topic, pose_topic=self.pose_topic,
+                           max_gap_s=self.max_gap_s)
+
+
+def reference_keyframes(reference: BagSource, keyframe_distance_m: float) -> Iterator:
+    """The reference frames that become map keyframes: one per ``keyframe_distance_m`` of travel,
+    chosen by build_map's travel test (``KeyframeSelector``)."""
+    from tscm_ros.loop_detector import KeyframeSelector
+
+    selector = KeyframeSelector(min_distance_m=keyframe_distance_m)
+    for frame in reference.frames():
+        if selector.accept(frame.stamp_ns, None if frame.pose is None else frame.pose.position, None):
+            yield frame
+
+
+def build_descriptor_detector(describer, reference: BagSource, keyframe_distance_m: float, matching):
+    """A ``LoopDetector`` over a flat ``KeyframeMap`` of the reference keyframes described by ``describer``."""
+    from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
+    from tscm_ros.loop_detector import LoopDetector
+
+    keyframe_map = KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),
+                               model_name=describer.model_name)
+    batch: list = []
+
+    def add(frames: list) -> None:
+        descriptors = describer.describe([f.image for f in frames])
+        keyframe_map.add(descriptors, [KeyframeMeta(stamp_ns=f.stamp_ns, pose=f.pose, bag=f.bag) for f in frames])
+
+    for frame in reference_keyframes(reference, keyframe_distance_m):
+        batch.append(frame)
+        if len(batch) == describer.batch_size:
+            add(batch)
+            batch = []
+    if batch:
+        add(batch)
+    return LoopDetector(describer, keyframe_map, matching, source=reference.path)
+
+
+def build_bow_detector(reference: BagSource, keyframe_distance_m: float, matching, num_words: int,
+                       max_features: int = 500):
+    """The ORB bag-of-words detector: vocabulary trained on the reference keyframes, which it then indexes."""
+    from tscm_ros.bow_baseline import BowLoopDetector, OrbVocabulary, orb_descriptors
+
+    keyframes = [(frame.stamp_ns, frame.pose, orb_descriptors(frame.image, max_features))
+                 for frame in reference_keyframes(reference, keyframe_distance_m)]
+    vocabulary = OrbVocabulary.train([descriptors for _, _, descriptors in keyframes], num_words=num_words)
+    detector = BowLoopDetector(vocabulary, matching, max_features=max_features)
+    for stamp_ns, pose, descriptors in keyframes:
+        detector.add_keyframe(descriptors, stamp_ns, pose)
+    return detector
+
+
+def map_positions(detector) -> np.ndarray:
+    """(N, 3) positions of a detector's map keyframes (NaN without pose)."""
+    keyframes = detector.map if hasattr(detector, "map") else detector
+    return np.asarray(keyframes.positions, dtype=np.float64).reshape(-1, 3)
+
+
+def run_queries(name: str, detector, queries: BagSource, radius_m: float, ns: Sequence[int]) -> MethodRun:
+    """Every posed query frame through ``detector.process`` (the node's path), timed, then scored."""
+    stamps, positions, ranked_ids, ranked_scores, latencies = [], [], [], [], []
+    reader = queries.frames()
+    for frame in tqdm(reader, total=len(reader), desc=name, unit="query", leave=False):
+        if frame.pose is None:
+            continue  # no ground truth: cannot be scored
+        if not stamps:  # untimed warm-up: the first call at batch size 1 pays one-off set-up costs
+            detector.process(frame.image, frame.stamp_ns, frame.pose)
+        started = time.perf_counter()
+        detection = detector.process(frame.image, frame.stamp_ns, frame.pose)
+        latencies.append(1000.0 * (time.perf_counter() - started))
+        stamps.append(frame.stamp_ns)
+        positions.append(frame.pose.position)
+        ranked_ids.append(np.array([c.keyframe_id for c in detection.candidates], dtype=np.int64))
+        ranked_scores.append(np.array([c.score for c in detection.candidates], dtype=np.float64))
+    if not stamps:
+        raise BagError(f"query bag {queries.path} has no frames with a pose: nothing to evaluate "
+                       f"(give --pose-topic, or check that the pose stream covers the images)")
+    query_positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    keyframe_positions = map_positions(detector)
+    within = within_radius(query_positions, keyframe_positions, radius_m)
+    describer = getattr(detector, "describer", detector)
+    return MethodRun(
+        name=name, model_name=describer.model_name, fingerprint=describer.fingerprint, dim=int(describer.dim),
+        map_positions=keyframe_positions, query_stamps=np.asarray(stamps, dtype=np.int64),
+        query_positions=query_positions, ranked_ids=ranked_ids, ranked_scores=ranked_scores,
+        latencies_ms=np.asarray(latencies), metrics=evaluate_loop_closures(ranked_ids, ranked_scores, within, ns),
+        within=within,
+    )
+
+
+# ----- report --------------------------------------------------------------------------------------
+
+
+def _percent(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100.0 * value:.1f}"
+
+
+def results_table_markdown(runs: Sequence[MethodRun], title: str) -> str:
+    """The Markdown table: one row per method, recall@N, AP, max recall at 100 % precision, latency."""
+    ns = list(runs[0].metrics.recall_at)
+    header = (["method", "model"] + [f"R@{n} %" for n in ns]
+              + ["AP %", "max R @ P=100 % ", "at score >=", "median ms/query", "keyframes", "dim"])
+    lines = [f"## {title}", "", "| " + " | ".join(header) + " |",
+             "|---|---|" + "---:|" * (len(header) - 2)]
+    for run in runs:
+        m = run.metrics
+        threshold = "-" if math.isnan(m.full_precision_threshold) else f"{m.full_precision_threshold:.3f}"
+        cells = ([run.name, run.model_name] + [_percent(m.recall_at[n]) for n in ns]
+                 + [_percent(m.average_precision), _percent(m.max_recall_at_full_precision), threshold,
+                    f"{run.median_latency_ms:.1f}", str(len(run.map_positions)), str(run.dim)])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("R@N: share of queries with a true loop whose N best candidates include a keyframe within the "
+                 "radius. AP and max R @ P=100 %: precision-recall of the top-1 candidate's score (see "
+                 "tscm_ros/loop_evaluation.py). Latency: one query, describe + search, this machine.")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_pr_curves(runs: Sequence[MethodRun], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    for run in runs:
+        curve = run.metrics.curve
+        recall = np.concatenate([[0.0], curve.recall])
+        precision = np.concatenate([[1.0], curve.precision])
+        line, = axes.step(100 * recall, 100 * precision, where="post",
+                          label=f"{run.name} (AP {_percent(run.metrics.average_precision)} %)")
+        best = run.metrics.max_recall_at_full_precision
+        if not math.isnan(best) and best > 0:
+            axes.plot([100 * best], [100.0], marker="*", markersize=12, color=line.get_color())
+    axes.set_xlabel("recall (% of queries with a true loop)")
+    axes.set_ylabel("precision of the top-1 candidate (%)")
+    axes.set_xlim(0, 100)
+    axes.set_ylim(0, 102)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", loc="lower left")
+    axes.set_title("Top-1 precision-recall (star: max recall at 100 % precision)\n"
+                   + textwrap.fill(title, 100), fontsize="x-small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _plot_trajectories(runs: Sequence[MethodRun], path: Path, radius_m: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(2, len(runs))
+    rows = math.ceil(len(runs) / columns)
+    figure, axes_grid = plt.subplots(rows, columns, figsize=(6 * columns, 5 * rows), squeeze=False)
+    for axes, run in zip(axes_grid.flat, runs):
+        axes.plot(run.map_positions[:, 0], run.map_positions[:, 1], ".", color="0.6", markersize=4,
+                  label="map keyframes (reference)")
+        axes.plot(run.query_positions[:, 0], run.query_positions[:, 1], "-", color="tab:blue", linewidth=0.8,
+                  label="query trajectory")
+        for good, colour, label in ((True, "tab:green", "top-1 within radius"), (False, "tab:red", "top-1 wrong")):
+            segments = [(run.query_positions[q, :2], run.map_positions[ids[0], :2])
+                        for q, ids in enumerate(run.ranked_ids)
+                        if len(ids) and bool(run.within[q, ids[0]]) == good]
+            for i, (start, end) in enumerate(segments):
+                axes.plot([start[0], end[0]], [start[1], end[1]], "-", color=colour, linewidth=1.0, alpha=0.7,
+                          label=label if i == 0 else None)
+        no_loop = ~run.within.any(axis=1) if run.within.size else np.ones(len(run.query_positions), dtype=bool)
+        if no_loop.any():
+            axes.plot(run.query_positions[no_loop, 0], run.query_positions[no_loop, 1], "x", color="black",
+                      markersize=5, label=f"query with no keyframe within {radius_m:g} m")
+        axes.set_aspect("equal", adjustable="datalim")
+        axes.set_xlabel("x (m)")
+        axes.set_ylabel("y (m)")
+        axes.set_title(f"{run.name}: R@1 {_percent(run.metrics.recall_at[min(run.metrics.recall_at)])} %",
+                       fontsize="small")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="x-small", loc="best")
+    for axes in list(axes_grid.flat)[len(runs):]:
+        axes.set_visible(False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or "method"
+
+
+def _write_queries_csv(run: MethodRun, path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["stamp_ns", "x", "y", "z", "has_true_loop", "top1_keyframe_id", "top1_score",
+                         "top1_correct", "first_correct_rank", "latency_ms"])
+        for q, (ids, scores) in enumerate(zip(run.ranked_ids, run.ranked_scores)):
+            correct = run.within[q, ids] if len(ids) else np.zeros(0, dtype=bool)
+            first = int(np.argmax(correct)) + 1 if correct.any() else ""
+            writer.writerow([int(run.query_stamps[q]), *(f"{v:.3f}" for v in run.query_positions[q]),
+                             int(run.within[q].any()), int(ids[0]) if len(ids) else "",
+                             f"{scores[0]:.6f}" if len(scores) else "", int(bool(correct[:1].any())), first,
+                             f"{run.latencies_ms[q]:.3f}"])
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def write_report(runs: Sequence[MethodRun], title: str, out: Path, radius_m: float, overwrite: bool,
+                 settings: dict) -> None:
+    """Write loop_closure.md/.json, pr_curve.png, trajectories.png and queries_<method>.csv into ``out``
+    atomically (a temp dir next to it, renamed into place)."""
+    from tscm_ros.dataset import replace_directory
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (staging / "loop_closure.md").write_text(results_table_markdown(runs, title), encoding="utf-8")
+        _plot_pr_curves(runs, staging / "pr_curve.png", title)
+        _plot_trajectories(runs, staging / "trajectories.png", radius_m)
+        summary = {"title": title, "settings": settings, "methods": []}
+        for run in runs:
+            m = run.metrics
+            _write_queries_csv(run, staging / f"queries_{_slug(run.name)}.csv")
+            summary["methods"].append({
+                "name": run.name, "model_name": run.model_name, "fingerprint": run.fingerprint, "dim": run.dim,
+                "keyframes": len(run.map_positions), "queries": m.num_queries,
+                "queries_with_true_loop": m.num_with_loop, "queries_without_candidates": m.num_without_candidates,
+                "recall_at": {str(n): _nan_to_none(r) for n, r in m.recall_at.items()},
+                "average_precision": _nan_to_none(m.average_precision),
+                "max_recall_at_full_precision": _nan_to_none(m.max_recall_at_full_precision),
+                "full_precision_threshold": _nan_to_none(m.full_precision_threshold),
+                "latency_ms": {"median": _nan_to_none(run.median_latency_ms),
+                               "p95": _nan_to_none(float(np.percentile(run.latencies_ms, 95)))},
+                "pr_curve": {"threshold": m.curve.thresholds.tolist(), "precision": m.curve.precision.tolist(),
+                             "recall": [_nan_to_none(r) for r in m.curve.recall]},
+                "queries_csv": f"queries_{_slug(run.name)}.csv",
+            })
+        (staging / "loop_closure.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        replace_directory(staging, out, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# ----- command line (evaluate --bag) ---------------------------------------------------------------
+
+BASELINES = ("gem", "student", "bow")
+BASELINE_NAMES = {"gem": "GeM baseline (pretrained, no training)", "student": "student (untrained default)",
+                  "bow": "ORB bag of words"}
+
+
+def add_bag_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options only bag mode has. It also reads ``--bag`` (reference traversal), ``--model``
+    (repeatable NAME=CKPT or CKPT; may be absent), ``--out``, ``--radius-m`` (None = 10 m), ``--ns``,
+    ``--device``, ``--batch-size`` and ``--overwrite``, which ``build_bag_parser`` defines."""
+    group = parser.add_argument_group("loop-closure evaluation on bags (--bag)")
+    group.add_argument("--query-bag", metavar="DIR",
+                       help="with --bag: the traversal whose frames are the queries (revisits the --bag route)")
+    group.add_argument("--image-topic", help="image topic in both bags (default: each bag's only image topic)")
+    group.add_argument("--pose-topic", help="ground-truth pose/odometry topic (default: each bag's only one)")
+    group.add_argument("--max-pose-gap", type=float, default=1.0, metavar="S",
+                       help="frames across a longer gap in the pose stream get no pose (default 1.0)")
+    group.add_argument("--keyframe-distance", type=float, default=2.0, metavar="M",
+                       help="map keyframe every M metres of travel on the reference, as build_map (default 2.0)")
+    group.add_argument("--baselines", default=",".join(BASELINES), metavar="LIST",
+                       help="comma-separated built-in methods to include: gem (pretrained backbone + GeM), "
+                       "student (untrained default student), bow (ORB bag of words); 'none' for none "
+                       f"(default {','.join(BASELINES)})")
+    group.add_argument("--bow-words", type=int, default=1000, metavar="K",
+                       help="ORB vocabulary size, trained on the reference keyframes (default 1000)")
+
+
+def build_bag_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser for bag-mode evaluation (``python -m tscm_ros.loop_evaluation``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tscm_ros.loop_evaluation",
+        description="Loop-closure evaluation: build a map per method from a reference traversal, run every "
+        "frame of a query traversal through the node's code path, and report recall@N, the top-1 "
+        "precision-recall curve, AP, max recall at 100 %% precision and per-query latency, side by side.",
+        epilog="example: python -m tscm_ros.loop_evaluation --bag route_t0 --query-bag route_t1 "
+        "--model student=runs/student/best.pt --out eval/route")
+    parser.add_argument("--bag", required=True, metavar="DIR", help="reference traversal (rosbag2) for the maps")
+    parser.add_argument("--model", action="append", metavar="NAME=CKPT",
+                        help="a checkpoint to evaluate (teacher or student), optionally named (repeatable)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="report directory: loop_closure.md/.json, pr_curve.png, trajectories.png, CSVs")
+    parser.add_argument("--radius-m", type=float, default=None, metavar="M",
+                        help=f"a candidate is correct within M metres of the query (default {DEFAULT_RADIUS_M:g})")
+    parser.add_argument("--ns", type=int, nargs="+", default=list(DEFAULT_NS), metavar="N",
+                        help="recall@N values (default 1 5 10)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass when mapping (default 16)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    add_bag_arguments(parser)
+    return parser
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method to evaluate: a row name and how to build its detector."""
+
+    name: str
+    kind: str  # "describer" or "bow"
+    build_describer: Callable[[], object] | None = None
+
+
+def method_specs(args: argparse.Namespace) -> list[MethodSpec]:
+    """The methods of this run: the chosen built-in baselines, then each --model checkpoint, BoW last."""
+    from tscm_ros import describe
+
+    chosen = [] if args.baselines.strip() == "none" else [b.strip() for b in args.baselines.split(",") if b.strip()]
+    unknown = sorted(set(chosen) - set(BASELINES))
+    if unknown:
+        raise ConfigError(f"--baselines: unknown {', '.join(unknown)} (choose from {', '.join(BASELINES)} or none)")
+    device, batch_size = args.device, args.batch_size
+    specs = []
+    if "gem" in chosen:
+        specs.append(MethodSpec(BASELINE_NAMES["gem"], "describer",
+                                lambda: describe.pretrained_baseline(device=device, batch_size=batch_size)))
+    if "student" in chosen:
+        specs.append(MethodSpec(BASELINE_NAMES["student"], "describer",
+                                lambda: describe.default_student(device=device, batch_size=batch_size)))
+    for entry in args.model or []:
+        name, _, path = entry.rpartition("=")
+        if not path:
+            raise ConfigError(f"--model {entry!r}: expected NAME=CKPT or CKPT")
+        if path == "pretrained":  # evaluate --data's name for the untrained default student
+            checkpoint, name = None, name or BASELINE_NAMES["student"]
+        else:
+            checkpoint = path
+            name = name or Path(path).parent.name or Path(path).stem
+        specs.append(MethodSpec(name, "describer",
+                                lambda c=checkpoint: describe.Describer.from_checkpoint(c, device=device,
+                                                                                        batch_size=batch_size)))
+    if "bow" in chosen:
+        specs.append(MethodSpec(BASELINE_NAMES["bow"], "bow"))
+    if not specs:
+        raise ConfigError("nothing to evaluate: give --model NAME=CKPT or keep some --baselines")
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"method names must be unique, got {names}")
+    return specs
+
+
+def run_bag_evaluation(args: argparse.Namespace) -> int:
+    """``evaluate --bag``: every method on the same traversals; writes the report and prints the table."""
+    from tscm_ros.loop_detector import MatchingConfig
+
+    radius_m = DEFAULT_RADIUS_M if getattr(args, "radius_m", None) is None else float(args.radius_m)
+    ns = sorted({int(n) for n in args.ns})
+    if not args.query_bag:
+        raise ConfigError("--bag needs --query-bag: the traversal to query against the --bag map")
+    if radius_m <= 0 or not ns or ns[0] < 1 or args.batch_size < 1:
+        raise ConfigError("--radius-m, --ns and --batch-size must be positive")
+    if args.keyframe_distance < 0 or args.bow_words < 2:
+        raise ConfigError("--keyframe-distance must be >= 0 and --bow-words >= 2")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
+    for path in (args.bag, args.query_bag):
+        if not Path(path).exists():
+            raise BagError(f"bag {path} does not exist")
+    specs = method_specs(args)
+    reference = BagSource(args.bag, args.image_topic, args.pose_topic, args.max_pose_gap)
+    queries = BagSource(args.query_bag, args.image_topic, args.pose_topic, args.max_pose_gap)
+    # Offline evaluation of two traversals: every keyframe is a valid answer, nothing is excluded.
+    matching = MatchingConfig(k=max(ns), min_score=0.0, exclude_recent_s=0.0, exclude_within_m=0.0)
+
+    runs = []
+    for spec in specs:
+        started = time.perf_counter()
+        if spec.kind == "bow":
+            detector = build_bow_detector(reference, args.keyframe_distance, matching, args.bow_words)
+        else:
+            detector = build_descriptor_detector(spec.build_describer(), reference, args.keyframe_distance, matching)
+        mapped = time.perf_counter()
+        run = run_queries(spec.name, detector, queries, radius_m, ns)
+        runs.append(run)
+        print(f"evaluate: {spec.name}: map of {len(run.map_positions)} keyframes in {mapped - started:.1f} s, "
+              f"{run.metrics.num_queries} queries in {time.perf_counter() - mapped:.1f} s, "
+              f"R@{ns[0]} {_percent(run.metrics.recall_at[ns[0]])} %, "
+              f"median {run.median_latency_ms:.1f} ms/query", flush=True)
+
+    first = runs[0].metrics
+    title = (f"Loop closure: {first.num_queries} queries from {Path(args.query_bag).name} "
+             f"({first.num_with_loop} with a true loop) against {Path(args.bag).name}, "
+             f"keyframes every {args.keyframe_distance:g} m, correct within {radius_m:g} m")
+    settings = {"reference_bag": str(args.bag), "query_bag": str(args.query_bag), "radius_m": radius_m,
+                "ns": ns, "keyframe_distance_m": args.keyframe_distance, "bow_words": args.bow_words,
+                "device": args.device}
+    write_report(runs, title, out, radius_m, args.overwrite, settings)
+    print(results_table_markdown(runs, title), end="")
+    print(f"wrote {out / 'loop_closure.md'}, {out / 'pr_curve.png'}, {out / 'trajectories.png'} "
+          f"(per-query CSVs and loop_closure.json alongside)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point of bag-mode evaluation; ``error: ...`` and exit code 2 on bad input."""
+    from tscm_ros.cli.common import run_main
+
+    return run_main(lambda a: run_bag_evaluation(build_bag_parser().parse_args(a)), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
