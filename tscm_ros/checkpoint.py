@@ -15,6 +15,7 @@ Model config files (config/model_*.yaml) hold one model per top-level key naming
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -242,12 +243,8 @@ def export_torchscript(model: nn.Module, preprocess: PreprocessConfig, path: str
     deployment can check it against a map without this package's model code.
     """
     path = Path(path)
-    model = model.eval().cpu()
+    model = copy.deepcopy(model).eval().cpu()
     example = torch.zeros(2, 3, preprocess.height, preprocess.width)
-    with torch.no_grad(), warnings.catch_warnings():
-        # TorchScript is deprecated in torch 2.x but still the one format C++ (libtorch) deployments load.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        traced = torch.jit.trace(model, example)
     metadata = {
         "fingerprint": fingerprint,
         "preprocess": preprocess.to_dict(),
@@ -259,7 +256,11 @@ def export_torchscript(model: nn.Module, preprocess: PreprocessConfig, path: str
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        torch.jit.save(traced, temp, _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
+        with torch.no_grad(), warnings.catch_warnings():
+            # TorchScript is deprecated in torch 2.x but still the format libtorch (C++) deployments load.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            traced = torch.jit.trace(model, example)
+            torch.jit.save(traced, temp, _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
