@@ -87,6 +87,19 @@ def evaluate_descriptors(
     return recall_at_n(retrieved, ground_truth, ns)
 
 
+def evaluate_split(dataset, split: str, describer, radius_m: float, ns: Sequence[int] = DEFAULT_NS) -> RecallResult:
+    """Recall@N of a ``tscm_ros.dataset.Dataset`` split (its queries against its database) with
+    ``describer`` (anything with ``describe(images) -> (N, D) float32``, e.g. a Describer)."""
+    from tscm_ros.dataset import require_split
+
+    database, queries = require_split(dataset, split)
+    database_descriptors = describer.describe(database.load_images(range(len(database))))
+    query_descriptors = describer.describe(queries.load_images(range(len(queries))))
+    return evaluate_descriptors(
+        query_descriptors, database_descriptors, queries.positions, database.positions, radius_m, ns
+    )
+
+
 def recall_table_markdown(results: Sequence[tuple[str, RecallResult]], title: str) -> str:
     """A Markdown table: one row per model, one column per recall@N (percent)."""
     ns = list(results[0][1].recall)

@@ -18,13 +18,14 @@ from tscm_ros.cli.common import run_main
 from tscm_ros.errors import ConfigError
 
 PRETRAINED = "pretrained"
+DEFAULT_STUDENT = "default"
 
 DESCRIPTION = """\
 Measure recall@N (a query counts as found when one of its top-N database matches lies within
 --radius-m of it) for each --model, side by side, and write recall.md (Markdown table),
 recall.png (recall@N curves) and recall.json into --out. --model takes a checkpoint (teacher or
-student best.pt) or the word 'pretrained' for the offline-pretrained default student without
-place-recognition training (the baseline).
+student best.pt), 'pretrained' for the baseline (ImageNet-pretrained CNN + GeM, no place-recognition
+training) or 'default' for the untrained default student (what the node uses without --model).
 """
 
 EXAMPLE = """\
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--data", metavar="DIR", help="dataset directory made by extract_dataset")
     parser.add_argument("--model", action="append", required=True, metavar="CKPT",
-                        help=f"model checkpoint, or '{PRETRAINED}' for the untrained baseline (repeatable)")
+                        help=f"model checkpoint, '{PRETRAINED}' (CNN + GeM baseline) or '{DEFAULT_STUDENT}' (repeatable)")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for recall.md, recall.png, recall.json")
     parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="dataset split (default test)")
     parser.add_argument("--radius-m", type=float, default=25.0, metavar="M",
@@ -54,26 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _describer(model: str, device: str, batch_size: int):
-    from tscm_ros.describe import Describer
+    from tscm_ros.describe import Describer, pretrained_baseline
 
-    return Describer.from_checkpoint(None if model == PRETRAINED else model, device=device, batch_size=batch_size)
+    if model == PRETRAINED:
+        return pretrained_baseline(device=device, batch_size=batch_size)
+    return Describer.from_checkpoint(None if model == DEFAULT_STUDENT else model, device=device, batch_size=batch_size)
 
 
 def _run_data(args: argparse.Namespace) -> tuple[list, str]:
     from tscm_ros.dataset import load_dataset, require_split
-    from tscm_ros.recall import evaluate_descriptors
+    from tscm_ros.recall import evaluate_split
 
     dataset = load_dataset(args.data)
     database, queries = require_split(dataset, args.split)
     describers = [(model, _describer(model, args.device, args.batch_size)) for model in args.model]
-    results = []
-    for model, describer in describers:
-        database_descriptors = describer.describe(database.load_images(range(len(database))))
-        query_descriptors = describer.describe(queries.load_images(range(len(queries))))
-        result = evaluate_descriptors(
-            query_descriptors, database_descriptors, queries.positions, database.positions, args.radius_m, args.ns
-        )
-        results.append((f"{model} ({describer.model_name})", result))
+    results = [
+        (f"{model} ({describer.model_name})", evaluate_split(dataset, args.split, describer, args.radius_m, args.ns))
+        for model, describer in describers
+    ]
     title = (
         f"{Path(args.data).name}, {args.split} split: {len(queries)} queries against {len(database)} database frames, "
         f"correct within {args.radius_m:g} m"

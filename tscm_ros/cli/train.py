@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from typing import Sequence
 
 from tscm_ros.cli.common import run_main
-from tscm_ros.errors import ConfigError
 
 DESCRIPTION = """\
 Train on a dataset made by extract_dataset. `train teacher` trains the large teacher with a triplet
@@ -54,9 +55,9 @@ def _main(argv: Sequence[str] | None) -> int:
     from tscm_ros.training import default_config_path, load_train_config, train
 
     run_config = Path(args.out) / "config.yaml"
-    if args.resume and args.config:
-        raise ConfigError("--resume uses RUN/config.yaml; change settings with --set instead of --config")
     if args.resume and run_config.is_file():
+        if args.config:
+            logging.getLogger("train").warning("resuming with %s; --config %s is not used", run_config, args.config)
         config = load_train_config(run_config, args.set)
     else:
         config = load_train_config(args.config or default_config_path(args.kind), args.set)
@@ -69,6 +70,8 @@ def _main(argv: Sequence[str] | None) -> int:
         resume=args.resume,
         progress=not args.no_progress,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     recall = "/".join(f"{100 * value:.1f}" for value in result.best_val_recall.values()) or "n/a"
     print(
         f"train {args.kind}: {result.epochs_done} epoch(s){' (stopped early)' if result.stopped_early else ''}; "
