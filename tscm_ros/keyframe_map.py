@@ -324,7 +324,7 @@ class KeyframeMap:
         elif self.index_type == "hnsw":
             parts.append(f"HNSW{p['hnsw_m']}")
         else:
-            parts.append(f"IVF{nlist},PQ{p['pq_m']}")
+            parts.append(f"IVF{nlist},PQ{p['pq_m']}np")  # np: no polysemous training (slow, unused)
         if p["rerank"] and (p["pca_dim"] or self.index_type == "ivfpq"):
             parts.append("RFlat")
         return ",".join(parts)
