@@ -41,6 +41,7 @@ DATASET_FORMAT = "tscm_ros.dataset"
 DATASET_VERSION = 1
 SPLITS = ("train", "val", "test")
 ROLES = ("database", "query")
+IMAGE_CACHE_BYTES = 2 * 1024**3
 FRAME_COLUMNS = ("image", "stamp_ns", "x", "y", "z", "qx", "qy", "qz", "qw", "bag", "sequence", "split", "role")
 
 
@@ -314,9 +315,27 @@ def yaw_from_quaternion(orientations: np.ndarray) -> np.ndarray:
     return np.arctan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
 
 
+class _ImageCache:
+    """Decoded images by relative path, kept until ``limit_bytes`` are used (then new ones are not kept)."""
+
+    def __init__(self, limit_bytes: int = IMAGE_CACHE_BYTES) -> None:
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+        self.images: dict[str, np.ndarray] = {}
+
+    def get(self, key: str) -> np.ndarray | None:
+        return self.images.get(key)
+
+    def put(self, key: str, image: np.ndarray) -> None:
+        if self.used_bytes + image.nbytes <= self.limit_bytes:
+            self.images[key] = image
+            self.used_bytes += image.nbytes
+
+
 @dataclass
 class Dataset:
-    """Frames of a dataset directory (or a subset of them) as arrays; images load on demand."""
+    """Frames of a dataset directory (or a subset of them) as arrays. Images load on demand and stay
+    cached in memory up to ``IMAGE_CACHE_BYTES`` (shared by all subsets of one loaded dataset)."""
 
     root: Path
     manifest: dict
@@ -328,7 +347,7 @@ class Dataset:
     sequences: np.ndarray
     splits: np.ndarray
     roles: np.ndarray
-    _image_cache: dict = field(default_factory=dict, repr=False)
+    _image_cache: _ImageCache = field(default_factory=_ImageCache, repr=False)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -370,7 +389,7 @@ class Dataset:
             if bgr is None:
                 raise DatasetError(f"dataset {self.root}: image {relative} is missing or unreadable")
             cached = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            self._image_cache[relative] = cached
+            self._image_cache.put(relative, cached)
         return cached
 
     def load_images(self, indices: Sequence[int] | np.ndarray) -> list[np.ndarray]:
