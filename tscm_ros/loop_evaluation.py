@@ -498,7 +498,8 @@ def build_bag_parser() -> argparse.ArgumentParser:
         "--model student=runs/student/best.pt --out eval/route")
     parser.add_argument("--bag", required=True, metavar="DIR", help="reference traversal (rosbag2) for the maps")
     parser.add_argument("--model", action="append", metavar="NAME=CKPT",
-                        help="a checkpoint to evaluate (teacher or student), optionally named (repeatable)")
+                        help="a checkpoint to evaluate (teacher or student), optionally named; 'pretrained' "
+                        "(GeM baseline) and 'default' (default student) as in evaluate --data (repeatable)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="report directory: loop_closure.md/.json, pr_curve.png, trajectories.png, CSVs")
     parser.add_argument("--radius-m", type=float, default=None, metavar="M",
@@ -530,25 +531,22 @@ def method_specs(args: argparse.Namespace) -> list[MethodSpec]:
     if unknown:
         raise ConfigError(f"--baselines: unknown {', '.join(unknown)} (choose from {', '.join(BASELINES)} or none)")
     device, batch_size = args.device, args.batch_size
-    specs = []
-    if "gem" in chosen:
-        specs.append(MethodSpec(BASELINE_NAMES["gem"], "describer",
-                                lambda: describe.pretrained_baseline(device=device, batch_size=batch_size)))
-    if "student" in chosen:
-        specs.append(MethodSpec(BASELINE_NAMES["student"], "describer",
-                                lambda: describe.default_student(device=device, batch_size=batch_size)))
+    factories = {"gem": lambda: describe.pretrained_baseline(device=device, batch_size=batch_size),
+                     "student": lambda: describe.default_student(device=device, batch_size=batch_size)}
+    specs = [MethodSpec(BASELINE_NAMES[b], "describer", factories[b]) for b in ("gem", "student") if b in chosen]
     for entry in args.model or []:
         name, _, path = entry.rpartition("=")
         if not path:
             raise ConfigError(f"--model {entry!r}: expected NAME=CKPT or CKPT")
-        if path == "pretrained":  # evaluate --data's name for the untrained default student
-            checkpoint, name = None, name or BASELINE_NAMES["student"]
+        # The same special names as evaluate --data: 'pretrained' (GeM baseline), 'default' (default student).
+        if path == "pretrained":
+            specs.append(MethodSpec(name or BASELINE_NAMES["gem"], "describer", factories["gem"]))
+        elif path == "default":
+            specs.append(MethodSpec(name or BASELINE_NAMES["student"], "describer", factories["student"]))
         else:
-            checkpoint = path
-            name = name or Path(path).parent.name or Path(path).stem
-        specs.append(MethodSpec(name, "describer",
-                                lambda c=checkpoint: describe.Describer.from_checkpoint(c, device=device,
-                                                                                        batch_size=batch_size)))
+            specs.append(MethodSpec(name or Path(path).parent.name or Path(path).stem, "describer",
+                                    lambda c=path: describe.Describer.from_checkpoint(c, device=device,
+                                                                                      batch_size=batch_size)))
     if "bow" in chosen:
         specs.append(MethodSpec(BASELINE_NAMES["bow"], "bow"))
     if not specs:
