@@ -1,0 +1,249 @@
+"""The shared frame reader on real rosbag2 files written here: topics, poses, encodings, damage."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+
+from tscm_ros.bag import (ImageDecodeError, Pose, PoseInterpolator, image_message_to_rgb, open_frames,
+                          slerp)
+from tscm_ros.errors import BagError
+
+TYPESTORE = get_typestore(Stores.ROS2_HUMBLE)
+T = TYPESTORE.types
+Header, Time = T["std_msgs/msg/Header"], T["builtin_interfaces/msg/Time"]
+Image, CompressedImage = T["sensor_msgs/msg/Image"], T["sensor_msgs/msg/CompressedImage"]
+Point, Quaternion, PoseMsg = T["geometry_msgs/msg/Point"], T["geometry_msgs/msg/Quaternion"], T["geometry_msgs/msg/Pose"]
+PoseStamped, NavSatFix, NavSatStatus = (T["geometry_msgs/msg/PoseStamped"], T["sensor_msgs/msg/NavSatFix"],
+                                         T["sensor_msgs/msg/NavSatStatus"])
+START_NS = 1_700_000_000 * 10**9
+
+
+def header(stamp_ns: int, frame_id: str) -> Header:
+    return Header(stamp=Time(sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9), frame_id=frame_id)
+
+
+def yaw_quaternion(yaw: float) -> Quaternion:
+    return Quaternion(x=0.0, y=0.0, z=math.sin(yaw / 2), w=math.cos(yaw / 2))
+
+
+def raw_image(rgb: np.ndarray, stamp_ns: int, encoding: str = "rgb8") -> Image:
+    return Image(header=header(stamp_ns, "camera"), height=rgb.shape[0], width=rgb.shape[1], encoding=encoding,
+                 is_bigendian=0, step=rgb.shape[1] * rgb.shape[2], data=rgb.reshape(-1))
+
+
+def write_bag(path: Path, messages: list[tuple[str, object]], storage=StoragePlugin.SQLITE3) -> Path:
+    """messages: (topic, message) in log order; the log time is the header stamp."""
+    with Writer(path, version=9, storage_plugin=storage) as writer:
+        connections = {}
+        for topic, message in messages:
+            if topic not in connections:
+                connections[topic] = writer.add_connection(topic, message.__msgtype__, typestore=TYPESTORE)
+            stamp = message.header.stamp
+            writer.write(connections[topic], stamp.sec * 10**9 + stamp.nanosec,
+                         TYPESTORE.serialize_cdr(message, message.__msgtype__))
+    return path
+
+
+def straight_route(n_images: int = 6, with_poses: bool = True) -> list[tuple[str, object]]:
+    """Poses at 20 Hz along x at 1 m/s turning at 0.5 rad/s, images at 5 Hz between pose stamps."""
+    messages = []
+    for i in range(4 * n_images + 2):
+        t = START_NS + i * 50_000_000
+        if with_poses:
+            messages.append(("/pose", PoseStamped(header=header(t, "odom"), pose=PoseMsg(
+                position=Point(x=i * 0.05, y=0.0, z=0.0), orientation=yaw_quaternion(i * 0.025)))))
+        if i % 4 == 1 and i // 4 < n_images:
+            rgb = np.full((6, 8, 3), (i, 2 * i, 3 * i), dtype=np.uint8)
+            messages.append(("/camera/image_raw", raw_image(rgb, t + 25_000_000)))
+    return messages
+
+
+@pytest.mark.parametrize("storage", [StoragePlugin.SQLITE3, StoragePlugin.MCAP])
+def test_frames_with_interpolated_poses(tmp_path, storage):
+    bag = write_bag(tmp_path / "bag", straight_route(), storage)
+    reader = open_frames(bag)
+    assert (reader.image_topic, reader.pose_topic, len(reader)) == ("/camera/image_raw", "/pose", 6)
+    frames = list(reader)
+    assert [f.index for f in frames] == list(range(6))
+    for k, frame in enumerate(frames):
+        i = 4 * k + 1
+        assert frame.stamp_ns == START_NS + i * 50_000_000 + 25_000_000
+        np.testing.assert_array_equal(frame.image[0, 0], [i, 2 * i, 3 * i])
+        # halfway between pose i and i + 1
+        np.testing.assert_allclose(frame.pose.position, [(i + 0.5) * 0.05, 0, 0], atol=1e-9)
+        yaw = 2 * math.atan2(frame.pose.orientation[2], frame.pose.orientation[3])
+        assert yaw == pytest.approx((i + 0.5) * 0.025, abs=1e-9)
+    assert reader.pose_frame_id == "odom"
+    assert "6 frames" in reader.summary() and "0 frames without pose" in reader.summary()
+
+
+def test_interpolator_range_gap_and_slerp():
+    poses = PoseInterpolator(max_gap_s=1.0)
+    q0, q1 = np.array([0, 0, 0, 1.0]), np.array([0, 0, math.sin(math.pi / 4), math.cos(math.pi / 4)])
+    poses.add(10**9, Pose(np.zeros(3), q0))
+    poses.add(2 * 10**9, Pose(np.array([1.0, 2.0, 0.0]), q1))
+    poses.add(5 * 10**9, Pose(np.array([5.0, 2.0, 0.0]), q1))
+    mid = poses.at(1_250_000_000)
+    np.testing.assert_allclose(mid.position, [0.25, 0.5, 0.0])
+    assert 2 * math.atan2(mid.orientation[2], mid.orientation[3]) == pytest.approx(math.pi / 2 * 0.25)
+    assert poses.at(10**9 - 1) is None and poses.at(5 * 10**9 + 1) is None  # outside the stream
+    assert poses.at(3 * 10**9) is None  # inside a 3 s gap
+    np.testing.assert_allclose(poses.at(5 * 10**9).position, [5, 2, 0])  # exactly on a sample
+    # slerp takes the short way round: q and -q are the same rotation
+    np.testing.assert_allclose(slerp(q0, -q1, 0.5), slerp(q0, q1, 0.5), atol=1e-12)
+
+
+def test_interpolator_accepts_out_of_order_and_bounds_history():
+    poses = PoseInterpolator(max_gap_s=10.0, max_history=5)
+    for t in [0, 2, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]:
+        poses.add(t * 10**9, Pose(np.array([float(t), 0, 0]), np.array([0, 0, 0, 1.0])))
+    assert len(poses) <= 10
+    np.testing.assert_allclose(poses.at(11_500_000_000).position, [11.5, 0, 0])
+
+
+def test_frames_without_poses_are_counted(tmp_path):
+    messages = straight_route(n_images=6)
+    # pose stream stops after the second image: later frames are outside it
+    cut = START_NS + 8 * 50_000_000
+    messages = [(t, m) for t, m in messages if t != "/pose" or
+                m.header.stamp.sec * 10**9 + m.header.stamp.nanosec <= cut]
+    frames = list(reader := open_frames(write_bag(tmp_path / "bag", messages)))
+    assert [f.pose is not None for f in frames] == [True, True, False, False, False, False]
+    assert "4 frames without pose" in reader.summary()
+
+
+def test_topic_detection_errors(tmp_path):
+    messages = straight_route(n_images=2)
+    messages.append(("/other_camera", raw_image(np.zeros((2, 2, 3), np.uint8), START_NS + 7)))
+    bag = write_bag(tmp_path / "two_cameras", messages)
+    with pytest.raises(BagError, match=r"several image topics.*/camera/image_raw.*/other_camera"):
+        open_frames(bag)
+    assert len(open_frames(bag, image_topic="/other_camera")) == 1
+    with pytest.raises(BagError, match="no image topic '/nope'"):
+        open_frames(bag, image_topic="/nope")
+
+    only_poses = write_bag(tmp_path / "no_images", [m for m in straight_route() if m[0] == "/pose"])
+    with pytest.raises(BagError, match=r"no_images: no image topic"):
+        open_frames(only_poses)
+    no_poses = write_bag(tmp_path / "no_poses", straight_route(with_poses=False))
+    assert open_frames(no_poses).pose_topic is None
+    with pytest.raises(BagError, match="no pose topic '/odom'"):
+        open_frames(no_poses, pose_topic="/odom")
+
+
+def test_missing_and_damaged_bags(tmp_path):
+    with pytest.raises(BagError, match="nowhere: no such bag"):
+        open_frames(tmp_path / "nowhere")
+    bag = write_bag(tmp_path / "bag", straight_route(n_images=20))
+    db = next(bag.glob("*.db3"))
+    db.write_bytes(db.read_bytes()[: db.stat().st_size // 3])
+    with pytest.raises(BagError, match=str(bag)):
+        list(open_frames(bag))
+    mcap = write_bag(tmp_path / "mcap", straight_route(n_images=20), StoragePlugin.MCAP)
+    data_file = next(mcap.glob("*.mcap"))
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    with pytest.raises(BagError, match=str(mcap)):
+        list(open_frames(mcap))
+    not_a_bag = tmp_path / "garbage"
+    not_a_bag.mkdir()
+    (not_a_bag / "metadata.yaml").write_text("this: is not [a rosbag2 metadata")
+    with pytest.raises(BagError, match="garbage: cannot open the bag"):
+        open_frames(not_a_bag)
+
+
+def test_navsatfix_becomes_local_metres(tmp_path):
+    messages = []
+    lat0, lon0 = 48.0, 11.0
+    for i in range(10):
+        t = START_NS + i * 100_000_000
+        # 1e-5 degrees of latitude ~ 1.113 m north; of longitude ~ 0.745 m east at 48 degrees
+        messages.append(("/fix", NavSatFix(header=header(t, "gps"), status=NavSatStatus(status=0, service=1),
+                                           latitude=lat0 + i * 1e-5, longitude=lon0 + i * 1e-5, altitude=500.0 + i,
+                                           position_covariance=np.zeros(9), position_covariance_type=0)))
+        if i == 5:
+            messages.append(("/camera/image_raw", raw_image(np.zeros((2, 2, 3), np.uint8), t)))
+    frame = next(iter(open_frames(write_bag(tmp_path / "gps", messages))))
+    east, north, up = frame.pose.position
+    assert north == pytest.approx(5 * 1.11319, rel=1e-3)
+    assert east == pytest.approx(5 * 1.11319 * math.cos(math.radians(48.0)), rel=1e-3)
+    assert up == pytest.approx(5.0)
+
+
+# ----- image conversion ------------------------------------------------------------------------------
+
+RGB = np.random.default_rng(1).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("encoding,pixels", [
+    ("rgb8", RGB), ("bgr8", RGB[:, :, ::-1]),
+    ("rgba8", np.dstack([RGB, np.full(RGB.shape[:2], 9, np.uint8)])),
+    ("bgra8", np.dstack([RGB[:, :, ::-1], np.full(RGB.shape[:2], 9, np.uint8)])),
+])
+def test_colour_encodings(encoding, pixels):
+    message = raw_image(np.ascontiguousarray(pixels), 0, encoding)
+    np.testing.assert_array_equal(image_message_to_rgb(message), RGB)
+
+
+def test_mono_bayer_and_padded_rows():
+    mono = RGB[:, :, 0]
+    gray = image_message_to_rgb(Image(header=header(0, "c"), height=5, width=7, encoding="mono8", is_bigendian=0,
+                                      step=7, data=mono.reshape(-1)))
+    np.testing.assert_array_equal(gray, np.dstack([mono] * 3))
+    mono16 = (mono.astype(np.uint16) * 257)
+    gray16 = image_message_to_rgb(Image(header=header(0, "c"), height=5, width=7, encoding="mono16",
+                                        is_bigendian=0, step=14, data=mono16.view(np.uint8).reshape(-1)))
+    np.testing.assert_array_equal(gray16[:, :, 0], mono)
+    bayer = image_message_to_rgb(Image(header=header(0, "c"), height=4, width=4, encoding="bayer_rggb8",
+                                       is_bigendian=0, step=4, data=np.full(16, 100, np.uint8)))
+    assert bayer.shape == (4, 4, 3) and bayer.dtype == np.uint8
+    padded = np.zeros((5, 7 * 3 + 3), np.uint8)
+    padded[:, :21] = RGB.reshape(5, 21)
+    message = Image(header=header(0, "c"), height=5, width=7, encoding="rgb8", is_bigendian=0, step=24,
+                    data=padded.reshape(-1))
+    np.testing.assert_array_equal(image_message_to_rgb(message), RGB)
+
+
+def test_compressed_images():
+    ok, png = cv2.imencode(".png", RGB[:, :, ::-1])
+    message = CompressedImage(header=header(0, "c"), format="png", data=png.reshape(-1))
+    np.testing.assert_array_equal(image_message_to_rgb(message), RGB)
+    smooth = np.tile(np.linspace(0, 255, 32, dtype=np.uint8)[None, :, None], (24, 1, 3))
+    ok, jpeg = cv2.imencode(".jpg", smooth, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    decoded = image_message_to_rgb(CompressedImage(header=header(0, "c"), format="jpeg", data=jpeg.reshape(-1)))
+    assert np.abs(decoded.astype(int) - smooth).max() <= 4
+
+
+@pytest.mark.parametrize("fields,problem", [
+    (dict(height=0, width=0, encoding="rgb8", step=0, data=np.zeros(0, np.uint8)), "zero size"),
+    (dict(height=4, width=4, encoding="rgb8", step=5, data=np.zeros(20, np.uint8)), "step 5 is smaller"),
+    (dict(height=4, width=4, encoding="rgb8", step=12, data=np.zeros(20, np.uint8)), "20 bytes, expected"),
+    (dict(height=4, width=4, encoding="yuv_fancy9", step=12, data=np.zeros(48, np.uint8)), "unknown image encoding"),
+])
+def test_malformed_raw_images(fields, problem):
+    with pytest.raises(ImageDecodeError, match=problem):
+        image_message_to_rgb(Image(header=header(0, "c"), is_bigendian=0, **fields))
+
+
+def test_malformed_compressed_images():
+    with pytest.raises(ImageDecodeError, match="does not decode"):
+        image_message_to_rgb(CompressedImage(header=header(0, "c"), format="jpeg",
+                                             data=np.frombuffer(b"\xff\xd8\xffnot a jpeg", np.uint8)))
+    with pytest.raises(ImageDecodeError, match="no data"):
+        image_message_to_rgb(CompressedImage(header=header(0, "c"), format="jpeg", data=np.zeros(0, np.uint8)))
+
+
+def test_malformed_image_in_a_bag_is_skipped_and_counted(tmp_path):
+    messages = straight_route(n_images=4)
+    broken = raw_image(np.zeros((4, 4, 3), np.uint8), START_NS + 3)
+    broken.step = 5
+    messages.insert(3, ("/camera/image_raw", broken))
+    reader = open_frames(write_bag(tmp_path / "bag", messages))
+    assert len(list(reader)) == 4
+    assert "1 malformed images skipped" in reader.summary()
