@@ -1,0 +1,21 @@
+"""Shared fixtures: small rendered routes (real rosbag2 files), made once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from tscm_ros.simulate import simulate_route
+
+ROUTE = dict(seed=0, frames=40, width=160, height=120, route_length_m=300.0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def route_reference(tmp_path_factory):
+    """Traversal 0 of the test town: 40 frames, 160x120, one 300 m lap, sqlite3."""
+    return simulate_route(tmp_path_factory.mktemp("routes") / "reference", traversal=0, **ROUTE)
+
+
+@pytest.fixture(scope="session")
+def route_query(tmp_path_factory):
+    """Traversal 1 of the same town: the same places under changed appearance."""
+    return simulate_route(tmp_path_factory.mktemp("routes") / "query", traversal=1, **ROUTE)

@@ -1,0 +1,71 @@
+"""The route simulator: deterministic, and its bags have the promised topics, types, counts and stamps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from rosbags.highlevel import AnyReader
+
+from tscm_ros.bag import open_frames
+from tscm_ros.cli import simulate_route as cli
+from tscm_ros.errors import ConfigError
+from tscm_ros.simulate import Route, simulate_route
+
+SMALL = dict(frames=6, width=64, height=48, route_length_m=120.0, progress=False)
+
+
+def _messages(bag):
+    with AnyReader([bag]) as reader:
+        topics = {c.topic: (c.msgtype, c.msgcount) for c in reader.connections}
+        stamps = {}
+        for conn, log_time, raw in reader.messages():
+            msg = reader.deserialize(raw, conn.msgtype)
+            stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+            assert stamp == log_time
+            stamps.setdefault(conn.topic, []).append((stamp, msg.header.frame_id))
+    return topics, stamps
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_bag_has_the_promised_topics_counts_and_stamps(tmp_path, storage):
+    bag = simulate_route(tmp_path / "bag", laps=2, storage=storage, compressed=True, **SMALL)
+    topics, stamps = _messages(bag)
+    assert topics == {"/camera/image_raw": ("sensor_msgs/msg/Image", 12),
+                      "/camera/image_raw/compressed": ("sensor_msgs/msg/CompressedImage", 12),
+                      "/odom": ("nav_msgs/msg/Odometry", 36)}
+    for topic, frame_id in [("/camera/image_raw", "camera"), ("/odom", "odom")]:
+        times = [t for t, _ in stamps[topic]]
+        assert np.all(np.diff(times) > 0), f"{topic} stamps not increasing"
+        assert {f for _, f in stamps[topic]} == {frame_id}
+    frames = list(open_frames(bag, image_topic="/camera/image_raw"))
+    assert all(f.pose is not None and f.image.shape == (48, 64, 3) for f in frames)
+    # the second lap revisits the first lap's positions
+    np.testing.assert_allclose(frames[0].pose.position, frames[6].pose.position, atol=1e-6)
+
+
+def test_same_seed_same_bytes_other_traversal_other_look(tmp_path):
+    a = [f.image for f in open_frames(simulate_route(tmp_path / "a", seed=3, **SMALL))]
+    b = [f.image for f in open_frames(simulate_route(tmp_path / "b", seed=3, **SMALL))]
+    c = [f.image for f in open_frames(simulate_route(tmp_path / "c", seed=3, traversal=1, **SMALL))]
+    d = [f.image for f in open_frames(simulate_route(tmp_path / "d", seed=4, **SMALL))]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(not np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(not np.array_equal(x, y) for x, y in zip(a, d))
+
+
+def test_route_is_closed_and_has_the_requested_length():
+    route = Route(300.0)
+    start, heading = route.at(0.0)
+    end, end_heading = route.at(299.999)
+    assert np.linalg.norm(start - end) < 0.01
+    steps = np.array([route.at(s)[0] for s in np.linspace(0, 300, 3001)])
+    assert np.sum(np.linalg.norm(np.diff(steps, axis=0), axis=1)) == pytest.approx(300.0, rel=1e-3)
+
+
+def test_refuses_to_overwrite_and_bad_values(tmp_path):
+    simulate_route(tmp_path / "bag", **SMALL)
+    with pytest.raises(ConfigError, match="already exists"):
+        simulate_route(tmp_path / "bag", **SMALL)
+    assert cli.main(["--out", str(tmp_path / "bag"), "--frames", "6", "--width", "64", "--height", "48"]) == 2
+    assert cli.main(["--out", str(tmp_path / "x"), "--appearance-change", "2"]) == 2
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,299 @@
+"""Rendered test routes: a camera driving a closed loop through a textured town, written as a rosbag2.
+
+The world (road, buildings, poles, their textures) depends only on ``seed``; ``traversal`` 0 is the
+reference drive, and each later traversal revisits the same places under changed appearance: light
+direction and colour, time-of-day tint, exposure, sensor noise, a lateral offset and a small yaw wobble of
+the camera, and clutter objects placed anew. ``appearance_change`` in [0, 1] scales all of it. Rendering
+is pybullet's CPU TinyRenderer (offscreen), so the same arguments give byte-identical images.
+
+Topics: ``/camera/image_raw`` (sensor_msgs/Image, rgb8, frame ``camera``), optionally
+``/camera/image_raw/compressed`` (JPEG), and ``/odom`` (nav_msgs/Odometry ground truth of ``base_link``
+in ``odom``, at three times the image rate).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+from tqdm import tqdm
+
+from tscm_ros.errors import ConfigError
+
+IMAGE_TOPIC = "/camera/image_raw"
+COMPRESSED_TOPIC = "/camera/image_raw/compressed"
+ODOM_TOPIC = "/odom"
+SPEED_M_S = 5.0
+ODOM_PER_IMAGE = 3
+START_SEC = 1_700_000_000
+CAMERA_HEIGHT_M = 1.6
+STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
+
+
+@dataclass(frozen=True)
+class Route:
+    """A rounded rectangle of the given perimeter, driven counter-clockwise; ``at(s)`` gives position and
+    heading after ``s`` metres."""
+
+    length_m: float
+
+    @property
+    def _sides(self) -> tuple[float, float, float]:
+        radius = 0.06 * self.length_m
+        straight = self.length_m - 2 * math.pi * radius
+        return 0.6 * straight / 2, 0.4 * straight / 2, radius  # long side, short side, corner radius
+
+    def at(self, s: float) -> tuple[np.ndarray, float]:
+        long_side, short_side, radius = self._sides
+        segments = []
+        x, y, heading = -long_side / 2, -short_side / 2 - radius, 0.0
+        for side in (long_side, short_side, long_side, short_side):
+            segments.append(("line", side))
+            segments.append(("arc", math.pi / 2 * radius))
+        s = s % self.length_m
+        for kind, length in segments:
+            step = min(s, length)
+            if kind == "line":
+                x += step * math.cos(heading)
+                y += step * math.sin(heading)
+            else:
+                angle = step / radius
+                cx, cy = x - radius * math.sin(heading), y + radius * math.cos(heading)
+                heading += angle
+                x, y = cx + radius * math.sin(heading), cy - radius * math.cos(heading)
+            s -= step
+            if s <= 0:
+                break
+        return np.array([x, y]), heading
+
+
+def _textures(rng: np.random.Generator, directory: Path, count: int) -> list[Path]:
+    """Distinct procedural facades: windows grids, stripes, checks and blotches in random colours."""
+    paths = []
+    for i in range(count):
+        base = rng.integers(40, 230, size=3)
+        accent = rng.integers(0, 256, size=3)
+        image = np.empty((64, 64, 3), np.uint8)
+        image[:] = base
+        kind = i % 4
+        if kind == 0:  # windows
+            size, gap = rng.integers(5, 10), rng.integers(3, 7)
+            for r in range(gap, 64, size + gap):
+                for c in range(gap, 64, size + gap):
+                    image[r:r + size, c:c + size] = accent
+        elif kind == 1:  # stripes
+            width = int(rng.integers(3, 12))
+            for c in range(0, 64, 2 * width):
+                image[:, c:c + width] = accent
+        elif kind == 2:  # checks
+            cell = int(rng.integers(4, 16))
+            yy, xx = np.mgrid[:64, :64]
+            image[((yy // cell + xx // cell) % 2).astype(bool)] = accent
+        else:  # blotches
+            for _ in range(12):
+                cv2.circle(image, tuple(int(v) for v in rng.integers(0, 64, 2)), int(rng.integers(3, 12)),
+                           tuple(int(v) for v in rng.integers(0, 256, 3)), -1)
+        path = directory / f"texture_{i:03d}.png"
+        cv2.imwrite(str(path), image[:, :, ::-1])
+        paths.append(path)
+    return paths
+
+
+class _World:
+    """The pybullet scene: ground, road-side buildings and poles from ``seed``; clutter per traversal."""
+
+    def __init__(self, route: Route, seed: int, traversal: int, appearance_change: float) -> None:
+        import pybullet
+        import pybullet_data
+
+        self.p = pybullet
+        self.client = pybullet.connect(pybullet.DIRECT)
+        self._texture_dir = Path(tempfile.mkdtemp(prefix="tscm_textures_"))
+        try:
+            self._build(route, seed, traversal, appearance_change, pybullet_data.getDataPath())
+        except BaseException:
+            self.close()
+            raise
+
+    def _box(self, position, half_extents, yaw, rgba, texture=None) -> None:
+        p, c = self.p, self.client
+        visual = p.createVisualShape(p.GEOM_BOX, halfExtents=half_extents, rgbaColor=rgba, physicsClientId=c)
+        body = p.createMultiBody(0, -1, visual, basePosition=position,
+                                 baseOrientation=p.getQuaternionFromEuler([0, 0, yaw]), physicsClientId=c)
+        if texture is not None:
+            p.changeVisualShape(body, -1, textureUniqueId=texture, rgbaColor=[1, 1, 1, 1], physicsClientId=c)
+
+    def _build(self, route: Route, seed: int, traversal: int, change: float, data_path: str) -> None:
+        p, c = self.p, self.client
+        p.setAdditionalSearchPath(data_path, physicsClientId=c)
+        p.loadURDF("plane.urdf", physicsClientId=c)
+        world = np.random.default_rng(seed)
+        textures = [p.loadTexture(str(t), physicsClientId=c) for t in _textures(world, self._texture_dir, 24)]
+        s = 0.0
+        while s < route.length_m:  # buildings on both sides, every few metres
+            centre, heading = route.at(s)
+            normal = np.array([-math.sin(heading), math.cos(heading)])
+            for side in (-1, 1):
+                if world.random() < 0.15:
+                    continue
+                offset = world.uniform(6.0, 11.0)
+                half = [world.uniform(1.0, 3.0), world.uniform(1.0, 3.0), world.uniform(1.5, 6.0)]
+                xy = centre + side * normal * (offset + half[1])
+                texture = textures[int(world.integers(len(textures)))] if world.random() < 0.8 else None
+                rgba = [*world.uniform(0.2, 1.0, 3), 1]
+                self._box([*xy, half[2]], half, heading + world.uniform(-0.3, 0.3), rgba, texture)
+            if world.random() < 0.3:  # a pole by the road
+                xy = centre + world.choice([-1, 1]) * normal * world.uniform(3.5, 5.0)
+                self._box([*xy, 2.0], [0.15, 0.15, 2.0], 0.0, [*world.uniform(0.0, 1.0, 3), 1])
+            s += world.uniform(3.0, 6.0)
+        clutter = np.random.default_rng([seed, traversal, 1])
+        for _ in range(int(route.length_m / 10 * (0.5 + change))):
+            centre, heading = route.at(clutter.uniform(0, route.length_m))
+            normal = np.array([-math.sin(heading), math.cos(heading)])
+            xy = centre + clutter.choice([-1, 1]) * normal * clutter.uniform(2.5, 5.0)
+            half = clutter.uniform(0.2, 0.7, 3)
+            self._box([*xy, half[2]], list(half), clutter.uniform(0, math.pi), [*clutter.uniform(0, 1, 3), 1])
+
+    def render(self, eye, target, width: int, height: int, light_direction, light_color, ambient) -> np.ndarray:
+        p = self.p
+        view = p.computeViewMatrix(eye, target, [0, 0, 1], physicsClientId=self.client)
+        projection = p.computeProjectionMatrixFOV(70.0, width / height, 0.1, 150.0, physicsClientId=self.client)
+        _, _, rgba, _, _ = p.getCameraImage(
+            width, height, view, projection, renderer=p.ER_TINY_RENDERER, lightDirection=light_direction,
+            lightColor=light_color, lightAmbientCoeff=ambient, lightDiffuseCoeff=0.6, lightSpecularCoeff=0.05,
+            shadow=0, physicsClientId=self.client)
+        return np.asarray(rgba, dtype=np.uint8).reshape(height, width, 4)[:, :, :3]
+
+    def close(self) -> None:
+        self.p.disconnect(physicsClientId=self.client)
+        shutil.rmtree(self._texture_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """How a traversal looks: lighting, colour grading, camera offsets. Traversal 0 is the reference."""
+
+    light_direction: tuple[float, float, float]
+    light_color: tuple[float, float, float]
+    ambient: float
+    tint: np.ndarray
+    gain: float
+    noise: float
+    lateral_m: float
+    yaw_wobble_rad: float
+    height_m: float
+
+    @classmethod
+    def for_traversal(cls, seed: int, traversal: int, change: float) -> "Appearance":
+        if traversal == 0:
+            return cls((0.4, 0.3, 1.0), (1.0, 1.0, 1.0), 0.6, np.ones(3), 1.0, 1.0, 0.0, 0.0, CAMERA_HEIGHT_M)
+        rng = np.random.default_rng([seed, traversal, 2])
+        azimuth = rng.uniform(0, 2 * math.pi)
+        evening = rng.uniform(0.5, 1.0) * change
+        return cls(
+            light_direction=(math.cos(azimuth), math.sin(azimuth), rng.uniform(0.3, 1.0)),
+            light_color=(1.0, 1.0 - 0.3 * evening, 1.0 - 0.5 * evening),
+            ambient=0.6 - 0.25 * change * rng.uniform(0.5, 1.0),
+            tint=1.0 + change * rng.uniform(-0.15, 0.15, 3),
+            gain=1.0 + change * rng.uniform(-0.35, 0.25),
+            noise=1.0 + 3.0 * change,
+            lateral_m=change * rng.uniform(0.5, 1.2) * rng.choice([-1, 1]),
+            yaw_wobble_rad=change * math.radians(4.0),
+            height_m=CAMERA_HEIGHT_M + change * rng.uniform(-0.2, 0.2),
+        )
+
+
+def _odometry(typestore, stamp_ns: int, xy: np.ndarray, heading: float):
+    T = typestore.types
+    stamp = T["builtin_interfaces/msg/Time"](sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9)
+    pose = T["geometry_msgs/msg/Pose"](
+        position=T["geometry_msgs/msg/Point"](x=float(xy[0]), y=float(xy[1]), z=0.0),
+        orientation=T["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=math.sin(heading / 2), w=math.cos(heading / 2)))
+    zero = T["geometry_msgs/msg/Vector3"](x=0.0, y=0.0, z=0.0)
+    twist = T["geometry_msgs/msg/Twist"](linear=T["geometry_msgs/msg/Vector3"](x=SPEED_M_S, y=0.0, z=0.0), angular=zero)
+    return T["nav_msgs/msg/Odometry"](
+        header=T["std_msgs/msg/Header"](stamp=stamp, frame_id="odom"), child_frame_id="base_link",
+        pose=T["geometry_msgs/msg/PoseWithCovariance"](pose=pose, covariance=np.zeros(36)),
+        twist=T["geometry_msgs/msg/TwistWithCovariance"](twist=twist, covariance=np.zeros(36)))
+
+
+def simulate_route(out: str | Path, seed: int = 0, traversal: int = 0, frames: int = 100, width: int = 320,
+                   height: int = 240, laps: int = 1, storage: str = "sqlite3", compressed: bool = False,
+                   appearance_change: float = 0.6, route_length_m: float = 300.0, force: bool = False,
+                   progress: bool = True) -> Path:
+    """Render ``frames`` images per lap of one traversal into a rosbag2 at ``out`` (written atomically)."""
+    out = Path(out)
+    if frames < 2 or width < 16 or height < 16 or laps < 1 or route_length_m < 50:
+        raise ConfigError("simulate_route: need frames >= 2, width and height >= 16, laps >= 1, route length >= 50 m")
+    if storage not in STORAGES:
+        raise ConfigError(f"simulate_route: storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    if not 0.0 <= appearance_change <= 1.0:
+        raise ConfigError(f"simulate_route: appearance change must be in [0, 1], got {appearance_change}")
+    if traversal < 0:
+        raise ConfigError(f"simulate_route: traversal must be >= 0, got {traversal}")
+    if out.exists() and not force:
+        raise ConfigError(f"{out} already exists (use --force to replace it)")
+
+    route = Route(route_length_m)
+    look = Appearance.for_traversal(seed, traversal, appearance_change)
+    wobble = np.random.default_rng([seed, traversal, 3])
+    noise = np.random.default_rng([seed, traversal, 4])
+    spacing = route_length_m / frames
+    image_period_ns = int(spacing / SPEED_M_S * 1e9)
+    start_ns = (START_SEC + 3600 * traversal) * 10**9
+    typestore = get_typestore(Stores.ROS2_HUMBLE)
+    T = typestore.types
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    bag_dir = staging / out.name
+    world = _World(route, seed, traversal, appearance_change)
+    try:
+        with Writer(bag_dir, version=9, storage_plugin=STORAGES[storage]) as writer:
+            image_conn = writer.add_connection(IMAGE_TOPIC, "sensor_msgs/msg/Image", typestore=typestore)
+            odom_conn = writer.add_connection(ODOM_TOPIC, "nav_msgs/msg/Odometry", typestore=typestore)
+            jpeg_conn = (writer.add_connection(COMPRESSED_TOPIC, "sensor_msgs/msg/CompressedImage", typestore=typestore)
+                         if compressed else None)
+            total = frames * laps
+            for i in tqdm(range(total), desc=f"rendering {out.name}", unit="frame", disable=not progress):
+                for k in range(ODOM_PER_IMAGE):
+                    t = start_ns + i * image_period_ns + k * image_period_ns // ODOM_PER_IMAGE
+                    xy, heading = route.at(SPEED_M_S * (t - start_ns) / 1e9)
+                    writer.write(odom_conn, t, typestore.serialize_cdr(_odometry(typestore, t, xy, heading),
+                                                                      "nav_msgs/msg/Odometry"))
+                stamp_ns = start_ns + i * image_period_ns
+                xy, heading = route.at(i * spacing)
+                normal = np.array([-math.sin(heading), math.cos(heading)])
+                eye_xy = xy + look.lateral_m * normal
+                yaw = heading + look.yaw_wobble_rad * wobble.uniform(-1, 1)
+                eye = [eye_xy[0], eye_xy[1], look.height_m]
+                target = [eye_xy[0] + 10 * math.cos(yaw), eye_xy[1] + 10 * math.sin(yaw), look.height_m - 0.3]
+                rgb = world.render(eye, target, width, height, look.light_direction, look.light_color, look.ambient)
+                graded = rgb.astype(np.float32) * look.tint * look.gain + noise.normal(0, look.noise, rgb.shape)
+                rgb = np.clip(graded, 0, 255).astype(np.uint8)
+                header = T["std_msgs/msg/Header"](
+                    stamp=T["builtin_interfaces/msg/Time"](sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9),
+                    frame_id="camera")
+                image = T["sensor_msgs/msg/Image"](header=header, height=height, width=width, encoding="rgb8",
+                                                   is_bigendian=0, step=width * 3, data=rgb.reshape(-1))
+                writer.write(image_conn, stamp_ns, typestore.serialize_cdr(image, "sensor_msgs/msg/Image"))
+                if jpeg_conn is not None:
+                    _, jpeg = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+                    message = T["sensor_msgs/msg/CompressedImage"](header=header, format="jpeg", data=jpeg.reshape(-1))
+                    writer.write(jpeg_conn, stamp_ns,
+                                 typestore.serialize_cdr(message, "sensor_msgs/msg/CompressedImage"))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(bag_dir, out)
+    finally:
+        world.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
