@@ -272,6 +272,19 @@ def test_pca_index_searches_exactly_until_trained_then_reranks_with_exact_distan
         assert candidate.distance == pytest.approx(exact, abs=1e-4)
 
 
+def test_half_precision_rerank_distances_are_close_to_exact():
+    database = low_rank(1200, seed=18)
+    keyframe_map = new_map("hnsw", pca_dim=16, rerank_dtype="float16", train_size=1000)
+    keyframe_map.add(database, metas(1200))
+    assert keyframe_map.index_config["factory"] == "PCA16,HNSW32,Refine(SQfp16)"
+    query = perturbed(database[5:6], seed=19)[0]
+    candidates = keyframe_map.query(query, k=5)
+    assert candidates[0].keyframe_id == 5
+    for candidate in candidates:
+        exact = float(((database[candidate.keyframe_id] - query) ** 2).sum())
+        assert candidate.distance == pytest.approx(exact, abs=2e-3)
+
+
 def test_pca_without_rerank_reports_projected_distance_lower_bound():
     database = clustered(1200, seed=11)
     keyframe_map = new_map("flat", pca_dim=16, rerank=False, train_size=1000)
