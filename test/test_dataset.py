@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tscm_ros.cli import extract_dataset
 from tscm_ros.dataset import (
     FRAME_COLUMNS,
     MiningConfig,
@@ -20,7 +22,7 @@ from tscm_ros.dataset import (
     mine_triplets,
     yaw_from_quaternion,
 )
-from tscm_ros.errors import ConfigError, DatasetError
+from tscm_ros.errors import BagError, ConfigError, DatasetError
 from tscm_ros.recall import evaluate_descriptors, recall_at_n, retrieve
 
 
@@ -160,3 +162,109 @@ def test_load_dataset_rejects_missing_empty_and_incomplete_directories(tmp_path:
         csv.writer(stream).writerow(["images/a.png", 1, 0, 0, 0, 0, 0, 0, 1, "bag", 0, "train", "database"])
     with pytest.raises(DatasetError, match="images/a.png"):
         load_dataset(tmp_path)
+
+
+# ---------------------------------------------------------------- extraction from real rosbag2 files
+
+
+def _write_image_bag(path: Path, frames: int = 5, encoding: str = "rgb8") -> Path:
+    """A real rosbag2 (sqlite3) with images only, no pose topic."""
+    from rosbags.rosbag2 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_KILTED)
+    Image, Header, Time = (store.types[name] for name in ("sensor_msgs/msg/Image", "std_msgs/msg/Header", "builtin_interfaces/msg/Time"))
+    with Writer(path, version=9) as writer:
+        connection = writer.add_connection("/camera/image_raw", Image.__msgtype__, typestore=store)
+        for i in range(frames):
+            stamp = 10**9 + i * 10**8
+            pixels = np.full((12, 16, 3), 40 * i, dtype=np.uint8).reshape(-1)
+            message = Image(Header(Time(stamp // 10**9, stamp % 10**9), "camera"), 12, 16, encoding, 0, 48, pixels)
+            writer.write(connection, stamp, store.serialize_cdr(message, Image.__msgtype__))
+    return path
+
+
+def _extract(bags, out: Path, *extra: str) -> int:
+    argv = [arg for bag in bags for arg in ("--bag", str(bag))] + ["--out", str(out), "--no-progress", *extra]
+    return extract_dataset.main(argv)
+
+
+def _leftovers(directory: Path, name: str) -> list[Path]:
+    return [p for p in directory.iterdir() if p.name.startswith(f".{name}.")]
+
+
+@pytest.fixture(scope="module")
+def extracted(route_reference, route_query, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("extract") / "dataset"
+    assert _extract([route_reference, route_query], out, "--cell-m", "20", "--val-fraction", "0.2", "--test-fraction", "0.2") == 0
+    return out
+
+
+def test_extract_writes_images_table_and_manifest_from_two_traversals(extracted: Path, route_reference: Path):
+    manifest = json.loads((extracted / "manifest.json").read_text())
+    assert manifest["format"] == "tscm_ros.dataset" and manifest["version"] == 1
+    assert [bag["sequence"] for bag in manifest["bags"]] == [0, 1]
+    assert manifest["bags"][0]["path"] == str(route_reference)
+    assert manifest["bags"][0]["image_topic"] == "/camera/image_raw" and manifest["bags"][0]["pose_topic"] == "/odom"
+    dataset = load_dataset(extracted)
+    assert len(dataset) == manifest["counts"]["frames"]
+    assert sum(c for split in manifest["counts"]["splits"].values() for c in split.values()) == len(dataset)
+    assert set(dataset.splits) == {"train", "val", "test"}
+    assert set(dataset.sequences[dataset.roles == "database"]) == {0}
+    assert set(dataset.sequences[dataset.roles == "query"]) == {1}
+    images = sorted(p.name for p in (extracted / "images").iterdir())
+    assert images == sorted(Path(p).name for p in dataset.images)
+    first = dataset.image(0)
+    assert first.dtype == np.uint8 and first.ndim == 3 and first.shape[2] == 3 and first.std() > 0
+    for sequence in (0, 1):
+        assert (np.diff(dataset.stamps_ns[dataset.sequences == sequence]) > 0).all()
+    xy = dataset.positions[:, :2]
+    distance = np.linalg.norm(xy[:, None] - xy[None], axis=2)
+    assert distance[dataset.splits[:, None] != dataset.splits[None]].min() >= manifest["split"]["buffer_m"]
+    assert not _leftovers(extracted.parent, extracted.name)
+
+
+def test_extract_samples_by_travelled_distance(route_reference: Path, tmp_path: Path):
+    assert _extract([route_reference], tmp_path / "all", "--buffer-m", "0") == 0
+    assert _extract([route_reference], tmp_path / "sparse", "--buffer-m", "0", "--every-m", "12") == 0
+    every = load_dataset(tmp_path / "all")
+    sparse = load_dataset(tmp_path / "sparse")
+    assert 1 < len(sparse) < len(every)
+    travelled = np.r_[0, np.cumsum(np.linalg.norm(np.diff(every.positions[:, :2], axis=0), axis=1))]
+    kept = travelled[np.isin(every.stamps_ns, sparse.stamps_ns)]
+    assert (np.diff(kept) >= 12 - 1e-6).all()
+
+
+def test_extract_refuses_a_bag_without_poses_and_writes_nothing(tmp_path: Path, capsys):
+    bag = _write_image_bag(tmp_path / "images_only")
+    out = tmp_path / "dataset"
+    assert _extract([bag], out) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and str(bag) in error and "pose" in error
+    assert not out.exists() and not _leftovers(tmp_path, "dataset")
+
+
+def test_extract_refuses_an_unknown_image_encoding(tmp_path: Path, capsys):
+    bag = _write_image_bag(tmp_path / "weird", encoding="weird42")
+    assert _extract([bag], tmp_path / "dataset") == 2
+    assert str(bag) in capsys.readouterr().err
+    assert not (tmp_path / "dataset").exists() and not _leftovers(tmp_path, "dataset")
+
+
+def test_extract_refuses_a_truncated_bag_and_leaves_no_partial_output(route_reference: Path, route_query: Path, tmp_path: Path, capsys):
+    truncated = tmp_path / "truncated"
+    shutil.copytree(route_query, truncated)
+    storage = max((p for p in truncated.iterdir() if p.suffix in (".db3", ".mcap")), key=lambda p: p.stat().st_size)
+    storage.write_bytes(storage.read_bytes()[: storage.stat().st_size // 3])
+    out = tmp_path / "dataset"
+    assert _extract([route_reference, truncated], out) == 2
+    assert "truncated" in capsys.readouterr().err
+    assert not out.exists() and not _leftovers(tmp_path, "dataset")
+
+
+def test_extract_refuses_missing_bags_and_existing_output(route_reference: Path, tmp_path: Path, capsys):
+    assert _extract([tmp_path / "no_such_bag"], tmp_path / "dataset") == 2
+    assert "no_such_bag" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    assert _extract([route_reference], tmp_path / "taken") == 2
+    assert "already exists" in capsys.readouterr().err

@@ -33,6 +33,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from tscm_ros import __version__
+from tscm_ros.bag import open_frames
 from tscm_ros.errors import BagError, ConfigError, DatasetError, TscmError
 
 LOG = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class _BagReport:
     pose_topic: str
     frames_read: int = 0
     frames_without_pose: int = 0
+    frames_malformed: int = 0
     frames_sampled: int = 0
 
 
@@ -148,24 +150,20 @@ def _write_image(path: Path, rgb: np.ndarray) -> None:
 def _sample_bag(
     bag: Path, sequence: int, image_dir: Path, image_format: str, sampling: SamplingConfig, reader_args: dict, progress: bool
 ) -> tuple[list[dict], _BagReport]:
-    from tscm_ros.bag import open_frames
-
-    reader = open_frames(str(bag), **reader_args)
+    reader = open_frames(bag, progress=progress, **reader_args)
+    if not reader.pose_topic:
+        raise BagError(
+            f"bag {bag}: no pose topic (Odometry, PoseStamped, PoseWithCovarianceStamped or NavSatFix); "
+            "a dataset needs a pose for every image"
+        )
     report = _BagReport(str(bag), sequence, str(reader.image_topic), str(reader.pose_topic))
     rows: list[dict] = []
     travelled = 0.0
     previous_xy = None
     last_kept_stamp = None
     last_kept_travelled = 0.0
-    frames = reader
-    if progress:
-        from tqdm import tqdm
-
-        frames = tqdm(reader, total=len(reader), desc=f"{bag.name}", unit="frame")
-    for frame in frames:
-        report.frames_read += 1
+    for frame in reader:
         if frame.pose is None:
-            report.frames_without_pose += 1
             continue
         xy = np.asarray(frame.pose.position, dtype=np.float64)[:2]
         if previous_xy is not None:
@@ -190,14 +188,23 @@ def _sample_bag(
                 "sequence": sequence,
             }
         )
-    if report.frames_read == 0:
-        raise BagError(f"bag {bag}: no images on topic {report.image_topic}")
+    report.frames_read = reader.frames_read
+    report.frames_without_pose = reader.frames_without_pose
+    report.frames_malformed = reader.frames_malformed
+    report.frames_sampled = len(rows)
+    if reader.frames_read == 0:
+        problem = (
+            f"none of its {reader.frames_malformed} images on {reader.image_topic} could be decoded (see the warnings)"
+            if reader.frames_malformed
+            else f"no images on topic {reader.image_topic}"
+        )
+        raise BagError(f"bag {bag}: {problem}")
     if not rows:
         raise BagError(
-            f"bag {bag}: none of its {report.frames_read} images has a pose "
-            f"(pose topic {report.pose_topic} missing, empty or not overlapping the images in time)"
+            f"bag {bag}: none of its {reader.frames_read} images has a pose from {reader.pose_topic} "
+            f"(poses are interpolated only between pose messages at most {reader_args['max_gap_s']} s apart)"
         )
-    report.frames_sampled = len(rows)
+    LOG.info("%s", reader.summary())
     return rows, report
 
 
