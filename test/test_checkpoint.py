@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 
 from tscm_ros.checkpoint import (
+    export_onnx,
     export_torchscript,
     find_config_file,
     load_checkpoint,
@@ -17,6 +19,7 @@ from tscm_ros.checkpoint import (
     model_fingerprint,
     save_checkpoint,
 )
+from tscm_ros.describe import onnxruntime_available
 from tscm_ros.errors import CheckpointError, ConfigError
 from tscm_ros.models import add_pca_projection, build_model
 
@@ -180,6 +183,25 @@ def test_torchscript_export_gives_the_same_descriptors(tmp_path, preset, kind):
         batch = images(preprocess, count, seed=count)
         with torch.no_grad():
             assert torch.allclose(exported(batch), model(batch), atol=1e-5)
+
+
+@pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime or onnx is not installed")
+def test_onnx_export_gives_the_same_descriptors(tmp_path):
+    import onnx
+    import onnxruntime
+
+    model, config, preprocess = tiny("student")
+    path = tmp_path / "student.onnx"
+    export_onnx(model, preprocess, path, fingerprint="abc123")
+    metadata = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
+    assert metadata["fingerprint"] == "abc123" and metadata["dim"] == 64
+    assert metadata["preprocess"] == preprocess.to_dict()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for count in (1, 4):
+        batch = images(preprocess, count, seed=count)
+        (got,) = session.run(None, {"images": batch.numpy()})
+        with torch.no_grad():
+            assert np.allclose(got, model(batch).numpy(), atol=1e-5)
 
 
 def test_unreadable_torchscript_raises_checkpoint_error(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tscm_ros.checkpoint import load_model_config, save_checkpoint
-from tscm_ros.describe import Describer, pretrained_baseline, resolve_device
+from tscm_ros.describe import Describer, onnxruntime_available, pretrained_baseline, resolve_device
 from tscm_ros.errors import CheckpointError, ConfigError
 from tscm_ros.models import build_model
 from tscm_ros.preprocess import preprocess
@@ -53,6 +53,15 @@ def test_default_student_is_the_same_in_a_new_process(default_student):
     assert result.stdout.strip() == default_student.fingerprint
 
 
+@pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime or onnx is not installed")
+def test_onnxruntime_and_torch_backends_agree(default_student):
+    assert default_student.backend == "onnxruntime"  # 'auto' picks it on the CPU
+    torch_backend = Describer.from_checkpoint(None, device="cpu", batch_size=3, backend="torch")
+    assert torch_backend.backend == "torch" and torch_backend.fingerprint == default_student.fingerprint
+    images = random_images(7, seed=8)
+    assert np.allclose(default_student.describe(images), torch_backend.describe(images), atol=1e-5)
+
+
 def test_saving_the_default_student_keeps_its_fingerprint(tmp_path, default_student):
     config, preprocess_config = load_model_config("student_offline")
     fingerprint = save_checkpoint(tmp_path / "default.pt", build_model(config), config, preprocess_config)
@@ -92,6 +101,8 @@ def test_bad_arguments():
         Describer.from_checkpoint("no/such/student.pt")
     with pytest.raises(ConfigError, match="batch_size"):
         Describer.from_config("tiny", kind="student", batch_size=0)
+    with pytest.raises(ConfigError, match="backend"):
+        Describer.from_config("tiny", kind="student", backend="tensorrt")
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
         assert resolve_device("auto") == torch.device("cpu")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import os
 import sys
@@ -261,6 +262,47 @@ def export_torchscript(model: nn.Module, preprocess: PreprocessConfig, path: str
             warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(model, example)
             torch.jit.save(traced, temp, _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def onnx_model_bytes(model: nn.Module, preprocess: PreprocessConfig, metadata: dict[str, Any] | None = None) -> bytes:
+    """``model`` (CPU, eval) exported to ONNX with a dynamic batch axis: input ``images`` (N, 3, H, W) at
+    the preprocessing's size, output ``descriptors`` (N, dim). ``metadata`` goes into the model's
+    metadata_props. Needs the ``onnx`` package."""
+    import onnx
+
+    model = copy.deepcopy(model).eval().cpu()
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant-folding notes from the exporter
+        torch.onnx.export(
+            model, (torch.zeros(1, 3, preprocess.height, preprocess.width),), buffer, dynamo=False,
+            input_names=["images"], output_names=["descriptors"],
+            dynamic_axes={"images": {0: "batch"}, "descriptors": {0: "batch"}},
+        )
+    if not metadata:
+        return buffer.getvalue()
+    proto = onnx.load_from_string(buffer.getvalue())
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=json.dumps(value))
+    return proto.SerializeToString()
+
+
+def export_onnx(model: nn.Module, preprocess: PreprocessConfig, path: str | Path, fingerprint: str) -> None:
+    """Write ``model`` as an ONNX file, atomically, with fingerprint, preprocessing, dim and kind in its
+    metadata_props (JSON values), for ONNX Runtime deployments."""
+    path = Path(path)
+    metadata = {"fingerprint": fingerprint, "preprocess": preprocess.to_dict(), "dim": int(model.dim),
+                "kind": getattr(model, "kind", ""), "name": getattr(model, "name", "")}
+    data = onnx_model_bytes(model, preprocess, metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
