@@ -9,6 +9,7 @@ in every process, so maps built with it keep accepting it. ``pretrained_baseline
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +21,8 @@ from tscm_ros.checkpoint import load_checkpoint, load_model_config, model_finger
 from tscm_ros.errors import ConfigError
 from tscm_ros.models.nets import build_model, prepare_for_inference
 from tscm_ros.preprocess import PreprocessConfig, preprocess
+
+LOG = logging.getLogger(__name__)
 
 DEFAULT_STUDENT_CONFIG = "student_offline"
 BASELINE_CONFIG = "baseline_offline"
@@ -101,17 +104,21 @@ class Describer:
         self.model_name = model_name
         self.dim = int(model.dim)
         self.batch_size = int(batch_size)
-        if backend == "auto":
-            backend = "onnxruntime" if self.device.type == "cpu" and onnxruntime_available() else "torch"
+        self._network: Any = None
         if backend == "onnxruntime":
             if self.device.type != "cpu":
                 raise ConfigError(f"the onnxruntime backend runs on the CPU only, not on {self.device}")
             if not onnxruntime_available():
                 raise ConfigError("backend 'onnxruntime' needs the PyPI packages onnxruntime and onnx")
-            self._network: Any = OnnxRuntimeRunner(model, preprocess_config, torch.get_num_threads())
-        else:
+            self._network = OnnxRuntimeRunner(model, preprocess_config, torch.get_num_threads())
+        elif backend == "auto" and self.device.type == "cpu" and onnxruntime_available():
+            try:
+                self._network = OnnxRuntimeRunner(model, preprocess_config, torch.get_num_threads())
+            except Exception as exc:  # an operator the exporter or runtime lacks: the torch path still works
+                LOG.warning("ONNX Runtime cannot run %s (%s); using the torch backend", model_name, exc)
+        self.backend = "onnxruntime" if self._network is not None else "torch"
+        if self._network is None:
             self._network = prepare_for_inference(model).to(self.device)
-        self.backend = backend
 
     @classmethod
     def from_checkpoint(
