@@ -10,4 +10,6 @@ source "$_tscm_root/.venv/bin/activate"
 export AMENT_PREFIX_PATH="$VIRTUAL_ENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
 # shellcheck disable=SC1091
 source "$_tscm_root/install/setup.bash"
+# Without the ros2 CLI here, put the executables that `ros2 run tscm_ros <exe>` would find on PATH.
+export PATH="$_tscm_root/install/tscm_ros/lib/tscm_ros:$PATH"
 unset _tscm_root

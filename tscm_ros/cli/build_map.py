@@ -3,27 +3,155 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Sequence
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
 
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from tscm_ros.bag import Frame, open_frames
 from tscm_ros.cli.common import run_main
+from tscm_ros.describe import Describer
+from tscm_ros.errors import ConfigError, MapError
+from tscm_ros.keyframe_map import INDEX_TYPES, KeyframeMap, KeyframeMeta
+from tscm_ros.loop_detector import KeyframeSelector
+
+THUMBNAIL_WIDTH = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="build_map",
-        description="Build a keyframe map for place recognition from one or more rosbag2 recordings.",
+        description="Build a keyframe map for place recognition from rosbag2 recordings: frames with poses "
+        "interpolated from the odometry, keyframes selected by travel/time (and optionally appearance), "
+        "described by the student network, stored in a FAISS index with their stamps and poses.",
+        epilog="example: build_map --bag run1 --out maps/site --min-distance 2.0",
     )
-    parser.add_argument("--bag", action="append", required=True, help="rosbag2 directory (repeatable)")
-    parser.add_argument("--out", required=True, help="map directory to write")
-    parser.add_argument("--model", help="student checkpoint (default: the offline-pretrained student)")
+    parser.add_argument("--bag", action="append", required=True, metavar="DIR",
+                        help="rosbag2 directory (sqlite3 or mcap) or ROS 1 bag; repeat for several")
+    parser.add_argument("--out", required=True, metavar="MAP", help="map directory to write")
+    parser.add_argument("--model", metavar="CKPT",
+                        help="student checkpoint (default: the offline-pretrained student, no VPR training)")
+    parser.add_argument("--image-topic", help="image topic (default: the bag's only image topic)")
+    parser.add_argument("--pose-topic", help="pose/odometry topic (default: the bag's only one, if any)")
+    parser.add_argument("--max-pose-gap", type=float, default=1.0, metavar="S",
+                        help="frames across a gap longer than this in the pose stream get no pose (default 1.0)")
+    parser.add_argument("--min-distance", type=float, default=2.0, metavar="M",
+                        help="a keyframe needs this much travel since the previous one (default 2.0; 0 = off)")
+    parser.add_argument("--min-interval", type=float, default=0.0, metavar="S",
+                        help="a keyframe needs this much time since the previous one (default 0 = off)")
+    parser.add_argument("--max-similarity", type=float, metavar="SCORE",
+                        help="skip frames whose descriptor scores at least this against the previous keyframe")
+    parser.add_argument("--index", choices=INDEX_TYPES, default="flat", help="FAISS index type (default flat: exact)")
+    parser.add_argument("--pca-dim", type=int, help="reduce descriptors with PCA learned from the map (large maps)")
+    parser.add_argument("--thumbnails", action="store_true", help=f"store {THUMBNAIL_WIDTH}-px wide thumbnails")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default 16)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--force", action="store_true", help="replace an existing map at --out")
+    group.add_argument("--append", action="store_true", help="add to an existing map built with the same model")
     return parser
 
 
+def _frames_in_background(bags: Sequence[str], args, motion: KeyframeSelector, counts: dict) -> Iterator[Frame]:
+    """Frames that pass the travel/time test, decoded in a thread so decoding overlaps inference."""
+    readers = [open_frames(bag, image_topic=args.image_topic, pose_topic=args.pose_topic,
+                           max_gap_s=args.max_pose_gap) for bag in bags]
+    counts["readers"] = readers
+    frames: queue.Queue = queue.Queue(maxsize=4 * args.batch_size)
+    done = object()
+
+    def read() -> None:
+        try:
+            with tqdm(total=sum(len(r) for r in readers), unit="frame", desc="reading") as progress:
+                for reader in readers:
+                    for frame in reader:
+                        progress.update()
+                        counts["read"] += 1
+                        position = frame.pose.position if frame.pose is not None else None
+                        if motion.accept(frame.stamp_ns, position, None):
+                            frames.put(frame)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            frames.put(exc)
+        frames.put(done)
+
+    threading.Thread(target=read, name="build_map_reader", daemon=True).start()
+    while (item := frames.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _open_target(args, describer: Describer) -> KeyframeMap:
+    out = Path(args.out)
+    if out.exists() and not (args.force or args.append):
+        raise MapError(f"{out} already exists: pass --force to replace it or --append to add to it")
+    if args.append:
+        if not out.exists():
+            raise MapError(f"--append: {out} does not exist")
+        return KeyframeMap.load(out, expected_fingerprint=describer.fingerprint)
+    return KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),
+                       index=args.index, pca_dim=args.pca_dim, model_name=describer.model_name)
+
+
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+    height = max(1, round(image.shape[0] * THUMBNAIL_WIDTH / image.shape[1]))
+    return cv2.resize(image, (THUMBNAIL_WIDTH, height), interpolation=cv2.INTER_AREA)
+
+
+def _directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def _main(argv: Sequence[str] | None) -> int:
-    build_parser().parse_args(argv)
-    print("build_map: not implemented yet", file=sys.stderr)
-    return 1
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    describer = Describer.from_checkpoint(args.model, device=args.device, batch_size=args.batch_size)
+    keyframe_map = _open_target(args, describer)
+    # Travel and time pick candidate keyframes while reading; the appearance test, which needs their
+    # descriptors, then drops candidates too similar to the previous keyframe.
+    motion = KeyframeSelector(min_interval_s=args.min_interval, min_distance_m=args.min_distance)
+    appearance = KeyframeSelector(max_similarity=args.max_similarity)
+    counts = {"read": 0}
+    kept_before = len(keyframe_map)
+    started = time.perf_counter()
+
+    batch: list[Frame] = []
+
+    def describe_and_add(frames: list[Frame]) -> None:
+        descriptors = describer.describe([f.image for f in frames])
+        for frame, descriptor in zip(frames, descriptors):
+            position = frame.pose.position if frame.pose is not None else None
+            if not appearance.accept(frame.stamp_ns, position, descriptor):
+                continue
+            meta = KeyframeMeta(stamp_ns=frame.stamp_ns, pose=frame.pose, bag=frame.bag,
+                                thumbnail=_thumbnail(frame.image) if args.thumbnails else None)
+            keyframe_map.add(descriptor[None, :], [meta])
+
+    for frame in _frames_in_background(args.bag, args, motion, counts):
+        batch.append(frame)
+        if len(batch) == args.batch_size:
+            describe_and_add(batch)
+            batch = []
+    if batch:
+        describe_and_add(batch)
+
+    added = len(keyframe_map) - kept_before
+    if added == 0:
+        raise MapError(f"no keyframes were selected from {', '.join(args.bag)}; nothing written to {args.out}")
+    keyframe_map.save(args.out)
+    elapsed = time.perf_counter() - started
+    for reader in counts["readers"]:
+        print(reader.summary())
+    print(f"build_map: read {counts['read']} frames, kept {added} keyframes "
+          f"({len(keyframe_map)} in the map) in {elapsed:.1f} s = {counts['read'] / elapsed:.1f} frames/s; "
+          f"map {args.out}: {_directory_size(Path(args.out)) / 1e6:.2f} MB, model {describer.model_name}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,341 @@
+"""place_recognition_node: camera images in, tscm_ros/LoopCandidates out on /tscm/loop_candidates.
+
+The subscription callback only keeps the newest image; one worker thread processes the newest image
+whenever it is free (``LoopDetector.process``: describe, match, optionally add a keyframe) and
+counts the images it never got to, so the node never falls behind and its memory stays bounded at any
+input rate. One LoopCandidates message is published per processed image, with an empty candidate list
+when nothing matched (see msg/LoopCandidates.msg).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rclpy
+import rclpy.executors
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
+from nav_msgs.msg import Odometry
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image
+from std_srvs.srv import Trigger
+
+from tscm_ros.bag import ImageDecodeError, Pose, PoseInterpolator, image_message_to_rgb, pose_from_message
+from tscm_ros.describe import Describer
+from tscm_ros.errors import ConfigError, TscmError
+from tscm_ros.keyframe_map import KeyframeMap
+from tscm_ros.loop_detector import Detection, KeyframeSelector, LoopDetector, MatchingConfig
+from tscm_ros.msg import LoopCandidate, LoopCandidates
+
+NODE_NAME = "tscm_place_recognition"
+OUTPUT_TOPIC = "/tscm/loop_candidates"
+POSE_TYPES = {"odometry": Odometry, "pose_stamped": PoseStamped,
+              "pose_with_covariance_stamped": PoseWithCovarianceStamped}
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    default: object
+    description: str
+
+
+# Every node parameter: declared with its description, listed by --help, mirrored in config/place_recognition.yaml.
+PARAMETERS = [
+    Parameter("image_topic", "/camera/image_raw", "camera topic: sensor_msgs/Image, or CompressedImage with use_compressed"),
+    Parameter("use_compressed", False, "subscribe to sensor_msgs/CompressedImage (JPEG/PNG) instead of Image"),
+    Parameter("qos", "sensor_data", "image subscription QoS: sensor_data (best effort, depth 1) or reliable (depth 10)"),
+    Parameter("pose_topic", "", "optional pose stream for query poses and spatial exclusion; empty = none"),
+    Parameter("pose_type", "odometry", "type on pose_topic: odometry, pose_stamped or pose_with_covariance_stamped"),
+    Parameter("pose_max_gap_s", 1.0, "no query pose when the pose stream has a gap longer than this around the image"),
+    Parameter("model_path", "", "student checkpoint (.pt); empty = the offline-pretrained default student"),
+    Parameter("map_path", "", "keyframe map directory from build_map; required unless mapping is true"),
+    Parameter("device", "auto", "inference device: auto (GPU when present), cpu or cuda"),
+    Parameter("k", 5, "at most this many candidates per image"),
+    Parameter("min_score", 0.5, "publish only candidates with similarity score >= this, in [0, 1]"),
+    Parameter("exclude_recent_s", 30.0, "ignore keyframes stamped within this many seconds of the image"),
+    Parameter("exclude_within_m", 0.0, "ignore keyframes within this path length of the query (needs poses); 0 = off"),
+    Parameter("max_rate_hz", 0.0, "process at most this many images per second; 0 = as fast as possible"),
+    Parameter("mapping", False, "online mapping: add keyframes while driving; save on shutdown and ~/save_map"),
+    Parameter("keyframe_min_distance_m", 2.0, "mapping: a new keyframe needs this much travel since the last one"),
+    Parameter("keyframe_min_interval_s", 1.0, "mapping: a new keyframe needs this much time since the last one"),
+    Parameter("map_save_path", "", "mapping: where the map is saved; empty = map_path"),
+    Parameter("diagnostics_period_s", 1.0, "period of the /diagnostics status"),
+]
+
+
+class _NewestImage:
+    """A one-slot mailbox: putting replaces an unprocessed image (counted as dropped)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._message = None
+        self._closed = False
+        self.received = 0
+        self.dropped = 0
+
+    def put(self, message) -> None:
+        with self._condition:
+            self.received += 1
+            if self._message is not None:
+                self.dropped += 1
+            self._message = message
+            self._condition.notify()
+
+    def take(self, timeout_s: float):
+        """The newest message (clearing the slot), or None on timeout or when closed."""
+        with self._condition:
+            if self._message is None and not self._closed:
+                self._condition.wait(timeout_s)
+            message, self._message = self._message, None
+            return message
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+
+
+def _stamp_ns(stamp) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def _fill_pose(target, pose: Pose) -> None:
+    target.position.x, target.position.y, target.position.z = (float(v) for v in pose.position)
+    (target.orientation.x, target.orientation.y,
+     target.orientation.z, target.orientation.w) = (float(v) for v in pose.orientation)
+
+
+class PlaceRecognitionNode(Node):
+    """The ROS 2 node; ``LoopDetector`` does the work, this class moves messages."""
+
+    def __init__(self, **node_kwargs) -> None:
+        super().__init__(NODE_NAME, **node_kwargs)
+        for parameter in PARAMETERS:
+            self.declare_parameter(parameter.name, parameter.default,
+                                   ParameterDescriptor(description=parameter.description))
+        p = {parameter.name: self.get_parameter(parameter.name).value for parameter in PARAMETERS}
+        self._validate(p)
+        self._mapping = bool(p["mapping"])
+        self._save_path = p["map_save_path"] or p["map_path"]
+        self._min_period_s = 1.0 / p["max_rate_hz"] if p["max_rate_hz"] > 0 else 0.0
+
+        describer = Describer.from_checkpoint(p["model_path"] or None, device=p["device"])
+        keyframe_map = self._open_map(p["map_path"], describer)
+        selector = (KeyframeSelector(min_interval_s=p["keyframe_min_interval_s"],
+                                     min_distance_m=p["keyframe_min_distance_m"]) if self._mapping else None)
+        matching = MatchingConfig(k=p["k"], min_score=p["min_score"], exclude_recent_s=p["exclude_recent_s"],
+                                  exclude_within_m=p["exclude_within_m"])
+        self.detector = LoopDetector(describer, keyframe_map, matching, selector, source=f"live:{self.get_name()}")
+
+        self._poses: PoseInterpolator | None = None
+        self._pose_frame_id = ""
+        if p["pose_topic"]:
+            self._poses = PoseInterpolator(max_gap_s=p["pose_max_gap_s"])
+            self.create_subscription(POSE_TYPES[p["pose_type"]], p["pose_topic"], self._on_pose, 50)
+        image_type = CompressedImage if p["use_compressed"] else Image
+        qos = qos_profile_sensor_data if p["qos"] == "sensor_data" else QoSProfile(depth=10)
+        self.create_subscription(image_type, p["image_topic"], self._on_image, qos)
+        self._publisher = self.create_publisher(LoopCandidates, OUTPUT_TOPIC, 10)
+        self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_timer(p["diagnostics_period_s"], self._publish_diagnostics)
+        if self._mapping:
+            self.create_service(Trigger, "~/save_map", self._on_save_map)
+
+        self._inbox = _NewestImage()
+        self._lock = threading.Lock()  # counters and the pose stream
+        self._map_lock = threading.Lock()  # the map: the worker adds keyframes, ~/save_map saves
+        self._processed = 0
+        self._malformed = 0
+        self._latencies_ms: deque[float] = deque(maxlen=1000)
+        self._started = time.monotonic()
+        self._map_frame_id = ""
+        self._running = True
+        self._worker = threading.Thread(target=self._work, name="tscm_worker", daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f"listening on {p['image_topic']} ({image_type.__name__}), publishing on {OUTPUT_TOPIC}; "
+            f"model {describer.model_name} on {describer.device}; map {keyframe_map.summary()}"
+            + (" ; mapping on" if self._mapping else ""))
+
+    # ----- set-up ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _validate(p: dict) -> None:
+        if p["device"] not in ("auto", "cpu", "cuda") and not str(p["device"]).startswith("cuda:"):
+            raise ConfigError(f"parameter device: expected auto, cpu or cuda, got {p['device']!r}")
+        if p["qos"] not in ("sensor_data", "reliable"):
+            raise ConfigError(f"parameter qos: expected sensor_data or reliable, got {p['qos']!r}")
+        if p["pose_type"] not in POSE_TYPES:
+            raise ConfigError(f"parameter pose_type: expected one of {', '.join(POSE_TYPES)}, got {p['pose_type']!r}")
+        if not p["image_topic"]:
+            raise ConfigError("parameter image_topic must not be empty")
+        for name in ("max_rate_hz", "pose_max_gap_s", "keyframe_min_distance_m", "keyframe_min_interval_s"):
+            if p[name] < 0:
+                raise ConfigError(f"parameter {name} must be >= 0, got {p[name]}")
+        if p["diagnostics_period_s"] <= 0:
+            raise ConfigError(f"parameter diagnostics_period_s must be > 0, got {p['diagnostics_period_s']}")
+        if not p["map_path"] and not p["mapping"]:
+            raise ConfigError("parameter map_path is empty: give a map built by build_map (map:=...), "
+                              "or set mapping:=true to build one while driving")
+        if p["mapping"] and not (p["map_save_path"] or p["map_path"]):
+            raise ConfigError("mapping is on but neither map_save_path nor map_path says where to save the map")
+        MatchingConfig(k=p["k"], min_score=p["min_score"], exclude_recent_s=p["exclude_recent_s"],
+                       exclude_within_m=p["exclude_within_m"])
+
+    def _open_map(self, map_path: str, describer: Describer) -> KeyframeMap:
+        if map_path and Path(map_path).exists():
+            return KeyframeMap.load(map_path, expected_fingerprint=describer.fingerprint)
+        if map_path and not self._mapping:
+            raise ConfigError(f"map {map_path} does not exist: build one with build_map, or set mapping:=true")
+        return KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),
+                           model_name=describer.model_name)
+
+    # ----- callbacks ---------------------------------------------------------------------------------
+
+    def _on_image(self, message) -> None:
+        self._inbox.put(message)
+
+    def _on_pose(self, message) -> None:
+        with self._lock:
+            self._pose_frame_id = message.header.frame_id
+            self._poses.add(_stamp_ns(message.header.stamp), pose_from_message(message))
+
+    def _on_save_map(self, request, response):
+        try:
+            self.save_map()
+            response.success = True
+            response.message = f"saved {len(self.detector.map)} keyframes to {self._save_path}"
+        except TscmError as exc:
+            response.success = False
+            response.message = str(exc)
+        return response
+
+    # ----- the worker --------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        last_start = 0.0
+        while self._running:
+            message = self._inbox.take(timeout_s=0.2)
+            if message is None:
+                continue
+            wait = last_start + self._min_period_s - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+                message = self._inbox.take(timeout_s=0.0) or message  # a newer image may have come meanwhile
+            last_start = time.monotonic()
+            try:
+                self._process(message)
+            except ImageDecodeError as exc:
+                with self._lock:
+                    self._malformed += 1
+                self.get_logger().warning(f"skipped a malformed image: {exc}", throttle_duration_sec=5.0)
+            except Exception as exc:  # the worker must survive anything one image does
+                self.get_logger().error(f"failed to process an image: {exc!r}", throttle_duration_sec=5.0)
+
+    def _process(self, message) -> None:
+        image = image_message_to_rgb(message)
+        stamp_ns = _stamp_ns(message.header.stamp)
+        with self._lock:
+            pose = self._poses.at(stamp_ns) if self._poses is not None else None
+            pose_frame_id = self._pose_frame_id
+        with self._map_lock:
+            detection = self.detector.process(image, stamp_ns, pose)
+        self._publisher.publish(self._to_message(message.header, pose, pose_frame_id, detection))
+        latency_ms = (self.get_clock().now().nanoseconds - stamp_ns) / 1e6
+        with self._lock:
+            self._processed += 1
+            self._latencies_ms.append(latency_ms)
+
+    def _to_message(self, header, pose: Pose | None, pose_frame_id: str, detection: Detection) -> LoopCandidates:
+        out = LoopCandidates()
+        out.header = header
+        out.query_pose_valid = pose is not None
+        if pose is not None:
+            _fill_pose(out.query_pose, pose)
+            out.query_pose_frame_id = pose_frame_id
+        out.map_frame_id = self.detector.map.frame_id if hasattr(self.detector.map, "frame_id") else ""
+        out.model_fingerprint = self.detector.describer.fingerprint
+        for candidate in detection.candidates:
+            item = LoopCandidate(keyframe_id=candidate.keyframe_id, distance=candidate.distance,
+                                 score=candidate.score)
+            item.keyframe_stamp.sec, item.keyframe_stamp.nanosec = divmod(candidate.stamp_ns, 1_000_000_000)
+            item.keyframe_pose_valid = candidate.pose is not None
+            if candidate.pose is not None:
+                _fill_pose(item.keyframe_pose, candidate.pose)
+            out.candidates.append(item)
+        return out
+
+    # ----- diagnostics and shutdown ------------------------------------------------------------------
+
+    def statistics(self) -> dict:
+        """Counters and latency figures, as published on /diagnostics."""
+        with self._lock:
+            latencies = np.asarray(self._latencies_ms, dtype=np.float64)
+            elapsed = max(time.monotonic() - self._started, 1e-9)
+            return {
+                "images received": self._inbox.received,
+                "images processed": self._processed,
+                "images dropped": self._inbox.dropped,
+                "images malformed": self._malformed,
+                "input rate (Hz)": self._inbox.received / elapsed,
+                "processed rate (Hz)": self._processed / elapsed,
+                "latency median (ms)": float(np.median(latencies)) if len(latencies) else float("nan"),
+                "latency p95 (ms)": float(np.percentile(latencies, 95)) if len(latencies) else float("nan"),
+                "map keyframes": len(self.detector.map),
+                "device": str(self.detector.describer.device),
+            }
+
+    def _publish_diagnostics(self) -> None:
+        stats = self.statistics()
+        status = DiagnosticStatus(name=f"{self.get_name()}: place recognition", hardware_id=stats["device"])
+        status.level = DiagnosticStatus.OK
+        status.message = f"{stats['images processed']} images processed, {stats['images dropped']} dropped"
+        if stats["images received"] and not stats["images processed"]:
+            status.level, status.message = DiagnosticStatus.WARN, "receiving images but none processed yet"
+        status.values = [KeyValue(key=key, value=f"{value:.2f}" if isinstance(value, float) else str(value))
+                         for key, value in stats.items()]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diagnostics.publish(array)
+
+    def save_map(self) -> None:
+        """Save the map atomically to map_save_path (mapping mode)."""
+        with self._map_lock:
+            self.detector.map.save(self._save_path)
+        self.get_logger().info(f"saved {len(self.detector.map)} keyframes to {self._save_path}")
+
+    def shutdown(self) -> None:
+        """Stop the worker; in mapping mode, save the map."""
+        self._running = False
+        self._inbox.close()
+        self._worker.join(timeout=30.0)
+        if self._mapping:
+            self.save_map()
+
+
+def main(args=None) -> int:
+    """Run the node until SIGINT; a bad parameter, model or map is one clear error line and exit code 2."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = PlaceRecognitionNode()
+        rclpy.spin(node)
+    except TscmError as exc:
+        rclpy.logging.get_logger(NODE_NAME).fatal(str(exc))
+        return 2
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.shutdown()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
