@@ -1,0 +1,72 @@
+"""build_map end to end on a rendered bag: keyframe selection, append, refusals, damaged inputs."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from tscm_ros.cli import build_map
+from tscm_ros.describe import Describer
+from tscm_ros.keyframe_map import KeyframeMap
+
+
+@pytest.fixture(scope="module")
+def built_map(route_reference, tmp_path_factory):
+    out = tmp_path_factory.mktemp("build_map") / "map"
+    assert build_map.main(["--bag", str(route_reference), "--out", str(out), "--min-distance", "15",
+                           "--thumbnails"]) == 0
+    return out
+
+
+def test_map_holds_spaced_keyframes_with_poses_and_the_model(built_map, route_reference):
+    keyframe_map = KeyframeMap.load(built_map, expected_fingerprint=Describer.from_checkpoint(None).fingerprint)
+    positions = keyframe_map.positions
+    # 300 m lap, 40 frames (7.5 m apart), keyframes 15 to 22.5 m apart
+    assert 13 <= len(keyframe_map) <= 20
+    steps = np.linalg.norm(np.diff(positions[:, :2], axis=0), axis=1)
+    assert steps.min() >= 15.0 - 1e-6
+    assert keyframe_map.keyframe(0).thumbnail.shape[1] == build_map.THUMBNAIL_WIDTH
+    assert set(keyframe_map.bags) == {str(route_reference)}
+
+
+def test_existing_map_is_refused_unless_force_or_append(built_map, route_query, tmp_path, capsys):
+    before = sorted(p.name for p in built_map.iterdir())
+    assert build_map.main(["--bag", str(route_query), "--out", str(built_map)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert sorted(p.name for p in built_map.iterdir()) == before
+
+    appended = tmp_path / "appended"
+    shutil.copytree(built_map, appended)
+    count = len(KeyframeMap.load(appended))
+    assert build_map.main(["--bag", str(route_query), "--out", str(appended), "--append",
+                           "--min-distance", "15"]) == 0
+    grown = KeyframeMap.load(appended)
+    assert len(grown) > count and len(set(grown.bags)) == 2
+
+
+def test_append_with_another_model_is_refused(built_map, tmp_path, capsys, route_query):
+    tiny = tmp_path / "tiny.pt"
+    from tscm_ros.checkpoint import load_model_config, save_checkpoint
+    from tscm_ros.models import build_model
+
+    config, preprocess = load_model_config("tiny", kind="student")
+    save_checkpoint(tiny, build_model(config), config, preprocess)
+    target = tmp_path / "map"
+    shutil.copytree(built_map, target)
+    assert build_map.main(["--bag", str(route_query), "--out", str(target), "--append", "--model", str(tiny)]) == 2
+    assert "tscm_student_offline" in capsys.readouterr().err  # says which model the map needs
+
+
+def test_bad_bags_and_damaged_maps(built_map, tmp_path, capsys):
+    assert build_map.main(["--bag", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 2
+    assert "missing: no such bag" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(built_map, damaged)
+    index = damaged / "index.faiss"
+    index.write_bytes(index.read_bytes()[:100])
+    with pytest.raises(Exception, match="index.faiss"):
+        KeyframeMap.load(damaged)
