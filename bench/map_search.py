@@ -1,0 +1,244 @@
+"""Benchmark: keyframe-map search latency and recall@1 against exact search, per index type and map size.
+
+Usage: python bench/map_search.py [--sizes 1000,10000,100000,1000000] [--dim 2048] [--pca-dim 256]
+
+Synthetic descriptors (deterministic, seeded): real VPR descriptors are unit-norm, have a fast-decaying
+PCA spectrum and come in runs of similar frames seen around the same place. So each keyframe is
+``normalize(z @ (S B) + e)``: ``B`` is a fixed random (rank x dim) basis with rows of unit norm, ``S`` a
+power-law spectrum ``s_j = (1 + j) ** -0.5``, ``z = c_place + 0.5 n`` with one standard-normal centre
+``c_place`` per run of ``PLACE_SIZE`` consecutive keyframes and ``n`` standard normal, and ``e`` isotropic
+noise carrying about a tenth of the energy. A query is a random database keyframe perturbed the same way
+(new latent noise and new isotropic noise, ``QUERY_NOISE`` times the in-place spread), renormalised, so its
+exact nearest neighbour is usually, not always, the keyframe it came from; the fraction is printed.
+Recall@1 is the fraction of queries whose top-1 equals the exact 2048-d search's top-1 (ids).
+
+Latency is the median (and 90th percentile) of single ``KeyframeMap.query(descriptor, k)`` calls, the way
+the node queries, Python overhead included; "batched" is one ``query_batch`` over all queries divided by
+their number. The database is generated and added in chunks of 100k, so the 1M case never holds the
+full 2048-d float32 database (8 GB): there the exact baseline's latency is the sum, per query, of exact
+searches over each 100k chunk as it is generated, and its top-1 is merged across chunks. Configurations
+keeping a float32 copy of the descriptors (exact, plain HNSW, float32 re-ranking) would need 8 GB at
+1M x 2048-d and are skipped there; re-ranking from a float16 copy (4 GB) runs. The 1M case needs about
+12 GB of RAM at its peak (measured peak printed after each size). "index MiB" is the size of the FAISS
+index file, roughly its memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta  # noqa: E402
+
+RANK = 256
+PLACE_SIZE = 10
+IN_PLACE_SPREAD = 0.5
+QUERY_NOISE = 2.0  # default of --query-noise
+ISOTROPIC_ENERGY = 0.1
+CHUNK = 100_000  # keyframes generated and added at a time
+FULL_DESCRIPTOR_LIMIT = 200_000  # above this, configurations storing full 2048-d float32 vectors are skipped
+
+
+class Descriptors:
+    """Deterministic synthetic descriptors; item i depends only on (seed, chunk of i)."""
+
+    def __init__(self, dim: int, seed: int, query_noise: float = QUERY_NOISE) -> None:
+        rng = np.random.default_rng([seed, 1])
+        basis = rng.standard_normal((RANK, dim)).astype(np.float32)
+        basis /= np.linalg.norm(basis, axis=1, keepdims=True)
+        spectrum = (1.0 + np.arange(RANK, dtype=np.float32)) ** -0.5
+        self.basis = spectrum[:, None] * basis
+        self.dim, self.seed, self.query_noise = dim, seed, query_noise
+        latent_energy = float((spectrum**2).sum()) * (1 + IN_PLACE_SPREAD**2)
+        self.isotropic_sigma = float(np.sqrt(ISOTROPIC_ENERGY / (1 - ISOTROPIC_ENERGY) * latent_energy / dim))
+        self.raw_norm = float(np.sqrt(latent_energy + self.isotropic_sigma**2 * dim))
+
+    def _embed(self, latent: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = latent @ self.basis
+        x += rng.standard_normal(x.shape, dtype=np.float32) * self.isotropic_sigma
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
+
+    def chunk(self, start: int, count: int) -> np.ndarray:
+        """Rows [start, start + count) of the database; start must be a multiple of CHUNK (or 0)."""
+        rng = np.random.default_rng([self.seed, 2, start])
+        places = -(-count // PLACE_SIZE)
+        centres = rng.standard_normal((places, RANK), dtype=np.float32)
+        latent = np.repeat(centres, PLACE_SIZE, axis=0)[:count]
+        latent += IN_PLACE_SPREAD * rng.standard_normal((count, RANK), dtype=np.float32)
+        return self._embed(latent, rng)
+
+    def queries(self, database_rows: np.ndarray, seed_offset: int) -> np.ndarray:
+        """Perturbed, renormalised copies of (unit-norm) database rows."""
+        rng = np.random.default_rng([self.seed, 3, seed_offset])
+        count = len(database_rows)
+        latent_noise = (self.query_noise * IN_PLACE_SPREAD) * rng.standard_normal((count, RANK), dtype=np.float32)
+        perturbation = latent_noise @ self.basis
+        perturbation += rng.standard_normal(perturbation.shape, dtype=np.float32) * (self.isotropic_sigma * self.query_noise)
+        x = database_rows * self.raw_norm + perturbation  # back on the scale the rows had before normalising
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
+
+
+@dataclass
+class Config:
+    name: str
+    index: str
+    params: dict = field(default_factory=dict)
+    stores_full: bool = True  # too big for 1M x 2048-d: float32 descriptors, or a second HNSW graph
+
+
+def configurations(pca_dim: int, n: int) -> list[Config]:
+    """What is compared; HNSW and re-ranking use the KeyframeMap defaults (M 32, efConstruction 200,
+    efSearch 128, k_factor 4). Above FULL_DESCRIPTOR_LIMIT keyframes only configurations that keep no
+    float32 copy of the 2048-d descriptors run (re-ranking then reads a float16 copy)."""
+    small = n <= FULL_DESCRIPTOR_LIMIT
+    pca = {"pca_dim": pca_dim}
+    ivf = {"pca_dim": pca_dim, "nprobe": 32}
+    half = {"rerank_dtype": "float16"}
+    configs = [
+        Config("exact", "flat"),
+        Config("hnsw", "hnsw"),
+        Config(f"pca{pca_dim}+hnsw+rerank", "hnsw", pca),
+        Config(f"pca{pca_dim}+hnsw+rerank16", "hnsw", {**pca, **half}, False),
+        Config(f"pca{pca_dim}+ivfpq+rerank16", "ivfpq", {**ivf, **half}, False),
+        Config(f"pca{pca_dim}+hnsw", "hnsw", {**pca, "rerank": False}),  # only to show what PCA alone loses
+        Config(f"pca{pca_dim}+ivfpq", "ivfpq", {**ivf, "rerank": False}, False),
+    ]
+    return [c for c in configs if small or not c.stores_full]
+
+
+def index_bytes(keyframe_map: KeyframeMap) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "index.faiss")
+        faiss.write_index(keyframe_map._index, path)
+        return os.path.getsize(path)
+
+
+def metas(start: int, count: int) -> list[KeyframeMeta]:
+    return [KeyframeMeta(stamp_ns=(start + i) * 100_000_000, pose=None, bag="synthetic") for i in range(count)]
+
+
+def make_queries(data: Descriptors, sources: np.ndarray, n: int) -> np.ndarray:
+    queries = np.empty((len(sources), data.dim), np.float32)
+    for start in range(0, n, CHUNK):
+        inside = (sources >= start) & (sources < start + CHUNK)
+        if inside.any():
+            chunk = data.chunk(start, min(CHUNK, n - start))
+            queries[inside] = data.queries(chunk[sources[inside] - start], start)
+    return queries
+
+
+def time_queries(keyframe_map: KeyframeMap, queries: np.ndarray, k: int) -> np.ndarray:
+    seconds = np.empty(len(queries))
+    for i, query in enumerate(queries):
+        began = time.perf_counter()
+        keyframe_map.query(query, k)
+        seconds[i] = time.perf_counter() - began
+    return seconds
+
+
+def run_size(n: int, args: argparse.Namespace) -> str:
+    """Build every configuration for an n-keyframe map, measure it, return a Markdown section."""
+    data = Descriptors(args.dim, args.seed, args.query_noise)
+    sources = np.sort(np.random.default_rng([args.seed, 4, n]).choice(n, args.queries, replace=False))
+    queries = make_queries(data, sources, n)
+    timed = queries[np.random.default_rng([args.seed, 5, n]).permutation(args.queries)[: args.latency_queries]]
+    chunked_exact = n > FULL_DESCRIPTOR_LIMIT
+    configs = configurations(args.pca_dim, n)
+    maps = {c.name: KeyframeMap(args.dim, "synthetic", {}, c.index, model_name="synthetic", **c.params)
+            for c in configs}
+    build_seconds = dict.fromkeys(maps, 0.0)
+    best_distance = np.full(len(queries), np.inf, np.float32)
+    best_id = np.full(len(queries), -1, np.int64)
+    exact_seconds = np.zeros(len(timed))
+    for start in range(0, n, CHUNK):
+        count = min(CHUNK, n - start)
+        chunk = data.chunk(start, count)
+        chunk_metas = metas(start, count)
+        for name, keyframe_map in maps.items():
+            began = time.perf_counter()
+            keyframe_map.add(chunk, chunk_metas)
+            build_seconds[name] += time.perf_counter() - began
+        exact = faiss.IndexFlatL2(args.dim)
+        exact.add(chunk)
+        distances, ids = exact.search(queries, 1)
+        better = distances[:, 0] < best_distance
+        best_distance[better], best_id[better] = distances[better, 0], ids[better, 0] + start
+        if chunked_exact:  # timed like KeyframeMap.query searches single queries: on one thread
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            for i, query in enumerate(timed):
+                began = time.perf_counter()
+                exact.search(query[None, :], args.k)
+                exact_seconds[i] += time.perf_counter() - began
+            faiss.omp_set_num_threads(threads)
+        del exact, chunk, chunk_metas
+        gc.collect()
+        print(f"  n={n}: {start + count} keyframes added", file=sys.stderr, flush=True)
+
+    rows = []
+    if chunked_exact:
+        chunks = -(-n // CHUNK)
+        rows.append(("exact (chunked)", f"Flat, summed over {chunks} chunks of {CHUNK:,}", "-", f"{n * args.dim * 4 / 2**20:.0f} (not held)",
+                     np.median(exact_seconds), np.percentile(exact_seconds, 90), float("nan"), 1.0))
+    for config in configs:
+        keyframe_map = maps[config.name]
+        seconds = time_queries(keyframe_map, timed, args.k)
+        began = time.perf_counter()
+        results = keyframe_map.query_batch(queries, args.k)
+        batched = (time.perf_counter() - began) / len(queries)
+        top1 = np.array([r[0].keyframe_id if r else -1 for r in results])
+        recall = float(np.mean(top1 == best_id))
+        factory = keyframe_map.index_config["factory"] + ("" if keyframe_map.is_trained else " (untrained: exact)")
+        rows.append((config.name, factory, f"{build_seconds[config.name]:.1f}", f"{index_bytes(keyframe_map) / 2**20:.0f}",
+                     np.median(seconds), np.percentile(seconds, 90), batched, recall))
+        del keyframe_map
+        maps[config.name] = None
+        gc.collect()
+    baseline = rows[0][4]
+    lines = [f"### {n:,} keyframes x {args.dim}-d ({len(queries)} queries, {len(timed)} timed, k={args.k}; "
+             f"exact top-1 = query's source for {np.mean(best_id == sources):.1%})", "",
+             "| configuration | FAISS index | build s | index MiB | median ms/query | p90 ms | batched ms/query "
+             "| recall@1 vs exact | loss (points) | speed-up vs exact |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, factory, build, size, median, p90, batched, recall in rows:
+        batched_text = "-" if np.isnan(batched) else f"{batched * 1e3:.3f}"
+        lines.append(f"| {name} | {factory} | {build} | {size} | {median * 1e3:.3f} | {p90 * 1e3:.3f} | {batched_text} "
+                     f"| {recall:.1%} | {(1 - recall) * 100:.1f} | {baseline / median:.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000,10000,100000,1000000", help="comma-separated map sizes")
+    parser.add_argument("--dim", type=int, default=2048, help="descriptor dimension (deployment: 2048)")
+    parser.add_argument("--pca-dim", type=int, default=256, help="PCA reduction for the reduced configurations")
+    parser.add_argument("--queries", type=int, default=1000, help="queries for recall@1")
+    parser.add_argument("--latency-queries", type=int, default=300, help="single queries timed for latency")
+    parser.add_argument("--k", type=int, default=10, help="candidates per query")
+    parser.add_argument("--query-noise", type=float, default=QUERY_NOISE,
+                        help="query perturbation in units of the in-place spread (higher: harder)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, {os.cpu_count()} CPUs")
+    for n in sorted(int(s) for s in args.sizes.split(",")):
+        print(run_size(n, args), flush=True)
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"peak resident memory so far: {peak_gib:.1f} GiB\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
