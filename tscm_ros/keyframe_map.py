@@ -13,8 +13,8 @@ and for every lossy index (PCA reduction or IVF-PQ) built with ``rerank=True``, 
 index then only proposes a shortlist of ``k * k_factor`` keyframes, which FAISS re-ranks by their exact
 distance to the query (``IndexRefineFlat``), so scores and thresholds mean the same for every index type.
 ``rerank_dtype='float16'`` keeps the full descriptors in half precision instead (half the memory: 4 GB
-for 1M 2048-d keyframes; distances then differ from exact by about 1e-3). With ``rerank=False`` the map does not keep the full descriptors (``4 * dim`` bytes less per keyframe) and
-the distance is the lossy index's own estimate: for PCA, the squared distance between the projections on
+for 1M 2048-d keyframes; distances then differ from exact by about 1e-3). With ``rerank=False`` the map
+does not keep the full descriptors (``4 * dim`` bytes less per keyframe) and the distance is the lossy index's own estimate: for PCA, the squared distance between the projections on
 the ``pca_dim`` principal components (a lower bound of the true distance, so scores are slightly
 optimistic); for PQ, its quantised approximation of that. Whitening changes the metric itself, so it
 requires ``rerank=True``.
@@ -216,16 +216,20 @@ class KeyframeMap:
         ``index`` is 'flat', 'hnsw' or 'ivfpq'; the keyword parameters are described in the module doc.
         Raises ConfigError on invalid parameters.
         """
+        dim, pca_dim, nlist, pq_m, train_size = (
+            int(v) if isinstance(v, np.integer) else v for v in (dim, pca_dim, nlist, pq_m, train_size))
         if not isinstance(dim, int) or dim < 1:
             raise ConfigError(f"keyframe map: descriptor dimension must be a positive integer, got {dim!r}")
         if index not in INDEX_TYPES:
             raise ConfigError(f"keyframe map: unknown index type {index!r}; choose one of {', '.join(INDEX_TYPES)}")
         if pca_dim is not None and not (isinstance(pca_dim, int) and 1 <= pca_dim < dim):
-            raise ConfigError(f"keyframe map: pca_dim must be an integer in [1, {dim - 1}] for {dim}-d descriptors, got {pca_dim!r}")
+            raise ConfigError(f"keyframe map: pca_dim must be an integer in [1, {dim - 1}] for {dim}-d descriptors, "
+                              f"got {pca_dim!r}")
         if whiten and pca_dim is None:
             raise ConfigError("keyframe map: whiten=True needs pca_dim (whitening is part of the PCA reduction)")
         if whiten and not rerank:
-            raise ConfigError("keyframe map: whiten=True needs rerank=True (whitened distances are not descriptor distances)")
+            raise ConfigError("keyframe map: whiten=True needs rerank=True "
+                              "(whitened distances are not descriptor distances)")
         if rerank_dtype not in ("float32", "float16"):
             raise ConfigError(f"keyframe map: rerank_dtype must be 'float32' or 'float16', got {rerank_dtype!r}")
         for name, value in (("k_factor", k_factor), ("hnsw_m", hnsw_m), ("ef_construction", ef_construction),
@@ -246,9 +250,10 @@ class KeyframeMap:
                 train_size = max(1000, 4 * pca_dim)
             if index == "ivfpq":
                 train_size = max(train_size, 10_000, 39 * (nlist or 0))
-        if not isinstance(train_size, int) or train_size < 0 or (needs_training and train_size < max(256, nlist or 0, pca_dim or 0)):
+        least = max(256, nlist or 0, pca_dim or 0) if needs_training else 0
+        if not isinstance(train_size, int) or train_size < least:
             raise ConfigError(f"keyframe map: train_size {train_size!r} is too small for index {index!r} "
-                              f"(needs at least {max(256, nlist or 0, pca_dim or 0)})")
+                              f"(needs at least {least})")
 
         self.dim = dim
         self.model_fingerprint = str(model_fingerprint)
