@@ -8,16 +8,16 @@ unit-norm vectors, and ``Candidate.score = clip(1 - d / 2, 0, 1)``: their cosine
 (1 for identical descriptors, 0 for orthogonal or opposite ones). ``min_score`` drops candidates scoring
 below it, which is the same as a distance threshold ``d <= 2 * (1 - min_score)``.
 
-The distance is exact (computed from the full descriptors) for the ``flat`` and plain ``hnsw`` indexes,
-and for every lossy index (PCA reduction or IVF-PQ) built with ``rerank=True``, the default: the lossy
-index then only proposes a shortlist of ``k * k_factor`` keyframes, which FAISS re-ranks by their exact
-distance to the query (``IndexRefineFlat``), so scores and thresholds mean the same for every index type.
-``rerank_dtype='float16'`` keeps the full descriptors in half precision instead (half the memory: 4 GB
-for 1M 2048-d keyframes; distances then differ from exact by about 1e-3). With ``rerank=False`` the map
-does not keep the full descriptors (``4 * dim`` bytes less per keyframe) and the distance is the lossy index's own estimate: for PCA, the squared distance between the projections on
-the ``pca_dim`` principal components (a lower bound of the true distance, so scores are slightly
-optimistic); for PQ, its quantised approximation of that. Whitening changes the metric itself, so it
-requires ``rerank=True``.
+The distance is exact (computed from the full descriptors) for the ``flat`` and plain ``hnsw`` indexes, and
+for every lossy index (PCA reduction or IVF-PQ) built with ``rerank=True``, the default: the lossy index
+then only proposes a shortlist of ``k * k_factor`` keyframes, which FAISS re-ranks by their exact distance
+to the query (``IndexRefineFlat``), so scores and thresholds mean the same for every index type.
+``rerank_dtype='float16'`` keeps the full descriptors in half precision instead (half the memory: 4 GB for
+1M 2048-d keyframes; distances then differ from exact by about 1e-3). With ``rerank=False`` the map does not
+keep the full descriptors (``4 * dim`` bytes less per keyframe) and the distance is the lossy index's own
+estimate: for PCA, the squared distance between the projections on the ``pca_dim`` principal components (a
+lower bound of the true distance, so scores are slightly optimistic); for PQ, its quantised approximation of
+that. Whitening changes the metric itself, so it requires ``rerank=True``.
 
 Index types
 -----------
