@@ -1,0 +1,149 @@
+"""Benchmark: place_recognition_node under a live image stream at 10, 30 and 60 Hz.
+
+Runs the real node as its own process (default student, a 10k-keyframe map) and, from this process,
+publishes a rendered 320x240 route over DDS at each rate for --duration seconds, stamping each image
+with the wall clock when it is sent. Reports per rate: processed rate, drop rate (images sent without
+an answer), end-to-end latency median / p95 (image stamp -> LoopCandidates received here, so both DDS
+hops are included), and the node's peak RSS (VmHWM). Goal on a 2-core CPU: p95 <= 40 ms at 10 Hz with
+no drops; at 60 Hz a steady processed rate with bounded memory.
+
+    . ./env.sh && python bench/node_throughput.py [--duration 30] [--rates 10 30 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image
+
+from tscm_ros.bag import open_frames
+from tscm_ros.describe import Describer
+from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
+from tscm_ros.msg import LoopCandidates
+from tscm_ros.simulate import simulate_route
+
+
+def make_map(frames, describer: Describer, size: int, out: Path) -> Path:
+    """The route's real keyframes plus perturbed copies of them up to ``size`` keyframes."""
+    real = describer.describe([f.image for f in frames])
+    rng = np.random.default_rng(0)
+    filler = real[rng.integers(len(real), size=size - len(real))]
+    filler = filler + rng.normal(0, 0.05, filler.shape).astype(np.float32)
+    filler /= np.linalg.norm(filler, axis=1, keepdims=True)
+    keyframe_map = KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),
+                               model_name=describer.model_name)
+    keyframe_map.add(real, [KeyframeMeta(stamp_ns=f.stamp_ns, pose=f.pose, bag="bench") for f in frames])
+    keyframe_map.add(filler.astype(np.float32), [KeyframeMeta(stamp_ns=0, pose=None, bag="filler")] * len(filler))
+    keyframe_map.save(out)
+    return out
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_rate(node, executor, publisher, images, rate_hz: float, duration_s: float) -> dict:
+    sent: dict[tuple[int, int], float] = {}
+    latencies_ms: list[float] = []
+
+    def on_result(message: LoopCandidates) -> None:
+        key = (message.header.stamp.sec, message.header.stamp.nanosec)
+        if key in sent:
+            latencies_ms.append((time.time() - sent[key]) * 1e3)
+
+    subscription = node.create_subscription(LoopCandidates, "/tscm/loop_candidates", on_result, 100)
+    period = 1.0 / rate_hz
+    start = time.monotonic()
+    next_send = start
+    i = 0
+    while time.monotonic() - start < duration_s:
+        now = time.monotonic()
+        if now >= next_send:
+            message = images[i % len(images)]
+            wall = time.time()
+            message.header.stamp.sec, message.header.stamp.nanosec = int(wall), int((wall % 1) * 1e9)
+            sent[(message.header.stamp.sec, message.header.stamp.nanosec)] = wall
+            publisher.publish(message)
+            i += 1
+            next_send += period
+        executor.spin_once(timeout_sec=max(0.0, min(next_send - time.monotonic(), 0.005)))
+    drain_until = time.monotonic() + 1.0
+    while time.monotonic() < drain_until:
+        executor.spin_once(timeout_sec=0.01)
+    node.destroy_subscription(subscription)
+    answered = len(latencies_ms)
+    return {
+        "rate_hz": rate_hz, "sent": len(sent), "processed_hz": answered / duration_s,
+        "drop_pct": 100.0 * (1 - answered / max(len(sent), 1)),
+        "latency_median_ms": float(np.median(latencies_ms)) if latencies_ms else float("nan"),
+        "latency_p95_ms": float(np.percentile(latencies_ms, 95)) if latencies_ms else float("nan"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per rate (default 30)")
+    parser.add_argument("--rates", type=float, nargs="+", default=[10.0, 30.0, 60.0])
+    parser.add_argument("--map-size", type=int, default=10_000)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="tscm_bench_node_"))
+    route = simulate_route(work / "route", frames=100, width=320, height=240, progress=False)
+    frames = list(open_frames(route))
+    describer = Describer.from_checkpoint(None)
+    map_dir = make_map(frames, describer, args.map_size, work / "map")
+    images = [Image(height=f.image.shape[0], width=f.image.shape[1], encoding="rgb8", step=f.image.shape[1] * 3,
+                    data=f.image.tobytes()) for f in frames]
+
+    domain = str(10 + os.getpid() % 90)
+    env = dict(os.environ, ROS_DOMAIN_ID=domain, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    node_process = subprocess.Popen(
+        [shutil.which("place_recognition_node"), "--ros-args", "-p", f"map_path:={map_dir}",
+         "-p", "exclude_recent_s:=0.0", "-p", "min_score:=0.0"], env=env)
+    os.environ.update(ROS_DOMAIN_ID=domain, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    rclpy.init()
+    node = rclpy.create_node("tscm_bench")
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    publisher = node.create_publisher(Image, "/camera/image_raw", qos_profile_sensor_data)
+    try:
+        deadline = time.monotonic() + 120
+        while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.1)
+        run_rate(node, executor, publisher, images, 5.0, 3.0)  # warm-up
+        rows = [run_rate(node, executor, publisher, images, rate, args.duration) for rate in args.rates]
+        rss = peak_rss_mb(node_process.pid)
+    finally:
+        node_process.send_signal(signal.SIGINT)
+        node_process.wait(timeout=60)
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+    print(f"\nplace_recognition_node, default student ({describer.dim}-d), {args.map_size}-keyframe flat map, "
+          f"320x240 rgb8, {args.duration:.0f} s per rate, {os.cpu_count()} CPUs; node peak RSS {rss:.0f} MB\n")
+    print("| input rate | sent | processed rate | dropped | latency median | latency p95 |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['rate_hz']:.0f} Hz | {r['sent']} | {r['processed_hz']:.1f} Hz | {r['drop_pct']:.1f} % | "
+              f"{r['latency_median_ms']:.1f} ms | {r['latency_p95_ms']:.1f} ms |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
