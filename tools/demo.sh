@@ -1,4 +1,117 @@
 #!/usr/bin/env bash
-# The end-to-end demo (filled in as the pieces land).
-echo "demo: not built yet: simulate_route, build_map, the node and the evaluation are still to come" >&2
-exit 1
+# The end-to-end demo, run by `make demo` (and `make demo-train` with --train) after `make setup` and
+# `. ./env.sh`:
+#   1. render two traversals of a small simulated route (cached in .cache/demo/, rendered once);
+#   2. build a keyframe map from traversal 1 with the default (offline-pretrained) student;
+#   3. start the real place_recognition_node, replay traversal 2 to it over DDS and print the loop
+#      candidates as they arrive; stop the node;
+#   4. evaluate every method on the same traversals (pretrained GeM baseline, student, ORB bag of
+#      words, plus the trained teacher and student with --train) and print the table.
+# --train first renders a different world (so no training place is evaluated), extracts a dataset from
+# it, trains a small teacher and distils the student on the CPU, then runs steps 2-4 with them.
+# Outputs go to demo_output/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TRAIN=0
+case "${1:-}" in
+  "") ;;
+  --train) TRAIN=1 ;;
+  *) echo "usage: tools/demo.sh [--train]" >&2; exit 2 ;;
+esac
+
+CACHE=.cache/demo
+OUT=demo_output
+FRAMES=${DEMO_FRAMES:-120}
+# The installed executables (also what `ros2 run tscm_ros ...` runs).
+export PATH="$PWD/install/tscm_ros/lib/tscm_ros:$PATH"
+# A DDS domain of this demo's own, discovery on this machine only.
+export ROS_DOMAIN_ID=$(( $$ % 100 + 1 ))
+export ROS_AUTOMATIC_DISCOVERY_RANGE=${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}
+started=$SECONDS
+step=0
+
+say() {
+  step=$((step + 1))
+  echo
+  echo "=== demo step $step ($((SECONDS - started)) s): $*"
+}
+
+# render WORLD_SEED TRAVERSAL: a route bag in the cache, rendered only if missing.
+render() {
+  local dir="$CACHE/world$1_t$2"
+  if [ -d "$dir" ]; then
+    echo "using the cached $dir"
+  else
+    simulate_route --out "$dir" --seed "$1" --traversal "$2" --frames "$FRAMES"
+  fi
+}
+
+mkdir -p "$CACHE" "$OUT"
+say "render the demo route (world 0): traversal 1 (reference) and traversal 2 (revisit, changed appearance)"
+render 0 0
+render 0 1
+REFERENCE="$CACHE/world0_t0"
+QUERY="$CACHE/world0_t1"
+
+STUDENT_ARGS=()
+EVAL_MODELS=()
+if [ "$TRAIN" = 1 ]; then
+  say "render a training world (world 1, two traversals): nothing the evaluation sees is trained on"
+  render 1 0
+  render 1 1
+  say "extract a training dataset from world 1 (frames every 2 m, place-based train/val/test split)"
+  extract_dataset --bag "$CACHE/world1_t0" --bag "$CACHE/world1_t1" --out "$OUT/dataset" --every-m 2 \
+    --cell-m 20 --overwrite --no-progress
+  rm -rf "$OUT/runs"
+  say "train a small teacher on the CPU (TSCM teacher, triplet loss; a few epochs)"
+  train teacher --data "$OUT/dataset" --out "$OUT/runs/teacher" --set device=cpu --set epochs=2 \
+    --set triplets_per_epoch=48 --set negatives_per_triplet=4 --set negative_candidates=100 --no-progress
+  say "distil the student from it (L_hard + L_soft + L_cm)"
+  train student --data "$OUT/dataset" --teacher "$OUT/runs/teacher/best.pt" --out "$OUT/runs/student" \
+    --set device=cpu --set epochs=3 --set triplets_per_epoch=48 --set negatives_per_triplet=4 \
+    --set negative_candidates=100 --no-progress
+  STUDENT_ARGS=(--model "$OUT/runs/student/best.pt")
+  EVAL_MODELS=(--model "teacher (trained)=$OUT/runs/teacher/best.pt" --model "student (distilled)=$OUT/runs/student/best.pt")
+fi
+
+say "build a keyframe map from traversal 1 with the ${STUDENT_ARGS[*]:+distilled }student"
+build_map --bag "$REFERENCE" --out "$OUT/map" --force --device cpu "${STUDENT_ARGS[@]}"
+
+say "start place_recognition_node (ROS_DOMAIN_ID=$ROS_DOMAIN_ID) and replay traversal 2 to it over DDS"
+model_param=()
+[ "$TRAIN" = 1 ] && model_param=(-p "model_path:=$OUT/runs/student/best.pt")
+place_recognition_node --ros-args -p "map_path:=$OUT/map" -p exclude_recent_s:=0.0 -p min_score:=0.0 \
+  -p k:=5 -p device:=cpu "${model_param[@]}" > "$OUT/node.log" 2>&1 &
+node_pid=$!
+stop_node() {
+  if kill -0 "$node_pid" 2>/dev/null; then
+    kill -INT "$node_pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$node_pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$node_pid" 2>/dev/null; then
+      echo "the node did not stop within 10 s of SIGINT: sending SIGTERM"
+      kill -TERM "$node_pid" 2>/dev/null || true
+    fi
+    local code=0
+    wait "$node_pid" 2>/dev/null || code=$?
+    echo "node stopped (exit code $code; its log: $OUT/node.log)"
+  fi
+}
+trap stop_node EXIT
+python tools/replay_bag.py "$QUERY" --rate 4 || { echo "demo: the replay failed; node log:" >&2; cat "$OUT/node.log" >&2; exit 1; }
+stop_node
+trap - EXIT
+
+say "evaluate all methods on the same traversals: map from traversal 1, every frame of traversal 2 as a query"
+python -m tscm_ros.loop_evaluation --bag "$REFERENCE" --query-bag "$QUERY" --out "$OUT/evaluation" \
+  --overwrite --device cpu "${EVAL_MODELS[@]}"
+
+echo
+echo "=== demo done in $((SECONDS - started)) s. Outputs in $OUT/:"
+echo "  map/                        keyframe map of traversal 1 (build_map)"
+echo "  node.log                    the node's log"
+echo "  evaluation/loop_closure.md  the table above; loop_closure.json, queries_*.csv per query"
+echo "  evaluation/pr_curve.png     top-1 precision-recall curves"
+echo "  evaluation/trajectories.png trajectories with true (green) and false (red) loop closures"
+[ "$TRAIN" = 1 ] && echo "  dataset/, runs/teacher/, runs/student/  training data, checkpoints, learning curves"
+exit 0
