@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=8.0,
                         help="time budget per measurement; fewer repeats (at least 5) beyond it (default 8)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="batch sizes (default 1 16)")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS),
+                        help="which models to measure (default all)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,6 +80,8 @@ def main() -> None:
     for device in devices:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for label, preset in MODELS.items():
+            if label not in args.models:
+                continue
             config, preprocess = load_model_config(preset)
             model = build_model(config).to(device)
             parameters = sum(p.numel() for p in model.parameters())

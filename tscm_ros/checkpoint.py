@@ -57,7 +57,9 @@ def _canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def model_fingerprint(model_config: dict[str, Any], preprocess: PreprocessConfig, state_dict: dict[str, torch.Tensor]) -> str:
+def model_fingerprint(
+    model_config: dict[str, Any], preprocess: PreprocessConfig, state_dict: dict[str, torch.Tensor]
+) -> str:
     """Hash (16 hex digits) of the model config, the preprocessing and every tensor of ``state_dict``."""
     digest = hashlib.sha256()
     digest.update(_canonical_json({"model_config": model_config, "preprocess": preprocess.to_dict()}).encode())
@@ -83,7 +85,9 @@ def _check_state_matches(model_config: dict[str, Any], state_dict: dict[str, tor
             details.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
         if wrong:
             key = wrong[0]
-            details.append(f"{key} has shape {tuple(state_dict[key].shape)}, the config needs {tuple(expected[key].shape)}")
+            details.append(
+                f"{key} has shape {tuple(state_dict[key].shape)}, the config needs {tuple(expected[key].shape)}"
+            )
         raise CheckpointError(f"{where}: the weights do not match the model config: {'; '.join(details)}")
     model.load_state_dict(state_dict, strict=True)
     return model
@@ -113,7 +117,9 @@ def save_checkpoint(
     path = Path(path)
     kind = model_config.get("kind") if isinstance(model_config, dict) else None
     if kind not in MODEL_KINDS:
-        raise CheckpointError(f"cannot save {path}: model config 'kind' must be one of {sorted(MODEL_KINDS)}, got {kind!r}")
+        raise CheckpointError(
+            f"cannot save {path}: model config 'kind' must be one of {sorted(MODEL_KINDS)}, got {kind!r}"
+        )
     try:
         config_json = json.dumps(model_config, sort_keys=True)
         extra_json = json.dumps(extra or {}, sort_keys=True)
@@ -156,7 +162,9 @@ def load_checkpoint(path: str | Path, expected_kind: str | None = None) -> Loade
         raise CheckpointError(f"{path} is not a tscm_ros checkpoint (no '{CHECKPOINT_FORMAT}' format marker)")
     version = payload.get("version")
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} is checkpoint version {version!r}; this tscm_ros reads versions up to {CHECKPOINT_VERSION}")
+        raise CheckpointError(
+            f"{path} is checkpoint version {version!r}; this tscm_ros reads versions up to {CHECKPOINT_VERSION}"
+        )
     try:
         kind = payload["kind"]
         model_config = json.loads(payload["model_config"])
@@ -169,7 +177,9 @@ def load_checkpoint(path: str | Path, expected_kind: str | None = None) -> Loade
     if expected_kind is not None and kind != expected_kind:
         raise CheckpointError(f"{path} holds a {kind} model, but a {expected_kind} is needed here")
     if model_config.get("kind") != kind:
-        raise CheckpointError(f"{path} is damaged: kind {kind!r} but its model config says {model_config.get('kind')!r}")
+        raise CheckpointError(
+            f"{path} is damaged: kind {kind!r} but its model config says {model_config.get('kind')!r}"
+        )
     try:
         model = _check_state_matches(model_config, state_dict, str(path))
     except ConfigError as exc:

@@ -27,7 +27,8 @@ class TripletDescriptors:
 
     def __post_init__(self) -> None:
         b, d = self.anchor.shape
-        if self.positive.shape != (b, d) or self.negatives.ndim != 3 or self.negatives.shape[0] != b or self.negatives.shape[2] != d:
+        negatives_ok = self.negatives.ndim == 3 and self.negatives.shape[0] == b and self.negatives.shape[2] == d
+        if self.positive.shape != (b, d) or not negatives_ok:
             raise ValueError(
                 f"triplet descriptors need anchor (B, D), positive (B, D), negatives (B, N, D); got "
                 f"{tuple(self.anchor.shape)}, {tuple(self.positive.shape)}, {tuple(self.negatives.shape)}"
@@ -78,7 +79,9 @@ def soft_loss(student: TripletDescriptors, teacher: TripletDescriptors) -> torch
 def cross_metric_loss(student: TripletDescriptors, teacher: TripletDescriptors) -> torch.Tensor:
     """TSCM's cross-metric term: the student's anchor near the teacher's positive, and vice versa."""
     teacher = teacher.detach()
-    return (squared_distance(student.anchor, teacher.positive) + squared_distance(student.positive, teacher.anchor)).mean()
+    anchor_to_positive = squared_distance(student.anchor, teacher.positive)
+    positive_to_anchor = squared_distance(student.positive, teacher.anchor)
+    return (anchor_to_positive + positive_to_anchor).mean()
 
 
 def tscm_loss(

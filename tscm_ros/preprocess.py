@@ -96,7 +96,7 @@ def preprocess(
 ) -> torch.Tensor:
     """Turn HxWx3 uint8 RGB images (any sizes) into a normalised (N, 3, H, W) float32 tensor on ``device``.
 
-    Resizing runs on the CPU (OpenCV); scaling and normalisation run on ``device``.
+    Resizing and normalisation run on the CPU (OpenCV, NumPy); the result is moved to ``device``.
     Raises TscmError naming the image when one is not an HxWx3 uint8 array.
     """
     if len(images) == 0:
@@ -110,7 +110,9 @@ def preprocess(
         if image.shape[0] == 0 or image.shape[1] == 0:
             raise TscmError(f"image {i} is empty (shape {image.shape})")
         batch[i] = resize_image(image, cfg)
-    pixels = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float()
-    scale = torch.tensor([1.0 / (255.0 * s) for s in cfg.std], device=pixels.device).view(1, 3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(cfg.mean, cfg.std)], device=pixels.device).view(1, 3, 1, 1)
-    return (pixels * scale - shift).contiguous()
+    # Normalised with NumPy (single-threaded): torch's thread pool stalls for whole time slices on a CPU
+    # shared with other processes, which cost more than these few element-wise operations.
+    pixels = np.ascontiguousarray(batch.transpose(0, 3, 1, 2)).astype(np.float32)
+    pixels *= np.array([1.0 / (255.0 * s) for s in cfg.std], dtype=np.float32).reshape(1, 3, 1, 1)
+    pixels -= np.array([m / s for m, s in zip(cfg.mean, cfg.std)], dtype=np.float32).reshape(1, 3, 1, 1)
+    return torch.from_numpy(pixels).to(device)

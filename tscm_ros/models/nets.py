@@ -98,9 +98,13 @@ class OutputProjection(nn.Module):
         """Set the map to PCA (whitened if asked) of ``descriptors`` (M, in_dim), M >= out_dim."""
         out_dim = self.linear.out_features
         if descriptors.ndim != 2 or descriptors.shape[1] != self.linear.in_features:
-            raise ConfigError(f"PCA needs descriptors of shape (M, {self.linear.in_features}), got {tuple(descriptors.shape)}")
+            raise ConfigError(
+                f"PCA needs descriptors of shape (M, {self.linear.in_features}), got {tuple(descriptors.shape)}"
+            )
         if descriptors.shape[0] < out_dim:
-            raise ConfigError(f"PCA to {out_dim} dimensions needs at least {out_dim} descriptors, got {descriptors.shape[0]}")
+            raise ConfigError(
+                f"PCA to {out_dim} dimensions needs at least {out_dim} descriptors, got {descriptors.shape[0]}"
+            )
         data = descriptors.detach().to(torch.float64).cpu()
         mean = data.mean(dim=0)
         _, singular, components = torch.linalg.svd(data - mean, full_matrices=False)
@@ -141,7 +145,9 @@ class StudentNet(nn.Module):
         size = int(patch["patch_size"])
         self.patch_embedding = nn.Conv2d(3, int(patch["dim"]), kernel_size=size, stride=size)
         self.patch_norm = nn.LayerNorm(int(patch["dim"]))
-        self.patch_vlad = NetVLADLoupe(int(patch["dim"]), int(patch["clusters"]), int(patch["output_dim"]), bool(patch["gating"]))
+        self.patch_vlad = NetVLADLoupe(
+            int(patch["dim"]), int(patch["clusters"]), int(patch["output_dim"]), bool(patch["gating"])
+        )
         self.native_dim = self.gem_head.dim + int(patch["output_dim"])
         projection_dim = config.get("projection_dim")
         self.projection = OutputProjection(self.native_dim, int(projection_dim)) if projection_dim else None
