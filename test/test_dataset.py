@@ -22,7 +22,7 @@ from tscm_ros.dataset import (
     mine_triplets,
     yaw_from_quaternion,
 )
-from tscm_ros.errors import BagError, ConfigError, DatasetError
+from tscm_ros.errors import ConfigError, DatasetError
 from tscm_ros.recall import evaluate_descriptors, recall_at_n, retrieve
 
 

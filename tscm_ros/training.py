@@ -21,9 +21,10 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ KINDS = ("teacher", "student")
 STATE_FORMAT = "tscm_ros.train_state"
 STATE_VERSION = 1
 VAL_NS = (1, 5, 10)
+LOSS_NAMES = ("loss", "loss_hard", "loss_soft", "loss_cm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,6 +118,11 @@ class TrainConfig:
         checked = {}
         for name, value in values.items():
             default = fields[name].default
+            if isinstance(value, str) and type(default) is float:
+                try:  # YAML reads 1e-4 (no dot) as text
+                    value = float(value)
+                except ValueError:
+                    pass
             expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
             if name == "heading_deg" or name == "triplets_per_epoch":
                 expected = (int, float, type(None)) if name == "heading_deg" else (int, type(None))
@@ -207,16 +214,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path next to ``path`` (same suffix), renamed onto ``path`` when the block succeeds."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -250,13 +256,10 @@ def _val_recall(
 
 def write_metrics_csv(history: Sequence[dict], path: Path) -> None:
     """One row per epoch, atomically."""
-    columns = list(history[0])
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=columns)
+    with _atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def plot_learning_curves(history: Sequence[dict], path: Path, title: str) -> None:
@@ -282,10 +285,9 @@ def plot_learning_curves(history: Sequence[dict], path: Path, title: str) -> Non
     recalls.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    figure.savefig(tmp, dpi=100)
+    with _atomic_file(path) as tmp:
+        figure.savefig(tmp, dpi=100)
     plt.close(figure)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,12 +329,35 @@ class TrainResult:
     stopped_early: bool
 
 
-def _teacher_for(teacher_path: str | Path, device: torch.device):
+@dataclass
+class _Progress:
+    """What the loop carries from epoch to epoch; stored in last.pt as plain values."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_key: list[float] | None = None  # val recall@1, @5, @10 of the best epoch, compared in that order
+    best_epoch: int = 0
+    stale_epochs: int = 0
+    stopped_early: bool = False
+
+    def record(self, row: dict, recall: dict[int, float], patience: int) -> bool:
+        """Add an epoch's metrics; returns whether it is the best so far."""
+        self.epoch = int(row["epoch"])
+        self.history.append(row)
+        key = [recall[n] for n in VAL_NS]
+        improved = self.best_key is None or key > self.best_key
+        if improved:
+            self.best_key, self.best_epoch, self.stale_epochs = key, self.epoch, 0
+        else:
+            self.stale_epochs += 1
+        self.stopped_early = patience > 0 and self.stale_epochs >= patience
+        return improved
+
+
+def _load_teacher(teacher_path: str | Path, device: torch.device):
     teacher = load_checkpoint(str(teacher_path), expected_kind="teacher")
-    model = teacher.model.to(device).eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return teacher, model
+    teacher.model.to(device).requires_grad_(False).eval()
+    return teacher
 
 
 def train(
@@ -374,46 +399,30 @@ def train(
     use_amp = config.amp and device.type == "cuda"
     torch.manual_seed(config.seed)
     model = build_model(model_config).to(device)
-
-    teacher_descriptors = None
-    teacher_fingerprint = None
-    if kind == "student":
-        teacher, teacher_model = _teacher_for(teacher_path, device)
-        teacher_fingerprint = teacher.fingerprint
-        with torch.no_grad():
-            probe = train_set.load_images([0])
-            student_dim = model(preprocess(probe, preprocess_config, device)).shape[1]
-            teacher_dim = teacher_model(preprocess(probe, teacher.preprocess, device)).shape[1]
-        if student_dim != teacher_dim:
-            raise ConfigError(
-                f"the student gives {student_dim}-d descriptors but teacher {teacher_path} gives {teacher_dim}-d; "
-                "distillation needs the same dimension"
-            )
+    teacher = _load_teacher(teacher_path, device) if kind == "student" else None
+    if teacher is not None:
+        _check_same_dim(model, preprocess_config, teacher, train_set.load_images([0]), device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    state = _start_run(run_dir, resume, used_config, kind, teacher_fingerprint, distributed)
-    if state is not None:
-        _restore(state, model, optimizer, scaler, run_dir)
-    if kind == "student":
+    teacher_fingerprint = teacher.fingerprint if teacher is not None else None
+
+    saved = _start_run(run_dir, resume, used_config, kind, teacher_fingerprint, distributed)
+    run = _Progress()
+    if saved is not None:
+        run = _restore(saved, model, optimizer, scaler, run_dir / "last.pt")
+    teacher_descriptors = None
+    if teacher is not None:
         # The teacher is frozen and sees no augmentation: its descriptors are computed once.
         teacher_descriptors = torch.from_numpy(
-            describe_frames(teacher_model, train_set, teacher.preprocess, device, config.cache_batch_size, use_amp)
+            describe_frames(teacher.model, train_set, teacher.preprocess, device, config.cache_batch_size, use_amp)
         ).to(device)
-        del teacher_model
-    history: list[dict] = list(state["history"]) if state else []
-    start_epoch = int(state["epoch"]) if state else 0
-    best_key = tuple(state["best_key"]) if state and state["best_key"] is not None else None
-    best_epoch = int(state["best_epoch"]) if state else 0
-    stale_epochs = int(state["stale_epochs"]) if state else 0
-    stopped_early = bool(state["stopped_early"]) if state else False
-
+        teacher = None  # frees the teacher network
     trained = model
     if distributed.world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    epoch = start_epoch
-    while epoch < config.epochs and not stopped_early:
-        epoch += 1
+    while run.epoch < config.epochs and not run.stopped_early:
+        epoch = run.epoch + 1
         started = time.monotonic()
         rng = np.random.default_rng([config.seed, epoch])
         embeddings = describe_frames(model, train_set, preprocess_config, device, config.cache_batch_size, use_amp)
@@ -423,33 +432,21 @@ def train(
             progress and distributed.is_main, f"{kind} epoch {epoch}/{config.epochs}",
         )
         if distributed.world_size > 1:
-            totals = torch.tensor([losses[k] * losses["steps"] for k in ("loss", "loss_hard", "loss_soft", "loss_cm")] + [losses["steps"]], dtype=torch.float64)
-            dist.all_reduce(totals)
-            steps = max(totals[-1].item(), 1.0)
-            losses.update({k: totals[i].item() / steps for i, k in enumerate(("loss", "loss_hard", "loss_soft", "loss_cm"))})
+            losses = _average_over_processes(losses)
         recall = _val_recall(model, val_database, val_queries, preprocess_config, device, config, use_amp)
         row = {"epoch": epoch, "triplets": len(triplets) * distributed.world_size, "loss": losses["loss"], "loss_hard": losses["loss_hard"]}
         if kind == "student":
             row.update(loss_soft=losses["loss_soft"], loss_cm=losses["loss_cm"])
         row.update({f"val_recall@{n}": recall[n] for n in VAL_NS})
         row.update(lr=config.lr, seconds=round(time.monotonic() - started, 3))
-        history.append(row)
-        key = tuple(recall[n] for n in VAL_NS)
-        improved = best_key is None or key > best_key
-        if improved:
-            best_key, best_epoch, stale_epochs = key, epoch, 0
-        else:
-            stale_epochs += 1
-        stopped_early = config.patience > 0 and stale_epochs >= config.patience
+        improved = run.record(row, recall, config.patience)
         if distributed.is_main:
             if improved:
                 _save_best(run_dir, model, model_config, preprocess_config, epoch, recall, data, kind, teacher_fingerprint)
-            _atomic_torch_save(
-                _train_state(model, optimizer, scaler, epoch, history, best_key, best_epoch, stale_epochs, stopped_early, kind, teacher_fingerprint),
-                run_dir / "last.pt",
-            )
-            write_metrics_csv(history, run_dir / "metrics.csv")
-            plot_learning_curves(history, run_dir / "learning_curves.png", f"train {kind}: {Path(data).name}")
+            with _atomic_file(run_dir / "last.pt") as tmp:
+                torch.save(_train_state(run, model, optimizer, scaler, kind, teacher_fingerprint), tmp)
+            write_metrics_csv(run.history, run_dir / "metrics.csv")
+            plot_learning_curves(run.history, run_dir / "learning_curves.png", f"train {kind}: {Path(data).name}")
             LOG.info(
                 "epoch %d: loss %.4f, val recall@1/5/10 %.1f/%.1f/%.1f %%%s", epoch, row["loss"],
                 *(100 * recall[n] for n in VAL_NS), " (best)" if improved else "",
@@ -457,8 +454,27 @@ def train(
     if distributed.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    best_recall = dict(zip(VAL_NS, best_key)) if best_key is not None else {}
-    return TrainResult(run_dir, epoch, best_epoch, best_recall, stopped_early)
+    best_recall = dict(zip(VAL_NS, run.best_key)) if run.best_key is not None else {}
+    return TrainResult(run_dir, run.epoch, run.best_epoch, best_recall, run.stopped_early)
+
+
+def _check_same_dim(model, preprocess_config: PreprocessConfig, teacher, probe: list, device: torch.device) -> None:
+    with torch.no_grad():
+        student_dim = model(preprocess(probe, preprocess_config, device)).shape[1]
+        teacher_dim = teacher.model(preprocess(probe, teacher.preprocess, device)).shape[1]
+    if student_dim != teacher_dim:
+        raise ConfigError(
+            f"the student gives {student_dim}-d descriptors but teacher {teacher.path} gives {teacher_dim}-d; "
+            "distillation needs the same dimension"
+        )
+
+
+def _average_over_processes(losses: dict[str, float]) -> dict[str, float]:
+    """Step-weighted mean of each process's mean losses."""
+    totals = torch.tensor([losses[name] * losses["steps"] for name in LOSS_NAMES] + [losses["steps"]], dtype=torch.float64)
+    dist.all_reduce(totals)
+    steps = max(totals[-1].item(), 1.0)
+    return {**{name: totals[i].item() / steps for i, name in enumerate(LOSS_NAMES)}, "steps": steps}
 
 
 def _epoch_triplets(triplets: Triplets, rng: np.random.Generator, config: TrainConfig, distributed: _Distributed) -> Triplets:
@@ -487,7 +503,7 @@ def _train_epoch(
     from tqdm import tqdm
 
     model.train()
-    sums = dict.fromkeys(("loss", "loss_hard", "loss_soft", "loss_cm"), 0.0)
+    sums = dict.fromkeys(LOSS_NAMES, 0.0)
     steps = math.ceil(len(triplets) / config.batch_size)
     bar = tqdm(range(steps), desc=description, unit="step", disable=not progress, leave=False)
     for step in bar:
@@ -511,7 +527,7 @@ def _train_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        for name, value in (("loss", terms.total), ("loss_hard", terms.hard), ("loss_soft", terms.soft), ("loss_cm", terms.cross_metric)):
+        for name, value in zip(LOSS_NAMES, (terms.total, terms.hard, terms.soft, terms.cross_metric)):
             sums[name] += float(value.detach())
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return {**{name: total / max(steps, 1) for name, total in sums.items()}, "steps": steps}
@@ -531,13 +547,15 @@ def _start_run(run_dir: Path, resume: bool, config: TrainConfig, kind: str, teac
             raise ConfigError(f"run directory {run_dir} already exists and is not empty (pass --resume to continue it)")
         if distributed.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+            _write_config(run_dir, config)
         _barrier(distributed)
         return None
     if not run_dir.is_dir():
         raise ConfigError(f"cannot resume: run directory {run_dir} does not exist")
     if distributed.is_main:
-        _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        for leftover in run_dir.glob(".*.tmp*"):  # from a process killed while writing
+            leftover.unlink()
+        _write_config(run_dir, config)
     if not last.is_file():
         LOG.info("resume: %s has no last.pt yet, starting from the first epoch", run_dir)
         return None
@@ -556,42 +574,46 @@ def _start_run(run_dir: Path, resume: bool, config: TrainConfig, kind: str, teac
     return state
 
 
+def _write_config(run_dir: Path, config: TrainConfig) -> None:
+    with _atomic_file(run_dir / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
 def _barrier(distributed: _Distributed) -> None:
     if distributed.world_size > 1:
         dist.barrier()
 
 
-def _train_state(model, optimizer, scaler, epoch, history, best_key, best_epoch, stale_epochs, stopped_early, kind, teacher_fingerprint) -> dict:
+def _train_state(run: _Progress, model, optimizer, scaler, kind: str, teacher_fingerprint: str | None) -> dict:
+    """Everything --resume needs, as tensors and plain values (loadable with weights_only=True)."""
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
         "kind": kind,
         "teacher_fingerprint": teacher_fingerprint,
-        "epoch": epoch,
+        "epoch": run.epoch,
+        "progress": dataclasses.asdict(run),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
-        "history": history,
-        "best_key": list(best_key) if best_key is not None else None,
-        "best_epoch": best_epoch,
-        "stale_epochs": stale_epochs,
-        "stopped_early": stopped_early,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
-def _restore(state: dict, model, optimizer, scaler, run_dir: Path) -> None:
+def _restore(state: dict, model, optimizer, scaler, path: Path) -> _Progress:
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"cannot resume from {run_dir / 'last.pt'}: it does not match the configured model ({exc})") from exc
+        run = _Progress(**state["progress"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot resume from {path}: it does not match the configured model ({exc})") from exc
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    LOG.info("resumed %s after epoch %d", run_dir, state["epoch"])
+    LOG.info("resumed %s after epoch %d", path.parent, run.epoch)
+    return run
 
 
 def _save_best(run_dir, model, model_config, preprocess_config, epoch, recall, data, kind, teacher_fingerprint) -> None:
@@ -603,6 +625,4 @@ def _save_best(run_dir, model, model_config, preprocess_config, epoch, recall, d
     }
     if teacher_fingerprint is not None:
         extra["teacher_fingerprint"] = teacher_fingerprint
-    tmp = run_dir / f".best.pt.tmp-{os.getpid()}"
-    save_checkpoint(str(tmp), model, model_config, preprocess_config, extra)
-    os.replace(tmp, run_dir / "best.pt")
+    save_checkpoint(run_dir / "best.pt", model, model_config, preprocess_config, extra)  # atomic itself
