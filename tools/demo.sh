@@ -65,12 +65,13 @@ if [ "$TRAIN" = 1 ]; then
     --cell-m 20 --overwrite --no-progress
   rm -rf "$OUT/runs"
   say "train a small teacher on the CPU (TSCM teacher, triplet loss; a few epochs)"
-  train teacher --data "$OUT/dataset" --out "$OUT/runs/teacher" --set device=cpu --set epochs=2 \
-    --set triplets_per_epoch=48 --set negatives_per_triplet=4 --set negative_candidates=100 --no-progress
+  # Demo-sized runs (CPU minutes, not a converged model): few triplets and negatives per epoch.
+  small=(--set device=cpu --set triplets_per_epoch=16 --set negatives_per_triplet=2 --set negative_candidates=50
+         --set cache_batch_size=8 --no-progress)
+  train teacher --data "$OUT/dataset" --out "$OUT/runs/teacher" --set epochs=1 "${small[@]}"
   say "distil the student from it (L_hard + L_soft + L_cm)"
   train student --data "$OUT/dataset" --teacher "$OUT/runs/teacher/best.pt" --out "$OUT/runs/student" \
-    --set device=cpu --set epochs=3 --set triplets_per_epoch=48 --set negatives_per_triplet=4 \
-    --set negative_candidates=100 --no-progress
+    --set epochs=2 "${small[@]}"
   STUDENT_ARGS=(--model "$OUT/runs/student/best.pt")
   EVAL_MODELS=(--model "teacher (trained)=$OUT/runs/teacher/best.pt" --model "student (distilled)=$OUT/runs/student/best.pt")
 fi
