@@ -179,7 +179,7 @@ def test_torchscript_export_gives_the_same_descriptors(tmp_path, preset, kind):
     exported, metadata = load_torchscript(path)
     assert metadata == {"fingerprint": "abc123", "preprocess": preprocess.to_dict(), "dim": model.dim,
                         "kind": "student", "name": config["name"]}
-    for count in (1, 5):
+    for count in (1, 3):
         batch = images(preprocess, count, seed=count)
         with torch.no_grad():
             assert torch.allclose(exported(batch), model(batch), atol=1e-5)
