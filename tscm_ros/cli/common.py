@@ -14,6 +14,7 @@ EXIT_USER_ERROR = 2
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a tool's main, turning user-facing errors into one ``error:`` line and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked, on every start
     try:
         return main(argv)
     except TscmError as exc:
