@@ -20,9 +20,11 @@ from tscm_ros.checkpoint import load_checkpoint, load_model_config, save_checkpo
 from tscm_ros.cli import evaluate, extract_dataset, train
 from tscm_ros.dataset import load_dataset
 from tscm_ros.describe import Describer
+from tscm_ros.errors import ConfigError
 from tscm_ros.models import build_model
 from tscm_ros.recall import evaluate_split
 from tscm_ros.simulate import simulate_route
+from tscm_ros.training import default_config_path, load_train_config, resolve_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "config" / "train_tiny.yaml")
@@ -197,3 +199,16 @@ def test_bad_settings_datasets_and_run_directories_are_refused(dataset_dir: Path
     assert train.main(["teacher", "--data", str(single), "--out", str(tmp_path / "c"), "--config", TINY]) == 2
     assert "val split" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
+
+
+def test_shipped_training_configs_parse_and_name_models_of_their_kind():
+    for kind in ("teacher", "student"):
+        config = load_train_config(default_config_path(kind))
+        model_config, preprocess = resolve_model_config(config, kind)
+        assert model_config["kind"] == kind and preprocess.height > 0
+    config = load_train_config(TINY, ["lr=1e-4", "heading_deg=45", "epochs=2"])
+    assert (config.lr, config.heading_deg, config.epochs) == (1e-4, 45, 2)
+    with pytest.raises(ConfigError, match="epochs"):
+        load_train_config(TINY, ["epochs=0"])
+    with pytest.raises(ConfigError, match="wrong type"):
+        load_train_config(TINY, ["batch_size=many"])
