@@ -96,6 +96,7 @@ class Config:
     name: str
     index: str
     params: dict = field(default_factory=dict)
+    sweep: list[dict] = field(default_factory=lambda: [{}])  # search settings measured on the built map
 
 
 def configurations(pca_dim: int, n: int) -> list[Config]:
@@ -106,12 +107,14 @@ def configurations(pca_dim: int, n: int) -> list[Config]:
     pca = {"pca_dim": pca_dim}
     ivf = {"pca_dim": pca_dim, "nprobe": 32}
     half = {"rerank_dtype": "float16"}
+    ef = [{"ef_search": 128}, {"ef_search": 256}, {"ef_search": 512}]
+    probes = [{"nprobe": 32}, {"nprobe": 64}, {"nprobe": 128}]
     return [config for config, largest in (
         (Config("exact", "flat"), FULL_DESCRIPTOR_LIMIT),
         (Config("hnsw", "hnsw"), 10_000),
-        (Config(f"pca{pca_dim}+hnsw+rerank", "hnsw", pca), FULL_DESCRIPTOR_LIMIT),
-        (Config(f"pca{pca_dim}+hnsw+rerank16", "hnsw", {**pca, **half}), None),
-        (Config(f"pca{pca_dim}+ivfpq+rerank16", "ivfpq", {**ivf, **half}), None),
+        (Config(f"pca{pca_dim}+hnsw+rerank", "hnsw", pca, ef), FULL_DESCRIPTOR_LIMIT),
+        (Config(f"pca{pca_dim}+hnsw+rerank16", "hnsw", {**pca, **half}, ef), None),
+        (Config(f"pca{pca_dim}+ivfpq+rerank16", "ivfpq", {**ivf, **half}, probes), None),
         (Config(f"pca{pca_dim}+hnsw", "hnsw", {**pca, "rerank": False}), 10_000),
         (Config(f"pca{pca_dim}+ivfpq", "ivfpq", {**ivf, "rerank": False}), None),
     ) if largest is None or n <= largest]
@@ -193,15 +196,19 @@ def run_size(n: int, args: argparse.Namespace) -> str:
                      np.median(exact_seconds), np.percentile(exact_seconds, 90), float("nan"), 1.0))
     for config in configs:
         keyframe_map = maps[config.name]
-        seconds = time_queries(keyframe_map, timed, args.k)
-        began = time.perf_counter()
-        results = keyframe_map.query_batch(queries, args.k)
-        batched = (time.perf_counter() - began) / len(queries)
-        top1 = np.array([r[0].keyframe_id if r else -1 for r in results])
-        recall = float(np.mean(top1 == best_id))
+        size = f"{index_bytes(keyframe_map) / 2**20:.0f}"
         factory = keyframe_map.index_config["factory"] + ("" if keyframe_map.is_trained else " (untrained: exact)")
-        rows.append((config.name, factory, f"{build_seconds[config.name]:.1f}", f"{index_bytes(keyframe_map) / 2**20:.0f}",
-                     np.median(seconds), np.percentile(seconds, 90), batched, recall))
+        for setting in config.sweep if keyframe_map.is_trained else [{}]:
+            keyframe_map.set_search_params(**setting)
+            seconds = time_queries(keyframe_map, timed, args.k)
+            began = time.perf_counter()
+            results = keyframe_map.query_batch(queries, args.k)
+            batched = (time.perf_counter() - began) / len(queries)
+            top1 = np.array([r[0].keyframe_id if r else -1 for r in results])
+            recall = float(np.mean(top1 == best_id))
+            name = " ".join([config.name, *(f"{key}={value}" for key, value in setting.items())])
+            rows.append((name, factory, f"{build_seconds[config.name]:.1f}", size,
+                         np.median(seconds), np.percentile(seconds, 90), batched, recall))
         del keyframe_map
         maps[config.name] = None
         gc.collect()
