@@ -7,6 +7,7 @@ denominator (the Pittsburgh / NetVLAD convention); :class:`RecallResult` reports
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -133,7 +134,7 @@ def plot_recall_curves(results: Sequence[tuple[str, RecallResult]], path: str, t
     axes.set_ylim(0, 100)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
-    axes.set_title(title)
+    axes.set_title(textwrap.fill(title, 70), fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
