@@ -104,7 +104,7 @@ stop_node
 trap - EXIT
 
 say "evaluate all methods on the same traversals: map from traversal 1, every frame of traversal 2 as a query"
-python -m tscm_ros.loop_evaluation --bag "$REFERENCE" --query-bag "$QUERY" --out "$OUT/evaluation" \
+evaluate --bag "$REFERENCE" --query-bag "$QUERY" --out "$OUT/evaluation" \
   --overwrite --device cpu "${EVAL_MODELS[@]}"
 
 echo

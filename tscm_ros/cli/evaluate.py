@@ -1,8 +1,8 @@
 """evaluate: recall@N of one or more models side by side.
 
 Modes (exactly one): ``--data DIR`` measures place recognition on a dataset split made by
-extract_dataset (queries against the database). Further modes add an argument to the ``mode``
-group of :func:`build_parser` and a ``_run_<mode>`` function.
+extract_dataset (queries against the database); ``--bag DIR --query-bag DIR`` measures loop-closure
+detection through the node's own code path (tscm_ros.loop_evaluation).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Sequence
 
 from tscm_ros.cli.common import run_main
 from tscm_ros.errors import ConfigError
+from tscm_ros.loop_evaluation import add_bag_arguments, run_bag_evaluation
 
 PRETRAINED = "pretrained"
 DEFAULT_STUDENT = "default"
@@ -26,11 +27,18 @@ Measure recall@N (a query counts as found when one of its top-N database matches
 recall.png (recall@N curves) and recall.json into --out. --model takes a checkpoint (teacher or
 student best.pt), 'pretrained' for the baseline (ImageNet-pretrained CNN + GeM, no place-recognition
 training) or 'default' for the untrained default student (what the node uses without --model).
+
+With --bag REFERENCE --query-bag QUERY instead of --data: loop-closure evaluation. A map is built per
+method from the reference traversal, every query frame runs through the node's code path, and
+recall@N, the top-1 precision-recall curve, average precision, maximum recall at 100 % precision and
+the per-query latency are written side by side (loop_closure.md/.json, pr_curve.png,
+trajectories.png), with the built-in baselines (--baselines) next to the given models.
 """
 
 EXAMPLE = """\
 example:
   evaluate --data data/campus --model runs/teacher/best.pt --model runs/student/best.pt --model pretrained --out eval/campus
+  evaluate --bag routes/t0 --query-bag routes/t1 --model student=runs/student/best.pt --out eval/loops
 """
 
 
@@ -41,16 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--data", metavar="DIR", help="dataset directory made by extract_dataset")
-    parser.add_argument("--model", action="append", required=True, metavar="CKPT",
-                        help=f"model checkpoint, '{PRETRAINED}' (CNN + GeM baseline) or '{DEFAULT_STUDENT}' (repeatable)")
+    mode.add_argument("--bag", metavar="DIR",
+                      help="reference traversal (rosbag2): loop-closure evaluation against a map of it; "
+                      "queries from --query-bag")
+    parser.add_argument("--model", action="append", metavar="CKPT",
+                        help=f"model checkpoint (NAME=CKPT in bag mode), '{PRETRAINED}' (CNN + GeM baseline) "
+                        f"or '{DEFAULT_STUDENT}' (repeatable; at least one with --data)")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for recall.md, recall.png, recall.json")
     parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="dataset split (default test)")
-    parser.add_argument("--radius-m", type=float, default=25.0, metavar="M",
-                        help="a retrieved frame is correct within M metres of the query (default 25)")
+    parser.add_argument("--radius-m", type=float, default=None, metavar="M",
+                        help="a retrieved frame is correct within M metres of the query "
+                        "(default 25 with --data, 10 with --bag)")
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 5, 10, 20], metavar="N", help="recall@N values (default 1 5 10 20)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    add_bag_arguments(parser)
     return parser
 
 
@@ -108,6 +122,12 @@ def _write_report(results: list, title: str, out: Path, overwrite: bool) -> None
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.bag:
+        return run_bag_evaluation(args)
+    if not args.model:
+        raise ConfigError("--data needs at least one --model (a checkpoint, 'pretrained' or 'default')")
+    if args.radius_m is None:
+        args.radius_m = 25.0
     if args.radius_m <= 0 or any(n < 1 for n in args.ns) or args.batch_size < 1:
         raise ConfigError("--radius-m, --ns and --batch-size must be positive")
     args.ns = sorted(set(args.ns))
