@@ -27,6 +27,10 @@ Index types
   ``ef_search``). Incremental adds, no training.
 - ``ivfpq``: inverted lists with product quantisation (``nlist`` lists, ``pq_m`` bytes per vector,
   ``nprobe`` lists visited per query). Needs training.
+Measured by ``bench/map_search.py`` (2048-d, PCA to 256, re-ranked, 2-core CPU): at 10k keyframes
+``hnsw`` with the default ``ef_search`` 128 answers in about 0.3 ms with 99.5 % recall@1 against exact
+search; at 100k it needs ``ef_search`` 512 (1.7 ms, 98.6 %). ``ivfpq`` needs ``nprobe`` near ``nlist / 2``
+for comparable recall; it is the choice when memory, not latency, is the limit.
 Any type can put a PCA reduction to ``pca_dim`` (optionally whitened) in front; it is learned from the
 map's own descriptors. Types that need training (``ivfpq``, or any with ``pca_dim``) keep an exact flat
 index until the map holds ``train_size`` descriptors; the ``add`` that reaches it trains on them (at most
