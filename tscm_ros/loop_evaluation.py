@@ -49,6 +49,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from tscm_ros.cli.common import add_frame_reader_arguments
 from tscm_ros.errors import BagError, ConfigError
 
 DEFAULT_NS = (1, 5, 10)
@@ -473,10 +474,7 @@ def add_bag_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("loop-closure evaluation on bags (--bag)")
     group.add_argument("--query-bag", metavar="DIR",
                        help="with --bag: the traversal whose frames are the queries (revisits the --bag route)")
-    group.add_argument("--image-topic", help="image topic in both bags (default: each bag's only image topic)")
-    group.add_argument("--pose-topic", help="ground-truth pose/odometry topic (default: each bag's only one)")
-    group.add_argument("--max-pose-gap", type=float, default=1.0, metavar="S",
-                       help="frames across a longer gap in the pose stream get no pose (default 1.0)")
+    add_frame_reader_arguments(group)
     group.add_argument("--keyframe-distance", type=float, default=2.0, metavar="M",
                        help="map keyframe every M metres of travel on the reference, as build_map (default 2.0)")
     group.add_argument("--baselines", default=",".join(BASELINES), metavar="LIST",

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tscm_ros.bag import Frame, open_frames
-from tscm_ros.cli.common import run_main
+from tscm_ros.cli.common import add_frame_reader_arguments, run_main
 from tscm_ros.describe import Describer
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.keyframe_map import INDEX_TYPES, KeyframeMap, KeyframeMeta
@@ -36,10 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="MAP", help="map directory to write")
     parser.add_argument("--model", metavar="CKPT",
                         help="student checkpoint (default: the offline-pretrained student, no VPR training)")
-    parser.add_argument("--image-topic", help="image topic (default: the bag's only image topic)")
-    parser.add_argument("--pose-topic", help="pose/odometry topic (default: the bag's only one, if any)")
-    parser.add_argument("--max-pose-gap", type=float, default=1.0, metavar="S",
-                        help="frames across a gap longer than this in the pose stream get no pose (default 1.0)")
+    add_frame_reader_arguments(parser)
     parser.add_argument("--min-distance", type=float, default=2.0, metavar="M",
                         help="a keyframe needs this much travel since the previous one (default 2.0; 0 = off)")
     parser.add_argument("--min-interval", type=float, default=0.0, metavar="S",

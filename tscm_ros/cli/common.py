@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Callable, Sequence
@@ -23,3 +24,12 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def add_frame_reader_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--image-topic, --pose-topic and --max-pose-gap: how every tool reads frames from bags (tscm_ros.bag)."""
+    parser.add_argument("--image-topic", help="sensor_msgs/Image or CompressedImage topic (default: the bag's only one)")
+    parser.add_argument("--pose-topic", help="pose topic: Odometry, PoseStamped, PoseWithCovarianceStamped or "
+                        "NavSatFix (default: the bag's only one, if any)")
+    parser.add_argument("--max-pose-gap", type=float, default=1.0, metavar="S",
+                        help="frames across a gap longer than S seconds in the pose stream get no pose (default 1.0)")

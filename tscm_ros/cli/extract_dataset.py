@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from tscm_ros.cli.common import run_main
+from tscm_ros.cli.common import add_frame_reader_arguments, run_main
 from tscm_ros.dataset import SamplingConfig, SplitConfig, extract_dataset
 
 DESCRIPTION = """\
@@ -33,15 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bag", action="append", required=True, metavar="DIR",
                         help="rosbag2 directory (repeat for several traversals; order sets sequence ids)")
     parser.add_argument("--out", required=True, metavar="DIR", help="dataset directory to create")
-    parser.add_argument("--image-topic", default=None, help="image topic (default: the only image topic in the bag)")
-    parser.add_argument("--pose-topic", default=None, help="pose topic: Odometry, PoseStamped, "
-                        "PoseWithCovarianceStamped or NavSatFix (default: the only one in the bag)")
+    add_frame_reader_arguments(parser)
     parser.add_argument("--every-m", type=float, default=0.0, metavar="M",
                         help="keep a frame only after travelling M metres since the last kept one (default 0: off)")
     parser.add_argument("--every-s", type=float, default=0.0, metavar="S",
                         help="keep a frame only S seconds after the last kept one (default 0: off)")
-    parser.add_argument("--max-gap-s", type=float, default=1.0, metavar="S",
-                        help="do not interpolate poses across gaps longer than S seconds (default 1.0)")
     parser.add_argument("--cell-m", type=float, default=50.0, metavar="M",
                         help="size of the square place cells assigned whole to one split (default 50)")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="share of frames for validation (default 0.15)")
@@ -74,7 +70,7 @@ def _main(argv: Sequence[str] | None) -> int:
             seed=args.seed,
         ),
         image_format=args.image_format,
-        max_gap_s=args.max_gap_s,
+        max_gap_s=args.max_pose_gap,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
