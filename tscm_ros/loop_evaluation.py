@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from tscm_ros.cli.common import add_frame_reader_arguments
 from tscm_ros.errors import BagError, ConfigError
+from tscm_ros.recall import recall_at_n
 
 DEFAULT_NS = (1, 5, 10)
 DEFAULT_RADIUS_M = 10.0
@@ -89,21 +90,6 @@ class LoopMetrics:
     num_queries: int
     num_with_loop: int
     num_without_candidates: int
-
-
-def recall_at_n(ranked_correct: Sequence[np.ndarray], has_loop: np.ndarray,
-                ns: Sequence[int] = DEFAULT_NS) -> dict[int, float]:
-    """Recall@N over the queries with a true loop, from each query's ranked correctness flags."""
-    has_loop = np.asarray(has_loop, dtype=bool)
-    if len(ranked_correct) != len(has_loop):
-        raise ValueError(f"{len(ranked_correct)} ranked lists for {len(has_loop)} queries")
-    answerable = int(has_loop.sum())
-    recall = {}
-    for n in ns:
-        hits = sum(bool(np.asarray(flags[:n], dtype=bool).any())
-                   for flags, loop in zip(ranked_correct, has_loop) if loop)
-        recall[int(n)] = hits / answerable if answerable else math.nan
-    return recall
 
 
 def precision_recall_curve(top1_scores: np.ndarray, top1_correct: np.ndarray, has_loop: np.ndarray) -> PRCurve:
@@ -160,12 +146,13 @@ def evaluate_loop_closures(ranked_ids: Sequence[np.ndarray], ranked_scores: Sequ
                          f"{len(within)} ground-truth rows: need one per query")
     has_loop = within.any(axis=1) if within.size else np.zeros(len(within), dtype=bool)
     ranked_correct = [within[q, np.asarray(ids, dtype=np.int64)] for q, ids in enumerate(ranked_ids)]
+    true_keyframes = [np.flatnonzero(row) for row in within]
     top1_scores = np.array([float(s[0]) if len(s) else math.nan for s in ranked_scores])
     top1_correct = np.array([bool(flags[0]) if len(flags) else False for flags in ranked_correct])
     curve = precision_recall_curve(top1_scores, top1_correct, has_loop)
     max_recall, threshold = max_recall_at_full_precision(curve)
     return LoopMetrics(
-        recall_at=recall_at_n(ranked_correct, has_loop, ns),
+        recall_at=recall_at_n(ranked_ids, true_keyframes, ns).recall,
         curve=curve,
         average_precision=average_precision(curve),
         max_recall_at_full_precision=max_recall,

@@ -2,11 +2,13 @@
 contain at least one true match.
 
 Queries without any true match in the database cannot be answered and are left out of the
-denominator (the Pittsburgh / NetVLAD convention); :class:`RecallResult` reports how many.
+denominator (the Pittsburgh / NetVLAD convention); :class:`RecallResult` reports how many. With no
+answerable query at all, recall is undefined (NaN).
 """
 
 from __future__ import annotations
 
+import math
 import textwrap
 from dataclasses import dataclass
 from typing import Sequence
@@ -70,7 +72,7 @@ def recall_at_n(
         is_match = np.isin(ranked, matches)
         for slot, n in enumerate(ns):
             hits[slot] += bool(is_match[:n].any())
-    recall = {n: (float(hits[slot]) / answerable if answerable else 0.0) for slot, n in enumerate(ns)}
+    recall = {n: (float(hits[slot]) / answerable if answerable else math.nan) for slot, n in enumerate(ns)}
     return RecallResult(recall=recall, num_queries=answerable, num_skipped=len(retrieved) - answerable)
 
 
