@@ -29,6 +29,7 @@ def test_map_holds_spaced_keyframes_with_poses_and_the_model(built_map, route_re
     assert steps.min() >= 15.0 - 1e-6
     assert keyframe_map.keyframe(0).thumbnail.shape[1] == build_map.THUMBNAIL_WIDTH
     assert set(keyframe_map.bags) == {str(route_reference)}
+    assert keyframe_map.frame_id == "odom"  # the recording's odometry frame, for the candidates' poses
 
 
 def test_existing_map_is_refused_unless_force_or_append(built_map, route_query, tmp_path, capsys):

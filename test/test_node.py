@@ -113,6 +113,7 @@ def test_revisited_places_come_back_first(harness, reference_frames, revisit_fra
         assert answer.candidates[0].keyframe_id == keyframe_id
         assert answer.candidates[0].score > 0.99
         assert [c.score for c in answer.candidates] == sorted((c.score for c in answer.candidates), reverse=True)
+        assert answer.map_frame_id == "odom" and answer.model_fingerprint
         kf = answer.candidates[0]
         assert (kf.keyframe_stamp.sec * 1_000_000_000 + kf.keyframe_stamp.nanosec) == frame.stamp_ns
         assert kf.keyframe_pose_valid

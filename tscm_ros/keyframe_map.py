@@ -202,6 +202,7 @@ class KeyframeMap:
         index: str = "flat",
         *,
         model_name: str = "",
+        frame_id: str = "",
         pca_dim: int | None = None,
         whiten: bool = False,
         rerank: bool = True,
@@ -262,6 +263,7 @@ class KeyframeMap:
         self.dim = dim
         self.model_fingerprint = str(model_fingerprint)
         self.model_name = str(model_name)
+        self.frame_id = str(frame_id)  # frame of the keyframe poses (the recording's odometry/map frame)
         self.preprocess = dict(preprocess)
         self.index_type = index
         self._params: dict[str, Any] = {
@@ -616,6 +618,7 @@ class KeyframeMap:
             "format_version": FORMAT_VERSION,
             "model_fingerprint": self.model_fingerprint,
             "model_name": self.model_name,
+            "frame_id": self.frame_id,
             "dim": self.dim,
             "preprocess": self.preprocess,
             "index": self.index_config,
@@ -661,7 +664,8 @@ class KeyframeMap:
         params = {key: value for key, value in manifest["index"].items() if key not in ("type", "factory", "trained")}
         try:
             keyframe_map = cls(manifest["dim"], manifest["model_fingerprint"], manifest["preprocess"],
-                               manifest["index"]["type"], model_name=manifest["model_name"], **params)
+                               manifest["index"]["type"], model_name=manifest["model_name"],
+                               frame_id=str(manifest.get("frame_id", "")), **params)
         except (ConfigError, TypeError) as exc:
             raise MapError(f"{root / MANIFEST_FILE} has invalid index settings: {exc}") from exc
         keyframe_map._source = f"map {root}"

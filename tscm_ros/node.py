@@ -206,6 +206,8 @@ class PlaceRecognitionNode(Node):
     def _on_pose(self, message) -> None:
         with self._lock:
             self._pose_frame_id = message.header.frame_id
+            if self._mapping and not self.detector.map.frame_id:
+                self.detector.map.frame_id = message.header.frame_id
             self._poses.add(_stamp_ns(message.header.stamp), pose_from_message(message))
 
     def _on_save_map(self, request, response):
@@ -261,7 +263,7 @@ class PlaceRecognitionNode(Node):
         if pose is not None:
             _fill_pose(out.query_pose, pose)
             out.query_pose_frame_id = pose_frame_id
-        out.map_frame_id = self.detector.map.frame_id if hasattr(self.detector.map, "frame_id") else ""
+        out.map_frame_id = self.detector.map.frame_id
         out.model_fingerprint = self.detector.describer.fingerprint
         for candidate in detection.candidates:
             item = LoopCandidate(keyframe_id=candidate.keyframe_id, distance=candidate.distance,

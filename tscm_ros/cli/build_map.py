@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from tscm_ros.bag import Frame, open_frames
+from tscm_ros.bag import Frame, FrameReader, open_frames
 from tscm_ros.cli.common import add_frame_reader_arguments, run_main
 from tscm_ros.describe import Describer
 from tscm_ros.errors import ConfigError, MapError
@@ -54,12 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _frames_in_background(bags: Sequence[str], args, motion: KeyframeSelector, counts: dict) -> Iterator[Frame]:
+def _pose_frame_id(readers: Sequence[FrameReader], keyframe_map: KeyframeMap) -> str:
+    """The one frame of all the bags' poses (and of the map's, when appending)."""
+    frame_ids = {reader.pose_frame_id for reader in readers if reader.pose_frame_id}
+    if keyframe_map.frame_id and len(keyframe_map):
+        frame_ids.add(keyframe_map.frame_id)
+    if len(frame_ids) > 1:
+        raise MapError(f"poses in different frames ({', '.join(sorted(frame_ids))}): a map holds poses of one "
+                       "frame; build one map per frame")
+    return frame_ids.pop() if frame_ids else keyframe_map.frame_id
+
+
+def _frames_in_background(readers: Sequence[FrameReader], batch_size: int, motion: KeyframeSelector,
+                          counts: dict) -> Iterator[Frame]:
     """Frames that pass the travel/time test, decoded in a thread so decoding overlaps inference."""
-    readers = [open_frames(bag, image_topic=args.image_topic, pose_topic=args.pose_topic,
-                           max_gap_s=args.max_pose_gap) for bag in bags]
-    counts["readers"] = readers
-    frames: queue.Queue = queue.Queue(maxsize=4 * args.batch_size)
+    frames: queue.Queue = queue.Queue(maxsize=4 * batch_size)
     done = object()
 
     def read() -> None:
@@ -108,8 +117,11 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    readers = [open_frames(bag, image_topic=args.image_topic, pose_topic=args.pose_topic,
+                           max_gap_s=args.max_pose_gap) for bag in args.bag]
     describer = Describer.from_checkpoint(args.model, device=args.device, batch_size=args.batch_size)
     keyframe_map = _open_target(args, describer)
+    keyframe_map.frame_id = _pose_frame_id(readers, keyframe_map)
     # Travel and time pick candidate keyframes while reading; the appearance test, which needs their
     # descriptors, then drops candidates too similar to the previous keyframe.
     motion = KeyframeSelector(min_interval_s=args.min_interval, min_distance_m=args.min_distance)
@@ -130,7 +142,7 @@ def _main(argv: Sequence[str] | None) -> int:
                                 thumbnail=_thumbnail(frame.image) if args.thumbnails else None)
             keyframe_map.add(descriptor[None, :], [meta])
 
-    for frame in _frames_in_background(args.bag, args, motion, counts):
+    for frame in _frames_in_background(readers, args.batch_size, motion, counts):
         batch.append(frame)
         if len(batch) == args.batch_size:
             describe_and_add(batch)
@@ -143,7 +155,7 @@ def _main(argv: Sequence[str] | None) -> int:
         raise MapError(f"no keyframes were selected from {', '.join(args.bag)}; nothing written to {args.out}")
     keyframe_map.save(args.out)
     elapsed = time.perf_counter() - started
-    for reader in counts["readers"]:
+    for reader in readers:
         print(reader.summary())
     print(f"build_map: read {counts['read']} frames, kept {added} keyframes "
           f"({len(keyframe_map)} in the map) in {elapsed:.1f} s = {counts['read'] / elapsed:.1f} frames/s; "
