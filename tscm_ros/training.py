@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from tscm_ros.describe import resolve_device
 from tscm_ros.checkpoint import load_checkpoint, load_model_config, save_checkpoint
 from tscm_ros.dataset import Dataset, MiningConfig, PlaceGraph, Triplets, load_dataset, mine_triplets, require_split
 from tscm_ros.errors import CheckpointError, ConfigError, DatasetError
@@ -203,15 +204,12 @@ def default_config_path(kind: str) -> Path:
 # Small helpers
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' is the GPU when one is present, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} requested but no CUDA GPU is available")
-        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-    return torch.device("cpu")
+def training_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device as ``describe.resolve_device`` picks it; a bare 'cuda' means this process's GPU under torchrun."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
+    return device
 
 
 @contextmanager
@@ -393,7 +391,7 @@ def train(
         )
 
     distributed = _init_distributed()
-    device = resolve_device(config.device, distributed.local_rank)
+    device = training_device(config.device, distributed.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     use_amp = config.amp and device.type == "cuda"
