@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from rosbags.rosbag1 import Writer as Ros1Writer
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
@@ -116,7 +118,14 @@ def test_frames_without_poses_are_counted(tmp_path):
                 m.header.stamp.sec * 10**9 + m.header.stamp.nanosec <= cut]
     frames = list(reader := open_frames(write_bag(tmp_path / "bag", messages)))
     assert [f.pose is not None for f in frames] == [True, True, False, False, False, False]
-    assert "4 frames without pose" in reader.summary()
+    assert "4 frames without pose (4 outside the pose stream, 0 in gaps over 1 s)" in reader.summary()
+    # a 2 s hole in the pose stream around the third image
+    hole = (START_NS + 8 * 50_000_000, START_NS + 12 * 50_000_000)
+    messages = [(t, m) for t, m in straight_route(n_images=6) if t != "/pose" or
+                not hole[0] < m.header.stamp.sec * 10**9 + m.header.stamp.nanosec < hole[1]]
+    frames = list(reader := open_frames(write_bag(tmp_path / "gap", messages), max_gap_s=0.15))
+    assert [f.pose is not None for f in frames] == [True, True, False, True, True, True]
+    assert "1 frames without pose (0 outside the pose stream, 1 in gaps over 0.15 s)" in reader.summary()
 
 
 def test_topic_detection_errors(tmp_path):
@@ -136,6 +145,41 @@ def test_topic_detection_errors(tmp_path):
     assert open_frames(no_poses).pose_topic is None
     with pytest.raises(BagError, match="no pose topic '/odom'"):
         open_frames(no_poses, pose_topic="/odom")
+
+
+def test_ros1_bag_with_two_publishers_on_one_topic(tmp_path):
+    ros1 = get_typestore(Stores.ROS1_NOETIC)
+    R = ros1.types
+    path = tmp_path / "old.bag"
+    with Ros1Writer(path) as writer:
+        cameras = [writer.add_connection("/camera/image_raw", "sensor_msgs/msg/Image", typestore=ros1,
+                                         callerid=f"/driver{k}") for k in range(2)]
+        odom = writer.add_connection("/odom", "nav_msgs/msg/Odometry", typestore=ros1)
+        for i in range(8):
+            t = START_NS + i * 100_000_000
+            stamp = R["builtin_interfaces/msg/Time"](sec=t // 10**9, nanosec=t % 10**9)
+            head = R["std_msgs/msg/Header"](seq=i, stamp=stamp, frame_id="odom")
+            pose = R["geometry_msgs/msg/PoseWithCovariance"](
+                pose=R["geometry_msgs/msg/Pose"](position=R["geometry_msgs/msg/Point"](x=float(i), y=0.0, z=0.0),
+                                                 orientation=R["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.0, w=1.0)),
+                covariance=np.zeros(36))
+            zero = R["geometry_msgs/msg/Vector3"](x=0.0, y=0.0, z=0.0)
+            twist = R["geometry_msgs/msg/TwistWithCovariance"](
+                twist=R["geometry_msgs/msg/Twist"](linear=zero, angular=zero), covariance=np.zeros(36))
+            message = R["nav_msgs/msg/Odometry"](header=head, child_frame_id="base_link", pose=pose, twist=twist)
+            writer.write(odom, t, ros1.serialize_ros1(message, "nav_msgs/msg/Odometry"))
+            if i in (2, 5):
+                t += 50_000_000
+                stamp = R["builtin_interfaces/msg/Time"](sec=t // 10**9, nanosec=t % 10**9)
+                image = R["sensor_msgs/msg/Image"](
+                    header=R["std_msgs/msg/Header"](seq=i, stamp=stamp, frame_id="camera"), height=2, width=2,
+                    encoding="bgr8", is_bigendian=0, step=6, data=np.tile(np.uint8([1, 2, 3]), 4))
+                writer.write(cameras[i == 5], t, ros1.serialize_ros1(image, "sensor_msgs/msg/Image"))
+    reader = open_frames(path)
+    frames = list(reader)
+    assert (len(reader), reader.pose_topic) == (2, "/odom")
+    assert [f.pose.position[0] for f in frames] == pytest.approx([2.5, 5.5])
+    np.testing.assert_array_equal(frames[0].image[0, 0], [3, 2, 1])
 
 
 def test_missing_and_damaged_bags(tmp_path):
@@ -160,20 +204,23 @@ def test_missing_and_damaged_bags(tmp_path):
 
 def test_navsatfix_becomes_local_metres(tmp_path):
     messages = []
-    lat0, lon0 = 48.0, 11.0
+    lat0, lon0 = 45.0, 11.0
     for i in range(10):
         t = START_NS + i * 100_000_000
-        # 1e-5 degrees of latitude ~ 1.113 m north; of longitude ~ 0.745 m east at 48 degrees
-        messages.append(("/fix", NavSatFix(header=header(t, "gps"), status=NavSatStatus(status=0, service=1),
-                                           latitude=lat0 + i * 1e-5, longitude=lon0 + i * 1e-5, altitude=500.0 + i,
+        status = NavSatStatus(status=-1 if i == 0 else 0, service=1)  # the first message has no fix
+        altitude = math.nan if i == 7 else 500.0 + i
+        messages.append(("/fix", NavSatFix(header=header(t, "gps"), status=status, latitude=lat0 + i * 1e-4,
+                                           longitude=lon0 + i * 1e-4, altitude=altitude,
                                            position_covariance=np.zeros(9), position_covariance_type=0)))
-        if i == 5:
+        if i in (5, 7):
             messages.append(("/camera/image_raw", raw_image(np.zeros((2, 2, 3), np.uint8), t)))
-    frame = next(iter(open_frames(write_bag(tmp_path / "gps", messages))))
-    east, north, up = frame.pose.position
-    assert north == pytest.approx(5 * 1.11319, rel=1e-3)
-    assert east == pytest.approx(5 * 1.11319 * math.cos(math.radians(48.0)), rel=1e-3)
-    assert up == pytest.approx(5.0)
+    frames = list(open_frames(write_bag(tmp_path / "gps", messages)))
+    # On WGS84 at 45 degrees a degree of latitude is 111132.95 m and of longitude 78847 m; origin = fix 1.
+    east, north, up = frames[0].pose.position
+    assert north == pytest.approx(4 * 11.113295, rel=1e-4)
+    assert east == pytest.approx(4 * 7.8847, rel=1e-4)
+    assert up == pytest.approx(4.0, abs=1e-3)
+    assert frames[1].pose.position[2] == pytest.approx(0.0, abs=1e-2)  # unknown altitude: the origin's
 
 
 # ----- image conversion ------------------------------------------------------------------------------
@@ -200,14 +247,22 @@ def test_mono_bayer_and_padded_rows():
     gray16 = image_message_to_rgb(Image(header=header(0, "c"), height=5, width=7, encoding="mono16",
                                         is_bigendian=0, step=14, data=mono16.view(np.uint8).reshape(-1)))
     np.testing.assert_array_equal(gray16[:, :, 0], mono)
-    bayer = image_message_to_rgb(Image(header=header(0, "c"), height=4, width=4, encoding="bayer_rggb8",
-                                       is_bigendian=0, step=4, data=np.full(16, 100, np.uint8)))
-    assert bayer.shape == (4, 4, 3) and bayer.dtype == np.uint8
     padded = np.zeros((5, 7 * 3 + 3), np.uint8)
     padded[:, :21] = RGB.reshape(5, 21)
     message = Image(header=header(0, "c"), height=5, width=7, encoding="rgb8", is_bigendian=0, step=24,
                     data=padded.reshape(-1))
     np.testing.assert_array_equal(image_message_to_rgb(message), RGB)
+
+
+@pytest.mark.parametrize("pattern", ["rggb", "bggr", "gbrg", "grbg"])
+def test_bayer_patterns_demosaic_to_the_right_colours(pattern):
+    colour = {"r": 200, "g": 100, "b": 30}
+    mosaic = np.empty((8, 8), np.uint8)
+    for k, channel in enumerate(pattern):  # 2x2 cells: top-left, top-right, bottom-left, bottom-right
+        mosaic[k // 2::2, k % 2::2] = colour[channel]
+    rgb = image_message_to_rgb(Image(header=header(0, "c"), height=8, width=8, encoding=f"bayer_{pattern}8",
+                                     is_bigendian=0, step=8, data=mosaic.reshape(-1)))
+    np.testing.assert_array_equal(rgb[2:6, 2:6].reshape(-1, 3), np.tile([200, 100, 30], (16, 1)))
 
 
 def test_compressed_images():
@@ -244,6 +299,33 @@ def test_malformed_image_in_a_bag_is_skipped_and_counted(tmp_path):
     broken = raw_image(np.zeros((4, 4, 3), np.uint8), START_NS + 3)
     broken.step = 5
     messages.insert(3, ("/camera/image_raw", broken))
-    reader = open_frames(write_bag(tmp_path / "bag", messages))
-    assert len(list(reader)) == 4
-    assert "1 malformed images skipped" in reader.summary()
+    bag = write_bag(tmp_path / "bag", messages)
+    with Writer(tmp_path / "garbled", version=9) as writer:  # the same bag plus one message of garbage bytes
+        connections = {}
+        for topic, message in messages:
+            if topic not in connections:
+                connections[topic] = writer.add_connection(topic, message.__msgtype__, typestore=TYPESTORE)
+            stamp = message.header.stamp
+            writer.write(connections[topic], stamp.sec * 10**9 + stamp.nanosec,
+                         TYPESTORE.serialize_cdr(message, message.__msgtype__))
+        writer.write(connections["/camera/image_raw"], START_NS + 4, b"\x00\x01\x00\x00\xff\xff\xff\x7f")
+    for path, malformed in [(bag, 1), (tmp_path / "garbled", 2)]:
+        reader = open_frames(path)
+        assert len(list(reader)) == 4
+        assert f"{malformed} malformed images skipped" in reader.summary()
+        assert len(list(reader)) == 4 and reader.frames_malformed == malformed  # counts restart per pass
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sensor_msgs") is None, reason="needs the ROS 2 sensor_msgs wheel")
+def test_live_rclpy_messages_convert_like_bag_messages():
+    from sensor_msgs.msg import CompressedImage as LiveCompressedImage
+    from sensor_msgs.msg import Image as LiveImage
+
+    live = LiveImage(height=5, width=7, encoding="bgr8", is_bigendian=0, step=21,
+                     data=np.ascontiguousarray(RGB[:, :, ::-1]).tobytes())
+    np.testing.assert_array_equal(image_message_to_rgb(live), RGB)
+    ok, png = cv2.imencode(".png", RGB[:, :, ::-1])
+    np.testing.assert_array_equal(image_message_to_rgb(LiveCompressedImage(format="png", data=png.tobytes())), RGB)
+    live.step = 20
+    with pytest.raises(ImageDecodeError, match="step 20 is smaller"):
+        image_message_to_rgb(live)

@@ -45,7 +45,8 @@ POSE_TYPES = (
     "geometry_msgs/msg/PoseWithCovarianceStamped",
     "sensor_msgs/msg/NavSatFix",
 )
-EARTH_RADIUS_M = 6_378_137.0
+WGS84_A = 6_378_137.0  # semi-major axis, metres
+WGS84_E2 = 6.694_379_990_14e-3  # first eccentricity squared
 IDENTITY_QUATERNION = np.array([0.0, 0.0, 0.0, 1.0])
 
 
@@ -119,6 +120,7 @@ def image_message_to_rgb(msg) -> np.ndarray:
 # ----- poses --------------------------------------------------------------------------------------------
 
 def stamp_to_ns(stamp) -> int:
+    """Nanoseconds of a builtin_interfaces/Time (ROS 1 times have the same field names in rosbags)."""
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
@@ -164,9 +166,11 @@ class PoseInterpolator:
 
     @property
     def time_range_ns(self) -> tuple[int, int] | None:
+        """(first, last) stamp of the stream, None while empty."""
         return (self._stamps[0], self._stamps[-1]) if self._stamps else None
 
     def add(self, stamp_ns: int, pose: Pose) -> None:
+        """Insert a pose at its stamp (late arrivals go into place)."""
         if not self._stamps or stamp_ns >= self._stamps[-1]:
             self._stamps.append(stamp_ns)
             self._poses.append(pose)
@@ -195,22 +199,41 @@ class PoseInterpolator:
                     orientation=slerp(a.orientation, b.orientation, t))
 
 
+def _geodetic_to_ecef(latitude_deg: float, longitude_deg: float, altitude_m: float) -> np.ndarray:
+    lat, lon = math.radians(latitude_deg), math.radians(longitude_deg)
+    prime_vertical = WGS84_A / math.sqrt(1.0 - WGS84_E2 * math.sin(lat) ** 2)
+    return np.array([(prime_vertical + altitude_m) * math.cos(lat) * math.cos(lon),
+                     (prime_vertical + altitude_m) * math.cos(lat) * math.sin(lon),
+                     (prime_vertical * (1.0 - WGS84_E2) + altitude_m) * math.sin(lat)])
+
+
 class NavSatFixToLocal:
-    """GNSS fixes to metres in a local east-north-up frame at the first valid fix (equirectangular,
-    accurate to centimetres over a few kilometres). Orientation is unknown: identity."""
+    """GNSS fixes to metres in the east-north-up tangent frame at the first valid fix (WGS84 ellipsoid).
+
+    Fixes with status NO_FIX or a non-finite latitude/longitude give None; an unknown (NaN) altitude is
+    taken as the origin's. Orientation is unknown: identity.
+    """
 
     def __init__(self) -> None:
-        self._origin: tuple[float, float, float] | None = None
+        self._origin: np.ndarray | None = None
+        self._to_enu: np.ndarray | None = None
+        self._origin_altitude = 0.0
 
     def __call__(self, msg) -> Pose | None:
-        if msg.status.status < 0 or not all(map(math.isfinite, (msg.latitude, msg.longitude, msg.altitude))):
+        if msg.status.status < 0 or not (math.isfinite(msg.latitude) and math.isfinite(msg.longitude)):
             return None
         if self._origin is None:
-            self._origin = (msg.latitude, msg.longitude, msg.altitude)
-        lat0, lon0, alt0 = self._origin
-        east = math.radians(msg.longitude - lon0) * EARTH_RADIUS_M * math.cos(math.radians(lat0))
-        north = math.radians(msg.latitude - lat0) * EARTH_RADIUS_M
-        return Pose(position=np.array([east, north, msg.altitude - alt0]), orientation=IDENTITY_QUATERNION.copy())
+            self._origin_altitude = msg.altitude if math.isfinite(msg.altitude) else 0.0
+            self._origin = _geodetic_to_ecef(msg.latitude, msg.longitude, self._origin_altitude)
+            lat, lon = math.radians(msg.latitude), math.radians(msg.longitude)
+            self._to_enu = np.array([
+                [-math.sin(lon), math.cos(lon), 0.0],
+                [-math.sin(lat) * math.cos(lon), -math.sin(lat) * math.sin(lon), math.cos(lat)],
+                [math.cos(lat) * math.cos(lon), math.cos(lat) * math.sin(lon), math.sin(lat)],
+            ])
+        altitude = msg.altitude if math.isfinite(msg.altitude) else self._origin_altitude
+        enu = self._to_enu @ (_geodetic_to_ecef(msg.latitude, msg.longitude, altitude) - self._origin)
+        return Pose(position=enu, orientation=IDENTITY_QUATERNION.copy())
 
 
 # ----- reading bags -------------------------------------------------------------------------------------
@@ -220,7 +243,7 @@ def _pick_topic(connections, types: tuple[str, ...], wanted: str | None, what: s
     by_topic = {c.topic: c for c in connections if c.msgtype in types}
     if wanted is not None:
         if wanted not in by_topic:
-            available = ", ".join(f"{c.topic} ({c.msgtype})" for c in connections) or "none"
+            available = ", ".join(sorted({f"{c.topic} ({c.msgtype})" for c in connections})) or "none"
             raise BagError(f"{path}: no {what} topic {wanted!r} of a supported type; topics in the bag: {available}")
         return by_topic[wanted]
     if len(by_topic) == 1:
@@ -234,7 +257,12 @@ def _pick_topic(connections, types: tuple[str, ...], wanted: str | None, what: s
 
 
 class FrameReader:
-    """Frames of one image topic of one bag, in stamp order of recording, with interpolated poses."""
+    """Frames of one image topic of one bag with interpolated poses, in recording order.
+
+    ``image_topic`` / ``pose_topic`` None: auto-detect (exactly one candidate of a supported type; several
+    raise BagError listing them; no pose topic means frames without poses). A named topic must exist.
+    The pose stream is read once on opening; images are streamed on each iteration (memory stays bounded).
+    """
 
     def __init__(self, path: str | Path, image_topic: str | None = None, pose_topic: str | None = None,
                  max_gap_s: float = 1.0, progress: bool = False) -> None:
@@ -242,7 +270,7 @@ class FrameReader:
         self.progress = progress
         self.poses = PoseInterpolator(max_gap_s=max_gap_s)
         self.pose_frame_id = ""
-        self.frames_read = self.frames_without_pose = self.frames_malformed = 0
+        self._reset_counts()
         if not self.path.exists():
             raise BagError(f"{self.path}: no such bag")
         with self._open() as reader:
@@ -267,18 +295,29 @@ class FrameReader:
         finally:
             reader.close()
 
-    def _messages(self, reader: AnyReader, connection) -> Iterator[tuple[int, object]]:
+    def _messages(self, reader: AnyReader, topic: str) -> Iterator[tuple[int, object | None]]:
+        """(log time, message) of every connection on ``topic`` (a ROS 1 bag has one per publisher);
+        the message is None where its bytes do not deserialize."""
+        connections = [c for c in reader.connections if c.topic == topic]
         try:
-            for conn, log_time, raw in reader.messages(connections=[connection]):
-                yield log_time, reader.deserialize(raw, conn.msgtype)
+            for conn, log_time, raw in reader.messages(connections=connections):
+                try:
+                    message = reader.deserialize(raw, conn.msgtype)
+                except Exception as exc:  # one damaged message: the caller skips and counts it
+                    log.warning("%s: a %s message on %s at %d does not deserialize: %s",
+                                self.path, conn.msgtype, conn.topic, log_time, exc)
+                    message = None
+                yield log_time, message
         except TscmError:
             raise
         except Exception as exc:
-            raise BagError(f"{self.path}: the bag is damaged or truncated ({connection.topic}): {exc}") from exc
+            raise BagError(f"{self.path}: the bag is damaged or truncated ({topic}): {exc}") from exc
 
     def _read_poses(self, reader: AnyReader, connection) -> None:
         to_local = NavSatFixToLocal() if connection.msgtype == "sensor_msgs/msg/NavSatFix" else None
-        for log_time, msg in self._messages(reader, connection):
+        for log_time, msg in self._messages(reader, connection.topic):
+            if msg is None:
+                continue
             pose = to_local(msg) if to_local else pose_from_message(msg)
             if pose is not None:
                 self.pose_frame_id = self.pose_frame_id or msg.header.frame_id
@@ -286,16 +325,25 @@ class FrameReader:
         if len(self.poses) == 0:
             raise BagError(f"{self.path}: pose topic {connection.topic} has no usable message")
 
+    def _reset_counts(self) -> None:
+        self.frames_read = self.frames_malformed = 0
+        self.frames_without_pose = self.frames_outside_poses = self.frames_in_pose_gap = 0
+
     def __len__(self) -> int:
+        """Image messages on the image topic (malformed ones included)."""
         return self._count
 
     def __iter__(self) -> Iterator[Frame]:
+        """Frames in the bag's recording (log-time) order; the counts of ``summary()`` restart."""
+        self._reset_counts()
         with self._open() as reader:
-            connection = next(c for c in reader.connections if c.topic == self.image_topic)
-            messages = self._messages(reader, connection)
+            messages = self._messages(reader, self.image_topic)
             if self.progress:
                 messages = tqdm(messages, total=len(self), unit="frame", desc=self.path.name)
             for index, (log_time, msg) in enumerate(messages):
+                if msg is None:
+                    self.frames_malformed += 1
+                    continue
                 try:
                     image = image_message_to_rgb(msg)
                 except ImageDecodeError as exc:
@@ -306,15 +354,26 @@ class FrameReader:
                 stamp_ns = stamp_to_ns(msg.header.stamp) or log_time
                 pose = self.poses.at(stamp_ns) if self.pose_topic else None
                 self.frames_read += 1
-                self.frames_without_pose += pose is None
+                if pose is None:
+                    self.frames_without_pose += 1
+                    if self.pose_topic:
+                        first, last = self.poses.time_range_ns
+                        if first <= stamp_ns <= last:
+                            self.frames_in_pose_gap += 1
+                        else:
+                            self.frames_outside_poses += 1
                 yield Frame(stamp_ns=stamp_ns, image=image, pose=pose, bag=str(self.path), index=index)
 
     def summary(self) -> str:
         """One line: what was read, and what was skipped or has no pose."""
-        poses = (f"poses from {self.pose_topic} ({len(self.poses)} messages)" if self.pose_topic
-                 else "no pose topic")
+        if self.pose_topic:
+            poses = (f"poses from {self.pose_topic} ({len(self.poses)} messages), {self.frames_without_pose} "
+                     f"frames without pose ({self.frames_outside_poses} outside the pose stream, "
+                     f"{self.frames_in_pose_gap} in gaps over {self.poses.max_gap_ns / 1e9:g} s)")
+        else:
+            poses = f"no pose topic, {self.frames_without_pose} frames without pose"
         return (f"{self.path}: {self.frames_read} frames from {self.image_topic}, {poses}, "
-                f"{self.frames_without_pose} frames without pose, {self.frames_malformed} malformed images skipped")
+                f"{self.frames_malformed} malformed images skipped")
 
 
 def open_frames(bag_path: str | Path, image_topic: str | None = None, pose_topic: str | None = None,
