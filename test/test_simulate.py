@@ -30,17 +30,39 @@ def _messages(bag):
 def test_bag_has_the_promised_topics_counts_and_stamps(tmp_path, storage):
     bag = simulate_route(tmp_path / "bag", laps=2, storage=storage, compressed=True, **SMALL)
     topics, stamps = _messages(bag)
+    # 6 images per 120 m lap at 5 m/s: one every 4 s, so odometry at 10 Hz is 40 messages per image
     assert topics == {"/camera/image_raw": ("sensor_msgs/msg/Image", 12),
                       "/camera/image_raw/compressed": ("sensor_msgs/msg/CompressedImage", 12),
-                      "/odom": ("nav_msgs/msg/Odometry", 36)}
+                      "/odom": ("nav_msgs/msg/Odometry", 12 * 40)}
     for topic, frame_id in [("/camera/image_raw", "camera"), ("/odom", "odom")]:
         times = [t for t, _ in stamps[topic]]
         assert np.all(np.diff(times) > 0), f"{topic} stamps not increasing"
         assert {f for _, f in stamps[topic]} == {frame_id}
+    image_times = np.array([t for t, _ in stamps["/camera/image_raw"]])
+    odom_times = np.array([t for t, _ in stamps["/odom"]])
+    assert np.diff(odom_times).max() <= 100_000_000
+    # every image falls strictly between two odometry messages, so its pose is interpolated
+    assert odom_times[0] < image_times[0] and odom_times[-1] > image_times[-1]
+    assert not set(image_times) & set(odom_times)
     frames = list(open_frames(bag, image_topic="/camera/image_raw"))
     assert all(f.pose is not None and f.image.shape == (48, 64, 3) for f in frames)
     # the second lap revisits the first lap's positions
     np.testing.assert_allclose(frames[0].pose.position, frames[6].pose.position, atol=1e-6)
+
+
+def test_later_traversals_revisit_the_places_along_other_points_of_the_road(tmp_path):
+    route = Route(120.0)
+    centre_line = np.array([route.at(s)[0] for s in np.arange(0, 120, 0.05)])
+    poses = {}
+    for traversal in (0, 1):
+        bag = simulate_route(tmp_path / f"t{traversal}", traversal=traversal, appearance_change=1.0,
+                             **{**SMALL, "frames": 12, "width": 32, "height": 24})
+        poses[traversal] = np.array([f.pose.position[:2] for f in open_frames(bag)])
+    off_line = {t: np.linalg.norm(p[:, None] - centre_line[None], axis=2).min(axis=1) for t, p in poses.items()}
+    assert off_line[0].max() < 0.01  # the reference drives the centre line
+    assert 0.1 < off_line[1].max() < 2.0  # the revisit keeps to one side, weaving a little
+    nearest = np.linalg.norm(poses[1][:, None] - poses[0][None], axis=2).min(axis=1)
+    assert np.all(nearest > 0.5) and np.all(nearest < 10.0 / 2 + 2.0)  # images 10 m apart on each drive
 
 
 def test_same_seed_same_bytes_other_traversal_other_look(tmp_path):

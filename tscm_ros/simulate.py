@@ -1,14 +1,18 @@
 """Rendered test routes: a camera driving a closed loop through a textured town, written as a rosbag2.
 
-The world (road, buildings, poles, their textures) depends only on ``seed``; ``traversal`` 0 is the
-reference drive, and each later traversal revisits the same places under changed appearance: light
-direction and colour, time-of-day tint, exposure, sensor noise, a lateral offset and a small yaw wobble of
-the camera, and clutter objects placed anew. ``appearance_change`` in [0, 1] scales all of it. Rendering
-is pybullet's CPU TinyRenderer (offscreen), so the same arguments give byte-identical images.
+The world (grass, an asphalt road, pavements in blocks of colour, road-side buildings with procedural
+facades, poles) depends only on ``seed``; ``traversal`` 0 is the reference drive, and each later
+traversal revisits the same places under changed appearance: a new sun direction, and, scaled by
+``appearance_change`` in [0, 1], light colour, a dusk sky, tint, exposure, sensor noise, more clutter
+objects placed anew, and a different drive (a lateral offset with a slow weave, a small heading wobble,
+camera height, images taken at other points along the route). Rendering is pybullet's CPU TinyRenderer
+(offscreen), so the same arguments give byte-identical images.
 
 Topics: ``/camera/image_raw`` (sensor_msgs/Image, rgb8, frame ``camera``), optionally
-``/camera/image_raw/compressed`` (JPEG), and ``/odom`` (nav_msgs/Odometry ground truth of ``base_link``
-in ``odom``, at three times the image rate).
+``/camera/image_raw/compressed`` (JPEG), and ``/odom`` (nav_msgs/Odometry, the exact pose of
+``base_link`` in ``odom``, at least three times per image and 10 Hz, between the image stamps). All
+traversals of a seed share one metric frame, so positions compare across bags. The camera sits on
+``base_link``, looking along its heading.
 """
 
 from __future__ import annotations
@@ -32,7 +36,11 @@ IMAGE_TOPIC = "/camera/image_raw"
 COMPRESSED_TOPIC = "/camera/image_raw/compressed"
 ODOM_TOPIC = "/odom"
 SPEED_M_S = 5.0
-ODOM_PER_IMAGE = 3
+ROAD_WIDTH_M = 7.0
+ROAD_SEGMENT_M = 4.0
+PAVEMENT_WIDTH_M = 2.0
+MIN_ODOM_PER_IMAGE = 3
+MAX_ODOM_PERIOD_NS = 100_000_000  # odometry at 10 Hz or faster, so sparse images still get poses
 START_SEC = 1_700_000_000
 CAMERA_HEIGHT_M = 1.6
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
@@ -112,13 +120,12 @@ class _World:
 
     def __init__(self, route: Route, seed: int, traversal: int, appearance_change: float) -> None:
         import pybullet
-        import pybullet_data
 
         self.p = pybullet
         self.client = pybullet.connect(pybullet.DIRECT)
         self._texture_dir = Path(tempfile.mkdtemp(prefix="tscm_textures_"))
         try:
-            self._build(route, seed, traversal, appearance_change, pybullet_data.getDataPath())
+            self._build(route, seed, traversal, appearance_change)
         except BaseException:
             self.close()
             raise
@@ -131,10 +138,28 @@ class _World:
         if texture is not None:
             p.changeVisualShape(body, -1, textureUniqueId=texture, rgbaColor=[1, 1, 1, 1], physicsClientId=c)
 
-    def _build(self, route: Route, seed: int, traversal: int, change: float, data_path: str) -> None:
+    def _build(self, route: Route, seed: int, traversal: int, change: float) -> None:
         p, c = self.p, self.client
-        p.setAdditionalSearchPath(data_path, physicsClientId=c)
-        p.loadURDF("plane.urdf", physicsClientId=c)
+        long_side, short_side, radius = route._sides
+        self._box([0.0, 0.0, -0.05], [long_side / 2 + radius + 60, short_side / 2 + radius + 60, 0.05], 0.0,
+                  [0.33, 0.45, 0.28, 1])  # grass
+        pavement = np.random.default_rng([seed, 5])
+
+        def paving() -> np.ndarray:  # painted, so that blocks of the street differ
+            return pavement.uniform(0.3, 0.9, 3)
+
+        colours = {-1: paving(), 1: paving()}
+        for s in np.arange(0.0, route.length_m, ROAD_SEGMENT_M):  # asphalt and pavements, in short pieces
+            centre, heading = route.at(s + ROAD_SEGMENT_M / 2)
+            normal = np.array([-math.sin(heading), math.cos(heading)])
+            self._box([*centre, 0.005], [ROAD_SEGMENT_M / 2 + 0.3, ROAD_WIDTH_M / 2, 0.005], heading,
+                      [0.27, 0.27, 0.29, 1])
+            for side in (-1, 1):  # each block of pavement has its own colour
+                if pavement.random() < ROAD_SEGMENT_M / 20.0:
+                    colours[side] = paving()
+                xy = centre + side * normal * (ROAD_WIDTH_M / 2 + PAVEMENT_WIDTH_M / 2)
+                self._box([*xy, 0.06], [ROAD_SEGMENT_M / 2 + 0.3, PAVEMENT_WIDTH_M / 2, 0.06], heading,
+                          [*colours[side], 1])
         world = np.random.default_rng(seed)
         textures = [p.loadTexture(str(t), physicsClientId=c) for t in _textures(world, self._texture_dir, 24)]
         s = 0.0
@@ -144,8 +169,8 @@ class _World:
             for side in (-1, 1):
                 if world.random() < 0.15:
                     continue
-                offset = world.uniform(6.0, 11.0)
-                half = [world.uniform(1.0, 3.0), world.uniform(1.0, 3.0), world.uniform(1.5, 6.0)]
+                offset = world.uniform(6.0, 8.0)  # a street: facades just behind the pavement
+                half = [world.uniform(2.0, 5.0), world.uniform(1.5, 4.0), world.uniform(2.0, 9.0)]
                 xy = centre + side * normal * (offset + half[1])
                 texture = textures[int(world.integers(len(textures)))] if world.random() < 0.8 else None
                 rgba = [*world.uniform(0.2, 1.0, 3), 1]
@@ -162,24 +187,36 @@ class _World:
             half = clutter.uniform(0.2, 0.7, 3)
             self._box([*xy, half[2]], list(half), clutter.uniform(0, math.pi), [*clutter.uniform(0, 1, 3), 1])
 
-    def render(self, eye, target, width: int, height: int, light_direction, light_color, ambient) -> np.ndarray:
+    def render(self, eye, target, width: int, height: int, light_direction, light_color,
+               ambient) -> tuple[np.ndarray, np.ndarray]:
+        """RGB (H, W, 3) uint8 and the sky mask (H, W) bool: pixels that hit no object."""
         p = self.p
         view = p.computeViewMatrix(eye, target, [0, 0, 1], physicsClientId=self.client)
         projection = p.computeProjectionMatrixFOV(70.0, width / height, 0.1, 150.0, physicsClientId=self.client)
-        _, _, rgba, _, _ = p.getCameraImage(
+        _, _, rgba, _, segmentation = p.getCameraImage(
             width, height, view, projection, renderer=p.ER_TINY_RENDERER, lightDirection=light_direction,
             lightColor=light_color, lightAmbientCoeff=ambient, lightDiffuseCoeff=0.6, lightSpecularCoeff=0.05,
             shadow=0, physicsClientId=self.client)
-        return np.asarray(rgba, dtype=np.uint8).reshape(height, width, 4)[:, :, :3]
+        rgb = np.asarray(rgba, dtype=np.uint8).reshape(height, width, 4)[:, :, :3]
+        return rgb, np.asarray(segmentation).reshape(height, width) < 0
 
     def close(self) -> None:
         self.p.disconnect(physicsClientId=self.client)
         shutil.rmtree(self._texture_dir, ignore_errors=True)
 
 
+DAY_SKY = ((95.0, 145.0, 215.0), (200.0, 220.0, 240.0))  # zenith, horizon (RGB)
+DUSK_SKY = ((60.0, 70.0, 125.0), (240.0, 160.0, 95.0))
+
+
 @dataclass(frozen=True)
 class Appearance:
-    """How a traversal looks: lighting, colour grading, camera offsets. Traversal 0 is the reference."""
+    """How a traversal looks and how the vehicle drives it. Traversal 0 is the reference.
+
+    The vehicle keeps ``lateral_m`` to the left of the centre line plus a slow weave of ``weave_m``, and
+    its heading wobbles by up to ``yaw_wobble_rad``; all of it is part of the published ground truth.
+    ``arc_offset`` (a fraction of the image spacing) shifts where along the route images are taken.
+    """
 
     light_direction: tuple[float, float, float]
     light_color: tuple[float, float, float]
@@ -190,6 +227,11 @@ class Appearance:
     lateral_m: float
     yaw_wobble_rad: float
     height_m: float
+    sky: tuple[tuple[float, float, float], tuple[float, float, float]] = DAY_SKY
+    weave_m: float = 0.0
+    weave_period_m: float = 60.0
+    weave_phase: float = 0.0
+    arc_offset: float = 0.0
 
     @classmethod
     def for_traversal(cls, seed: int, traversal: int, change: float) -> "Appearance":
@@ -208,7 +250,31 @@ class Appearance:
             lateral_m=change * rng.uniform(0.5, 1.2) * rng.choice([-1, 1]),
             yaw_wobble_rad=change * math.radians(4.0),
             height_m=CAMERA_HEIGHT_M + change * rng.uniform(-0.2, 0.2),
+            sky=tuple(tuple((1 - evening) * np.array(day) + evening * np.array(dusk))
+                      for day, dusk in zip(DAY_SKY, DUSK_SKY)),
+            weave_m=change * rng.uniform(0.2, 0.6),
+            weave_period_m=rng.uniform(40.0, 90.0),
+            weave_phase=rng.uniform(0, 2 * math.pi),
+            arc_offset=change * rng.uniform(0.3, 0.7),
         )
+
+    def vehicle_pose(self, route: Route, s: float) -> tuple[np.ndarray, float]:
+        """Position (x, y) and heading of ``base_link`` after ``s`` metres of this traversal."""
+        centre, heading = route.at(s)
+        wave = 2 * math.pi * s / self.weave_period_m + self.weave_phase
+        normal = np.array([-math.sin(heading), math.cos(heading)])
+        xy = centre + (self.lateral_m + self.weave_m * math.sin(wave)) * normal
+        return xy, heading + self.yaw_wobble_rad * math.sin(0.7 * wave + 1.0)
+
+    def grade(self, rgb: np.ndarray, sky_mask: np.ndarray, noise: np.random.Generator) -> np.ndarray:
+        """Paint the sky, apply tint, gain and sensor noise: the final uint8 image."""
+        image = rgb.astype(np.float32)
+        # zenith colour at the top row, horizon colour a little above the image centre and below
+        rows = np.clip(np.arange(rgb.shape[0], dtype=np.float32) / (0.45 * rgb.shape[0]), 0, 1)[:, None, None]
+        gradient = (1 - rows) * np.float32(self.sky[0]) + rows * np.float32(self.sky[1])
+        image = np.where(sky_mask[:, :, None], gradient, image)
+        image = image * self.tint * self.gain + noise.normal(0, self.noise, rgb.shape)
+        return np.clip(image, 0, 255).astype(np.uint8)
 
 
 def _odometry(typestore, stamp_ns: int, xy: np.ndarray, heading: float):
@@ -229,7 +295,14 @@ def simulate_route(out: str | Path, seed: int = 0, traversal: int = 0, frames: i
                    height: int = 240, laps: int = 1, storage: str = "sqlite3", compressed: bool = False,
                    appearance_change: float = 0.6, route_length_m: float = 300.0, force: bool = False,
                    progress: bool = True) -> Path:
-    """Render ``frames`` images per lap of one traversal into a rosbag2 at ``out`` (written atomically)."""
+    """Render one traversal into a rosbag2 directory at ``out`` and return its path.
+
+    ``frames`` images per lap, evenly spaced along a closed route of ``route_length_m`` metres driven
+    ``laps`` times at 5 m/s; ``/odom`` carries the exact vehicle pose at least three times per image and
+    at 10 Hz or more, at stamps between the image stamps. The bag is written into a temp dir next to
+    ``out`` and renamed into place; an existing ``out`` is replaced only with ``force``. Raises
+    ConfigError on invalid arguments.
+    """
     out = Path(out)
     if frames < 2 or width < 16 or height < 16 or laps < 1 or route_length_m < 50:
         raise ConfigError("simulate_route: need frames >= 2, width and height >= 16, laps >= 1, route length >= 50 m")
@@ -244,11 +317,16 @@ def simulate_route(out: str | Path, seed: int = 0, traversal: int = 0, frames: i
 
     route = Route(route_length_m)
     look = Appearance.for_traversal(seed, traversal, appearance_change)
-    wobble = np.random.default_rng([seed, traversal, 3])
     noise = np.random.default_rng([seed, traversal, 4])
     spacing = route_length_m / frames
     image_period_ns = int(spacing / SPEED_M_S * 1e9)
+    odom_per_image = max(MIN_ODOM_PER_IMAGE, math.ceil(image_period_ns / MAX_ODOM_PERIOD_NS))
     start_ns = (START_SEC + 3600 * traversal) * 10**9
+    first_s = look.arc_offset * spacing
+
+    def pose_at(stamp_ns: int) -> tuple[np.ndarray, float]:
+        return look.vehicle_pose(route, first_s + SPEED_M_S * (stamp_ns - start_ns) / 1e9)
+
     typestore = get_typestore(Stores.ROS2_HUMBLE)
     T = typestore.types
 
@@ -264,21 +342,20 @@ def simulate_route(out: str | Path, seed: int = 0, traversal: int = 0, frames: i
                          if compressed else None)
             total = frames * laps
             for i in tqdm(range(total), desc=f"rendering {out.name}", unit="frame", disable=not progress):
-                for k in range(ODOM_PER_IMAGE):
-                    t = start_ns + i * image_period_ns + k * image_period_ns // ODOM_PER_IMAGE
-                    xy, heading = route.at(SPEED_M_S * (t - start_ns) / 1e9)
+                stamp_ns = start_ns + i * image_period_ns
+                # Odometry at even steps, the first half a step before the image: no stamp coincides with
+                # an image stamp, so every image pose is interpolated.
+                for k in range(odom_per_image):
+                    t = stamp_ns + (2 * k - 1) * image_period_ns // (2 * odom_per_image)
+                    xy, heading = pose_at(t)
                     writer.write(odom_conn, t, typestore.serialize_cdr(_odometry(typestore, t, xy, heading),
                                                                       "nav_msgs/msg/Odometry"))
-                stamp_ns = start_ns + i * image_period_ns
-                xy, heading = route.at(i * spacing)
-                normal = np.array([-math.sin(heading), math.cos(heading)])
-                eye_xy = xy + look.lateral_m * normal
-                yaw = heading + look.yaw_wobble_rad * wobble.uniform(-1, 1)
-                eye = [eye_xy[0], eye_xy[1], look.height_m]
-                target = [eye_xy[0] + 10 * math.cos(yaw), eye_xy[1] + 10 * math.sin(yaw), look.height_m - 0.3]
-                rgb = world.render(eye, target, width, height, look.light_direction, look.light_color, look.ambient)
-                graded = rgb.astype(np.float32) * look.tint * look.gain + noise.normal(0, look.noise, rgb.shape)
-                rgb = np.clip(graded, 0, 255).astype(np.uint8)
+                xy, yaw = pose_at(stamp_ns)
+                eye = [xy[0], xy[1], look.height_m]
+                target = [xy[0] + 10 * math.cos(yaw), xy[1] + 10 * math.sin(yaw), look.height_m + 0.5]  # 3 deg up
+                rgb, sky = world.render(eye, target, width, height, look.light_direction, look.light_color,
+                                        look.ambient)
+                rgb = look.grade(rgb, sky, noise)
                 header = T["std_msgs/msg/Header"](
                     stamp=T["builtin_interfaces/msg/Time"](sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9),
                     frame_id="camera")
@@ -290,10 +367,19 @@ def simulate_route(out: str | Path, seed: int = 0, traversal: int = 0, frames: i
                     message = T["sensor_msgs/msg/CompressedImage"](header=header, format="jpeg", data=jpeg.reshape(-1))
                     writer.write(jpeg_conn, stamp_ns,
                                  typestore.serialize_cdr(message, "sensor_msgs/msg/CompressedImage"))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(bag_dir, out)
+        _move_into_place(bag_dir, out)
     finally:
         world.close()
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _move_into_place(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``; an existing ``target`` is moved aside first and deleted after."""
+    if not target.exists():
+        os.replace(source, target)
+        return
+    old = source.parent / f"{target.name}.old"
+    os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
