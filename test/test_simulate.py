@@ -46,6 +46,9 @@ def test_bag_has_the_promised_topics_counts_and_stamps(tmp_path, storage):
     assert not set(image_times) & set(odom_times)
     frames = list(open_frames(bag, image_topic="/camera/image_raw"))
     assert all(f.pose is not None and f.image.shape == (48, 64, 3) for f in frames)
+    jpeg_frames = list(open_frames(bag, image_topic="/camera/image_raw/compressed"))
+    assert [f.stamp_ns for f in jpeg_frames] == [f.stamp_ns for f in frames]
+    assert all(np.abs(j.image.astype(int) - f.image).mean() < 8 for j, f in zip(jpeg_frames, frames))
     # the second lap revisits the first lap's positions
     np.testing.assert_allclose(frames[0].pose.position, frames[6].pose.position, atol=1e-6)
 
@@ -91,3 +94,14 @@ def test_refuses_to_overwrite_and_bad_values(tmp_path):
     assert cli.main(["--out", str(tmp_path / "bag"), "--frames", "6", "--width", "64", "--height", "48"]) == 2
     assert cli.main(["--out", str(tmp_path / "x"), "--appearance-change", "2"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_command_line_writes_a_bag_and_says_what_it_wrote(tmp_path, capsys):
+    out = tmp_path / "cli_bag"
+    argv = ["--out", str(out), "--frames", "4", "--width", "32", "--height", "24", "--route-length", "100",
+            "--storage", "mcap", "--laps", "2", "--seed", "5", "--traversal", "1", "--appearance-change", "0.5"]
+    assert cli.main(argv) == 0
+    assert "wrote 8 frames (32x24) of traversal 1, seed 5" in capsys.readouterr().out
+    assert len(list(out.glob("*.mcap"))) == 1 and len(open_frames(out)) == 8
+    assert cli.main(argv + ["--force"]) == 0  # replaces the bag
+    assert len(open_frames(out)) == 8 and [p.name for p in tmp_path.iterdir()] == ["cli_bag"]
