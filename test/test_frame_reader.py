@@ -40,8 +40,10 @@ def raw_image(rgb: np.ndarray, stamp_ns: int, encoding: str = "rgb8") -> Image:
                  is_bigendian=0, step=rgb.shape[1] * rgb.shape[2], data=rgb.reshape(-1))
 
 
-def write_bag(path: Path, messages: list[tuple[str, object]], storage=StoragePlugin.SQLITE3) -> Path:
-    """messages: (topic, message) in log order; the log time is the header stamp."""
+def write_bag(path: Path, messages: list[tuple[str, object]], storage=StoragePlugin.SQLITE3,
+              raw: list[tuple[str, int, bytes]] = ()) -> Path:
+    """messages: (topic, message) in log order; the log time is the header stamp. ``raw``: (topic, log time,
+    bytes) written as they are, on a topic of ``messages``."""
     with Writer(path, version=9, storage_plugin=storage) as writer:
         connections = {}
         for topic, message in messages:
@@ -50,6 +52,8 @@ def write_bag(path: Path, messages: list[tuple[str, object]], storage=StoragePlu
             stamp = message.header.stamp
             writer.write(connections[topic], stamp.sec * 10**9 + stamp.nanosec,
                          TYPESTORE.serialize_cdr(message, message.__msgtype__))
+        for topic, log_time, data in raw:
+            writer.write(connections[topic], log_time, data)
     return path
 
 
@@ -300,15 +304,9 @@ def test_malformed_image_in_a_bag_is_skipped_and_counted(tmp_path):
     broken.step = 5
     messages.insert(3, ("/camera/image_raw", broken))
     bag = write_bag(tmp_path / "bag", messages)
-    with Writer(tmp_path / "garbled", version=9) as writer:  # the same bag plus one message of garbage bytes
-        connections = {}
-        for topic, message in messages:
-            if topic not in connections:
-                connections[topic] = writer.add_connection(topic, message.__msgtype__, typestore=TYPESTORE)
-            stamp = message.header.stamp
-            writer.write(connections[topic], stamp.sec * 10**9 + stamp.nanosec,
-                         TYPESTORE.serialize_cdr(message, message.__msgtype__))
-        writer.write(connections["/camera/image_raw"], START_NS + 4, b"\x00\x01\x00\x00\xff\xff\xff\x7f")
+    # the same bag plus one message of garbage bytes
+    write_bag(tmp_path / "garbled", messages,
+              raw=[("/camera/image_raw", START_NS + 4, b"\x00\x01\x00\x00\xff\xff\xff\x7f")])
     for path, malformed in [(bag, 1), (tmp_path / "garbled", 2)]:
         reader = open_frames(path)
         assert len(list(reader)) == 4
