@@ -20,7 +20,8 @@ case "${1:-}" in
   *) echo "usage: tools/demo.sh [--train]" >&2; exit 2 ;;
 esac
 
-CACHE=.cache/demo
+# Rendered routes are cached per version of the simulator (re-rendered when tscm_ros/simulate.py changes).
+CACHE=.cache/demo/$(sha256sum tscm_ros/simulate.py | cut -c1-12)
 OUT=demo_output
 FRAMES=${DEMO_FRAMES:-120}
 # The installed executables (also what `ros2 run tscm_ros ...` runs).
