@@ -125,9 +125,9 @@ def tiny_student(tmp_path_factory):
 
 
 def bag_args(reference, query, out, *extra):
-    from tscm_ros.loop_evaluation import build_bag_parser
+    from tscm_ros.cli.evaluate import build_parser
 
-    return build_bag_parser().parse_args(["--bag", str(reference), "--query-bag", str(query), "--out", str(out),
+    return build_parser().parse_args(["--bag", str(reference), "--query-bag", str(query), "--out", str(out),
                                           "--device", "cpu", *extra])
 
 

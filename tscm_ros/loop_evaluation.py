@@ -457,7 +457,7 @@ BASELINE_NAMES = {"gem": "GeM baseline (pretrained, no training)", "student": "s
 def add_bag_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options only bag mode has. It also reads ``--bag`` (reference traversal), ``--model``
     (repeatable NAME=CKPT or CKPT; may be absent), ``--out``, ``--radius-m`` (None = 10 m), ``--ns``,
-    ``--device``, ``--batch-size`` and ``--overwrite``, which ``build_bag_parser`` defines."""
+    ``--device``, ``--batch-size`` and ``--overwrite``, which ``tscm_ros.cli.evaluate`` defines."""
     group = parser.add_argument_group("loop-closure evaluation on bags (--bag)")
     group.add_argument("--query-bag", metavar="DIR",
                        help="with --bag: the traversal whose frames are the queries (revisits the --bag route)")
@@ -470,32 +470,6 @@ def add_bag_arguments(parser: argparse.ArgumentParser) -> None:
                        f"(default {','.join(BASELINES)})")
     group.add_argument("--bow-words", type=int, default=1000, metavar="K",
                        help="ORB vocabulary size, trained on the reference keyframes (default 1000)")
-
-
-def build_bag_parser() -> argparse.ArgumentParser:
-    """A stand-alone parser for bag-mode evaluation (``python -m tscm_ros.loop_evaluation``)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m tscm_ros.loop_evaluation",
-        description="Loop-closure evaluation: build a map per method from a reference traversal, run every "
-        "frame of a query traversal through the node's code path, and report recall@N, the top-1 "
-        "precision-recall curve, AP, max recall at 100 %% precision and per-query latency, side by side.",
-        epilog="example: python -m tscm_ros.loop_evaluation --bag route_t0 --query-bag route_t1 "
-        "--model student=runs/student/best.pt --out eval/route")
-    parser.add_argument("--bag", required=True, metavar="DIR", help="reference traversal (rosbag2) for the maps")
-    parser.add_argument("--model", action="append", metavar="NAME=CKPT",
-                        help="a checkpoint to evaluate (teacher or student), optionally named; 'pretrained' "
-                        "(GeM baseline) and 'default' (default student) as in evaluate --data (repeatable)")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="report directory: loop_closure.md/.json, pr_curve.png, trajectories.png, CSVs")
-    parser.add_argument("--radius-m", type=float, default=None, metavar="M",
-                        help=f"a candidate is correct within M metres of the query (default {DEFAULT_RADIUS_M:g})")
-    parser.add_argument("--ns", type=int, nargs="+", default=list(DEFAULT_NS), metavar="N",
-                        help="recall@N values (default 1 5 10)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass when mapping (default 16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    add_bag_arguments(parser)
-    return parser
 
 
 @dataclass(frozen=True)
@@ -593,14 +567,3 @@ def run_bag_evaluation(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'loop_closure.md'}, {out / 'pr_curve.png'}, {out / 'trajectories.png'} "
           f"(per-query CSVs and loop_closure.json alongside)")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point of bag-mode evaluation; ``error: ...`` and exit code 2 on bad input."""
-    from tscm_ros.cli.common import run_main
-
-    return run_main(lambda a: run_bag_evaluation(build_bag_parser().parse_args(a)), argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
