@@ -225,13 +225,12 @@ class PlaceRecognitionNode(Node):
     def _work(self) -> None:
         last_start = 0.0
         while self._running:
+            wait = last_start + self._min_period_s - time.monotonic()
+            if wait > 0:  # max_rate_hz: images arriving meanwhile replace each other in the inbox
+                time.sleep(wait)
             message = self._inbox.take(timeout_s=0.2)
             if message is None:
                 continue
-            wait = last_start + self._min_period_s - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-                message = self._inbox.take(timeout_s=0.0) or message  # a newer image may have come meanwhile
             last_start = time.monotonic()
             try:
                 self._process(message)
