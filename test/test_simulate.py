@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from rosbags.highlevel import AnyReader
@@ -9,7 +11,7 @@ from rosbags.highlevel import AnyReader
 from tscm_ros.bag import open_frames
 from tscm_ros.cli import simulate_route as cli
 from tscm_ros.errors import ConfigError
-from tscm_ros.simulate import Route, simulate_route
+from tscm_ros.simulate import BLOCK_M, CONDITIONS, Appearance, Route, _World, simulate_route
 
 SMALL = dict(frames=6, width=64, height=48, route_length_m=120.0, progress=False)
 
@@ -105,3 +107,160 @@ def test_command_line_writes_a_bag_and_says_what_it_wrote(tmp_path, capsys):
     assert len(list(out.glob("*.mcap"))) == 1 and len(open_frames(out)) == 8
     assert cli.main(argv + ["--force"]) == 0  # replaces the bag
     assert len(open_frames(out)) == 8 and [p.name for p in tmp_path.iterdir()] == ["cli_bag"]
+
+
+def _frames(bag):
+    return list(open_frames(bag))
+
+
+def _bag_bytes(bag):
+    with AnyReader([bag]) as reader:
+        return [(conn.topic, log_time, bytes(raw)) for conn, log_time, raw in reader.messages()]
+
+
+def test_default_options_change_nothing(tmp_path):
+    for traversal in (0, 1):
+        plain = simulate_route(tmp_path / f"plain{traversal}", traversal=traversal, **SMALL)
+        explicit = simulate_route(tmp_path / f"explicit{traversal}", traversal=traversal, condition="auto",
+                                  aliasing=0.0, skip_arc=None, **SMALL)
+        assert _bag_bytes(plain) == _bag_bytes(explicit)
+
+
+def test_hard_conditions_change_the_look_and_the_drive(tmp_path):
+    small = {**SMALL, "frames": 4}
+    reference = _frames(simulate_route(tmp_path / "reference", **small))
+    route = Route(small["route_length_m"])
+    centre_line = np.array([route.at(s)[0] for s in np.arange(0, route.length_m, 0.05)])
+    frames, poses = {}, {}
+    for condition in [c for c in CONDITIONS if c != "auto"]:
+        frames[condition] = _frames(simulate_route(tmp_path / condition, traversal=1, condition=condition, **small))
+        poses[condition] = np.array([f.pose.position for f in frames[condition]])
+        assert all(not np.array_equal(f.image, r.image) for f, r in zip(frames[condition], reference))
+    for condition in poses:  # the drive depends on seed and traversal only: the same under every condition
+        np.testing.assert_array_equal(poses[condition], poses["day"])
+    off_line = np.linalg.norm(poses["day"][:, None, :2] - centre_line[None], axis=2).min(axis=1)
+    assert np.all(off_line > 0.7) and np.all(off_line < 2.4)  # 1-2 m to one side, weaving
+    day, night, haze = (np.array([f.image for f in frames[c]], np.float32) for c in ("day", "night", "haze"))
+    assert night.mean() < 0.5 * day.mean()
+    assert night[..., 2].mean() > night[..., 0].mean()  # bluish
+    assert haze.mean() > day.mean()  # towards a light grey
+
+    def contrast(images):  # RMS contrast, and the mean gradient
+        grey = images.mean(axis=3)
+        return ((grey.std(axis=(1, 2)) / grey.mean(axis=(1, 2))).mean(),
+                np.abs(np.diff(grey, axis=1)).mean() + np.abs(np.diff(grey, axis=2)).mean())
+
+    assert np.all(np.array(contrast(haze)) < 0.9 * np.array(contrast(day)))
+    # the season repaints the facades and the clutter condition puts more objects in view
+    for condition in ("season", "clutter"):
+        assert all(not np.array_equal(f.image, d.image) for f, d in zip(frames[condition], frames["day"]))
+
+
+def test_a_condition_on_traversal_zero_is_a_reference_under_that_condition(tmp_path):
+    reference = _frames(simulate_route(tmp_path / "reference", **SMALL))
+    night = _frames(simulate_route(tmp_path / "night", condition="night", **SMALL))
+    np.testing.assert_array_equal([f.pose.position for f in night], [f.pose.position for f in reference])
+    assert np.mean([f.image.mean() for f in night]) < 0.5 * np.mean([f.image.mean() for f in reference])
+
+
+def _layout(world, block):
+    """The buildings and poles of one street block, placed relative to the block's start."""
+    return [(round(p.s - block * BLOCK_M, 9), p.side, p.distance, p.half_extents, p.turn, p.colour, p.texture)
+            for p in world.pieces if p.s // BLOCK_M == block]
+
+
+def test_aliasing_copies_street_blocks_the_same_way_for_every_traversal():
+    route = Route(300.0)
+    reference = Appearance.for_traversal(0, 0, 0.6)
+    worlds = {"plain": _World(route, 0, 0, reference, 0.0),
+              "aliased": _World(route, 0, 0, reference, 0.4),
+              "again": _World(route, 0, 0, reference, 0.4),
+              "season": _World(route, 0, 2, Appearance.for_traversal(0, 2, 0.6, "season"), 0.4)}
+    try:
+        plain, aliased = worlds["plain"], worlds["aliased"]
+        assert plain.copies == {} and len(aliased.copies) == round(0.4 * 15)
+        for other in ("again", "season"):  # deterministic, and a property of the world, not of the traversal
+            assert worlds[other].copies == aliased.copies and worlds[other].pieces == aliased.pieces
+            assert all(all(np.array_equal(a[k], b[k]) for k in a) for a, b in zip(worlds[other].paint, aliased.paint))
+        per_block = round(BLOCK_M / 4.0)
+        for block in range(15):
+            source = aliased.copies.get(block, block)
+            assert source <= block and source not in aliased.copies
+            assert _layout(aliased, block) == _layout(plain, source)  # a copy, or left as it was
+            for j in range(per_block):
+                painted = aliased.paint[block * per_block + j]
+                assert all(np.array_equal(painted[k], plain.paint[source * per_block + j][k]) for k in (-1, 1))
+        assert any(_layout(aliased, block) != _layout(plain, block) for block in aliased.copies)
+    finally:
+        for world in worlds.values():
+            world.close()
+
+
+def test_aliased_places_look_alike():
+    """Looking sideways at the facades from the middle of blocks on one straight: a copied block looks like
+    its original (only the clutter, which is placed at random, differs), two original blocks do not."""
+    route = Route(1000.0)  # the first straight holds blocks 0 to 8
+    look = Appearance.for_traversal(0, 0, 0.6)
+    world = _World(route, 0, 0, look, 0.5)
+    try:
+        def view(block):
+            centre, heading = route.at((block + 0.5) * BLOCK_M)
+            assert heading == 0.0
+            normal = np.array([-math.sin(heading), math.cos(heading)])
+            rgb, _, _ = world.render([*centre, 1.6], [*(centre + 10 * normal), 4.6], 64, 48, look.light_direction,
+                                     look.light_color, look.ambient)
+            return rgb
+
+        def same(a, b):
+            return np.mean(np.all(view(a) == view(b), axis=2))
+
+        pairs = [(block, source) for block, source in world.copies.items() if block <= 8]
+        originals = [block for block in range(9) if block not in world.copies]
+        assert pairs and len(originals) >= 2
+        assert all(same(block, source) > 0.85 for block, source in pairs)
+        assert all(same(a, b) < 0.3 for a, b in zip(originals, originals[1:]))
+    finally:
+        world.close()
+
+
+def test_skip_arc_leaves_out_the_images_of_a_stretch(tmp_path):
+    small = {**SMALL, "frames": 10}  # images at 0, 0.1, ..., 0.9 of the lap
+    full = simulate_route(tmp_path / "full", **small)
+    skipped = simulate_route(tmp_path / "skipped", skip_arc=(0.25, 0.55), **small)
+    full_frames, kept = _frames(full), _frames(skipped)
+    assert [f.stamp_ns for f in kept] == [f.stamp_ns for i, f in enumerate(full_frames) if i not in (3, 4, 5)]
+    full_by_stamp = {f.stamp_ns: f.image for f in full_frames}
+    assert all(np.array_equal(f.image, full_by_stamp[f.stamp_ns]) for f in kept)  # otherwise the same images
+    topics, stamps = _messages(skipped)  # odometry goes on through the gap, at 10 Hz, as without skip_arc
+    assert topics["/camera/image_raw"][1] == 7 and topics["/odom"] == _messages(full)[0]["/odom"]
+    odom_times = np.array([t for t, _ in stamps["/odom"]])
+    assert np.all(np.diff(odom_times) > 0) and np.diff(odom_times).max() <= 100_000_000
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"condition": "fog"}, "condition must be one of auto, day, night, haze, season, clutter"),
+    ({"aliasing": 1.5}, r"aliasing must be in \[0, 1\]"),
+    ({"aliasing": -0.1}, r"aliasing must be in \[0, 1\]"),
+    ({"skip_arc": (0.5, 0.2)}, "skip_arc must be"),
+    ({"skip_arc": (-0.1, 0.2)}, "skip_arc must be"),
+    ({"skip_arc": (0.2, 1.5)}, "skip_arc must be"),
+    ({"skip_arc": (0.0, 1.0)}, "leaves no image"),
+])
+def test_bad_new_options_are_refused(tmp_path, options, message):
+    with pytest.raises(ConfigError, match=message):
+        simulate_route(tmp_path / "bag", **SMALL, **options)
+    assert not (tmp_path / "bag").exists()
+
+
+def test_command_line_takes_the_new_options(tmp_path, capsys):
+    out = tmp_path / "bag"
+    argv = ["--out", str(out), "--frames", "10", "--width", "32", "--height", "24", "--route-length", "100",
+            "--traversal", "1", "--condition", "haze", "--aliasing", "0.3", "--skip-arc", "0.25,0.55"]
+    assert cli.main(argv) == 0
+    assert "wrote 7 frames (32x24) of traversal 1, seed 0" in capsys.readouterr().out
+    assert len(open_frames(out)) == 7
+    assert cli.main(["--out", str(tmp_path / "x"), "--skip-arc", "0.2"]) == 2
+    assert "--skip-arc must be START,END" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--out", str(tmp_path / "x"), "--condition", "fog"])
+    assert not (tmp_path / "x").exists()

@@ -6,18 +6,34 @@ import argparse
 import time
 from typing import Sequence
 
+from rosbags.rosbag2 import Reader
+
 from tscm_ros.cli.common import run_main
-from tscm_ros.simulate import STORAGES, simulate_route
+from tscm_ros.errors import ConfigError
+from tscm_ros.simulate import CONDITIONS, IMAGE_TOPIC, STORAGES, simulate_route
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simulate_route",
-        description="Render one traversal of a closed-loop route through a seeded 3D town (pybullet, CPU) and "
-        "write it as a rosbag2 with sensor_msgs/Image on /camera/image_raw and nav_msgs/Odometry ground "
-        "truth on /odom. Traversal 0 is the reference; traversals 1, 2, ... revisit the same places "
-        "(same --seed) under changed light, colour, exposure, camera offsets and clutter.",
-        epilog="example: simulate_route --out routes/t0 --traversal 0 && simulate_route --out routes/t1 --traversal 1",
+        description="""\
+Render one traversal of a closed-loop route through a seeded 3D town (pybullet, CPU) and write it as a
+rosbag2 with sensor_msgs/Image on /camera/image_raw and nav_msgs/Odometry ground truth on /odom.
+Traversal 0 is the reference; traversals 1, 2, ... revisit the same places (same --seed, same
+--aliasing) under changed light, colour, exposure, camera offsets and clutter.
+
+--condition auto (the default) scales a random change by --appearance-change. The other conditions are
+hard changes for benchmarks; with them, traversals >= 1 also drive 1-2 m off the centre line with a
+slow weave, a heading wobble of 3-5 degrees, the camera up to 0.3 m higher or lower, and take images at
+other points along the route (all of it in the /odom ground truth). --traversal 0 with a condition
+is a reference under that condition, driven on the centre line.""",
+        epilog="""\
+examples:
+  simulate_route --out routes/t0 --traversal 0 && simulate_route --out routes/t1 --traversal 1
+  a hard benchmark (perceptual aliasing, a stretch the map never saw, a night-time query):
+    simulate_route --out routes/ref --aliasing 0.3 --skip-arc 0.4,0.5
+    simulate_route --out routes/night --aliasing 0.3 --traversal 1 --condition night""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, metavar="BAG", help="rosbag2 directory to write")
     parser.add_argument("--seed", type=int, default=0, help="world seed: same seed, same town (default 0)")
@@ -29,11 +45,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=240, help="image height (default 240)")
     parser.add_argument("--appearance-change", type=float, default=0.6, metavar="X",
                         help="strength of the appearance change of traversals >= 1, in [0, 1] (default 0.6)")
+    parser.add_argument("--condition", choices=list(CONDITIONS), default="auto",
+                        help="the change of appearance (default auto): "
+                        + "; ".join(f"{name}: {text}" for name, text in CONDITIONS.items()))
+    parser.add_argument("--aliasing", type=float, default=0.0, metavar="X",
+                        help="fraction in [0, 1] of the 20 m street blocks whose buildings, poles and pavements copy "
+                        "an earlier block, so that distinct places look alike; part of the world, so give every "
+                        "traversal of a --seed the same value (default 0)")
+    parser.add_argument("--skip-arc", metavar="START,END",
+                        help="write no images where the position along the lap, as a fraction in [0, 1], is in "
+                        "[START, END), e.g. 0.4,0.5: a reference that never mapped that stretch, so query images "
+                        "there have no true match (odometry goes on through the gap)")
     parser.add_argument("--storage", choices=sorted(STORAGES), default="sqlite3", help="rosbag2 storage (default sqlite3)")
     parser.add_argument("--compressed", action="store_true",
                         help="also write JPEG sensor_msgs/CompressedImage on /camera/image_raw/compressed")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
+
+
+def _interval(text: str | None) -> tuple[float, float] | None:
+    """``START,END`` as two floats (None stays None)."""
+    if text is None:
+        return None
+    try:
+        start, end = (float(value) for value in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--skip-arc must be START,END, two fractions of the lap, got {text!r}") from None
+    return start, end
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -42,12 +80,15 @@ def _main(argv: Sequence[str] | None) -> int:
     out = simulate_route(args.out, seed=args.seed, traversal=args.traversal, frames=args.frames, width=args.width,
                          height=args.height, laps=args.laps, storage=args.storage, compressed=args.compressed,
                          appearance_change=args.appearance_change, route_length_m=args.route_length,
-                         force=args.force)
+                         force=args.force, condition=args.condition, aliasing=args.aliasing,
+                         skip_arc=_interval(args.skip_arc))
     elapsed = time.perf_counter() - started
-    count = args.frames * args.laps
+    with Reader(out) as reader:
+        count = sum(c.msgcount for c in reader.connections if c.topic == IMAGE_TOPIC)
     print(f"simulate_route: wrote {count} frames ({args.width}x{args.height}) of traversal {args.traversal}, "
-          f"seed {args.seed}, {args.laps} x {args.route_length:.0f} m, to {out} ({args.storage}) "
-          f"in {elapsed:.1f} s ({count / elapsed:.1f} frames/s)")
+          f"seed {args.seed}, {args.laps} x {args.route_length:.0f} m, condition {args.condition}, "
+          f"aliasing {args.aliasing:g}, to {out} ({args.storage}) in {elapsed:.1f} s "
+          f"({count / elapsed:.1f} frames/s)")
     return 0
 
 
