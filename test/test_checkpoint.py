@@ -65,7 +65,7 @@ def test_fingerprint_depends_on_weights_config_and_preprocessing():
     base = model_fingerprint(config, preprocess, state)
     assert base == model_fingerprint(json.loads(json.dumps(config)), preprocess, dict(reversed(state.items())))
     changed = {k: v.clone() for k, v in state.items()}
-    changed["patch_embedding.bias"][0] += 1e-6
+    changed["token_projection.bias"][0] += 1e-6
     assert model_fingerprint(config, preprocess, changed) != base
     assert model_fingerprint({**config, "name": "other"}, preprocess, state) != base
     other_preprocess = type(preprocess)(**{**preprocess.to_dict(), "resize": "short_side_center_crop"})
@@ -113,7 +113,7 @@ def test_edited_weights_fail_the_fingerprint_check(tmp_path):
     model, config, preprocess = tiny("student")
     path = tmp_path / "student.pt"
     save_checkpoint(path, model, config, preprocess)
-    rewrite(path, lambda p: p["state_dict"]["patch_embedding.weight"].mul_(1.5))
+    rewrite(path, lambda p: p["state_dict"]["token_projection.weight"].mul_(1.5))
     with pytest.raises(CheckpointError, match="fingerprint mismatch"):
         load_checkpoint(path)
 
@@ -125,7 +125,7 @@ def test_weights_that_do_not_match_the_config_are_rejected(tmp_path):
 
     def more_clusters(payload):
         changed = json.loads(payload["model_config"])
-        changed["patch_branch"]["clusters"] = 8
+        changed["vlad_branch"]["clusters"] = 8
         payload["model_config"] = json.dumps(changed)
 
     rewrite(path, more_clusters)

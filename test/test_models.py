@@ -126,6 +126,25 @@ def test_gem_against_hand_computed_values():
     assert isinstance(GeM().p, nn.Parameter)
 
 
+def test_netvlad_initialisation_from_tokens_assigns_each_cluster_its_own_tokens():
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.nn.functional.normalize(torch.randn(4, 16, generator=generator), dim=1)
+    tokens = (directions.repeat_interleave(50, dim=0) + 0.05 * torch.randn(200, 16, generator=generator)).unsqueeze(0)
+    vlad = NetVLADLoupe(16, 4, output_dim=8, gating=False)
+    vlad.init_from_tokens(tokens)
+    for mode in (vlad.train, vlad.eval):  # the assignment batch norm starts as the identity in both modes
+        mode()
+        with torch.no_grad():
+            logits = vlad.assignment_norm(vlad.assignment(torch.nn.functional.normalize(tokens[0], dim=1)))
+            weights = torch.softmax(logits, dim=1)
+        assignment = weights.argmax(dim=1).reshape(4, 50)
+        assert all(len(set(row.tolist())) == 1 for row in assignment)  # one cluster per direction
+        assert len(set(assignment[:, 0].tolist())) == 4
+        assert weights.max(dim=1).values.mean() > 0.9
+    with pytest.raises(ValueError, match="at least 4 tokens"):
+        vlad.init_from_tokens(tokens[:, :3])
+
+
 def test_netvlad_loupe_matches_a_loop_implementation():
     torch.manual_seed(0)
     dim, clusters, count = 3, 2, 4
@@ -134,6 +153,7 @@ def test_netvlad_loupe_matches_a_loop_implementation():
         vlad.projection.weight.copy_(torch.eye(dim * clusters))
     tokens = torch.randn(2, count, dim)
     got = vlad(tokens)
+    tokens = tokens / tokens.norm(dim=-1, keepdim=True)  # the layer's input normalisation
     eps = vlad.output_norm.eps
     for b in range(2):
         logits = (tokens[b] @ vlad.assignment.weight.T) / math.sqrt(1 + vlad.assignment_norm.eps)
@@ -216,7 +236,7 @@ def test_bad_model_configs_raise_config_error():
     with pytest.raises(ConfigError, match="unknown"):
         build_model({**config, "dropout": 0.5})
     with pytest.raises(ConfigError, match="clusters"):
-        build_model({**config, "patch_branch": {"dim": 8, "output_dim": 8}})
+        build_model({**config, "vlad_branch": {"dim": 8, "output_dim": 8}})
 
 
 def test_pca_projection_whitens_and_shrinks_the_descriptor():

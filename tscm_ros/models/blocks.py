@@ -51,7 +51,7 @@ class ContextGating(nn.Module):
 class NetVLADLoupe(nn.Module):
     """NetVLAD with a learned projection and context gating, as in PointNetVLAD / TSCM.
 
-    Tokens (N, T, D) are soft-assigned to K clusters (linear + batch norm + softmax); the residuals to the
+    Tokens (N, T, D), L2-normalised, are soft-assigned to K clusters (linear + batch norm + softmax); the residuals to the
     learned cluster centres are summed per cluster, intra-normalised per cluster, flattened (K*D),
     globally L2-normalised, projected to ``output_dim`` with batch norm, then context-gated.
     """
@@ -68,8 +68,38 @@ class NetVLADLoupe(nn.Module):
         self.output_norm = nn.BatchNorm1d(output_dim)
         self.gating = ContextGating(output_dim) if gating else None
 
+    @torch.no_grad()
+    def init_from_tokens(self, tokens: torch.Tensor, iterations: int = 20, seed: int = 0) -> None:
+        """NetVLAD's data-driven initialisation from sample tokens (M, D), M >= clusters: k-means centres
+        (cosine, seeded), and soft-assignment weights ``2 * alpha * c_k`` whose softmax puts ~99 % of a
+        token's weight on its nearest centre. The assignment batch norm starts as the identity on these
+        logits (its running statistics and affine parameters agree), in training and in eval mode."""
+        samples = l2_normalize(tokens.detach().reshape(-1, self.feature_dim).float())
+        if len(samples) < self.clusters:
+            raise ValueError(f"NetVLAD initialisation needs at least {self.clusters} tokens, got {len(samples)}")
+        generator = torch.Generator().manual_seed(seed)
+        centres = samples[torch.randperm(len(samples), generator=generator)[: self.clusters]].clone()
+        for _ in range(iterations):
+            nearest = (samples @ centres.T).argmax(dim=1)
+            sums = torch.zeros_like(centres).index_add_(0, nearest, samples)
+            filled = torch.bincount(nearest, minlength=self.clusters) > 0
+            centres[filled] = l2_normalize(sums[filled])
+        similarity = (samples @ centres.T).topk(2, dim=1).values
+        gap = (similarity[:, 0] - similarity[:, 1]).mean().clamp(min=1e-3)
+        alpha = float(torch.log(torch.tensor(100.0)) / (2 * gap))
+        self.centres.copy_(centres)
+        self.assignment.weight.copy_(2 * alpha * centres)
+        logits = self.assignment(samples)
+        mean, var = logits.mean(dim=0), logits.var(dim=0, unbiased=False)
+        norm = self.assignment_norm
+        norm.running_mean.copy_(mean)
+        norm.running_var.copy_(var)
+        norm.weight.copy_((var + norm.eps).sqrt())
+        norm.bias.copy_(mean)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, count, dim = tokens.shape
+        tokens = l2_normalize(tokens)  # as NetVLAD: unit-norm input descriptors
         logits = self.assignment(tokens)  # (N, T, K)
         logits = self.assignment_norm(logits.reshape(batch * count, self.clusters)).reshape(batch, count, self.clusters)
         weights = torch.softmax(logits, dim=-1)

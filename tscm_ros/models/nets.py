@@ -77,6 +77,28 @@ class GeMHead(nn.Module):
         return self.projection(pooled) if self.projection is not None else pooled
 
 
+class TokenProjection(nn.Linear):
+    """Linear map of backbone tokens to the aggregation width. It starts as a zero-padded (or truncated)
+    identity, and :meth:`fit_pca` sets it to the principal components of sample tokens."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__(in_dim, out_dim)
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(out_dim, in_dim))
+            self.bias.zero_()
+
+    @torch.no_grad()
+    def fit_pca(self, tokens: torch.Tensor) -> None:
+        """Project onto the top principal directions of ``tokens`` (..., in_dim), centred; the rest (when
+        the output is wider than the data's rank) stays as it was."""
+        data = tokens.detach().reshape(-1, self.in_features).to(torch.float64).cpu()
+        mean = data.mean(dim=0)
+        _, _, components = torch.linalg.svd(data - mean, full_matrices=False)
+        rank = min(self.out_features, components.shape[0])
+        self.weight[:rank] = components[:rank].to(self.weight.dtype)
+        self.bias[:rank] = (-components[:rank] @ mean).to(self.bias.dtype)
+
+
 class OutputProjection(nn.Module):
     """Affine map of the descriptor to a smaller deployment dimension, then L2 normalisation.
 
@@ -125,43 +147,57 @@ def join_halves(global_half: torch.Tensor, aggregation_half: torch.Tensor) -> to
 
 
 class StudentNet(nn.Module):
-    """TSCM student: truncated CNN + GeM, and a patch-embedding branch aggregated by NetVLAD-Loupe."""
+    """TSCM student: one truncated CNN feature map pooled two ways, GeM and NetVLAD-Loupe over its tokens.
+
+    The paper's student aggregates a separate 16x16 patch embedding of the raw image; learnt from random
+    initialisation on a robot's few traversals it stayed noise (untrained default and distilled students
+    at chance on held-out routes), so here the NetVLAD half aggregates the CNN's tokens, projected to
+    ``vlad_branch.dim`` (see README, "Design changes").
+    """
 
     kind = "student"
 
     def __init__(self, config: dict[str, Any], load_pretrained: bool = True) -> None:
         super().__init__()
         where = f"student config {config.get('name', '')!r}"
-        _check_keys(config, {"kind", "name", "seed", "backbone", "gem", "patch_branch", "projection_dim"}, where)
+        _check_keys(config, {"kind", "name", "seed", "backbone", "gem", "vlad_branch", "projection_dim"}, where)
         gem = config_section(config, "gem", {"p": 3.0, "dim": None}, where)
-        patch = config_section(
-            config, "patch_branch",
-            {"patch_size": 16, "dim": _REQUIRED, "clusters": _REQUIRED, "output_dim": _REQUIRED, "gating": True},
+        vlad = config_section(
+            config, "vlad_branch", {"dim": _REQUIRED, "clusters": _REQUIRED, "output_dim": _REQUIRED, "gating": True},
             where,
         )
         self.name = str(config.get("name", "student"))
         self.backbone = build_backbone(config.get("backbone"), load_pretrained=load_pretrained)
         self.gem_head = GeMHead(self.backbone.channels, gem["p"], gem["dim"])
-        size = int(patch["patch_size"])
-        self.patch_embedding = nn.Conv2d(3, int(patch["dim"]), kernel_size=size, stride=size)
-        self.patch_norm = nn.LayerNorm(int(patch["dim"]))
-        self.patch_vlad = NetVLADLoupe(
-            int(patch["dim"]), int(patch["clusters"]), int(patch["output_dim"]), bool(patch["gating"])
-        )
-        self.native_dim = self.gem_head.dim + int(patch["output_dim"])
+        self.token_projection = TokenProjection(self.backbone.channels, int(vlad["dim"]))
+        self.vlad = NetVLADLoupe(int(vlad["dim"]), int(vlad["clusters"]), int(vlad["output_dim"]), bool(vlad["gating"]))
+        self.native_dim = self.gem_head.dim + int(vlad["output_dim"])
         projection_dim = config.get("projection_dim")
         self.projection = OutputProjection(self.native_dim, int(projection_dim)) if projection_dim else None
         self.dim = int(projection_dim) if projection_dim else self.native_dim
 
-    def native_descriptor(self, images: torch.Tensor) -> torch.Tensor:
+    def trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The pretrained backbone's output: what training keeps frozen and caches."""
+        return (self.backbone(images),)
+
+    def native_head(self, feature_map: torch.Tensor) -> torch.Tensor:
         """The descriptor before the optional deployment projection (what distillation compares)."""
-        global_half = self.gem_head(self.backbone(images))
-        tokens = self.patch_norm(feature_map_to_tokens(self.patch_embedding(images)))
-        return join_halves(global_half, self.patch_vlad(tokens))
+        tokens = self.token_projection(feature_map_to_tokens(feature_map))
+        return join_halves(self.gem_head(feature_map), self.vlad(tokens))
+
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        descriptors = self.native_head(feature_map)
+        return self.projection(descriptors) if self.projection is not None else descriptors
+
+    @torch.no_grad()
+    def init_aggregation(self, feature_map: torch.Tensor) -> None:
+        """Token projection by PCA and NetVLAD by k-means, from sample backbone outputs."""
+        tokens = feature_map_to_tokens(feature_map.float())
+        self.token_projection.fit_pca(tokens)
+        self.vlad.init_from_tokens(self.token_projection(tokens))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        descriptors = self.native_descriptor(images)
-        return self.projection(descriptors) if self.projection is not None else descriptors
+        return self.head(*self.trunk(images))
 
 
 class TeacherNet(nn.Module):
@@ -191,8 +227,8 @@ class TeacherNet(nn.Module):
         self.cnn_backbone = build_backbone(config.get("cnn_backbone"), load_pretrained=load_pretrained)
         self.vit_backbone = build_backbone(config.get("vit_backbone"), load_pretrained=load_pretrained)
         self.gem_head = GeMHead(self.cnn_backbone.channels, gem["p"], gem["dim"])
-        self.cnn_projection = nn.Linear(self.cnn_backbone.channels, token_dim)
-        self.vit_projection = nn.Linear(self.vit_backbone.channels, token_dim)
+        self.cnn_projection = TokenProjection(self.cnn_backbone.channels, token_dim)
+        self.vit_projection = TokenProjection(self.vit_backbone.channels, token_dim)
         if token_dim % int(transformer["heads"]):
             raise ConfigError(f"{where}: token_dim {token_dim} is not divisible by {transformer['heads']} heads")
         self.inter_transformer = InterTransformer(
@@ -204,15 +240,34 @@ class TeacherNet(nn.Module):
         self.vit_vlad = NetVLADLoupe(token_dim, clusters, int(vlad["vit_dim"]), gating)
         self.dim = self.gem_head.dim + int(vlad["fused_dim"]) + int(vlad["cnn_dim"]) + int(vlad["vit_dim"])
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        cnn_map = self.cnn_backbone(images)
-        cnn_tokens = self.cnn_projection(feature_map_to_tokens(cnn_map))
-        vit_tokens = self.vit_projection(feature_map_to_tokens(self.vit_backbone(images)))
+    def trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The two pretrained backbones' outputs: what training keeps frozen and caches."""
+        return self.cnn_backbone(images), self.vit_backbone(images)
+
+    def _tokens(self, cnn_map: torch.Tensor, vit_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.cnn_projection(feature_map_to_tokens(cnn_map)),
+                self.vit_projection(feature_map_to_tokens(vit_map)))
+
+    def head(self, cnn_map: torch.Tensor, vit_map: torch.Tensor) -> torch.Tensor:
+        cnn_tokens, vit_tokens = self._tokens(cnn_map, vit_map)
         fused_tokens = self.inter_transformer(cnn_tokens, vit_tokens)
         aggregation = torch.cat(
             [self.fused_vlad(fused_tokens), self.cnn_vlad(cnn_tokens), self.vit_vlad(vit_tokens)], dim=-1
         )
         return join_halves(self.gem_head(cnn_map), aggregation)
+
+    @torch.no_grad()
+    def init_aggregation(self, cnn_map: torch.Tensor, vit_map: torch.Tensor) -> None:
+        """Token projections by PCA and the three NetVLADs by k-means, from sample backbone outputs."""
+        self.cnn_projection.fit_pca(feature_map_to_tokens(cnn_map.float()))
+        self.vit_projection.fit_pca(feature_map_to_tokens(vit_map.float()))
+        cnn_tokens, vit_tokens = self._tokens(cnn_map.float(), vit_map.float())
+        self.cnn_vlad.init_from_tokens(cnn_tokens)
+        self.vit_vlad.init_from_tokens(vit_tokens)
+        self.fused_vlad.init_from_tokens(self.inter_transformer(cnn_tokens, vit_tokens))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(*self.trunk(images))
 
 
 class GeMNet(nn.Module):
@@ -230,8 +285,14 @@ class GeMNet(nn.Module):
         self.gem = GeM(gem["p"])
         self.dim = self.backbone.channels
 
+    def trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.backbone(images),)
+
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return l2_normalize(self.gem(feature_map))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return l2_normalize(self.gem(self.backbone(images)))
+        return self.head(*self.trunk(images))
 
 
 MODEL_KINDS: dict[str, type[nn.Module]] = {"student": StudentNet, "teacher": TeacherNet, "baseline": GeMNet}
