@@ -6,11 +6,13 @@ A dataset directory holds::
     frames.csv         image, stamp_ns, x, y, z, qx, qy, qz, qw, bag, sequence, split, role
     manifest.json      source bags, topics, sampling, split settings, counts, format version
 
-Each source bag is one *sequence* (one traversal of the area). Frames are split into
-train / val / test **by place**: the x-y plane is cut into square cells, whole cells go to one
+Each source bag is one *sequence* (one traversal of the area). On a large site frames are split
+into train / val / test **by place**: the x-y plane is cut into square cells, whole cells go to one
 split, and frames closer than ``buffer_m`` to a frame of a later split (train < val < test) are
-dropped, so no test place is ever trained on. Within every split the first ``database_bags``
-sequences are the *database* and the others the *queries*.
+dropped, so no test place is ever trained on. A small site (a robot's tens to hundreds of metres)
+has too few places to hold some out, so there the last **traversal** is held out instead: it is the
+validation queries, matched against the first traversal (which also trains). Within every split the
+first ``database_bags`` sequences are the *database* and the others the *queries*.
 
 Place distances are horizontal (x, y) in metres throughout.
 """
@@ -24,7 +26,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -59,28 +61,74 @@ class SamplingConfig:
             raise ConfigError(f"sampling intervals must be >= 0, got every_m={self.every_m}, every_s={self.every_s}")
 
 
+SPLIT_MODES = ("auto", "places", "traversal")
+SMALL_SITE_M = 300.0
+
+
 @dataclass(frozen=True)
 class SplitConfig:
-    """How frames are split by place into train / val / test and into database / queries."""
+    """How frames are split into train / val / test and into database / queries.
 
-    cell_m: float = 50.0
+    ``mode``: 'places' cuts the x-y plane into square cells of ``cell_m`` and gives whole cells to one split
+    (for sites large enough to hold out places); 'traversal' holds out the last traversal as the val
+    queries against the first ``database_bags`` traversals (which also train), for small sites mapped in
+    a few traversals; 'auto' takes 'traversal' for a site under 300 m across with at least three
+    traversals, else 'places'. ``cell_m`` and ``buffer_m`` None: chosen from the site's extent.
+    """
+
+    mode: str = "auto"
+    cell_m: float | None = None
     val_fraction: float = 0.15
     test_fraction: float = 0.15
-    buffer_m: float = 10.0
+    buffer_m: float | None = None
     database_bags: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.cell_m <= 0:
+        if self.mode not in SPLIT_MODES:
+            raise ConfigError(f"split mode must be one of {SPLIT_MODES}, got {self.mode!r}")
+        if self.cell_m is not None and self.cell_m <= 0:
             raise ConfigError(f"split cell size must be > 0 m, got {self.cell_m}")
         if self.val_fraction < 0 or self.test_fraction < 0 or self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(
                 f"val and test fractions must be >= 0 and sum below 1, got {self.val_fraction} and {self.test_fraction}"
             )
-        if self.buffer_m < 0:
+        if self.buffer_m is not None and self.buffer_m < 0:
             raise ConfigError(f"split buffer must be >= 0 m, got {self.buffer_m}")
         if self.database_bags < 1:
             raise ConfigError(f"database_bags must be >= 1, got {self.database_bags}")
+
+
+def site_extent_m(positions_xy: np.ndarray) -> float:
+    """Diagonal of the horizontal bounding box of the positions, in metres."""
+    xy = np.asarray(positions_xy, dtype=np.float64)[:, :2]
+    return float(np.linalg.norm(xy.max(axis=0) - xy.min(axis=0))) if len(xy) else 0.0
+
+
+def resolve_split(cfg: SplitConfig, positions_xy: np.ndarray, bags: int) -> tuple[SplitConfig, str]:
+    """``cfg`` with mode, cell size and buffer chosen from the data, and a sentence saying why."""
+    extent = site_extent_m(positions_xy)
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "traversal" if extent < SMALL_SITE_M and bags >= 3 else "places"
+    if mode == "traversal":
+        if bags < 3:
+            raise ConfigError(
+                f"split mode 'traversal' holds out the last traversal for validation and trains on the others, "
+                f"so it needs at least three bags, got {bags}"
+            )
+        why = (f"site {extent:.0f} m across (< {SMALL_SITE_M:.0f} m) in {bags} traversals: "
+               if cfg.mode == "auto" else "")
+        reason = (f"{why}validating on held-out traversal {bags - 1} (the last bag) against the first "
+                  f"{cfg.database_bags} traversal(s); training on traversals 0-{bags - 2}, no test split")
+        return replace(cfg, mode=mode, cell_m=None, buffer_m=None), reason
+    cell = cfg.cell_m if cfg.cell_m is not None else float(np.clip(round(extent / 8.0), 5.0, 50.0))
+    buffer = cfg.buffer_m if cfg.buffer_m is not None else float(min(10.0, cell / 2))
+    why = f"site {extent:.0f} m across in {bags} traversal(s): " if cfg.mode == "auto" else ""
+    reason = (f"{why}splitting by place: cells of {cell:g} m{' (auto)' if cfg.cell_m is None else ''}, "
+              f"buffer {buffer:g} m{' (auto)' if cfg.buffer_m is None else ''}, "
+              f"val {cfg.val_fraction:g}, test {cfg.test_fraction:g}")
+    return replace(cfg, mode=mode, cell_m=cell, buffer_m=buffer), reason
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +276,23 @@ def replace_directory(staging: Path, target: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _traversal_split(rows: list[dict], bags: int, database_bags: int) -> list[dict]:
+    """Rows of a 'traversal' split: every traversal but the last trains; the last is the val queries, and
+    the first ``database_bags`` traversals are listed a second time as the val database (same images)."""
+    held_out = bags - 1
+    database = min(database_bags, held_out)
+    out = []
+    for row in rows:
+        if row["sequence"] == held_out:
+            out.append({**row, "split": "val", "role": "query"})
+            continue
+        role = "database" if row["sequence"] < database else "query"
+        out.append({**row, "split": "train", "role": role})
+        if row["sequence"] < database:
+            out.append({**row, "split": "val", "role": "database"})
+    return out
+
+
 def extract_dataset(
     bags: Sequence[str | Path],
     out: str | Path,
@@ -274,15 +339,21 @@ def extract_dataset(
             rows.extend(bag_rows)
             reports.append(report)
         positions = np.array([[row["x"], row["y"]] for row in rows])
-        splits = assign_splits(positions, split)
-        keep = buffer_mask(positions, splits, split.buffer_m)
-        kept_rows = []
-        for row, name, kept in zip(rows, splits, keep):
-            if not kept:
-                (staging / row["image"]).unlink()
-                continue
-            role = "database" if row["sequence"] < split.database_bags else "query"
-            kept_rows.append({**row, "split": str(name), "role": role})
+        split, split_reason = resolve_split(split, positions, len(bag_paths))
+        LOG.info("split: %s", split_reason)
+        if split.mode == "traversal":
+            keep = np.ones(len(rows), dtype=bool)
+            kept_rows = _traversal_split(rows, len(bag_paths), split.database_bags)
+        else:
+            splits = assign_splits(positions, split)
+            keep = buffer_mask(positions, splits, split.buffer_m)
+            kept_rows = []
+            for row, name, kept in zip(rows, splits, keep):
+                if not kept:
+                    (staging / row["image"]).unlink()
+                    continue
+                role = "database" if row["sequence"] < split.database_bags else "query"
+                kept_rows.append({**row, "split": str(name), "role": role})
         if not kept_rows:
             raise DatasetError(f"dataset {out}: no frame left after the split buffer of {split.buffer_m} m")
         _write_csv(staging / "frames.csv", kept_rows)
@@ -296,7 +367,7 @@ def extract_dataset(
             "created_by": f"tscm_ros {__version__}",
             "bags": [asdict(report) for report in reports],
             "sampling": asdict(sampling),
-            "split": asdict(split),
+            "split": {**asdict(split), "reason": split_reason},
             "image_format": image_format,
             "max_gap_s": max_gap_s,
             "counts": {"frames": len(kept_rows), "dropped_by_buffer": int((~keep).sum()), "splits": counts},

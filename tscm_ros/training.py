@@ -1,10 +1,14 @@
 """Training: the teacher with a triplet loss over hard negatives, the student with TSCM's
 cross-metric distillation (L_hard + L_soft + L_cm) from a frozen teacher.
 
-One loop serves both. Each epoch: refresh the embedding cache of the training frames with the
-current model, mine Pittsburgh triplets from it, train, measure recall@1/5/10 on the val split,
-keep the best checkpoint, save ``last.pt`` for ``--resume``, and stop early when val recall stops
-improving. Under ``torchrun`` the model is wrapped in DistributedDataParallel and every process
+One loop serves both. The pretrained backbones stay frozen: their outputs for every training frame
+are computed once, for ``augment_views`` views of it (view 0 as recorded, the others augmented,
+:mod:`tscm_ros.augment`), and kept in memory; only the aggregation heads train, starting from a
+data-driven initialisation (PCA token projections, k-means NetVLAD centres). Each epoch: refresh the
+embedding cache of the training frames with the current heads, mine triplets from it, train on
+randomly chosen views, measure recall@1/5/10 on the val split, keep the best checkpoint, save
+``last.pt`` for ``--resume``, and stop early when val recall stops improving. Mining radii left at
+``auto`` are derived from the frames' spacing (printed with the reason). Under ``torchrun`` the model is wrapped in DistributedDataParallel and every process
 trains on its share of the triplets; all processes compute the same cache and validation, so
 they take the same decisions without talking, and only rank 0 writes.
 
@@ -30,19 +34,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch import nn
 
+from tscm_ros.augment import AugmentConfig, augment_image
 from tscm_ros.describe import resolve_device
 from tscm_ros.checkpoint import load_checkpoint, load_model_config, save_checkpoint
 from tscm_ros.dataset import Dataset, MiningConfig, PlaceGraph, Triplets, load_dataset, mine_triplets, require_split
 from tscm_ros.errors import CheckpointError, ConfigError, DatasetError
 from tscm_ros.losses import TripletDescriptors, tscm_loss
 from tscm_ros.models import build_model
+from tscm_ros.models.backbones import Backbone
 from tscm_ros.preprocess import PreprocessConfig, preprocess
 from tscm_ros.recall import evaluate_descriptors
 
 LOG = logging.getLogger(__name__)
 
 KINDS = ("teacher", "student")
+AUTO = "auto"
+RADII = ("positive_radius_m", "negative_radius_m", "eval_radius_m")
 STATE_FORMAT = "tscm_ros.train_state"
 STATE_VERSION = 1
 VAL_NS = (1, 5, 10)
@@ -71,30 +80,47 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
-    positive_radius_m: float = 10.0
-    negative_radius_m: float = 25.0
+    positive_radius_m: float | str = AUTO
+    negative_radius_m: float | str = AUTO
     heading_deg: float | None = None
     negatives_per_triplet: int = 10
     negative_candidates: int = 1000
     triplets_per_epoch: int | None = None
-    eval_radius_m: float = 25.0
+    eval_radius_m: float | str = AUTO
     cache_batch_size: int = 32
+    augment_views: int = 6
+    augment: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "batch_size", "lr", "eval_radius_m", "cache_batch_size")
+        positive = ("epochs", "batch_size", "lr", "cache_batch_size", "augment_views")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"training setting {name} must be > 0, got {getattr(self, name)}")
+        for name in RADII:
+            value = getattr(self, name)
+            if value != AUTO and (isinstance(value, (str, bool)) or not value > 0):
+                raise ConfigError(f"training setting {name} must be > 0 (metres) or 'auto', got {value!r}")
+        self.augmentation()  # validates the augment section
         if self.patience < 0 or self.weight_decay < 0 or self.margin < 0:
             raise ConfigError("training settings patience, weight_decay and margin must be >= 0")
         if self.triplets_per_epoch is not None and self.triplets_per_epoch < 1:
             raise ConfigError(f"triplets_per_epoch must be >= 1 or null, got {self.triplets_per_epoch}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        self.mining()  # validates the mining settings
+        if not self.has_auto_radii():
+            self.mining()  # validates the mining settings
+
+    def has_auto_radii(self) -> bool:
+        return any(getattr(self, name) == AUTO for name in RADII)
+
+    def augmentation(self) -> AugmentConfig:
+        """The augmentation part of the settings."""
+        return AugmentConfig.from_dict(self.augment, "training setting augment")
 
     def mining(self) -> MiningConfig:
-        """The triplet-mining part of the settings."""
+        """The triplet-mining part of the settings (radii resolved, see :func:`resolve_radii`)."""
+        if self.has_auto_radii():
+            raise ConfigError("mining radii are still 'auto'; resolve them from the dataset first")
         return MiningConfig(
             positive_radius_m=self.positive_radius_m,
             negative_radius_m=self.negative_radius_m,
@@ -114,6 +140,7 @@ class TrainConfig:
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ConfigError(f"{source}: unknown training setting(s) {unknown}; known: {sorted(fields)}")
+        values = {**values}
         if "model" not in values:
             raise ConfigError(f"{source}: the training setting 'model' (model config file) is missing")
         checked = {}
@@ -124,12 +151,21 @@ class TrainConfig:
                     value = float(value)
                 except ValueError:
                     pass
+            if name in RADII and value == AUTO:
+                checked[name] = value
+                continue
             expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
             if name == "heading_deg" or name == "triplets_per_epoch":
                 expected = (int, float, type(None)) if name == "heading_deg" else (int, type(None))
+            if name in RADII:
+                expected = (int, float)
+            if name == "augment":
+                expected = (dict, bool, type(None))
             if expected and (not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected)):
                 raise ConfigError(f"{source}: training setting {name}={value!r} has the wrong type")
             checked[name] = float(value) if expected == (int, float) else value
+        if isinstance(checked.get("augment"), bool) or checked.get("augment", {}) is None:
+            checked["augment"] = {"enabled": bool(checked["augment"])}
         try:
             return cls(**checked)
         except ConfigError as exc:
@@ -244,12 +280,124 @@ def describe_frames(
     return torch.cat(chunks).numpy()
 
 
-def _val_recall(
-    model: torch.nn.Module, database: Dataset, queries: Dataset, preprocess_config: PreprocessConfig, device, cfg: TrainConfig, amp: bool
-) -> dict[int, float]:
-    db = describe_frames(model, database, preprocess_config, device, cfg.cache_batch_size, amp)
-    q = describe_frames(model, queries, preprocess_config, device, cfg.cache_batch_size, amp)
-    return evaluate_descriptors(q, db, queries.positions, database.positions, cfg.eval_radius_m, VAL_NS).recall
+def frame_spacing_m(dataset: Dataset) -> float:
+    """Median horizontal distance between consecutive frames of each sequence (stamp order)."""
+    steps = []
+    for sequence in np.unique(dataset.sequences):
+        rows = np.flatnonzero(dataset.sequences == sequence)
+        xy = dataset.positions[rows[np.argsort(dataset.stamps_ns[rows], kind="stable")], :2]
+        steps.append(np.linalg.norm(np.diff(xy, axis=0), axis=1))
+    steps = np.concatenate(steps) if steps else np.zeros(0)
+    steps = steps[steps > 1e-3]
+    return float(np.median(steps)) if len(steps) else math.nan
+
+
+def resolve_radii(config: TrainConfig, train_set: Dataset) -> tuple[TrainConfig, str]:
+    """``config`` with its 'auto' radii chosen from the training frames, and a sentence saying why.
+
+    Positives within 2.5 frame spacings (3 to 10 m: a robot's odometry is metre-accurate, and the
+    Pittsburgh 10 m fits street-view spacing), negatives beyond 2.5 positive radii (at most the
+    Pittsburgh 25 m), a retrieval correct within the positive radius.
+    """
+    if not config.has_auto_radii():
+        return config, "mining radii as configured"
+    spacing = frame_spacing_m(train_set)
+    if math.isnan(spacing):
+        spacing = 2.0
+    chosen = {}
+    positive = config.positive_radius_m
+    if positive == AUTO:
+        positive = chosen["positive_radius_m"] = round(float(np.clip(2.5 * spacing, 3.0, 10.0)) * 2) / 2
+    if config.negative_radius_m == AUTO:
+        chosen["negative_radius_m"] = float(min(25.0, max(2.5 * positive, positive)))
+    if config.eval_radius_m == AUTO:
+        chosen["eval_radius_m"] = float(positive)
+    resolved = dataclasses.replace(config, **chosen)
+    resolved.mining()
+    reason = (f"frames {spacing:.1f} m apart: " + ", ".join(f"{name} {value:g}" for name, value in chosen.items())
+              + " (auto)")
+    return resolved, reason
+
+
+class FeatureCache:
+    """The frozen trunk's outputs for every frame of a dataset: view 0 as recorded, views 1.. augmented.
+
+    Stored as float16 on the CPU, one (views, frames, ...) tensor per trunk output; augmented views are
+    seeded by (seed, view, frame), so a resumed run sees the same views.
+    """
+
+    def __init__(self, trunk, dataset: Dataset, preprocess_config: PreprocessConfig, device: torch.device,
+                 batch_size: int, views: int = 1, augment: AugmentConfig | None = None, seed: int = 0,
+                 progress: bool = False, description: str = "caching backbone features", amp: bool = False) -> None:
+        from tqdm import tqdm
+
+        self.views = views
+        outputs: list[list[torch.Tensor]] | None = None
+        batches = [(view, start) for view in range(views) for start in range(0, len(dataset), batch_size)]
+        with torch.no_grad():
+            for view, start in tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False):
+                indices = range(start, min(start + batch_size, len(dataset)))
+                images = dataset.load_images(indices)
+                if view > 0 and augment is not None:
+                    images = [augment_image(image, np.random.default_rng([seed, view, i]), augment)
+                              for image, i in zip(images, indices)]
+                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                    result = trunk(preprocess(images, preprocess_config, device))
+                if outputs is None:
+                    outputs = [[] for _ in result]
+                for chunks, tensor in zip(outputs, result):
+                    chunks.append(tensor.to("cpu", torch.float16))
+        self.features = [torch.cat(chunks).reshape(views, len(dataset), *chunks[0].shape[1:]) for chunks in outputs]
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.features)
+
+    def get(self, indices: np.ndarray, views: np.ndarray | None, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Trunk outputs of frames ``indices`` in views ``views`` (view 0 for all when None), float32 on ``device``."""
+        index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        view = torch.zeros_like(index) if views is None else torch.as_tensor(np.asarray(views), dtype=torch.long)
+        return tuple(t[view, index].to(device, torch.float32) for t in self.features)
+
+
+class _Heads(nn.Module):
+    """The trainable part of a model (everything after its frozen trunk), as a module DDP can wrap."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        return self.model.head(*features)
+
+
+def freeze_backbones(model: nn.Module) -> nn.Module:
+    """Stop gradients to the pretrained backbones and keep them in eval mode (batch-norm statistics fixed)."""
+    for module in model.modules():
+        if isinstance(module, Backbone):
+            module.requires_grad_(False)
+            module.eval()
+    return model
+
+
+@torch.no_grad()
+def describe_cached(model: nn.Module, cache: FeatureCache, device: torch.device, batch_size: int, amp: bool) -> np.ndarray:
+    """Descriptors (N, D) float32 of view 0 of every cached frame, the heads in eval mode."""
+    was_training = model.training
+    model.eval()
+    frames = cache.features[0].shape[1]
+    chunks = []
+    for start in range(0, frames, batch_size):
+        features = cache.get(np.arange(start, min(start + batch_size, frames)), None, device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            chunks.append(model.head(*features).float().cpu())
+    model.train(was_training)
+    freeze_backbones(model)
+    return torch.cat(chunks).numpy()
+
+
+def _val_recall(model: nn.Module, database: FeatureCache, queries: FeatureCache, val_database: Dataset,
+                val_queries: Dataset, device: torch.device, cfg: TrainConfig, amp: bool) -> dict[int, float]:
+    db = describe_cached(model, database, device, cfg.cache_batch_size, amp)
+    q = describe_cached(model, queries, device, cfg.cache_batch_size, amp)
+    return evaluate_descriptors(q, db, val_queries.positions, val_database.positions, cfg.eval_radius_m, VAL_NS).recall
 
 
 def write_metrics_csv(history: Sequence[dict], path: Path) -> None:
@@ -378,17 +526,25 @@ def train(
         raise ConfigError("train student needs --teacher CKPT; train teacher takes none")
     run_dir = Path(out)
     model_config, preprocess_config = resolve_model_config(config, kind)
-    used_config = dataclasses.replace(config, model={**model_config, "preprocess": preprocess_config.to_dict()})
 
     dataset = load_dataset(data)
     train_set = dataset.subset("train")
     val_database, val_queries = require_split(dataset, "val")
+    if len(np.unique(train_set.sequences)) < 2:
+        raise DatasetError(
+            f"dataset {data}: its training frames come from {len(np.unique(train_set.sequences))} traversal; "
+            "training needs the same places seen in at least two traversals (record the route again, ideally "
+            "under other light or weather, and extract the dataset from all the recordings)"
+        )
+    config, radii_reason = resolve_radii(config, train_set)
     graph = PlaceGraph(train_set.positions, train_set.sequences, train_set.headings, config.mining())
     if len(graph.usable_anchors()) == 0:
         raise DatasetError(
             f"dataset {data}: no training triplet possible (needs train frames with a positive within "
-            f"{config.positive_radius_m} m in another sequence and negatives beyond {config.negative_radius_m} m)"
+            f"{config.positive_radius_m} m in another sequence and negatives beyond {config.negative_radius_m} m); "
+            "record traversals that revisit the same places, or set positive_radius_m / negative_radius_m"
         )
+    used_config = dataclasses.replace(config, model={**model_config, "preprocess": preprocess_config.to_dict()})
 
     distributed = _init_distributed()
     device = training_device(config.device, distributed.local_rank)
@@ -396,42 +552,62 @@ def train(
         torch.cuda.set_device(device)
     use_amp = config.amp and device.type == "cuda"
     torch.manual_seed(config.seed)
-    model = build_model(model_config).to(device)
+    model = freeze_backbones(build_model(model_config).to(device))
     teacher = _load_teacher(teacher_path, device) if kind == "student" else None
     if teacher is not None:
         _check_same_dim(model, preprocess_config, teacher, train_set.load_images([0]), device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     teacher_fingerprint = teacher.fingerprint if teacher is not None else None
 
     saved = _start_run(run_dir, resume, used_config, kind, teacher_fingerprint, distributed)
+    show = progress and distributed.is_main
+    if distributed.is_main:
+        LOG.info("train %s: %d training frames in %d traversals, %d usable anchors; %s; %d val queries against "
+                 "%d val database frames", kind, len(train_set), len(np.unique(train_set.sequences)),
+                 len(graph.usable_anchors()), radii_reason, len(val_queries), len(val_database))
+    started = time.monotonic()
+    augment = config.augmentation()
+    views = config.augment_views if augment.enabled else 1
+    train_cache = FeatureCache(model.trunk, train_set, preprocess_config, device, config.cache_batch_size, views,
+                               augment, config.seed, show, f"{kind}: backbone features, {views} view(s)", use_amp)
+    val_caches = [FeatureCache(model.trunk, part, preprocess_config, device, config.cache_batch_size, amp=use_amp)
+                  for part in (val_database, val_queries)]
     run = _Progress()
     if saved is not None:
         run = _restore(saved, model, optimizer, scaler, run_dir / "last.pt")
+    else:
+        sample = np.random.default_rng(config.seed).permutation(len(train_set))[:256]
+        model.init_aggregation(*train_cache.get(sample, None, device))
     teacher_descriptors = None
     if teacher is not None:
-        # The teacher is frozen and sees no augmentation: its descriptors are computed once.
+        # The teacher is frozen and sees the frames as recorded: its descriptors are computed once.
         teacher_descriptors = torch.from_numpy(
             describe_frames(teacher.model, train_set, teacher.preprocess, device, config.cache_batch_size, use_amp)
         ).to(device)
         teacher = None  # frees the teacher network
-    trained = model
+    if distributed.is_main:
+        LOG.info("cached %d x %d backbone outputs (%.0f MB) in %.0f s", views, len(train_set),
+                 train_cache.nbytes / 1e6, time.monotonic() - started)
+    heads = _Heads(model)
+    trained: nn.Module = heads
     if distributed.world_size > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        trained = torch.nn.parallel.DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda" else None)
 
     while run.epoch < config.epochs and not run.stopped_early:
         epoch = run.epoch + 1
         started = time.monotonic()
         rng = np.random.default_rng([config.seed, epoch])
-        embeddings = describe_frames(model, train_set, preprocess_config, device, config.cache_batch_size, use_amp)
+        embeddings = describe_cached(model, train_cache, device, config.cache_batch_size, use_amp)
         triplets = _epoch_triplets(mine_triplets(embeddings, graph, rng), rng, config, distributed)
         losses = _train_epoch(
-            trained, optimizer, scaler, train_set, triplets, teacher_descriptors, preprocess_config, device, config, use_amp,
-            progress and distributed.is_main, f"{kind} epoch {epoch}/{config.epochs}",
+            trained, optimizer, scaler, _EpochData(train_cache, triplets, teacher_descriptors, rng), device, config,
+            use_amp, f"{kind} epoch {epoch}/{config.epochs}" if show else None,
         )
         if distributed.world_size > 1:
             losses = _average_over_processes(losses)
-        recall = _val_recall(model, val_database, val_queries, preprocess_config, device, config, use_amp)
+        recall = _val_recall(model, *val_caches, val_database, val_queries, device, config, use_amp)
         row = {"epoch": epoch, "triplets": len(triplets) * distributed.world_size, "loss": losses["loss"], "loss_hard": losses["loss_hard"]}
         if kind == "student":
             row.update(loss_soft=losses["loss_soft"], loss_cm=losses["loss_cm"])
@@ -484,40 +660,43 @@ def _epoch_triplets(triplets: Triplets, rng: np.random.Generator, config: TrainC
     return Triplets(triplets.anchors[order], triplets.positives[order], triplets.negatives[order])
 
 
+@dataclass
+class _EpochData:
+    """What one epoch trains on: cached trunk outputs, this epoch's triplets, the teacher's descriptors."""
+
+    cache: FeatureCache
+    triplets: Triplets
+    teacher_descriptors: torch.Tensor | None
+    rng: np.random.Generator
+
+
 def _train_epoch(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    train_set: Dataset,
-    triplets: Triplets,
-    teacher_descriptors: torch.Tensor | None,
-    preprocess_config: PreprocessConfig,
-    device: torch.device,
-    config: TrainConfig,
-    use_amp: bool,
-    progress: bool,
-    description: str,
+    heads: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, data: _EpochData,
+    device: torch.device, config: TrainConfig, use_amp: bool, description: str | None,
 ) -> dict[str, float]:
+    """One pass over the epoch's triplets, each image in a randomly chosen cached view; mean losses."""
     from tqdm import tqdm
 
-    model.train()
+    heads.train()
+    freeze_backbones(heads)
+    triplets = data.triplets
     sums = dict.fromkeys(LOSS_NAMES, 0.0)
     steps = math.ceil(len(triplets) / config.batch_size)
-    bar = tqdm(range(steps), desc=description, unit="step", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=description, unit="step", disable=description is None, leave=False)
     for step in bar:
         batch = slice(step * config.batch_size, (step + 1) * config.batch_size)
         anchors, positives, negatives = triplets.anchors[batch], triplets.positives[batch], triplets.negatives[batch]
         count, k = len(anchors), negatives.shape[1]
         indices = np.concatenate([anchors, positives, negatives.reshape(-1)])
-        images = preprocess(train_set.load_images(indices), preprocess_config, device)
+        features = data.cache.get(indices, data.rng.integers(0, data.cache.views, len(indices)), device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            descriptors = model(images).float()
+            descriptors = heads(*features).float()
         student = TripletDescriptors(
             descriptors[:count], descriptors[count : 2 * count], descriptors[2 * count :].reshape(count, k, -1)
         )
         teacher = None
-        if teacher_descriptors is not None:
-            lookup = teacher_descriptors[torch.as_tensor(indices, device=device)]
+        if data.teacher_descriptors is not None:
+            lookup = data.teacher_descriptors[torch.as_tensor(indices, device=device)]
             teacher = TripletDescriptors(lookup[:count], lookup[count : 2 * count], lookup[2 * count :].reshape(count, k, -1))
         terms = tscm_loss(student, teacher, margin=config.margin)
         loss = terms.total

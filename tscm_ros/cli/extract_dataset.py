@@ -6,19 +6,22 @@ import argparse
 from typing import Sequence
 
 from tscm_ros.cli.common import add_frame_reader_arguments, run_main
-from tscm_ros.dataset import SamplingConfig, SplitConfig, extract_dataset
+from tscm_ros.dataset import SPLIT_MODES, SamplingConfig, SplitConfig, extract_dataset
 
 DESCRIPTION = """\
 Extract images with poses from one or more rosbag2 recordings into a place-recognition dataset:
 images/, frames.csv (image, stamp, position, orientation, bag, sequence, split, role) and
-manifest.json. Each bag is one traversal (sequence). Frames are split into train / val / test by
-place (grid cells, with a buffer so test places are never trained on); within each split the first
+manifest.json. Each bag is one traversal (sequence). The split is chosen from the data (--split
+auto, printed with its reason): on a small site (under 300 m across) recorded in three or more
+traversals, the last traversal is held out as the validation queries against the first, and the
+others train; otherwise frames are split into train / val / test by place (grid cells sized to the
+site, with a buffer so test places are never trained on). Within each split the first
 --database-bags bags are the database and the others the queries.
 """
 
 EXAMPLE = """\
 example:
-  extract_dataset --bag day_run --bag night_run --out data/campus --every-m 2
+  extract_dataset --bag run1 --bag run2 --bag run3 --out data/site --every-m 2
 """
 
 
@@ -38,12 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep a frame only after travelling M metres since the last kept one (default 0: off)")
     parser.add_argument("--every-s", type=float, default=0.0, metavar="S",
                         help="keep a frame only S seconds after the last kept one (default 0: off)")
-    parser.add_argument("--cell-m", type=float, default=50.0, metavar="M",
-                        help="size of the square place cells assigned whole to one split (default 50)")
+    parser.add_argument("--split", choices=SPLIT_MODES, default="auto", dest="split_mode",
+                        help="auto (default): 'traversal' for a site under 300 m across with >= 3 bags, else "
+                        "'places'; traversal: the last bag is the val queries; places: grid cells")
+    parser.add_argument("--cell-m", type=float, default=None, metavar="M",
+                        help="places split: size of the square place cells assigned whole to one split "
+                        "(default: an eighth of the site's extent, 5 to 50 m)")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="share of frames for validation (default 0.15)")
     parser.add_argument("--test-fraction", type=float, default=0.15, help="share of frames for testing (default 0.15)")
-    parser.add_argument("--buffer-m", type=float, default=10.0, metavar="M",
-                        help="drop frames closer than M metres to a place of a later split (default 10)")
+    parser.add_argument("--buffer-m", type=float, default=None, metavar="M",
+                        help="places split: drop frames closer than M metres to a place of a later split "
+                        "(default: half a cell, at most 10)")
     parser.add_argument("--database-bags", type=int, default=1, metavar="N",
                         help="the first N bags form the database, the others the queries (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
@@ -62,6 +70,7 @@ def _main(argv: Sequence[str] | None) -> int:
         pose_topic=args.pose_topic,
         sampling=SamplingConfig(every_m=args.every_m, every_s=args.every_s),
         split=SplitConfig(
+            mode=args.split_mode,
             cell_m=args.cell_m,
             val_fraction=args.val_fraction,
             test_fraction=args.test_fraction,
@@ -74,6 +83,7 @@ def _main(argv: Sequence[str] | None) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
+    print(f"split: {manifest['split']['reason']}")
     splits = manifest["counts"]["splits"]
     summary = ", ".join(f"{name} {c['database']}+{c['query']}" for name, c in splits.items())
     print(
