@@ -45,7 +45,7 @@ from tscm_ros.losses import TripletDescriptors, tscm_loss
 from tscm_ros.models import build_model
 from tscm_ros.models.backbones import Backbone
 from tscm_ros.preprocess import PreprocessConfig, preprocess
-from tscm_ros.recall import evaluate_descriptors
+from tscm_ros.recall import evaluate_descriptors, retrieve
 
 LOG = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ RADII = ("positive_radius_m", "negative_radius_m", "eval_radius_m")
 STATE_FORMAT = "tscm_ros.train_state"
 STATE_VERSION = 1
 VAL_NS = (1, 5, 10)
+MAX_RECALL_KEY = "max_recall_p100"
 LOSS_NAMES = ("loss", "loss_hard", "loss_soft", "loss_cm")
 
 
@@ -357,47 +358,77 @@ class FeatureCache:
         return tuple(t[view, index].to(device, torch.float32) for t in self.features)
 
 
+def _images_as_trunk(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (images,)
+
+
 class _Heads(nn.Module):
-    """The trainable part of a model (everything after its frozen trunk), as a module DDP can wrap."""
+    """The trainable part of a model, applied to what :class:`FeatureCache` holds, as a module DDP can wrap.
+
+    With pretrained backbones only (the presets), they are frozen: the cache holds their outputs and the
+    heads train. A randomly initialised backbone (the tiny test models, ``pretrained: false``) must train:
+    then the cache holds the preprocessed images and the whole network trains.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        backbones = [module for module in model.modules() if isinstance(module, Backbone)]
+        self.frozen_backbones = all(backbone.pretrained for backbone in backbones)
+        self.trunk = model.trunk if self.frozen_backbones else _images_as_trunk
+        self.freeze()
 
-    def forward(self, *features: torch.Tensor) -> torch.Tensor:
-        return self.model.head(*features)
+    def freeze(self) -> "_Heads":
+        """Stop gradients to frozen backbones and keep them in eval mode (batch-norm statistics fixed)."""
+        if self.frozen_backbones:
+            for module in self.model.modules():
+                if isinstance(module, Backbone):
+                    module.requires_grad_(False)
+                    module.eval()
+        return self
 
+    def forward(self, *cached: torch.Tensor) -> torch.Tensor:
+        return self.model.head(*cached) if self.frozen_backbones else self.model(*cached)
 
-def freeze_backbones(model: nn.Module) -> nn.Module:
-    """Stop gradients to the pretrained backbones and keep them in eval mode (batch-norm statistics fixed)."""
-    for module in model.modules():
-        if isinstance(module, Backbone):
-            module.requires_grad_(False)
-            module.eval()
-    return model
+    @torch.no_grad()
+    def init_aggregation(self, cached: tuple[torch.Tensor, ...]) -> None:
+        """The model's data-driven initialisation from sample cache entries."""
+        self.model.init_aggregation(*(cached if self.frozen_backbones else self.model.trunk(*cached)))
 
 
 @torch.no_grad()
-def describe_cached(model: nn.Module, cache: FeatureCache, device: torch.device, batch_size: int, amp: bool) -> np.ndarray:
-    """Descriptors (N, D) float32 of view 0 of every cached frame, the heads in eval mode."""
-    was_training = model.training
-    model.eval()
+def describe_cached(heads: _Heads, cache: FeatureCache, device: torch.device, batch_size: int, amp: bool) -> np.ndarray:
+    """Descriptors (N, D) float32 of view 0 of every cached frame, in eval mode."""
+    was_training = heads.training
+    heads.eval()
     frames = cache.features[0].shape[1]
     chunks = []
     for start in range(0, frames, batch_size):
-        features = cache.get(np.arange(start, min(start + batch_size, frames)), None, device)
+        cached = cache.get(np.arange(start, min(start + batch_size, frames)), None, device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            chunks.append(model.head(*features).float().cpu())
-    model.train(was_training)
-    freeze_backbones(model)
+            chunks.append(heads(*cached).float().cpu())
+    heads.train(was_training)
+    heads.freeze()
     return torch.cat(chunks).numpy()
 
 
-def _val_recall(model: nn.Module, database: FeatureCache, queries: FeatureCache, val_database: Dataset,
-                val_queries: Dataset, device: torch.device, cfg: TrainConfig, amp: bool) -> dict[int, float]:
-    db = describe_cached(model, database, device, cfg.cache_batch_size, amp)
-    q = describe_cached(model, queries, device, cfg.cache_batch_size, amp)
-    return evaluate_descriptors(q, db, val_queries.positions, val_database.positions, cfg.eval_radius_m, VAL_NS).recall
+def _val_recall(heads: _Heads, database: FeatureCache, queries: FeatureCache, val_database: Dataset,
+                val_queries: Dataset, device: torch.device, cfg: TrainConfig, amp: bool) -> dict:
+    """Val recall@N (keys 1, 5, 10) and MAX_RECALL_KEY: the top-1 match's maximum recall at 100 % precision,
+    which still tells epochs apart once recall@1 saturates on an easy validation traversal."""
+    from tscm_ros.loop_evaluation import max_recall_at_full_precision, precision_recall_curve
+
+    db = describe_cached(heads, database, device, cfg.cache_batch_size, amp)
+    q = describe_cached(heads, queries, device, cfg.cache_batch_size, amp)
+    recall = dict(evaluate_descriptors(q, db, val_queries.positions, val_database.positions, cfg.eval_radius_m,
+                                       VAL_NS).recall)
+    nearest = retrieve(q, db, 1)[:, 0]
+    distance = np.linalg.norm(val_queries.positions[:, None, :2] - val_database.positions[None, :, :2], axis=2)
+    has_loop = (distance <= cfg.eval_radius_m).any(axis=1)
+    correct = distance[np.arange(len(q)), nearest] <= cfg.eval_radius_m
+    score = -((q - db[nearest]) ** 2).sum(axis=1)
+    recall[MAX_RECALL_KEY] = max_recall_at_full_precision(precision_recall_curve(score, correct, has_loop))[0]
+    return recall
 
 
 def write_metrics_csv(history: Sequence[dict], path: Path) -> None:
@@ -481,7 +512,7 @@ class _Progress:
 
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
-    best_key: list[float] | None = None  # val recall@1, @5, @10 of the best epoch, compared in that order
+    best_key: list[float] | None = None  # val recall@1, max recall at 100 % precision, recall@5, @10 of the best epoch
     best_epoch: int = 0
     stale_epochs: int = 0
     stopped_early: bool = False
@@ -490,7 +521,8 @@ class _Progress:
         """Add an epoch's metrics; returns whether it is the best so far."""
         self.epoch = int(row["epoch"])
         self.history.append(row)
-        key = [recall[n] for n in VAL_NS]
+        key = [recall[1], recall[MAX_RECALL_KEY], recall[5], recall[10]]
+        key = [-1.0 if math.isnan(value) else float(value) for value in key]
         improved = self.best_key is None or key > self.best_key
         if improved:
             self.best_key, self.best_epoch, self.stale_epochs = key, self.epoch, 0
@@ -552,7 +584,8 @@ def train(
         torch.cuda.set_device(device)
     use_amp = config.amp and device.type == "cuda"
     torch.manual_seed(config.seed)
-    model = freeze_backbones(build_model(model_config).to(device))
+    model = build_model(model_config).to(device)
+    heads = _Heads(model)
     teacher = _load_teacher(teacher_path, device) if kind == "student" else None
     if teacher is not None:
         _check_same_dim(model, preprocess_config, teacher, train_set.load_images([0]), device)
@@ -570,16 +603,16 @@ def train(
     started = time.monotonic()
     augment = config.augmentation()
     views = config.augment_views if augment.enabled else 1
-    train_cache = FeatureCache(model.trunk, train_set, preprocess_config, device, config.cache_batch_size, views,
+    train_cache = FeatureCache(heads.trunk, train_set, preprocess_config, device, config.cache_batch_size, views,
                                augment, config.seed, show, f"{kind}: backbone features, {views} view(s)", use_amp)
-    val_caches = [FeatureCache(model.trunk, part, preprocess_config, device, config.cache_batch_size, amp=use_amp)
+    val_caches = [FeatureCache(heads.trunk, part, preprocess_config, device, config.cache_batch_size, amp=use_amp)
                   for part in (val_database, val_queries)]
     run = _Progress()
     if saved is not None:
         run = _restore(saved, model, optimizer, scaler, run_dir / "last.pt")
     else:
         sample = np.random.default_rng(config.seed).permutation(len(train_set))[:256]
-        model.init_aggregation(*train_cache.get(sample, None, device))
+        heads.init_aggregation(train_cache.get(sample, None, device))
     teacher_descriptors = None
     if teacher is not None:
         # The teacher is frozen and sees the frames as recorded: its descriptors are computed once.
@@ -590,7 +623,6 @@ def train(
     if distributed.is_main:
         LOG.info("cached %d x %d backbone outputs (%.0f MB) in %.0f s", views, len(train_set),
                  train_cache.nbytes / 1e6, time.monotonic() - started)
-    heads = _Heads(model)
     trained: nn.Module = heads
     if distributed.world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda" else None)
@@ -599,7 +631,7 @@ def train(
         epoch = run.epoch + 1
         started = time.monotonic()
         rng = np.random.default_rng([config.seed, epoch])
-        embeddings = describe_cached(model, train_cache, device, config.cache_batch_size, use_amp)
+        embeddings = describe_cached(heads, train_cache, device, config.cache_batch_size, use_amp)
         triplets = _epoch_triplets(mine_triplets(embeddings, graph, rng), rng, config, distributed)
         losses = _train_epoch(
             trained, optimizer, scaler, _EpochData(train_cache, triplets, teacher_descriptors, rng), device, config,
@@ -607,11 +639,12 @@ def train(
         )
         if distributed.world_size > 1:
             losses = _average_over_processes(losses)
-        recall = _val_recall(model, *val_caches, val_database, val_queries, device, config, use_amp)
+        recall = _val_recall(heads, *val_caches, val_database, val_queries, device, config, use_amp)
         row = {"epoch": epoch, "triplets": len(triplets) * distributed.world_size, "loss": losses["loss"], "loss_hard": losses["loss_hard"]}
         if kind == "student":
             row.update(loss_soft=losses["loss_soft"], loss_cm=losses["loss_cm"])
         row.update({f"val_recall@{n}": recall[n] for n in VAL_NS})
+        row[f"val_{MAX_RECALL_KEY}"] = recall[MAX_RECALL_KEY]
         row.update(lr=config.lr, seconds=round(time.monotonic() - started, 3))
         improved = run.record(row, recall, config.patience)
         if distributed.is_main:
@@ -622,13 +655,14 @@ def train(
             write_metrics_csv(run.history, run_dir / "metrics.csv")
             plot_learning_curves(run.history, run_dir / "learning_curves.png", f"train {kind}: {Path(data).name}")
             LOG.info(
-                "epoch %d: loss %.4f, val recall@1/5/10 %.1f/%.1f/%.1f %%%s", epoch, row["loss"],
-                *(100 * recall[n] for n in VAL_NS), " (best)" if improved else "",
+                "epoch %d: loss %.4f, val recall@1/5/10 %.1f/%.1f/%.1f %%, max recall at 100 %% precision %.1f %%%s",
+                epoch, row["loss"], *(100 * recall[n] for n in VAL_NS), 100 * recall[MAX_RECALL_KEY],
+                " (best)" if improved else "",
             )
     if distributed.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    best_recall = dict(zip(VAL_NS, run.best_key)) if run.best_key is not None else {}
+    best_recall = dict(zip((1, MAX_RECALL_KEY, 5, 10), run.best_key)) if run.best_key is not None else {}
     return TrainResult(run_dir, run.epoch, run.best_epoch, best_recall, run.stopped_early)
 
 
@@ -678,7 +712,7 @@ def _train_epoch(
     from tqdm import tqdm
 
     heads.train()
-    freeze_backbones(heads)
+    (heads.module if isinstance(heads, torch.nn.parallel.DistributedDataParallel) else heads).freeze()
     triplets = data.triplets
     sums = dict.fromkeys(LOSS_NAMES, 0.0)
     steps = math.ceil(len(triplets) / config.batch_size)

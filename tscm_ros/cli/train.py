@@ -52,7 +52,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from pathlib import Path
 
-    from tscm_ros.training import default_config_path, load_train_config, train
+    from tscm_ros.training import MAX_RECALL_KEY, default_config_path, load_train_config, train
 
     run_config = Path(args.out) / "config.yaml"
     if args.resume and run_config.is_file():
@@ -72,10 +72,13 @@ def _main(argv: Sequence[str] | None) -> int:
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    recall = "/".join(f"{100 * value:.1f}" for value in result.best_val_recall.values()) or "n/a"
+    best = result.best_val_recall
+    recall = "/".join(f"{100 * best[n]:.1f}" for n in (1, 5, 10)) + " %" if best else "n/a"
+    if best:
+        recall += f", max recall at 100 % precision {100 * best[MAX_RECALL_KEY]:.1f} %"
     print(
         f"train {args.kind}: {result.epochs_done} epoch(s){' (stopped early)' if result.stopped_early else ''}; "
-        f"best val recall@1/5/10 {recall} % at epoch {result.best_epoch}; checkpoint {Path(args.out) / 'best.pt'}"
+        f"best val recall@1/5/10 {recall} at epoch {result.best_epoch}; checkpoint {Path(args.out) / 'best.pt'}"
     )
     return 0
 

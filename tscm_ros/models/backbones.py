@@ -31,6 +31,7 @@ class Backbone(nn.Module):
 
     channels: int
     stride: int
+    pretrained: bool = False  # starts from pretrained weights (then training keeps it frozen)
 
     def fuse_batch_norms(self) -> None:
         """Fold eval-mode batch norms into the preceding convolutions, in place (inference only).
@@ -116,6 +117,7 @@ class EfficientNetLiteBackbone(Backbone):
         self.channels = int(self._blocks[-1]._block_args.output_filters)
         self.stride = 2 * math.prod(int(args.stride[0]) for args in stage_args[:stage])
         self.variant = variant
+        self.pretrained = bool(pretrained)
         if pretrained and load_pretrained:
             path = efficientnet_lite_weight_file(variant)
             load_matching_weights(self, load_state_dict_file(path, f"efficientnet_lite{variant}"), str(path))
@@ -179,6 +181,7 @@ class ResNet50Backbone(Backbone):
             setattr(self, name, getattr(net, name))
         self.channels = (256, 512, 1024, 2048)[stage - 1]
         self.stride = (4, 8, 16, 32)[stage - 1]
+        self.pretrained = bool(pretrained)
         path = _pretrained_weights("resnet50", pretrained, weights, load_pretrained)
         if path:
             load_matching_weights(self, load_state_dict_file(path, "resnet50"), path)
@@ -203,6 +206,7 @@ class ViTB16Backbone(Backbone):
         self.conv_proj, self.class_token, self.encoder = net.conv_proj, net.class_token, net.encoder
         self.channels, self.stride = int(net.hidden_dim), int(net.patch_size)
         self.native_grid = net.image_size // net.patch_size
+        self.pretrained = bool(pretrained)
         path = _pretrained_weights("vit_b_16", pretrained, weights, load_pretrained)
         if path:
             load_matching_weights(self, load_state_dict_file(path, "vit_b_16"), path)
