@@ -4,7 +4,7 @@ SHELL := /bin/bash
 # Tests and the demo talk DDS on loopback only.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 
-.PHONY: help setup test demo demo-train bench clean
+.PHONY: help setup test demo demo-train bench pretrain clean
 
 help:
 	@echo "make setup       create .venv (pinned deps) and colcon-build the package into install/"
@@ -12,6 +12,7 @@ help:
 	@echo "make demo        setup, render a route, build a map, run the node over DDS, evaluate"
 	@echo "make demo-train  setup, then the whole TSCM pipeline: dataset, teacher, student, evaluation"
 	@echo "make bench       benchmarks (minutes; see bench/)"
+	@echo "make pretrain    re-train the shipped default student on rendered worlds (CPU: about 40 minutes)"
 	@echo "make clean       remove build/, install/, log/ (keeps .venv)"
 
 setup:
@@ -28,6 +29,9 @@ demo-train: setup
 
 bench: setup
 	. ./env.sh && for b in bench/*.py; do python "$$b" || exit 1; done
+
+pretrain: setup
+	. ./env.sh && python tools/pretrain_default.py
 
 clean:
 	rm -rf build install log

@@ -198,7 +198,7 @@ def test_bad_settings_datasets_and_run_directories_are_refused(dataset_dir: Path
         writer.writerows(rows)
     (single / "manifest.json").write_text((dataset_dir / "manifest.json").read_text())
     assert train.main(["teacher", "--data", str(single), "--out", str(tmp_path / "c"), "--config", TINY]) == 2
-    assert "val split" in capsys.readouterr().err
+    assert "record the route again" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
 
 

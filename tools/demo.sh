@@ -7,8 +7,8 @@
 #      candidates as they arrive; stop the node;
 #   4. evaluate every method on the same traversals (pretrained GeM baseline, student, ORB bag of
 #      words, plus the trained teacher and student with --train) and print the table.
-# --train first renders a different world (so no training place is evaluated), extracts a dataset from
-# it, trains a small teacher and distils the student on the CPU, then runs steps 2-4 with them.
+# --train first renders a different world (so no training place is evaluated) in three traversals, runs the
+# README's training commands on it (teacher, then the distilled student, on the CPU), then steps 2-4 with them.
 # Outputs go to demo_output/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,21 +58,20 @@ QUERY="$CACHE/world0_t1"
 STUDENT_ARGS=()
 EVAL_MODELS=()
 if [ "$TRAIN" = 1 ]; then
-  say "render a training world (world 1, two traversals): nothing the evaluation sees is trained on"
+  say "render a training site (world 1, three traversals): nothing the evaluation sees is trained on"
   render 1 0
   render 1 1
-  say "extract a training dataset from world 1 (frames every 2 m, place-based train/val/test split)"
-  extract_dataset --bag "$CACHE/world1_t0" --bag "$CACHE/world1_t1" --out "$OUT/dataset" --every-m 2 \
-    --cell-m 20 --overwrite --no-progress
+  render 1 2
+  say "extract a training dataset from world 1 (the README's command: frames every 2 m, split chosen from the data)"
+  extract_dataset --bag "$CACHE/world1_t0" --bag "$CACHE/world1_t1" --bag "$CACHE/world1_t2" --out "$OUT/dataset" \
+    --every-m 2 --overwrite --no-progress
   rm -rf "$OUT/runs"
-  say "train a small teacher on the CPU (TSCM teacher, triplet loss; a few epochs)"
-  # Demo-sized runs (CPU minutes, not a converged model): few triplets and negatives per epoch.
-  small=(--set device=cpu --set triplets_per_epoch=16 --set negatives_per_triplet=2 --set negative_candidates=50
-         --set cache_batch_size=8 --no-progress)
-  train teacher --data "$OUT/dataset" --out "$OUT/runs/teacher" --set epochs=1 "${small[@]}"
+  say "train the teacher on the CPU (frozen backbones, cached augmented features, triplet loss)"
+  # The README's commands with fewer epochs, so the demo stays a few minutes.
+  train teacher --data "$OUT/dataset" --out "$OUT/runs/teacher" --set epochs=4 --no-progress
   say "distil the student from it (L_hard + L_soft + L_cm)"
   train student --data "$OUT/dataset" --teacher "$OUT/runs/teacher/best.pt" --out "$OUT/runs/student" \
-    --set epochs=2 "${small[@]}"
+    --set epochs=6 --no-progress
   STUDENT_ARGS=(--model "$OUT/runs/student/best.pt")
   EVAL_MODELS=(--model "teacher (trained)=$OUT/runs/teacher/best.pt" --model "student (distilled)=$OUT/runs/student/best.pt")
 fi

@@ -525,6 +525,38 @@ def load_dataset(root: str | Path) -> Dataset:
     return dataset
 
 
+SITE_OFFSET_M = 1.0e6
+
+
+def load_datasets(roots: Sequence[str | Path]) -> Dataset:
+    """One dataset, or several (different sites) merged into one: each later dataset's positions are moved
+    ``SITE_OFFSET_M`` further along x, so places of different sites are never positives of each other,
+    and its sequence numbers follow the previous dataset's."""
+    datasets = [load_dataset(root) for root in roots]
+    if not datasets:
+        raise ConfigError("no dataset given")
+    if len(datasets) == 1:
+        return datasets[0]
+    images, positions, sequences, next_sequence = [], [], [], 0
+    for index, dataset in enumerate(datasets):
+        images += [str(dataset.root.resolve() / relative) for relative in dataset.images]
+        positions.append(dataset.positions + np.array([index * SITE_OFFSET_M, 0.0, 0.0]))
+        sequences.append(dataset.sequences + next_sequence)
+        next_sequence += int(dataset.sequences.max()) + 1
+    return Dataset(
+        root=Path("/"),
+        manifest={"format": DATASET_FORMAT, "merged": [str(d.root) for d in datasets]},
+        images=images,
+        stamps_ns=np.concatenate([d.stamps_ns for d in datasets]),
+        positions=np.concatenate(positions),
+        orientations=np.concatenate([d.orientations for d in datasets]),
+        bags=[bag for d in datasets for bag in d.bags],
+        sequences=np.concatenate(sequences),
+        splits=np.concatenate([d.splits for d in datasets]),
+        roles=np.concatenate([d.roles for d in datasets]),
+    )
+
+
 def require_split(dataset: Dataset, split: str) -> tuple[Dataset, Dataset]:
     """The (database, queries) of a split, raising DatasetError when either is empty."""
     database, queries = dataset.subset(split, "database"), dataset.subset(split, "query")
@@ -642,6 +674,7 @@ __all__ = [
     "buffer_mask",
     "extract_dataset",
     "load_dataset",
+    "load_datasets",
     "mine_triplets",
     "require_split",
     "yaw_from_quaternion",

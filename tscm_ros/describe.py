@@ -1,9 +1,10 @@
 """The one inference path: RGB images -> L2-normalised float32 descriptors, for maps, evaluation and the node.
 
 ``Describer.from_checkpoint(path)`` loads a trained student (or any tscm_ros checkpoint);
-``Describer.from_checkpoint(None)`` is the offline-pretrained default student (config/model_student_offline.yaml:
-ImageNet EfficientNet-Lite0, everything else initialised from a fixed seed, no VPR training), identical
-in every process, so maps built with it keep accepting it. ``pretrained_baseline()`` is the
+``Describer.from_checkpoint(None)`` is the default student: the checkpoint shipped in the package
+(tscm_ros/weights/default_student.pt, pretrained on rendered worlds by ``make pretrain``, loaded offline
+like the ImageNet weights). Without that file (a source tree where it was removed) it is the untrained
+student of config/model_student_offline.yaml, and a warning says so. ``pretrained_baseline()`` is the
 "pretrained backbone + GeM" baseline for evaluation.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tscm_ros.calibration import ScoreCalibration
 from tscm_ros.checkpoint import load_checkpoint, load_model_config, model_fingerprint, onnx_model_bytes
 from tscm_ros.errors import ConfigError
 from tscm_ros.models.nets import build_model, prepare_for_inference
@@ -25,6 +27,7 @@ from tscm_ros.preprocess import PreprocessConfig, preprocess
 LOG = logging.getLogger(__name__)
 
 DEFAULT_STUDENT_CONFIG = "student_offline"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default_student.pt"
 BASELINE_CONFIG = "baseline_offline"
 
 
@@ -81,7 +84,8 @@ class Describer:
     """Computes descriptors with a model in inference mode, in batches, on CPU or GPU.
 
     Attributes: ``fingerprint`` (the model's hash, recorded by maps), ``dim``, ``preprocess_config``,
-    ``device``, ``model_name``, ``backend`` ('torch' or 'onnxruntime').
+    ``device``, ``model_name``, ``backend`` ('torch' or 'onnxruntime'), ``calibration`` (the checkpoint's
+    :class:`~tscm_ros.calibration.ScoreCalibration`, or None).
 
     Backends (bench/descriptor_latency.py measures them): 'onnxruntime' runs the network exported to ONNX,
     the fastest CPU path here (about 2x the torch path, and it stays fast when other processes load the
@@ -104,6 +108,7 @@ class Describer:
         self.model_name = model_name
         self.dim = int(model.dim)
         self.batch_size = int(batch_size)
+        self.calibration: ScoreCalibration | None = None  # from the checkpoint; None: scores are raw similarity
         self._network: Any = None
         if backend == "onnxruntime":
             if self.device.type != "cpu":
@@ -126,10 +131,17 @@ class Describer:
     ) -> "Describer":
         """Load a checkpoint (any kind), or the offline-pretrained default student when ``path`` is None."""
         if path is None:
-            return cls.from_config(DEFAULT_STUDENT_CONFIG, device=device, batch_size=batch_size, backend=backend)
+            if not DEFAULT_WEIGHTS.is_file():
+                LOG.warning("the pretrained default student %s is missing: using the untrained student "
+                            "(run `make pretrain` to rebuild it)", DEFAULT_WEIGHTS)
+                return cls.from_config(DEFAULT_STUDENT_CONFIG, device=device, batch_size=batch_size, backend=backend)
+            path = DEFAULT_WEIGHTS
         loaded = load_checkpoint(path)
         name = str(loaded.model_config.get("name", loaded.kind))
-        return cls(loaded.model, loaded.preprocess, loaded.fingerprint, name, device, batch_size, backend)
+        describer = cls(loaded.model, loaded.preprocess, loaded.fingerprint, name, device, batch_size, backend)
+        if "score_calibration" in loaded.extra:
+            describer.calibration = ScoreCalibration.from_dict(loaded.extra["score_calibration"], str(path))
+        return describer
 
     @classmethod
     def from_config(
@@ -162,8 +174,8 @@ class Describer:
 
 
 def default_student(device: str = "auto", batch_size: int = 16, backend: str = "auto") -> Describer:
-    """The offline-pretrained default student (same as ``Describer.from_checkpoint(None)``)."""
-    return Describer.from_config(DEFAULT_STUDENT_CONFIG, device=device, batch_size=batch_size, backend=backend)
+    """The default student (same as ``Describer.from_checkpoint(None)``)."""
+    return Describer.from_checkpoint(None, device=device, batch_size=batch_size, backend=backend)
 
 
 def pretrained_baseline(device: str = "auto", batch_size: int = 16, backend: str = "auto") -> Describer:

@@ -7,7 +7,7 @@ No ROS here: the node converts messages and publishes, everything else happens i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -63,13 +63,16 @@ class KeyframeSelector:
         return True
 
 
+DEFAULT_MIN_SCORE = 0.95
+
+
 @dataclass(frozen=True)
 class MatchingConfig:
     """How a query is matched: at most ``k`` candidates scoring at least ``min_score``, ignoring
     keyframes within ``exclude_recent_s`` of the query stamp or ``exclude_within_m`` along the path."""
 
     k: int = 5
-    min_score: float = 0.5
+    min_score: float = DEFAULT_MIN_SCORE
     exclude_recent_s: float = 30.0
     exclude_within_m: float = 0.0
 
@@ -107,6 +110,18 @@ class LoopDetector:
         self.mapping = mapping
         self.source = source
 
+    def _match(self, descriptor: np.ndarray, exclusion: Exclusion) -> list[Candidate]:
+        """The map's best candidates, scored by the model's calibration when it has one (``min_score`` is
+        then a precision: see tscm_ros.calibration), else by raw similarity."""
+        calibration = getattr(self.describer, "calibration", None)
+        if calibration is None:
+            return self.map.query(descriptor, self.matching.k, exclusion, self.matching.min_score)
+        min_similarity = calibration.min_similarity(self.matching.min_score)
+        if min_similarity > 1.0:
+            return []
+        candidates = self.map.query(descriptor, self.matching.k, exclusion, float(np.clip(min_similarity, 0.0, 1.0)))
+        return [replace(c, score=float(calibration(c.score))) for c in candidates]
+
     def process(self, image: np.ndarray, stamp_ns: int, pose=None) -> Detection:
         """Candidates for one HxWx3 uint8 RGB image taken at ``stamp_ns`` (pose: ``bag.Pose`` or None)."""
         descriptor = self.describer.describe([image])[0]
@@ -114,7 +129,7 @@ class LoopDetector:
         exclusion = Exclusion(min_time_gap_s=self.matching.exclude_recent_s,
                               min_distance_m=self.matching.exclude_within_m,
                               query_stamp_ns=stamp_ns, query_position=position)
-        candidates = self.map.query(descriptor, self.matching.k, exclusion, self.matching.min_score)
+        candidates = self._match(descriptor, exclusion)
         detection = Detection(descriptor=descriptor, candidates=candidates)
         if self.mapping is not None and self.mapping.accept(stamp_ns, position, descriptor):
             ids = self.map.add(descriptor[None, :], [KeyframeMeta(stamp_ns=stamp_ns, pose=pose, bag=self.source)])

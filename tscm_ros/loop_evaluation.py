@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from tscm_ros.cli.common import add_frame_reader_arguments
 from tscm_ros.errors import BagError, ConfigError
+from tscm_ros.loop_detector import DEFAULT_MIN_SCORE
 from tscm_ros.recall import recall_at_n
 
 DEFAULT_NS = (1, 5, 10)
@@ -182,6 +183,17 @@ class MethodRun:
     latencies_ms: np.ndarray
     metrics: LoopMetrics
     within: np.ndarray = field(repr=False)
+    calibrated: bool = False
+
+    def at_score(self, min_score: float) -> tuple[float, float]:
+        """(precision, recall) of accepting the top-1 candidates scoring >= ``min_score`` (NaN precision when
+        none does; recall over queries with a true loop)."""
+        top1 = np.array([float(s[0]) if len(s) else -np.inf for s in self.ranked_scores])
+        correct = np.array([bool(self.within[q, ids[0]]) if len(ids) else False for q, ids in enumerate(self.ranked_ids)])
+        accepted = top1 >= min_score
+        loops = max(self.metrics.num_with_loop, 1)
+        precision = float(correct[accepted].mean()) if accepted.any() else math.nan
+        return precision, float(correct[accepted].sum()) / loops
 
     @property
     def median_latency_ms(self) -> float:
@@ -288,7 +300,7 @@ def run_queries(name: str, detector, queries: BagSource, radius_m: float, ns: Se
         map_positions=keyframe_positions, query_stamps=np.asarray(stamps, dtype=np.int64),
         query_positions=query_positions, ranked_ids=ranked_ids, ranked_scores=ranked_scores,
         latencies_ms=np.asarray(latencies), metrics=evaluate_loop_closures(ranked_ids, ranked_scores, within, ns),
-        within=within,
+        within=within, calibrated=getattr(describer, "calibration", None) is not None,
     )
 
 
@@ -303,20 +315,26 @@ def results_table_markdown(runs: Sequence[MethodRun], title: str) -> str:
     """The Markdown table: one row per method, recall@N, AP, max recall at 100 % precision, latency."""
     ns = list(runs[0].metrics.recall_at)
     header = (["method", "model"] + [f"R@{n} %" for n in ns]
-              + ["AP %", "max R @ P=100 % ", "at score >=", "median ms/query", "keyframes", "dim"])
+              + ["AP %", "max R @ P=100 % ", "at score >=", f"P / R % at score >= {DEFAULT_MIN_SCORE:g}",
+                 "median ms/query", "keyframes", "dim"])
     lines = [f"## {title}", "", "| " + " | ".join(header) + " |",
              "|---|---|" + "---:|" * (len(header) - 2)]
     for run in runs:
         m = run.metrics
         threshold = "-" if math.isnan(m.full_precision_threshold) else f"{m.full_precision_threshold:.3f}"
+        precision, recall = run.at_score(DEFAULT_MIN_SCORE)
+        at_default = (f"{_percent(precision)} / {_percent(recall)}" if run.calibrated else "(uncalibrated)")
         cells = ([run.name, run.model_name] + [_percent(m.recall_at[n]) for n in ns]
-                 + [_percent(m.average_precision), _percent(m.max_recall_at_full_precision), threshold,
+                 + [_percent(m.average_precision), _percent(m.max_recall_at_full_precision), threshold, at_default,
                     f"{run.median_latency_ms:.1f}", str(len(run.map_positions)), str(run.dim)])
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("R@N: share of queries with a true loop whose N best candidates include a keyframe within the "
                  "radius. AP and max R @ P=100 %: precision-recall of the top-1 candidate's score (see "
-                 "tscm_ros/loop_evaluation.py). Latency: one query, describe + search, this machine.")
+                 f"tscm_ros/loop_evaluation.py). P / R at score >= {DEFAULT_MIN_SCORE:g}: precision and recall of the "
+                 "top-1 candidates the node publishes with its default min_score, for models whose checkpoint "
+                 "carries a score calibration (tscm_ros/calibration.py). Latency: one query, describe + search, "
+                 "this machine.")
     return "\n".join(lines) + "\n"
 
 
@@ -434,6 +452,9 @@ def write_report(runs: Sequence[MethodRun], title: str, out: Path, radius_m: flo
                 "average_precision": _nan_to_none(m.average_precision),
                 "max_recall_at_full_precision": _nan_to_none(m.max_recall_at_full_precision),
                 "full_precision_threshold": _nan_to_none(m.full_precision_threshold),
+                "calibrated": run.calibrated,
+                "at_default_min_score": dict(zip(("min_score", "precision", "recall"),
+                                                 (DEFAULT_MIN_SCORE, *map(_nan_to_none, run.at_score(DEFAULT_MIN_SCORE))))),
                 "latency_ms": {"median": _nan_to_none(run.median_latency_ms),
                                "p95": _nan_to_none(float(np.percentile(run.latencies_ms, 95)))},
                 "pr_curve": {"threshold": m.curve.thresholds.tolist(), "precision": m.curve.precision.tolist(),

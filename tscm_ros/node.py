@@ -31,7 +31,7 @@ from tscm_ros.bag import ImageDecodeError, Pose, PoseInterpolator, image_message
 from tscm_ros.describe import Describer
 from tscm_ros.errors import ConfigError, TscmError
 from tscm_ros.keyframe_map import KeyframeMap
-from tscm_ros.loop_detector import Detection, KeyframeSelector, LoopDetector, MatchingConfig
+from tscm_ros.loop_detector import DEFAULT_MIN_SCORE, Detection, KeyframeSelector, LoopDetector, MatchingConfig
 from tscm_ros.msg import LoopCandidate, LoopCandidates
 
 NODE_NAME = "tscm_place_recognition"
@@ -59,7 +59,9 @@ PARAMETERS = [
     Parameter("map_path", "", "keyframe map directory from build_map; required unless mapping is true"),
     Parameter("device", "auto", "inference device: auto (GPU when present), cpu or cuda"),
     Parameter("k", 5, "at most this many candidates per image"),
-    Parameter("min_score", 0.5, "publish only candidates with similarity score >= this, in [0, 1]"),
+    Parameter("min_score", DEFAULT_MIN_SCORE, "publish only candidates scoring >= this, in [0, 1]; with a calibrated "
+              "model (the default, trained checkpoints) the score is the estimated precision, so 0.95 publishes "
+              "candidates that were true loops 95 % of the time on validation"),
     Parameter("exclude_recent_s", 30.0, "ignore keyframes stamped within this many seconds of the image"),
     Parameter("exclude_within_m", 0.0, "ignore keyframes within this path length of the query (needs poses); 0 = off"),
     Parameter("max_rate_hz", 0.0, "process at most this many images per second; 0 = as fast as possible"),

@@ -37,9 +37,10 @@ import yaml
 from torch import nn
 
 from tscm_ros.augment import AugmentConfig, augment_image
+from tscm_ros.calibration import ScoreCalibration
 from tscm_ros.describe import resolve_device
 from tscm_ros.checkpoint import load_checkpoint, load_model_config, save_checkpoint
-from tscm_ros.dataset import Dataset, MiningConfig, PlaceGraph, Triplets, load_dataset, mine_triplets, require_split
+from tscm_ros.dataset import Dataset, MiningConfig, PlaceGraph, Triplets, load_datasets, mine_triplets, require_split
 from tscm_ros.errors import CheckpointError, ConfigError, DatasetError
 from tscm_ros.losses import TripletDescriptors, tscm_loss
 from tscm_ros.models import build_model
@@ -540,14 +541,15 @@ def _load_teacher(teacher_path: str | Path, device: torch.device):
 
 def train(
     kind: str,
-    data: str | Path,
+    data: str | Path | Sequence[str | Path],
     out: str | Path,
     config: TrainConfig,
     teacher_path: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a ``kind`` ('teacher' or 'student') model on the dataset at ``data`` into the run dir ``out``.
+    """Train a ``kind`` ('teacher' or 'student') model on the dataset at ``data`` (or the datasets of several
+    sites, merged by :func:`tscm_ros.dataset.load_datasets`) into the run dir ``out``.
 
     Everything is checked (config, dataset, teacher) before the run directory is touched.
     With ``resume`` the run continues after the last completed epoch of ``out/last.pt``.
@@ -559,15 +561,19 @@ def train(
     run_dir = Path(out)
     model_config, preprocess_config = resolve_model_config(config, kind)
 
-    dataset = load_dataset(data)
+    roots = [data] if isinstance(data, (str, Path)) else list(data)
+    data = ", ".join(str(root) for root in roots)
+    label = ", ".join(Path(root).name for root in roots)
+    dataset = load_datasets(roots)
     train_set = dataset.subset("train")
-    val_database, val_queries = require_split(dataset, "val")
-    if len(np.unique(train_set.sequences)) < 2:
+    traversals = len(np.unique(train_set.sequences))
+    if traversals < 2:
         raise DatasetError(
-            f"dataset {data}: its training frames come from {len(np.unique(train_set.sequences))} traversal; "
-            "training needs the same places seen in at least two traversals (record the route again, ideally "
-            "under other light or weather, and extract the dataset from all the recordings)"
+            f"dataset {data}: its training frames come from {traversals} traversal; training needs the same places "
+            "seen in at least two traversals (record the route again, ideally under other light or weather, and "
+            "extract the dataset from all the recordings; three or more let the last one validate)"
         )
+    val_database, val_queries = require_split(dataset, "val")
     config, radii_reason = resolve_radii(config, train_set)
     graph = PlaceGraph(train_set.positions, train_set.sequences, train_set.headings, config.mining())
     if len(graph.usable_anchors()) == 0:
@@ -649,16 +655,19 @@ def train(
         improved = run.record(row, recall, config.patience)
         if distributed.is_main:
             if improved:
-                _save_best(run_dir, model, model_config, preprocess_config, epoch, recall, data, kind, teacher_fingerprint)
+                _save_best(run_dir, model, model_config, preprocess_config, epoch, recall, label, kind, teacher_fingerprint)
             with _atomic_file(run_dir / "last.pt") as tmp:
                 torch.save(_train_state(run, model, optimizer, scaler, kind, teacher_fingerprint), tmp)
             write_metrics_csv(run.history, run_dir / "metrics.csv")
-            plot_learning_curves(run.history, run_dir / "learning_curves.png", f"train {kind}: {Path(data).name}")
+            plot_learning_curves(run.history, run_dir / "learning_curves.png", f"train {kind}: {label}")
             LOG.info(
                 "epoch %d: loss %.4f, val recall@1/5/10 %.1f/%.1f/%.1f %%, max recall at 100 %% precision %.1f %%%s",
                 epoch, row["loss"], *(100 * recall[n] for n in VAL_NS), 100 * recall[MAX_RECALL_KEY],
                 " (best)" if improved else "",
             )
+    if distributed.is_main and (run_dir / "best.pt").is_file():
+        _calibrate_best(run_dir / "best.pt", model, heads, val_caches, val_database, val_queries, device, config,
+                        use_amp, label)
     if distributed.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -827,11 +836,29 @@ def _restore(state: dict, model, optimizer, scaler, path: Path) -> _Progress:
     return run
 
 
-def _save_best(run_dir, model, model_config, preprocess_config, epoch, recall, data, kind, teacher_fingerprint) -> None:
+def _calibrate_best(path: Path, model: nn.Module, heads: _Heads, val_caches: list[FeatureCache], val_database: Dataset,
+                    val_queries: Dataset, device: torch.device, config: TrainConfig, amp: bool, label: str) -> None:
+    """Fit the best checkpoint's score calibration on the val queries' top-1 matches and store it in it."""
+    best = load_checkpoint(path)
+    model.load_state_dict(best.model.state_dict())
+    db = describe_cached(heads, val_caches[0], device, config.cache_batch_size, amp)
+    q = describe_cached(heads, val_caches[1], device, config.cache_batch_size, amp)
+    nearest = retrieve(q, db, 1)[:, 0]
+    similarity = 1.0 - ((q - db[nearest]) ** 2).sum(axis=1) / 2.0
+    distance = np.linalg.norm(val_queries.positions[:, :2] - val_database.positions[nearest, :2], axis=1)
+    calibration = ScoreCalibration.fit(similarity, distance <= config.eval_radius_m,
+                                       f"val split of {label}, correct within {config.eval_radius_m:g} m")
+    save_checkpoint(path, best.model, best.model_config, best.preprocess,
+                    {**best.extra, "score_calibration": calibration.to_dict()})
+    LOG.info("score calibration fitted on %d val queries: a published score of 0.95 means raw similarity >= %.3f",
+             len(q), calibration.min_similarity(0.95))
+
+
+def _save_best(run_dir, model, model_config, preprocess_config, epoch, recall, label, kind, teacher_fingerprint) -> None:
     extra = {
         "epoch": epoch,
         "val_recall": {str(n): float(value) for n, value in recall.items()},
-        "dataset": Path(data).name,
+        "dataset": label,
         "trained_as": kind,
     }
     if teacher_fingerprint is not None:

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="{teacher,student}")
     for kind, help_text in (("teacher", "train the teacher (triplet loss)"), ("student", "distil the student from a teacher")):
         sub = kinds.add_parser(kind, help=help_text, description=help_text)
-        sub.add_argument("--data", required=True, metavar="DIR", help="dataset directory made by extract_dataset")
+        sub.add_argument("--data", required=True, action="append", metavar="DIR",
+                         help="dataset directory made by extract_dataset; repeat to train on several sites at once")
         if kind == "student":
             sub.add_argument("--teacher", required=True, metavar="CKPT", help="trained teacher checkpoint (its best.pt)")
         sub.add_argument("--out", required=True, metavar="RUN", help="run directory (created; must be new unless --resume)")
