@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tscm_ros.loop_detector import DEFAULT_MIN_SCORE  # noqa: E402
 from tscm_ros.loop_evaluation import max_recall_at_full_precision, precision_recall_curve  # noqa: E402
 
 SITES = [  # seed, lap length (m)
@@ -57,7 +59,7 @@ RADIUS_M = 5.0
 METHODS = {  # row name in the report -> name in evaluate's output
     "ORB bag of words": "ORB bag of words",
     "GeM baseline (pretrained)": "GeM baseline (pretrained, no training)",
-    "default model": "student (untrained default)",
+    "default model": "default model (shipped student)",
     "teacher (site-trained)": "teacher (site-trained)",
     "student (distilled)": "student (distilled)",
 }
@@ -87,6 +89,23 @@ def render(cache: Path, seed: int, length: float, traversal: int, condition: str
     return out
 
 
+def simulator_cache() -> Path:
+    """Where rendered routes are kept: one folder per version of the simulator."""
+    simulator = hashlib.sha256((REPO / "tscm_ros" / "simulate.py").read_bytes()).hexdigest()[:12]
+    return REPO / ".cache" / "bench" / simulator
+
+
+def prepare_site(cache: Path, site: Path, seed: int, length: float) -> tuple[Path, Path, Path]:
+    """Render a site's reference and training traversals and extract its dataset with the README's command;
+    (reference bag, dataset, runs directory)."""
+    reference = render(cache, seed, length, 0, "day", skip=True)
+    bags = [reference] + [render(cache, seed, length, t, c, skip=False) for t, c in TRAINING]
+    data = site / "data"
+    run(["tscm_ros.cli.extract_dataset", *[a for bag in bags for a in ("--bag", str(bag))], "--out", str(data),
+         "--every-m", "2", "--overwrite", "--no-progress"], "extract_dataset")
+    return reference, data, site / "runs"
+
+
 def read_queries(csv_path: Path) -> list[dict]:
     with open(csv_path, newline="", encoding="utf-8") as stream:
         return list(csv.DictReader(stream))
@@ -100,8 +119,11 @@ def pooled_metrics(rows: list[dict]) -> dict:
     recall1 = correct[has_loop].mean() if has_loop.any() else math.nan
     max_recall, threshold = max_recall_at_full_precision(precision_recall_curve(scores, correct & has_loop, has_loop))
     latency = float(np.median([float(row["latency_ms"]) for row in rows]))
+    accepted = np.nan_to_num(scores, nan=-np.inf) >= DEFAULT_MIN_SCORE
+    precision = float((correct & has_loop)[accepted].mean()) if accepted.any() else math.nan
     return {"r1": float(recall1), "max_recall_p100": max_recall, "threshold": threshold, "ms": latency,
-            "queries": len(rows), "true_negatives": int((~has_loop).sum())}
+            "queries": len(rows), "true_negatives": int((~has_loop).sum()),
+            "precision_at_min_score": precision, "recall_at_min_score": float((correct & accepted).sum() / has_loop.sum())}
 
 
 def main() -> int:
@@ -111,26 +133,19 @@ def main() -> int:
     args = parser.parse_args()
     if not 1 <= args.sites <= len(SITES):
         parser.error(f"--sites must be in 1..{len(SITES)}")
-    simulator = hashlib.sha256((REPO / "tscm_ros" / "simulate.py").read_bytes()).hexdigest()[:12]
-    cache = REPO / ".cache" / "bench" / simulator
+    cache = simulator_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pooled: dict[str, list[dict]] = {name: [] for name in METHODS}
     by_condition: dict[tuple[str, str], list[dict]] = {}
+    calibrated: dict[str, bool] = {}
     training = []
     for seed, length in SITES[: args.sites]:
         site = out / f"site{seed}"
-        reference = render(cache, seed, length, 0, "day", skip=True)
-        bags = [reference] + [render(cache, seed, length, t, c, skip=False) for t, c in TRAINING]
-        data, runs = site / "data", site / "runs"
-        bag_args = [a for bag in bags for a in ("--bag", str(bag))]
-        run(["tscm_ros.cli.extract_dataset", *bag_args, "--out", str(data), "--every-m", "2", "--overwrite",
-             "--no-progress"], "extract_dataset")
+        reference, data, runs = prepare_site(cache, site, seed, length)
         for kind in ("teacher", "student"):
             run_dir = runs / kind
             if run_dir.exists():
-                import shutil
-
                 shutil.rmtree(run_dir)
             extra = ["--teacher", str(runs / "teacher" / "best.pt")] if kind == "student" else []
             seconds, peak_mb = run(["tscm_ros.cli.train", kind, "--data", str(data), *extra, "--out", str(run_dir),
@@ -146,6 +161,7 @@ def main() -> int:
             summary = json.loads((evaluation / "loop_closure.json").read_text())
             for method in summary["methods"]:
                 row_name = next(k for k, v in METHODS.items() if v == method["name"])
+                calibrated[row_name] = method["calibrated"]
                 rows = read_queries(evaluation / method["queries_csv"])
                 pooled[row_name] += rows
                 by_condition.setdefault((row_name, condition), []).extend(rows)
@@ -158,13 +174,17 @@ def main() -> int:
         f"## Recognition benchmark: {args.sites} site(s), held-out traversals, R@1 within {RADIUS_M:g} m",
         "",
         "| method | " + " | ".join(f"R@1 {c} %" for c in conditions)
-        + " | R@1 all % | vs GeM (points) | max R @ P=100 % | median ms/query |",
-        "|---|" + "---:|" * (len(conditions) + 4),
+        + f" | R@1 all % | vs GeM (points) | max R @ P=100 % | P / R % at score >= {DEFAULT_MIN_SCORE:g}"
+        + " | median ms/query |",
+        "|---|" + "---:|" * (len(conditions) + 5),
     ]
     for name, metric in results.items():
         cells = [f"{100 * per_condition[(name, c)]['r1']:.1f}" for c in conditions]
+        at_min = (f"{100 * metric['precision_at_min_score']:.1f} / {100 * metric['recall_at_min_score']:.1f}"
+                  if calibrated.get(name) else "(uncalibrated)")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * metric['r1']:.1f} | "
-                     f"{100 * (metric['r1'] - gem):+.1f} | {100 * metric['max_recall_p100']:.1f} | {metric['ms']:.1f} |")
+                     f"{100 * (metric['r1'] - gem):+.1f} | {100 * metric['max_recall_p100']:.1f} | {at_min} | "
+                     f"{metric['ms']:.1f} |")
     teacher, student = results["teacher (site-trained)"]["r1"], results["student (distilled)"]["r1"]
     any_result = next(iter(results.values()))
     lines += [

@@ -395,6 +395,9 @@ def test_load_refuses_a_map_built_with_another_model(tmp_path):
     message = str(error.value)
     assert str(directory) in message and "student-a" in message and "fp-student-a" in message
     assert "fp-student-b" in message and "--model" in message
+    # Same model name, other weights (a map of the previous default model): say it is an older version.
+    with pytest.raises(MapError, match="earlier version of student-a.*rebuild the map with build_map"):
+        KeyframeMap.load(directory, expected_fingerprint="fp-student-a2", expected_model_name="student-a")
 
 
 @pytest.mark.parametrize(

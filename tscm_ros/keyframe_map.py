@@ -652,6 +652,12 @@ class KeyframeMap:
         if expected_fingerprint is not None and expected_fingerprint != manifest["model_fingerprint"]:
             built_with = manifest["model_name"] or "(unnamed)"
             loaded = f"{expected_model_name} " if expected_model_name else ""
+            if expected_model_name and expected_model_name == manifest["model_name"]:
+                raise MapError(
+                    f"map {root} was built with an earlier version of {built_with} (fingerprint "
+                    f"{manifest['model_fingerprint']}; the loaded one is {expected_fingerprint}), for example the "
+                    f"previous default model: rebuild the map with build_map, or use --model with the checkpoint it "
+                    f"was built with")
             raise MapError(
                 f"map {root} was built with model {built_with} (fingerprint {manifest['model_fingerprint']}); "
                 f"the loaded model {loaded}has fingerprint {expected_fingerprint}. Use --model with the checkpoint "

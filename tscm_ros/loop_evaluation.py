@@ -471,7 +471,7 @@ def write_report(runs: Sequence[MethodRun], title: str, out: Path, radius_m: flo
 # ----- command line (evaluate --bag) ---------------------------------------------------------------
 
 BASELINES = ("gem", "student", "bow")
-BASELINE_NAMES = {"gem": "GeM baseline (pretrained, no training)", "student": "student (untrained default)",
+BASELINE_NAMES = {"gem": "GeM baseline (pretrained, no training)", "student": "default model (shipped student)",
                   "bow": "ORB bag of words"}
 
 
@@ -487,7 +487,7 @@ def add_bag_arguments(parser: argparse.ArgumentParser) -> None:
                        help="map keyframe every M metres of travel on the reference, as build_map (default 2.0)")
     group.add_argument("--baselines", default=",".join(BASELINES), metavar="LIST",
                        help="comma-separated built-in methods to include: gem (pretrained backbone + GeM), "
-                       "student (untrained default student), bow (ORB bag of words); 'none' for none "
+                       "student (the default model: the shipped pretrained student), bow (ORB bag of words); 'none' for none "
                        f"(default {','.join(BASELINES)})")
     group.add_argument("--bow-words", type=int, default=1000, metavar="K",
                        help="ORB vocabulary size, trained on the reference keyframes (default 1000)")

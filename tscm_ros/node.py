@@ -194,7 +194,8 @@ class PlaceRecognitionNode(Node):
 
     def _open_map(self, map_path: str, describer: Describer) -> KeyframeMap:
         if map_path and Path(map_path).exists():
-            return KeyframeMap.load(map_path, expected_fingerprint=describer.fingerprint)
+            return KeyframeMap.load(map_path, expected_fingerprint=describer.fingerprint,
+                                     expected_model_name=describer.model_name)
         if map_path and not self._mapping:
             raise ConfigError(f"map {map_path} does not exist: build one with build_map, or set mapping:=true")
         return KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),

@@ -78,6 +78,10 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     margin: float = 0.1
+    hard_weight: float = 1.0
+    soft_weight: float = 1.0
+    cross_metric_weight: float = 1.0
+    init_heads: bool = True
     patience: int = 5
     seed: int = 0
     device: str = "auto"
@@ -103,8 +107,9 @@ class TrainConfig:
             if value != AUTO and (isinstance(value, (str, bool)) or not value > 0):
                 raise ConfigError(f"training setting {name} must be > 0 (metres) or 'auto', got {value!r}")
         self.augmentation()  # validates the augment section
-        if self.patience < 0 or self.weight_decay < 0 or self.margin < 0:
-            raise ConfigError("training settings patience, weight_decay and margin must be >= 0")
+        if min(self.patience, self.weight_decay, self.margin, self.hard_weight, self.soft_weight,
+               self.cross_metric_weight) < 0:
+            raise ConfigError("training settings patience, weight_decay, margin and the loss weights must be >= 0")
         if self.triplets_per_epoch is not None and self.triplets_per_epoch < 1:
             raise ConfigError(f"triplets_per_epoch must be >= 1 or null, got {self.triplets_per_epoch}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -616,7 +621,7 @@ def train(
     run = _Progress()
     if saved is not None:
         run = _restore(saved, model, optimizer, scaler, run_dir / "last.pt")
-    else:
+    elif config.init_heads:
         sample = np.random.default_rng(config.seed).permutation(len(train_set))[:256]
         heads.init_aggregation(train_cache.get(sample, None, device))
     teacher_descriptors = None
@@ -741,7 +746,7 @@ def _train_epoch(
         if data.teacher_descriptors is not None:
             lookup = data.teacher_descriptors[torch.as_tensor(indices, device=device)]
             teacher = TripletDescriptors(lookup[:count], lookup[count : 2 * count], lookup[2 * count :].reshape(count, k, -1))
-        terms = tscm_loss(student, teacher, margin=config.margin)
+        terms = tscm_loss(student, teacher, config.margin, config.hard_weight, config.soft_weight, config.cross_metric_weight)
         loss = terms.total
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

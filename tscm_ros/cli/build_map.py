@@ -99,7 +99,8 @@ def _open_target(args, describer: Describer) -> KeyframeMap:
     if args.append:
         if not out.exists():
             raise MapError(f"--append: {out} does not exist")
-        return KeyframeMap.load(out, expected_fingerprint=describer.fingerprint)
+        return KeyframeMap.load(out, expected_fingerprint=describer.fingerprint,
+                                expected_model_name=describer.model_name)
     return KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),
                        index=args.index, pca_dim=args.pca_dim, model_name=describer.model_name)
 
