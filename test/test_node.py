@@ -44,8 +44,8 @@ def query_frames(route_query):
 @pytest.fixture(scope="module")
 def revisit_frames(tmp_path_factory):
     """The reference route driven again under a mild appearance change (light, tint, offsets, clutter).
-    The untrained default student finds most of these places (the stronger change of route_query is
-    for trained models)."""
+    The default model finds most of these places (the stronger change of route_query is for trained
+    models)."""
     from conftest import ROUTE
     from tscm_ros.simulate import simulate_route
 
@@ -128,7 +128,7 @@ def test_revisited_places_come_back_first(harness, reference_frames, revisit_fra
         best = answer.candidates[0]
         found = np.array([best.keyframe_pose.position.x, best.keyframe_pose.position.y])
         correct += np.linalg.norm(found - frame.pose.position[:2]) <= 10.0
-    # Chance (a random keyframe within 10 m) is under 10 %; the untrained student finds ~70 % here.
+    # Chance (a random keyframe within 10 m) is under 10 %; the default model finds most of them.
     assert correct / len(queries) >= 0.5, f"only {correct}/{len(queries)} revisits recognised within 10 m"
 
 

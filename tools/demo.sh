@@ -38,32 +38,33 @@ say() {
   echo "=== demo step $step ($((SECONDS - started)) s): $*"
 }
 
-# render WORLD_SEED TRAVERSAL: a route bag in the cache, rendered only if missing.
+# render WORLD_SEED TRAVERSAL CONDITION: a route bag in the cache, rendered only if missing. The towns have
+# look-alike street blocks (--aliasing 0.3), so that recognising a place takes more than matching corners.
 render() {
-  local dir="$CACHE/world$1_t$2"
+  local dir="$CACHE/world$1_t$2_$3"
   if [ -d "$dir" ]; then
     echo "using the cached $dir"
   else
-    simulate_route --out "$dir" --seed "$1" --traversal "$2" --frames "$FRAMES"
+    simulate_route --out "$dir" --seed "$1" --traversal "$2" --condition "$3" --aliasing 0.3 --frames "$FRAMES"
   fi
 }
 
 mkdir -p "$CACHE" "$OUT"
-say "render the demo route (world 0): traversal 1 (reference) and traversal 2 (revisit, changed appearance)"
-render 0 0
-render 0 1
-REFERENCE="$CACHE/world0_t0"
-QUERY="$CACHE/world0_t1"
+say "render the demo route (world 0): traversal 1 (reference, day) and traversal 2 (revisit in another season, 1-2 m to the side)"
+render 0 0 day
+render 0 1 season
+REFERENCE="$CACHE/world0_t0_day"
+QUERY="$CACHE/world0_t1_season"
 
 STUDENT_ARGS=()
 EVAL_MODELS=()
 if [ "$TRAIN" = 1 ]; then
   say "render a training site (world 1, three traversals): nothing the evaluation sees is trained on"
-  render 1 0
-  render 1 1
-  render 1 2
+  render 1 0 day
+  render 1 1 auto
+  render 1 2 day
   say "extract a training dataset from world 1 (the README's command: frames every 2 m, split chosen from the data)"
-  extract_dataset --bag "$CACHE/world1_t0" --bag "$CACHE/world1_t1" --bag "$CACHE/world1_t2" --out "$OUT/dataset" \
+  extract_dataset --bag "$CACHE/world1_t0_day" --bag "$CACHE/world1_t1_auto" --bag "$CACHE/world1_t2_day" --out "$OUT/dataset" \
     --every-m 2 --overwrite --no-progress
   rm -rf "$OUT/runs"
   say "train the teacher on the CPU (frozen backbones, cached augmented features, triplet loss)"

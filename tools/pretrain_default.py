@@ -30,7 +30,8 @@ WORLDS = [  # seed, lap length (m), aliasing
 ]
 CONDITIONS = ["night", "haze", "season", "clutter", "auto"]
 SPACING_M = 2.0
-TEACHER = ["--set", "augment_views=4", "--set", "epochs=8"]
+RADIUS_M = 5.0  # a match is a true loop within this distance (what 'auto' radii give at 2 m spacing)
+TEACHER = ["--set", "augment_views=4", "--set", "epochs=4"]
 STUDENT = ["--set", "augment_views=4", "--set", "epochs=10"]
 
 
@@ -42,6 +43,10 @@ def run(argv: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=str(REPO / ".cache" / "pretrain"), help="working directory (bags, datasets, runs)")
+    parser.add_argument("--reuse-teacher", action="store_true",
+                        help="keep WORK/runs/teacher when it has a best.pt (re-distil the student only)")
+    parser.add_argument("--package-only", action="store_true",
+                        help="no training: write the default from WORK/runs/student/best.pt (half precision, calibrated)")
     args = parser.parse_args()
     work = Path(args.work)
     started = time.monotonic()
@@ -62,19 +67,33 @@ def main() -> int:
         datasets.append(data)
     data_args = [a for data in datasets for a in ("--data", str(data))]
     runs = work / "runs"
-    shutil.rmtree(runs, ignore_errors=True)
-    run(["tscm_ros.cli.train", "teacher", *data_args, "--out", str(runs / "teacher"), "--no-progress", *TEACHER])
-    run(["tscm_ros.cli.train", "student", *data_args, "--teacher", str(runs / "teacher" / "best.pt"),
-         "--out", str(runs / "student"), "--no-progress", *STUDENT])
+    if args.package_only:
+        pass
+    elif args.reuse_teacher and (runs / "teacher" / "best.pt").is_file():
+        print(f"reusing the teacher {runs / 'teacher' / 'best.pt'}")
+        shutil.rmtree(runs / "student", ignore_errors=True)
+    else:
+        shutil.rmtree(runs, ignore_errors=True)
+        run(["tscm_ros.cli.train", "teacher", *data_args, "--out", str(runs / "teacher"), "--no-progress", *TEACHER])
+    if not args.package_only:
+        run(["tscm_ros.cli.train", "student", *data_args, "--teacher", str(runs / "teacher" / "best.pt"),
+             "--out", str(runs / "student"), "--no-progress", *STUDENT])
 
     from tscm_ros.checkpoint import load_checkpoint, save_checkpoint
     from tscm_ros.describe import DEFAULT_WEIGHTS
+    from tscm_ros.training import calibrate_checkpoint
 
     student = load_checkpoint(runs / "student" / "best.pt")
-    extra = {**student.extra, "pretrained_on": [f"world{seed}" for seed, _, _ in WORLDS],
-             "reproduce": "make pretrain (tools/pretrain_default.py)"}
+    extra = {key: value for key, value in student.extra.items() if key != "score_calibration"}
+    extra.update(pretrained_on=[f"world{seed}" for seed, _, _ in WORLDS],
+                 reproduce="make pretrain (tools/pretrain_default.py)")
     DEFAULT_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    fingerprint = save_checkpoint(DEFAULT_WEIGHTS, student.model.half(), student.model_config, student.preprocess, extra)
+    save_checkpoint(DEFAULT_WEIGHTS, student.model.half(), student.model_config, student.preprocess, extra)
+    # The calibration is fitted on the shipped (half-precision) weights themselves.
+    calibration = calibrate_checkpoint(DEFAULT_WEIGHTS, datasets, RADIUS_M, half=True)
+    fingerprint = load_checkpoint(DEFAULT_WEIGHTS).fingerprint
+    print(f"pretrain: calibration on {calibration.queries} val queries: score >= 0.95 at raw similarity "
+          f">= {calibration.min_similarity(0.95):.3f}")
     minutes = (time.monotonic() - started) / 60
     print(f"pretrain: wrote {DEFAULT_WEIGHTS.relative_to(REPO)} ({DEFAULT_WEIGHTS.stat().st_size / 1e6:.1f} MB, "
           f"fingerprint {fingerprint}) in {minutes:.0f} min")

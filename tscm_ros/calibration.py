@@ -9,9 +9,9 @@ validation", and ``min_score`` is a precision target that holds across models.
 
 Fitting: the probability that a top-1 match is a true loop is regressed on its similarity (isotonic,
 pool-adjacent-violators: it never falls as similarity rises); the precision of accepting every
-validation query down to each similarity is the running mean of those probabilities, shrunk towards
-the overall precision by ``PRIOR_QUERIES`` pseudo-queries, so a handful of lucky matches cannot
-claim 1.0.
+validation query down to each similarity is the running mean of those probabilities, and the score
+is its one-sided 95 % Wilson lower bound, so that "score >= 0.95" claims a precision of at least 0.95
+with confidence, and a handful of lucky matches cannot claim 1.0.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ import numpy as np
 from tscm_ros.errors import CheckpointError
 
 KNOTS = 32
-PRIOR_QUERIES = 4.0
+WILSON_Z = 1.645  # one-sided 95 %
+RAW_SHARE = 0.01  # keeps the map strictly increasing: scores rank candidates as raw similarity does
+
+
+def _wilson_lower_bound(precision: np.ndarray, count: np.ndarray, z: float = WILSON_Z) -> np.ndarray:
+    """Lower bound of the Wilson score interval of proportions ``precision`` measured on ``count`` trials."""
+    centre = precision + z * z / (2 * count)
+    spread = z * np.sqrt(precision * (1 - precision) / count + z * z / (4 * count * count))
+    return np.clip((centre - spread) / (1 + z * z / count), 0.0, 1.0)
 
 
 def _isotonic_non_increasing(values: np.ndarray) -> np.ndarray:
@@ -69,8 +77,7 @@ class ScoreCalibration:
         similarity, correct = similarity[order], correct[order]
         probability = _isotonic_non_increasing(correct.astype(np.float64))
         accepted = np.arange(1, len(similarity) + 1)
-        overall = probability.mean()
-        precision = (np.cumsum(probability) + PRIOR_QUERIES * overall) / (accepted + PRIOR_QUERIES)
+        precision = _wilson_lower_bound(np.cumsum(probability) / accepted, accepted)
         precision = np.maximum.accumulate(precision[::-1])[::-1]  # non-increasing as the threshold drops
         # Ties share the precision of accepting all of them (the last of the tie in this order).
         last_of_tie = np.r_[similarity[1:] != similarity[:-1], True]
@@ -80,22 +87,24 @@ class ScoreCalibration:
                    int(len(order)))
 
     def __call__(self, similarity: np.ndarray | float) -> np.ndarray:
-        """Calibrated score(s) of raw similarity value(s); constant beyond the fitted range."""
-        return np.interp(similarity, self.similarity, self.score)
+        """Calibrated score(s) of raw similarity value(s) in [-1, 1]. Mostly the fitted precision; a
+        ``RAW_SHARE`` of the raw similarity keeps it strictly increasing (no ties where the fitted
+        precision is flat), so scores rank candidates exactly as the descriptors do."""
+        raw = np.clip(similarity, 0.0, 1.0)
+        return (1.0 - RAW_SHARE) * np.interp(similarity, self.similarity, self.score) + RAW_SHARE * raw
 
     def min_similarity(self, min_score: float) -> float:
-        """The lowest raw similarity whose calibrated score is >= ``min_score`` (inf when none)."""
-        sims, scores = np.asarray(self.similarity), np.asarray(self.score)
-        if min_score <= scores[0]:
+        """The lowest raw similarity whose calibrated score is >= ``min_score`` (-inf when every similarity
+        reaches it, inf when none does)."""
+        if self(-1.0) >= min_score:
             return -np.inf
-        if min_score > scores[-1]:
+        if self(1.0) < min_score:
             return np.inf
-        upper = int(np.searchsorted(scores, min_score, side="left"))  # first knot with score >= min_score
-        lower = upper - 1
-        if scores[upper] == scores[lower]:
-            return float(sims[upper])
-        fraction = (min_score - scores[lower]) / (scores[upper] - scores[lower])
-        return float(sims[lower] + fraction * (sims[upper] - sims[lower]))
+        low, high = -1.0, 1.0  # self(low) < min_score <= self(high); the map is non-decreasing
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if self(middle) < min_score else (low, middle)
+        return high
 
     def to_dict(self) -> dict:
         return {"similarity": list(self.similarity), "score": list(self.score), "fitted_on": self.fitted_on,

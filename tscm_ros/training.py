@@ -841,6 +841,33 @@ def _restore(state: dict, model, optimizer, scaler, path: Path) -> _Progress:
     return run
 
 
+def fit_calibration(database: np.ndarray, queries: np.ndarray, database_positions: np.ndarray,
+                    query_positions: np.ndarray, radius_m: float, fitted_on: str) -> ScoreCalibration:
+    """Score calibration from validation descriptors: each query's top-1 match, correct within ``radius_m``."""
+    nearest = retrieve(queries, database, 1)[:, 0]
+    similarity = 1.0 - ((queries - database[nearest]) ** 2).sum(axis=1) / 2.0
+    distance = np.linalg.norm(query_positions[:, :2] - database_positions[nearest, :2], axis=1)
+    return ScoreCalibration.fit(similarity, distance <= radius_m, fitted_on)
+
+
+def calibrate_checkpoint(path: Path, data: Sequence[str | Path], radius_m: float, half: bool = False,
+                         batch_size: int = 32) -> ScoreCalibration:
+    """Fit a checkpoint's score calibration on the val split of ``data`` and store it in the checkpoint
+    (its weights saved back in half precision with ``half``, as they were)."""
+    loaded = load_checkpoint(path)
+    database, queries = require_split(load_datasets(list(data)), "val")
+    device = torch.device("cpu")
+    calibration = fit_calibration(
+        describe_frames(loaded.model, database, loaded.preprocess, device, batch_size),
+        describe_frames(loaded.model, queries, loaded.preprocess, device, batch_size),
+        database.positions, queries.positions, radius_m,
+        f"val split of {', '.join(Path(d).name for d in data)}, correct within {radius_m:g} m",
+    )
+    save_checkpoint(path, loaded.model.half() if half else loaded.model, loaded.model_config, loaded.preprocess,
+                    {**loaded.extra, "score_calibration": calibration.to_dict()})
+    return calibration
+
+
 def _calibrate_best(path: Path, model: nn.Module, heads: _Heads, val_caches: list[FeatureCache], val_database: Dataset,
                     val_queries: Dataset, device: torch.device, config: TrainConfig, amp: bool, label: str) -> None:
     """Fit the best checkpoint's score calibration on the val queries' top-1 matches and store it in it."""
@@ -848,11 +875,8 @@ def _calibrate_best(path: Path, model: nn.Module, heads: _Heads, val_caches: lis
     model.load_state_dict(best.model.state_dict())
     db = describe_cached(heads, val_caches[0], device, config.cache_batch_size, amp)
     q = describe_cached(heads, val_caches[1], device, config.cache_batch_size, amp)
-    nearest = retrieve(q, db, 1)[:, 0]
-    similarity = 1.0 - ((q - db[nearest]) ** 2).sum(axis=1) / 2.0
-    distance = np.linalg.norm(val_queries.positions[:, :2] - val_database.positions[nearest, :2], axis=1)
-    calibration = ScoreCalibration.fit(similarity, distance <= config.eval_radius_m,
-                                       f"val split of {label}, correct within {config.eval_radius_m:g} m")
+    calibration = fit_calibration(db, q, val_database.positions, val_queries.positions, config.eval_radius_m,
+                                  f"val split of {label}, correct within {config.eval_radius_m:g} m")
     save_checkpoint(path, best.model, best.model_config, best.preprocess,
                     {**best.extra, "score_calibration": calibration.to_dict()})
     LOG.info("score calibration fitted on %d val queries: a published score of 0.95 means raw similarity >= %.3f",
