@@ -26,7 +26,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -58,22 +57,22 @@ def descriptor_gap(student: Path, teacher: Path, bags: list[Path]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "bench_output" / "distillation"), help="output directory")
+    parser.add_argument("--reuse", action="store_true", help="evaluate the checkpoints of a previous run in --out")
     args = parser.parse_args()
     out = Path(args.out)
     cache = simulator_cache()
     seed, length = SITES[0]
     reference, data, runs = prepare_site(cache, out / f"site{seed}", seed, length)
-    shutil.rmtree(runs, ignore_errors=True)
     teacher = runs / "teacher" / "best.pt"
-    run(["tscm_ros.cli.train", "teacher", "--data", str(data), "--out", str(teacher.parent), "--no-progress"],
-        "train teacher")
-    students = {}
-    for index, (name, overrides) in enumerate(VARIANTS.items()):
-        run_dir = runs / f"student{index}"
-        settings = [a for setting in overrides for a in ("--set", setting)]
-        run(["tscm_ros.cli.train", "student", "--data", str(data), "--teacher", str(teacher), "--out", str(run_dir),
-             "--no-progress", *settings], f"train student: {name}")
-        students[name] = run_dir / "best.pt"
+    students = {name: runs / f"student{index}" / "best.pt" for index, name in enumerate(VARIANTS)}
+    if not (args.reuse and all(path.is_file() for path in [teacher, *students.values()])):
+        shutil.rmtree(runs, ignore_errors=True)
+        run(["tscm_ros.cli.train", "teacher", "--data", str(data), "--out", str(teacher.parent), "--no-progress"],
+            "train teacher")
+        for (name, overrides), path in zip(VARIANTS.items(), students.values()):
+            settings = [a for setting in overrides for a in ("--set", setting)]
+            run(["tscm_ros.cli.train", "student", "--data", str(data), "--teacher", str(teacher), "--out",
+                 str(path.parent), "--no-progress", *settings], f"train student: {name}")
     pooled: dict[str, list[dict]] = {}
     queries = []
     for traversal, condition in QUERIES:

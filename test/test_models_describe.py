@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tscm_ros.checkpoint import load_model_config, save_checkpoint
-from tscm_ros.describe import Describer, onnxruntime_available, pretrained_baseline, resolve_device
+from tscm_ros.checkpoint import load_checkpoint, load_model_config, save_checkpoint
+from tscm_ros.describe import DEFAULT_WEIGHTS, Describer, onnxruntime_available, pretrained_baseline, resolve_device
 from tscm_ros.errors import CheckpointError, ConfigError
 from tscm_ros.models import build_model
 from tscm_ros.preprocess import preprocess
@@ -39,8 +39,8 @@ def test_default_student_descriptors(default_student):
 
 
 def test_default_student_matches_the_plain_network(default_student):
-    config, preprocess_config = load_model_config("student_offline")
-    model = build_model(config)
+    shipped = load_checkpoint(DEFAULT_WEIGHTS)
+    model, preprocess_config = shipped.model, shipped.preprocess
     images = random_images(3, seed=2)
     with torch.no_grad():
         expected = model(preprocess(images, preprocess_config)).numpy()
@@ -63,8 +63,8 @@ def test_onnxruntime_and_torch_backends_agree(default_student):
 
 
 def test_saving_the_default_student_keeps_its_fingerprint(tmp_path, default_student):
-    config, preprocess_config = load_model_config("student_offline")
-    fingerprint = save_checkpoint(tmp_path / "default.pt", build_model(config), config, preprocess_config)
+    shipped = load_checkpoint(DEFAULT_WEIGHTS)  # half precision on disk, float32 once loaded
+    fingerprint = save_checkpoint(tmp_path / "default.pt", shipped.model.half(), shipped.model_config, shipped.preprocess)
     assert fingerprint == default_student.fingerprint
     assert Describer.from_checkpoint(tmp_path / "default.pt", device="cpu").fingerprint == fingerprint
 
