@@ -12,7 +12,7 @@ help:
 	@echo "make demo        setup, render a route, build a map, run the node over DDS, evaluate"
 	@echo "make demo-train  setup, then the whole TSCM pipeline: dataset, teacher, student, evaluation"
 	@echo "make bench       benchmarks (minutes; see bench/)"
-	@echo "make pretrain    re-train the shipped default student on rendered worlds (CPU: about 40 minutes)"
+	@echo "make pretrain    re-train the shipped default student on rendered worlds (2 CPU cores: about an hour)"
 	@echo "make clean       remove build/, install/, log/ (keeps .venv)"
 
 setup:

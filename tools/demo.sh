@@ -7,8 +7,9 @@
 #      candidates as they arrive; stop the node;
 #   4. evaluate every method on the same traversals (pretrained GeM baseline, student, ORB bag of
 #      words, plus the trained teacher and student with --train) and print the table.
-# --train first renders a different world (so no training place is evaluated) in three traversals, runs the
-# README's training commands on it (teacher, then the distilled student, on the CPU), then steps 2-4 with them.
+# --train first renders two more traversals of the demo town and runs the README's training commands on
+# them and the reference (teacher, then the distilled student, on the CPU); the season revisit that is
+# evaluated is never trained on. Then steps 2-4 with them.
 # Outputs go to demo_output/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,12 +60,11 @@ QUERY="$CACHE/world0_t1_season"
 STUDENT_ARGS=()
 EVAL_MODELS=()
 if [ "$TRAIN" = 1 ]; then
-  say "render a training site (world 1, three traversals): nothing the evaluation sees is trained on"
-  render 1 0 day
-  render 1 1 auto
-  render 1 2 day
-  say "extract a training dataset from world 1 (the README's command: frames every 2 m, split chosen from the data)"
-  extract_dataset --bag "$CACHE/world1_t0_day" --bag "$CACHE/world1_t1_auto" --bag "$CACHE/world1_t2_day" --out "$OUT/dataset" \
+  say "render two more traversals of the demo town for site training (a dusk drive and a day drive); the season revisit stays held out"
+  render 0 2 auto
+  render 0 3 day
+  say "extract a training dataset (the README's command: frames every 2 m, split chosen from the data)"
+  extract_dataset --bag "$REFERENCE" --bag "$CACHE/world0_t2_auto" --bag "$CACHE/world0_t3_day" --out "$OUT/dataset" \
     --every-m 2 --overwrite --no-progress
   rm -rf "$OUT/runs"
   say "train the teacher on the CPU (frozen backbones, cached augmented features, triplet loss)"

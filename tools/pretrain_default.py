@@ -7,7 +7,7 @@ on all of them, distils the student from it, and writes the student in half prec
 tscm_ros/weights/default_student.pt (the model behind `Describer.from_checkpoint(None)`), with its
 score calibration fitted on the validation traversals.
 
-    python tools/pretrain_default.py [--work DIR]     # about 30-40 minutes on 2 CPU cores
+    python tools/pretrain_default.py [--work DIR]     # about an hour on 2 CPU cores (measured while shared)
 """
 
 from __future__ import annotations
