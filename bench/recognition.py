@@ -43,7 +43,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tscm_ros.loop_detector import DEFAULT_MIN_SCORE  # noqa: E402
-from tscm_ros.loop_evaluation import max_recall_at_full_precision, precision_recall_curve  # noqa: E402
+from tscm_ros.loop_evaluation import (  # noqa: E402
+    at_threshold, max_recall_at_full_precision, precision_recall_curve,
+)
 
 SITES = [  # seed, lap length (m)
     (11, 120.0),
@@ -117,13 +119,13 @@ def pooled_metrics(rows: list[dict]) -> dict:
     correct = np.array([row["top1_correct"] == "1" for row in rows])
     scores = np.array([float(row["top1_score"]) if row["top1_score"] else math.nan for row in rows])
     recall1 = correct[has_loop].mean() if has_loop.any() else math.nan
-    max_recall, threshold = max_recall_at_full_precision(precision_recall_curve(scores, correct & has_loop, has_loop))
+    curve = precision_recall_curve(scores, correct & has_loop, has_loop)
+    max_recall, threshold = max_recall_at_full_precision(curve)
+    precision, recall = at_threshold(curve, DEFAULT_MIN_SCORE)
     latency = float(np.median([float(row["latency_ms"]) for row in rows]))
-    accepted = np.nan_to_num(scores, nan=-np.inf) >= DEFAULT_MIN_SCORE
-    precision = float((correct & has_loop)[accepted].mean()) if accepted.any() else math.nan
     return {"r1": float(recall1), "max_recall_p100": max_recall, "threshold": threshold, "ms": latency,
             "queries": len(rows), "true_negatives": int((~has_loop).sum()),
-            "precision_at_min_score": precision, "recall_at_min_score": float((correct & accepted).sum() / has_loop.sum())}
+            "precision_at_min_score": precision, "recall_at_min_score": recall}
 
 
 def main() -> int:

@@ -110,16 +110,27 @@ class LoopDetector:
         self.mapping = mapping
         self.source = source
 
+    @property
+    def matching(self) -> MatchingConfig:
+        return self._matching
+
+    @matching.setter
+    def matching(self, matching: MatchingConfig) -> None:
+        """Also the raw-similarity threshold the map filters with: with a calibrated model, ``min_score`` is a
+        precision (tscm_ros.calibration), turned into a similarity once here rather than per image."""
+        self._matching = matching
+        calibration = self.describer.calibration
+        self._min_similarity = (matching.min_score if calibration is None
+                                else calibration.min_similarity(matching.min_score))
+
     def _match(self, descriptor: np.ndarray, exclusion: Exclusion) -> list[Candidate]:
-        """The map's best candidates, scored by the model's calibration when it has one (``min_score`` is
-        then a precision: see tscm_ros.calibration), else by raw similarity."""
-        calibration = getattr(self.describer, "calibration", None)
-        if calibration is None:
-            return self.map.query(descriptor, self.matching.k, exclusion, self.matching.min_score)
-        min_similarity = calibration.min_similarity(self.matching.min_score)
-        if min_similarity > 1.0:
+        """The map's best candidates, scored by the model's calibration when it has one, else by raw similarity."""
+        if self._min_similarity > 1.0:
             return []
-        candidates = self.map.query(descriptor, self.matching.k, exclusion, float(np.clip(min_similarity, 0.0, 1.0)))
+        candidates = self.map.query(descriptor, self.matching.k, exclusion, float(max(self._min_similarity, 0.0)))
+        calibration = self.describer.calibration
+        if calibration is None:
+            return candidates
         return [replace(c, score=float(calibration(c.score))) for c in candidates]
 
     def process(self, image: np.ndarray, stamp_ns: int, pose=None) -> Detection:

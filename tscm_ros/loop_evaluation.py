@@ -137,6 +137,15 @@ def max_recall_at_full_precision(curve: PRCurve) -> tuple[float, float]:
     return float(curve.recall[best]), float(curve.thresholds[best])
 
 
+def at_threshold(curve: PRCurve, min_score: float) -> tuple[float, float]:
+    """(precision, recall) of accepting the queries whose top-1 score is >= ``min_score``: the curve's point
+    at the lowest threshold still >= ``min_score`` (NaN precision and 0 recall when no query scores that)."""
+    reached = np.flatnonzero(curve.thresholds >= min_score)
+    if len(reached) == 0:
+        return math.nan, 0.0
+    return float(curve.precision[reached[-1]]), float(curve.recall[reached[-1]])
+
+
 def evaluate_loop_closures(ranked_ids: Sequence[np.ndarray], ranked_scores: Sequence[np.ndarray],
                            within: np.ndarray, ns: Sequence[int] = DEFAULT_NS) -> LoopMetrics:
     """All metrics from each query's ranked candidate keyframe ids and scores (best first) and the
@@ -186,14 +195,8 @@ class MethodRun:
     calibrated: bool = False
 
     def at_score(self, min_score: float) -> tuple[float, float]:
-        """(precision, recall) of accepting the top-1 candidates scoring >= ``min_score`` (NaN precision when
-        none does; recall over queries with a true loop)."""
-        top1 = np.array([float(s[0]) if len(s) else -np.inf for s in self.ranked_scores])
-        correct = np.array([bool(self.within[q, ids[0]]) if len(ids) else False for q, ids in enumerate(self.ranked_ids)])
-        accepted = top1 >= min_score
-        loops = max(self.metrics.num_with_loop, 1)
-        precision = float(correct[accepted].mean()) if accepted.any() else math.nan
-        return precision, float(correct[accepted].sum()) / loops
+        """(precision, recall) of accepting the top-1 candidates scoring >= ``min_score``."""
+        return at_threshold(self.metrics.curve, min_score)
 
     @property
     def median_latency_ms(self) -> float:

@@ -428,13 +428,19 @@ def _val_recall(heads: _Heads, database: FeatureCache, queries: FeatureCache, va
     q = describe_cached(heads, queries, device, cfg.cache_batch_size, amp)
     recall = dict(evaluate_descriptors(q, db, val_queries.positions, val_database.positions, cfg.eval_radius_m,
                                        VAL_NS).recall)
-    nearest = retrieve(q, db, 1)[:, 0]
-    distance = np.linalg.norm(val_queries.positions[:, None, :2] - val_database.positions[None, :, :2], axis=2)
-    has_loop = (distance <= cfg.eval_radius_m).any(axis=1)
-    correct = distance[np.arange(len(q)), nearest] <= cfg.eval_radius_m
-    score = -((q - db[nearest]) ** 2).sum(axis=1)
-    recall[MAX_RECALL_KEY] = max_recall_at_full_precision(precision_recall_curve(score, correct, has_loop))[0]
+    similarity, correct, has_loop = top1_matches(db, q, val_database.positions, val_queries.positions, cfg.eval_radius_m)
+    recall[MAX_RECALL_KEY] = max_recall_at_full_precision(precision_recall_curve(similarity, correct, has_loop))[0]
     return recall
+
+
+def top1_matches(database: np.ndarray, queries: np.ndarray, database_positions: np.ndarray,
+                 query_positions: np.ndarray, radius_m: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each query's nearest database descriptor: its similarity (1 - d / 2, the raw score), whether it lies
+    within ``radius_m`` of the query, and whether any database frame does."""
+    nearest = retrieve(queries, database, 1)[:, 0]
+    similarity = 1.0 - ((queries - database[nearest]) ** 2).sum(axis=1) / 2.0
+    distance = np.linalg.norm(query_positions[:, None, :2] - database_positions[None, :, :2], axis=2)
+    return similarity, distance[np.arange(len(queries)), nearest] <= radius_m, (distance <= radius_m).any(axis=1)
 
 
 def write_metrics_csv(history: Sequence[dict], path: Path) -> None:
@@ -844,10 +850,8 @@ def _restore(state: dict, model, optimizer, scaler, path: Path) -> _Progress:
 def fit_calibration(database: np.ndarray, queries: np.ndarray, database_positions: np.ndarray,
                     query_positions: np.ndarray, radius_m: float, fitted_on: str) -> ScoreCalibration:
     """Score calibration from validation descriptors: each query's top-1 match, correct within ``radius_m``."""
-    nearest = retrieve(queries, database, 1)[:, 0]
-    similarity = 1.0 - ((queries - database[nearest]) ** 2).sum(axis=1) / 2.0
-    distance = np.linalg.norm(query_positions[:, :2] - database_positions[nearest, :2], axis=1)
-    return ScoreCalibration.fit(similarity, distance <= radius_m, fitted_on)
+    similarity, correct, _ = top1_matches(database, queries, database_positions, query_positions, radius_m)
+    return ScoreCalibration.fit(similarity, correct, fitted_on)
 
 
 def calibrate_checkpoint(path: Path, data: Sequence[str | Path], radius_m: float, half: bool = False,

@@ -77,6 +77,14 @@ class GeMHead(nn.Module):
         return self.projection(pooled) if self.projection is not None else pooled
 
 
+def principal_components(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PCA of the rows of ``data`` (M, D), in float64 on the CPU: (mean, singular values, components as rows)."""
+    data = data.detach().to(torch.float64).cpu()
+    mean = data.mean(dim=0)
+    _, singular, components = torch.linalg.svd(data - mean, full_matrices=False)
+    return mean, singular, components
+
+
 class TokenProjection(nn.Linear):
     """Linear map of backbone tokens to the aggregation width. It starts as a zero-padded (or truncated)
     identity, and :meth:`fit_pca` sets it to the principal components of sample tokens."""
@@ -91,9 +99,7 @@ class TokenProjection(nn.Linear):
     def fit_pca(self, tokens: torch.Tensor) -> None:
         """Project onto the top principal directions of ``tokens`` (..., in_dim), centred; the rest (when
         the output is wider than the data's rank) stays as it was."""
-        data = tokens.detach().reshape(-1, self.in_features).to(torch.float64).cpu()
-        mean = data.mean(dim=0)
-        _, _, components = torch.linalg.svd(data - mean, full_matrices=False)
+        mean, _, components = principal_components(tokens.reshape(-1, self.in_features))
         rank = min(self.out_features, components.shape[0])
         self.weight[:rank] = components[:rank].to(self.weight.dtype)
         self.bias[:rank] = (-components[:rank] @ mean).to(self.bias.dtype)
@@ -127,12 +133,10 @@ class OutputProjection(nn.Module):
             raise ConfigError(
                 f"PCA to {out_dim} dimensions needs at least {out_dim} descriptors, got {descriptors.shape[0]}"
             )
-        data = descriptors.detach().to(torch.float64).cpu()
-        mean = data.mean(dim=0)
-        _, singular, components = torch.linalg.svd(data - mean, full_matrices=False)
+        mean, singular, components = principal_components(descriptors)
         weight = components[:out_dim]
         if whiten:
-            scale = singular[:out_dim] / max(data.shape[0] - 1, 1) ** 0.5
+            scale = singular[:out_dim] / max(descriptors.shape[0] - 1, 1) ** 0.5
             weight = weight / (scale + 1e-6 * scale[0] + 1e-12)[:, None]
         self.linear.weight.copy_(weight.to(self.linear.weight.dtype))
         self.linear.bias.copy_((-weight @ mean).to(self.linear.bias.dtype))
