@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 import re
 from pathlib import Path
 
@@ -98,9 +99,13 @@ def image_message(rgb: np.ndarray, stamp_ns: int) -> Image:
     return message
 
 
+# Global retrieval alone: one image, one answer (verification and temporal consistency have their own tests).
+RETRIEVAL_ONLY = {"verify": False, "temporal_consistency": False}
+
+
 @pytest.fixture
 def harness(reference_map):
-    h = Harness({"map_path": str(reference_map), "exclude_recent_s": 0.0, "min_score": 0.0, "k": 3})
+    h = Harness({"map_path": str(reference_map), "exclude_recent_s": 0.0, "min_score": 0.0, "k": 3, **RETRIEVAL_ONLY})
     yield h
     h.close()
 
@@ -173,7 +178,7 @@ def test_malformed_images_are_skipped(harness, query_frames):
 
 def test_undecodable_jpeg_is_skipped(reference_map, query_frames):
     h = Harness({"map_path": str(reference_map), "use_compressed": True, "exclude_recent_s": 0.0,
-                 "min_score": 0.0}, image_type=CompressedImage)
+                 "min_score": 0.0, **RETRIEVAL_ONLY}, image_type=CompressedImage)
     try:
         broken = CompressedImage(format="jpeg", data=b"\xff\xd8\xff\xe0 definitely not a jpeg")
         broken.header.stamp.sec = 5
@@ -193,7 +198,8 @@ def test_undecodable_jpeg_is_skipped(reference_map, query_frames):
 def test_online_mapping_finds_a_loop_and_saves(tmp_path, reference_frames):
     map_dir = tmp_path / "online_map"
     h = Harness({"mapping": True, "map_path": str(map_dir), "keyframe_min_distance_m": 0.0,
-                 "keyframe_min_interval_s": 0.0, "exclude_recent_s": 0.0, "min_score": 0.0})
+                 "keyframe_min_interval_s": 0.0, "exclude_recent_s": 0.0, "min_score": 0.0,
+                 "temporal_consistency": False})
     try:
         first = reference_frames[0]
         assert h.send(image_message(first.image, first.stamp_ns)).candidates == []  # empty map: empty list
@@ -201,11 +207,66 @@ def test_online_mapping_finds_a_loop_and_saves(tmp_path, reference_frames):
             h.send(image_message(frame.image, frame.stamp_ns))
         again = h.send(image_message(first.image, first.stamp_ns + 1))
         assert again.candidates[0].keyframe_id == 0 and again.candidates[0].score >= DEFAULT_MIN_SCORE
+        assert again.candidates[0].verified  # keyframes added online carry local features
     finally:
         h.close()  # saves on shutdown
     from tscm_ros.keyframe_map import KeyframeMap
 
-    assert len(KeyframeMap.load(map_dir)) == 5
+    saved = KeyframeMap.load(map_dir)
+    assert len(saved) == 5 and saved.has_local_features
+
+
+def test_published_loops_are_verified_and_consistent_over_dds(reference_map, revisit_frames):
+    """Both stages on (the defaults): every published candidate is verified and consistent, and carries its
+    inliers, sequence score and relative pose; publish_unverified shows what the stages held back."""
+    focal = 60.0 / math.tan(math.radians(35.0))  # the simulator's 70 degree vertical field of view, 160x120
+    stages = {"map_path": str(reference_map), "exclude_recent_s": 0.0, "min_score": 0.0, "k": 3,
+              "min_inliers": 12, "temporal_window": 3, "temporal_tolerance_m": 4.0, "temporal_max_step_m": 10.0,
+              "camera_intrinsics": f"{focal} {focal} 80 60"}
+    drive = revisit_frames[:12]
+    h = Harness(stages)
+    try:
+        answers = [h.send(image_message(frame.image, frame.stamp_ns)) for frame in drive]
+    finally:
+        h.close()
+    assert answers[0].candidates == [] and answers[1].candidates == []  # fewer images than the window
+    published = [c for answer in answers for c in answer.candidates]
+    assert len(published) >= 5, f"only {len(published)} loops published over {len(drive)} revisited places"
+    for c in published:
+        assert c.verified and c.inliers >= 12 and c.consistent and 0.0 < c.sequence_score <= 1.0
+        assert c.relative_pose_valid
+        position, orientation = c.relative_pose.position, c.relative_pose.orientation
+        assert math.hypot(position.x, position.y, position.z) == pytest.approx(1.0, abs=1e-4)
+        assert math.hypot(orientation.x, orientation.y, orientation.z, orientation.w) == pytest.approx(1.0, abs=1e-4)
+
+    h = Harness({**stages, "publish_unverified": True})
+    try:
+        flagged = [c for frame in drive[:4] for c in h.send(image_message(frame.image, frame.stamp_ns)).candidates]
+    finally:
+        h.close()
+    assert any(not c.consistent for c in flagged)  # the first images, published only because it was asked
+
+
+def test_map_without_local_features_needs_a_rebuild_for_verification(tmp_path, reference_map, reference_frames):
+    """A map of format_version 1 (before verification) is refused with verification on, and works without."""
+    import json
+    import shutil
+
+    old = tmp_path / "old_map"
+    shutil.copytree(reference_map, old)
+    (old / "local_features.npz").unlink()
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    del manifest["files"]["local_features.npz"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="no local features .* rebuild it with build_map"):
+        Harness({"map_path": str(old)})
+    h = Harness({"map_path": str(old), "exclude_recent_s": 0.0, "min_score": 0.0, **RETRIEVAL_ONLY})
+    try:
+        frame = reference_frames[3]
+        assert h.send(image_message(frame.image, frame.stamp_ns)).candidates[0].keyframe_id == 3
+    finally:
+        h.close()
 
 
 def test_bad_start_up_is_a_clear_error(tmp_path, reference_map):
@@ -217,6 +278,10 @@ def test_bad_start_up_is_a_clear_error(tmp_path, reference_map):
         Harness({"map_path": str(reference_map), "device": "tpu"})
     with pytest.raises(ConfigError, match="min_score"):
         Harness({"map_path": str(reference_map), "min_score": 1.5})
+    with pytest.raises(ConfigError, match="min_inliers"):
+        Harness({"map_path": str(reference_map), "min_inliers": 2})
+    with pytest.raises(ConfigError, match="camera_intrinsics"):
+        Harness({"map_path": str(reference_map), "camera_intrinsics": "100 100 80"})
 
 
 def test_map_of_another_model_is_refused(tmp_path, reference_map):

@@ -59,8 +59,11 @@ A map is a directory written atomically (temp dir, then rename; an existing map 
 the new one is complete, then deleted): ``manifest.json`` (``format_version``, model fingerprint and name,
 ``dim``, ``preprocess``, ``index`` type, parameters and FAISS factory string, ``count``, ``created``,
 ``tscm_ros_version``, size and SHA-256 of every file), ``index.faiss`` (FAISS's own format),
-``keyframes.npz`` (stamps, positions, orientations with NaN for unknown poses, source bags) and, when any
-keyframe has one, ``thumbnails.npz``. Nothing is pickled. ``KeyframeMap.load`` checks all of it.
+``keyframes.npz`` (stamps, positions, orientations with NaN for unknown poses, source bags), when any
+keyframe has one, ``thumbnails.npz``, and when keyframes have them, ``local_features.npz``: the local
+features geometric verification needs (tscm_ros/verification.py; per keyframe at most 500 ORB features
+of 36 bytes: 18 kB). Nothing is pickled. ``KeyframeMap.load`` checks all of it. Maps of format_version 1
+(before geometric verification) load without local features.
 """
 
 from __future__ import annotations
@@ -82,15 +85,17 @@ import numpy as np
 
 from tscm_ros import __version__
 from tscm_ros.errors import ConfigError, MapError
+from tscm_ros.verification import LocalFeatures, Verification
 
 if TYPE_CHECKING:
     from tscm_ros.bag import Pose
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: local features for geometric verification
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 KEYFRAMES_FILE = "keyframes.npz"
 THUMBNAILS_FILE = "thumbnails.npz"
+LOCAL_FEATURES_FILE = "local_features.npz"
 INDEX_TYPES = ("flat", "hnsw", "ivfpq")
 MAX_TRAIN_POINTS = 100_000
 SINGLE_THREAD_BELOW = 20  # queries per search below which FAISS runs single-threaded
@@ -104,17 +109,27 @@ class KeyframeMeta:
     pose: Pose | None
     bag: str
     thumbnail: np.ndarray | None = None
+    local_features: LocalFeatures | None = None
 
 
 @dataclass
 class Candidate:
-    """One match of a query: the keyframe, its squared L2 ``distance`` and ``score`` (see module doc)."""
+    """One match of a query: the keyframe, its squared L2 ``distance`` and ``score`` (see module doc).
+
+    The loop detector fills the rest: ``similarity`` (the raw score the map gave), the temporal
+    ``sequence_score`` and ``consistent`` flag (tscm_ros/temporal.py) and the geometric ``verification``
+    (tscm_ros/verification.py); None / NaN / False where that stage is off.
+    """
 
     keyframe_id: int
     stamp_ns: int
     pose: Pose | None
     distance: float
     score: float
+    similarity: float = math.nan
+    sequence_score: float = math.nan
+    consistent: bool = False
+    verification: Verification | None = None
 
 
 @dataclass
@@ -287,6 +302,7 @@ class KeyframeMap:
         self._bags: list[str] = []
         self._bag_ids: dict[str, int] = {}
         self._thumbnails: dict[int, np.ndarray] = {}
+        self._local_features: dict[int, LocalFeatures] = {}
 
     # ----- properties -------------------------------------------------------------------------------
 
@@ -312,6 +328,20 @@ class KeyframeMap:
     def positions(self) -> np.ndarray:
         """(N, 3) float64 keyframe positions by id, NaN rows for keyframes without a pose (read-only)."""
         return self._read_only(self._positions.values)
+
+    @property
+    def path_lengths(self) -> np.ndarray:
+        """(N,) float64 path length travelled up to each keyframe (see Exclusion), NaN without a pose (read-only)."""
+        return self._read_only(self._path_length.values)
+
+    @property
+    def has_local_features(self) -> bool:
+        """Every keyframe has the local features geometric verification needs (False for an empty map)."""
+        return len(self) > 0 and len(self._local_features) == len(self)
+
+    def local_features(self, keyframe_id: int) -> LocalFeatures | None:
+        """The local features stored for a keyframe, None when it has none."""
+        return self._local_features.get(int(keyframe_id))
 
     @property
     def bags(self) -> list[str]:
@@ -440,6 +470,8 @@ class KeyframeMap:
         self._bag_index.extend(bag_index)
         self._path_length.extend(self._extend_path(positions))
         self._thumbnails.update(thumbnails)
+        self._local_features.update({first_id + row: meta.local_features for row, meta in enumerate(metas)
+                                     if meta.local_features is not None})
         if not self._trained and len(self) >= self._params["train_size"]:
             self._train()
         return np.arange(first_id, first_id + len(vectors), dtype=np.int64)
@@ -468,7 +500,8 @@ class KeyframeMap:
             raise MapError(f"keyframe id {keyframe_id} is not in {self._source} ({len(self)} keyframes)")
         i = int(keyframe_id)
         return KeyframeMeta(stamp_ns=int(self._stamps.values[i]), pose=self._pose(i),
-                            bag=self._bags[self._bag_index.values[i]], thumbnail=self._thumbnails.get(i))
+                            bag=self._bags[self._bag_index.values[i]], thumbnail=self._thumbnails.get(i),
+                            local_features=self._local_features.get(i))
 
     def _pose(self, i: int) -> Pose | None:
         position = self._positions.values[i]
@@ -616,6 +649,14 @@ class KeyframeMap:
         if self._thumbnails:
             np.savez(directory / THUMBNAILS_FILE, **{f"k{i}": image for i, image in sorted(self._thumbnails.items())})
             files.append(THUMBNAILS_FILE)
+        if self._local_features:
+            ids = np.array(sorted(self._local_features), dtype=np.int64)
+            features = [self._local_features[i] for i in ids]
+            np.savez(directory / LOCAL_FEATURES_FILE, keyframe_ids=ids,
+                     counts=np.array([len(f) for f in features], dtype=np.int32),
+                     keypoints=np.concatenate([f.packed_keypoints() for f in features]),
+                     descriptors=np.concatenate([f.descriptors for f in features]))
+            files.append(LOCAL_FEATURES_FILE)
         manifest = {
             "format_version": FORMAT_VERSION,
             "model_fingerprint": self.model_fingerprint,
@@ -714,7 +755,7 @@ class KeyframeMap:
         for name in (INDEX_FILE, KEYFRAMES_FILE):
             if name not in manifest["files"]:
                 raise MapError(f"{path} does not list {name}")
-        if not set(manifest["files"]) <= {INDEX_FILE, KEYFRAMES_FILE, THUMBNAILS_FILE} or \
+        if not set(manifest["files"]) <= {INDEX_FILE, KEYFRAMES_FILE, THUMBNAILS_FILE, LOCAL_FEATURES_FILE} or \
                 not all(isinstance(entry, dict) for entry in manifest["files"].values()):
             raise MapError(f"{path}: field 'files' lists unexpected entries")
         return manifest
@@ -773,3 +814,25 @@ class KeyframeMap:
                         self._thumbnails[keyframe_id] = data[key]
             except (OSError, ValueError, EOFError) as exc:
                 raise MapError(f"{thumbnails_path} is not a valid thumbnail table: {exc}") from exc
+        self._read_local_features(root / LOCAL_FEATURES_FILE, count)
+
+    def _read_local_features(self, path: Path, count: int) -> None:
+        if not path.is_file():
+            return
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                ids, counts, keypoints, descriptors = (data[key] for key in
+                                                       ("keyframe_ids", "counts", "keypoints", "descriptors"))
+            valid = (ids.ndim == 1 and ids.dtype.kind == "i" and counts.shape == ids.shape and counts.dtype.kind == "i"
+                     and keypoints.dtype == np.uint16 and keypoints.ndim == 2 and keypoints.shape[1] == 2
+                     and descriptors.shape == (len(keypoints), 32) and descriptors.dtype == np.uint8
+                     and int(counts.sum()) == len(keypoints) and (counts >= 0).all()
+                     and (len(ids) == 0 or (ids.min() >= 0 and ids.max() < count and len(np.unique(ids)) == len(ids))))
+            if not valid:
+                raise ValueError("wrong shapes, types or keyframe ids")
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise MapError(f"{path} is not a valid local feature table: {exc}") from exc
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        for i, keyframe_id in enumerate(ids):
+            self._local_features[int(keyframe_id)] = LocalFeatures.unpack(
+                keypoints[starts[i]:starts[i + 1]], descriptors[starts[i]:starts[i + 1]])

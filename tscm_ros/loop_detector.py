@@ -1,18 +1,23 @@
 """The per-image step of loop-closure detection, shared by the live node, build_map and evaluation.
 
 ``LoopDetector.process`` describes one RGB image with the student, queries the keyframe map with the
-exclusion rules, and in mapping mode adds the image as a keyframe when ``KeyframeSelector`` accepts it.
-No ROS here: the node converts messages and publishes, everything else happens in this module.
+exclusion rules, scores the candidates along the recent images (temporal consistency,
+tscm_ros/temporal.py), checks the best ``k`` geometrically (tscm_ros/verification.py), and in mapping
+mode adds the image as a keyframe when ``KeyframeSelector`` accepts it. A candidate is *accepted* (the
+node publishes it as a loop) when it passes every stage that is on. No ROS here: the node converts
+messages and publishes, everything else happens in this module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from tscm_ros.errors import ConfigError
 from tscm_ros.keyframe_map import Candidate, Exclusion, KeyframeMap, KeyframeMeta
+from tscm_ros.temporal import TemporalConfig, TemporalConsistency
+from tscm_ros.verification import CameraIntrinsics, VerificationConfig, extract_local_features, verify
 
 
 @dataclass
@@ -64,6 +69,7 @@ class KeyframeSelector:
 
 
 DEFAULT_MIN_SCORE = 0.95
+TEMPORAL_POOL = 20  # candidates per image that temporal consistency scores (and remembers), at least k
 
 
 @dataclass(frozen=True)
@@ -87,10 +93,12 @@ class MatchingConfig:
 
 @dataclass
 class Detection:
-    """What one processed image gave: its descriptor, the candidates, and its keyframe id if added."""
+    """What one processed image gave: its descriptor, the candidates (best first), which of them passed every
+    stage that is on (``accepted``: the loops to publish), and its keyframe id if added."""
 
     descriptor: np.ndarray
     candidates: list[Candidate]
+    accepted: list[Candidate]
     added_keyframe_id: int | None = None
 
 
@@ -98,17 +106,29 @@ class LoopDetector:
     """Describe, match, and (in mapping mode) grow the map, one image at a time."""
 
     def __init__(self, describer, keyframe_map: KeyframeMap, matching: MatchingConfig,
-                 mapping: KeyframeSelector | None = None, source: str = "live") -> None:
+                 mapping: KeyframeSelector | None = None, source: str = "live", *,
+                 verification: VerificationConfig | None = None, temporal: TemporalConfig | None = None,
+                 intrinsics: CameraIntrinsics | None = None) -> None:
+        """``verification`` / ``temporal`` None turn that stage off. Verification needs a map whose keyframes
+        carry local features (ConfigError otherwise); ``intrinsics`` (settable later, e.g. from CameraInfo)
+        give it the essential matrix and the relative pose."""
         if keyframe_map.model_fingerprint != describer.fingerprint:
             raise ConfigError(
                 f"the map was built with model {keyframe_map.model_name or '?'} "
                 f"(fingerprint {keyframe_map.model_fingerprint}) but the loaded model is "
                 f"{describer.model_name} (fingerprint {describer.fingerprint})")
+        if verification is not None and len(keyframe_map) and not keyframe_map.has_local_features:
+            raise ConfigError(
+                f"{keyframe_map.summary()} has no local features for geometric verification (a map of format_version 1, "
+                f"built before verification existed): rebuild it with build_map, or turn verification off")
         self.describer = describer
         self.map = keyframe_map
         self.matching = matching
         self.mapping = mapping
         self.source = source
+        self.verification = verification
+        self.intrinsics = intrinsics
+        self.temporal = None if temporal is None else TemporalConsistency(temporal)
 
     @property
     def matching(self) -> MatchingConfig:
@@ -123,15 +143,47 @@ class LoopDetector:
         self._min_similarity = (matching.min_score if calibration is None
                                 else calibration.min_similarity(matching.min_score))
 
-    def _match(self, descriptor: np.ndarray, exclusion: Exclusion) -> list[Candidate]:
-        """The map's best candidates, scored by the model's calibration when it has one, else by raw similarity."""
-        if self._min_similarity > 1.0:
-            return []
-        candidates = self.map.query(descriptor, self.matching.k, exclusion, float(max(self._min_similarity, 0.0)))
+    def _match(self, descriptor: np.ndarray, exclusion: Exclusion, stamp_ns: int,
+               position: np.ndarray | None) -> list[Candidate]:
+        """The best ``k`` candidates by similarity, or with temporal consistency by sequence score, that reach
+        ``min_score``; scored by the model's calibration when it has one, else by that raw value."""
+        if self.temporal is None:
+            if self._min_similarity > 1.0:
+                return []
+            pool = self.map.query(descriptor, self.matching.k, exclusion, float(max(self._min_similarity, 0.0)))
+            for candidate in pool:
+                candidate.similarity = candidate.score
+            ranking = np.array([c.score for c in pool])
+        else:  # every image enters the history, whatever min_score
+            pool = self.map.query(descriptor, max(self.matching.k, TEMPORAL_POOL), exclusion, 0.0)
+            similarities = np.array([c.score for c in pool])
+            coordinates = self.map.path_lengths[np.array([c.keyframe_id for c in pool], dtype=np.int64)]
+            ranking, consistent = self.temporal.update(stamp_ns, position, coordinates, similarities)
+            for candidate, similarity, sequence_score in zip(pool, similarities, ranking):
+                candidate.similarity, candidate.sequence_score = float(similarity), float(sequence_score)
+                candidate.consistent = consistent
+        order = [i for i in np.argsort(-ranking, kind="stable")[: self.matching.k] if ranking[i] >= self._min_similarity]
         calibration = self.describer.calibration
-        if calibration is None:
-            return candidates
-        return [replace(c, score=float(calibration(c.score))) for c in candidates]
+        candidates = [pool[i] for i in order]
+        for candidate, value in zip(candidates, ranking[order]):
+            candidate.score = float(value if calibration is None else calibration(value))
+        return candidates
+
+    def _verify(self, image: np.ndarray, candidates: list[Candidate]):
+        """Geometric verification of each candidate; the query's local features (None when off)."""
+        if self.verification is None:
+            return None
+        features = extract_local_features(image)
+        for candidate in candidates:
+            keyframe_features = self.map.local_features(candidate.keyframe_id)
+            if keyframe_features is not None:
+                candidate.verification = verify(features, keyframe_features, self.verification, self.intrinsics)
+        return features
+
+    def accepts(self, candidate: Candidate) -> bool:
+        """Whether a candidate passed every stage that is on."""
+        return ((self.verification is None or (candidate.verification is not None and candidate.verification.verified))
+                and (self.temporal is None or candidate.consistent))
 
     def process(self, image: np.ndarray, stamp_ns: int, pose=None) -> Detection:
         """Candidates for one HxWx3 uint8 RGB image taken at ``stamp_ns`` (pose: ``bag.Pose`` or None)."""
@@ -140,9 +192,13 @@ class LoopDetector:
         exclusion = Exclusion(min_time_gap_s=self.matching.exclude_recent_s,
                               min_distance_m=self.matching.exclude_within_m,
                               query_stamp_ns=stamp_ns, query_position=position)
-        candidates = self._match(descriptor, exclusion)
-        detection = Detection(descriptor=descriptor, candidates=candidates)
+        candidates = self._match(descriptor, exclusion, stamp_ns, position)
+        features = self._verify(image, candidates)
+        detection = Detection(descriptor=descriptor, candidates=candidates,
+                              accepted=[c for c in candidates if self.accepts(c)])
         if self.mapping is not None and self.mapping.accept(stamp_ns, position, descriptor):
-            ids = self.map.add(descriptor[None, :], [KeyframeMeta(stamp_ns=stamp_ns, pose=pose, bag=self.source)])
+            meta = KeyframeMeta(stamp_ns=stamp_ns, pose=pose, bag=self.source,
+                                local_features=features if features is not None else extract_local_features(image))
+            ids = self.map.add(descriptor[None, :], [meta])
             detection.added_keyframe_id = int(ids[0])
         return detection

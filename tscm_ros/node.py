@@ -9,6 +9,7 @@ when nothing matched (see msg/LoopCandidates.msg).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -24,7 +25,7 @@ from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_srvs.srv import Trigger
 
 from tscm_ros.bag import ImageDecodeError, Pose, PoseInterpolator, image_message_to_rgb, pose_from_message
@@ -33,6 +34,8 @@ from tscm_ros.errors import ConfigError, TscmError
 from tscm_ros.keyframe_map import KeyframeMap
 from tscm_ros.loop_detector import DEFAULT_MIN_SCORE, Detection, KeyframeSelector, LoopDetector, MatchingConfig
 from tscm_ros.msg import LoopCandidate, LoopCandidates
+from tscm_ros.temporal import TemporalConfig
+from tscm_ros.verification import DEFAULT_MIN_INLIERS, CameraIntrinsics, VerificationConfig
 
 NODE_NAME = "tscm_place_recognition"
 OUTPUT_TOPIC = "/tscm/loop_candidates"
@@ -65,6 +68,20 @@ PARAMETERS = [
     Parameter("exclude_recent_s", 30.0, "ignore keyframes stamped within this many seconds of the image"),
     Parameter("exclude_within_m", 0.0, "ignore keyframes within this path length of the query (needs poses); 0 = off"),
     Parameter("max_rate_hz", 0.0, "process at most this many images per second; 0 = as fast as possible"),
+    Parameter("verify", True, "geometric verification: a loop needs min_inliers local-feature matches consistent "
+              "with one two-view geometry (needs a map built by this version's build_map)"),
+    Parameter("min_inliers", DEFAULT_MIN_INLIERS, "verification: RANSAC inliers a candidate needs to be verified"),
+    Parameter("camera_info_topic", "", "sensor_msgs/CameraInfo of the camera: verification then fits the essential "
+              "matrix and fills the relative pose; empty = camera_intrinsics or none (fundamental matrix, no pose)"),
+    Parameter("camera_intrinsics", "", "'fx fy cx cy' in pixels, used when camera_info_topic is empty"),
+    Parameter("temporal_consistency", True, "a loop needs the previous temporal_window images to match the map "
+              "along the same stretch (sequence score; see tscm_ros/temporal.py)"),
+    Parameter("temporal_window", 10, "temporal consistency: images in the sequence, the current one included"),
+    Parameter("temporal_tolerance_m", 3.0, "temporal consistency: tolerance along the map's path, metres"),
+    Parameter("temporal_max_step_m", 3.0, "temporal consistency without pose_topic: the most the robot travels "
+              "between two processed images, metres (with poses the travel is measured)"),
+    Parameter("publish_unverified", False, "also publish candidates that failed verification or temporal "
+              "consistency, with their flags (for debugging); normally only accepted loops are published"),
     Parameter("mapping", False, "online mapping: add keyframes while driving; save on shutdown and ~/save_map"),
     Parameter("keyframe_min_distance_m", 2.0, "mapping: a new keyframe needs this much travel since the last one"),
     Parameter("keyframe_min_interval_s", 1.0, "mapping: a new keyframe needs this much time since the last one"),
@@ -135,7 +152,12 @@ class PlaceRecognitionNode(Node):
                                      min_distance_m=p["keyframe_min_distance_m"]) if self._mapping else None)
         matching = MatchingConfig(k=p["k"], min_score=p["min_score"], exclude_recent_s=p["exclude_recent_s"],
                                   exclude_within_m=p["exclude_within_m"])
-        self.detector = LoopDetector(describer, keyframe_map, matching, selector, source=f"live:{self.get_name()}")
+        verification, temporal, intrinsics = self._stages(p)
+        self._publish_unverified = bool(p["publish_unverified"])
+        self.detector = LoopDetector(describer, keyframe_map, matching, selector, source=f"live:{self.get_name()}",
+                                     verification=verification, temporal=temporal, intrinsics=intrinsics)
+        if p["camera_info_topic"]:
+            self.create_subscription(CameraInfo, p["camera_info_topic"], self._on_camera_info, qos_profile_sensor_data)
 
         self._poses: PoseInterpolator | None = None
         self._pose_frame_id = ""
@@ -191,6 +213,20 @@ class PlaceRecognitionNode(Node):
             raise ConfigError("mapping is on but neither map_save_path nor map_path says where to save the map")
         MatchingConfig(k=p["k"], min_score=p["min_score"], exclude_recent_s=p["exclude_recent_s"],
                        exclude_within_m=p["exclude_within_m"])
+        PlaceRecognitionNode._stages(p)
+
+    @staticmethod
+    def _stages(p: dict) -> tuple[VerificationConfig | None, TemporalConfig | None, CameraIntrinsics | None]:
+        verification = VerificationConfig(min_inliers=p["min_inliers"]) if p["verify"] else None
+        temporal = (TemporalConfig(window=p["temporal_window"], tolerance_m=p["temporal_tolerance_m"],
+                                   max_step_m=p["temporal_max_step_m"])
+                    if p["temporal_consistency"] else None)
+        try:
+            intrinsics = CameraIntrinsics.from_values(str(p["camera_intrinsics"]).replace(",", " ").split())
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"parameter camera_intrinsics: expected 'fx fy cx cy' in pixels, "
+                              f"got {p['camera_intrinsics']!r} ({exc})") from exc
+        return verification, temporal, intrinsics
 
     def _open_map(self, map_path: str, describer: Describer) -> KeyframeMap:
         if map_path and Path(map_path).exists():
@@ -212,6 +248,14 @@ class PlaceRecognitionNode(Node):
             if self._mapping and not self.detector.map.frame_id:
                 self.detector.map.frame_id = message.header.frame_id
             self._poses.add(_stamp_ns(message.header.stamp), pose_from_message(message))
+
+    def _on_camera_info(self, message) -> None:
+        intrinsics = CameraIntrinsics.from_camera_info(message)
+        if intrinsics is not None and intrinsics != self.detector.intrinsics:
+            self.detector.intrinsics = intrinsics
+            self.get_logger().info(f"camera intrinsics from {message.header.frame_id or 'CameraInfo'}: "
+                                   f"fx {intrinsics.fx:.1f}, fy {intrinsics.fy:.1f}, cx {intrinsics.cx:.1f}, "
+                                   f"cy {intrinsics.cy:.1f}")
 
     def _on_save_map(self, request, response):
         try:
@@ -267,13 +311,21 @@ class PlaceRecognitionNode(Node):
             out.query_pose_frame_id = pose_frame_id
         out.map_frame_id = self.detector.map.frame_id
         out.model_fingerprint = self.detector.describer.fingerprint
-        for candidate in detection.candidates:
+        for candidate in detection.candidates if self._publish_unverified else detection.accepted:
             item = LoopCandidate(keyframe_id=candidate.keyframe_id, distance=candidate.distance,
-                                 score=candidate.score)
+                                 score=candidate.score, consistent=candidate.consistent)
             item.keyframe_stamp.sec, item.keyframe_stamp.nanosec = divmod(candidate.stamp_ns, 1_000_000_000)
             item.keyframe_pose_valid = candidate.pose is not None
             if candidate.pose is not None:
                 _fill_pose(item.keyframe_pose, candidate.pose)
+            if not math.isnan(candidate.sequence_score):
+                item.sequence_score = candidate.sequence_score
+            check = candidate.verification
+            if check is not None:
+                item.verified, item.inliers = check.verified, check.inliers
+                item.relative_pose_valid = check.rotation is not None
+                if check.rotation is not None:
+                    _fill_pose(item.relative_pose, Pose(position=check.translation, orientation=check.rotation))
             out.candidates.append(item)
         return out
 

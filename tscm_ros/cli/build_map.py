@@ -19,6 +19,7 @@ from tscm_ros.describe import Describer
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.keyframe_map import INDEX_TYPES, KeyframeMap, KeyframeMeta
 from tscm_ros.loop_detector import KeyframeSelector
+from tscm_ros.verification import extract_local_features
 
 THUMBNAIL_WIDTH = 64
 
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="build_map",
         description="Build a keyframe map for place recognition from rosbag2 recordings: frames with poses "
         "interpolated from the odometry, keyframes selected by travel/time (and optionally appearance), "
-        "described by the student network, stored in a FAISS index with their stamps and poses.",
+        "described by the student network, stored in a FAISS index with their stamps and poses, and with the local "
+        "features geometric verification needs (at most 18 kB per keyframe).",
         epilog="example: build_map --bag run1 --out maps/site --min-distance 2.0",
     )
     parser.add_argument("--bag", action="append", required=True, metavar="DIR",
@@ -140,7 +142,8 @@ def _main(argv: Sequence[str] | None) -> int:
             if not appearance.accept(frame.stamp_ns, position, descriptor):
                 continue
             meta = KeyframeMeta(stamp_ns=frame.stamp_ns, pose=frame.pose, bag=frame.bag,
-                                thumbnail=_thumbnail(frame.image) if args.thumbnails else None)
+                                thumbnail=_thumbnail(frame.image) if args.thumbnails else None,
+                                local_features=extract_local_features(frame.image))
             keyframe_map.add(descriptor[None, :], [meta])
 
     for frame in _frames_in_background(readers, args.batch_size, motion, counts):
