@@ -1,11 +1,14 @@
 """Benchmark: place_recognition_node under a live image stream at 10, 30 and 60 Hz.
 
-Runs the real node as its own process (default student, a 10k-keyframe map) and, from this process,
-publishes a rendered 320x240 route over DDS at each rate for --duration seconds, stamping each image
-with the wall clock when it is sent. Reports per rate: processed rate, drop rate (images sent without
-an answer), end-to-end latency median / p95 (image stamp -> LoopCandidates received here, so both DDS
-hops are included), and the node's peak RSS (VmHWM). Goal on a 2-core CPU: p95 <= 40 ms at 10 Hz with
-no drops; at 60 Hz a steady processed rate with bounded memory.
+Runs the real node as its own process (default student, a 10k-keyframe map with local features) and,
+from this process, publishes a rendered 320x240 route over DDS at each rate for --duration seconds,
+stamping each image with the wall clock when it is sent. The node runs twice in the same run: global
+retrieval only, then with its defaults (geometric verification of k = 5 candidates with min_score 0, so
+all five are verified every image, and temporal consistency). Reports per configuration and rate:
+processed rate, drop rate (images sent without an answer), end-to-end latency median / p95 (image stamp
+-> LoopCandidates received here, so both DDS hops are included), the p95 ratio to retrieval only, and
+the node's peak RSS (VmHWM). Goal on a 2-core CPU: p95 <= 40 ms at 10 Hz with no drops (with
+verification); at 60 Hz a steady processed rate with bounded memory.
 
     . ./env.sh && python bench/node_throughput.py [--duration 30] [--rates 10 30 60]
 """
@@ -33,6 +36,12 @@ from tscm_ros.describe import Describer
 from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
 from tscm_ros.msg import LoopCandidates
 from tscm_ros.simulate import simulate_route
+from tscm_ros.verification import extract_local_features
+
+CONFIGURATIONS = {  # row name -> node parameters
+    "retrieval only": ["-p", "verify:=false", "-p", "temporal_consistency:=false"],
+    "+ verification (k = 5) + temporal": [],
+}
 
 
 def make_map(frames, describer: Describer, size: int, out: Path) -> Path:
@@ -44,8 +53,12 @@ def make_map(frames, describer: Describer, size: int, out: Path) -> Path:
     filler /= np.linalg.norm(filler, axis=1, keepdims=True)
     keyframe_map = KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),
                                model_name=describer.model_name)
-    keyframe_map.add(real, [KeyframeMeta(stamp_ns=f.stamp_ns, pose=f.pose, bag="bench") for f in frames])
-    keyframe_map.add(filler.astype(np.float32), [KeyframeMeta(stamp_ns=0, pose=None, bag="filler")] * len(filler))
+    features = [extract_local_features(f.image) for f in frames]
+    keyframe_map.add(real, [KeyframeMeta(stamp_ns=f.stamp_ns, pose=f.pose, bag="bench", local_features=lf)
+                            for f, lf in zip(frames, features)])
+    copied = rng.integers(len(features), size=len(filler))
+    keyframe_map.add(filler.astype(np.float32), [KeyframeMeta(stamp_ns=0, pose=None, bag="filler",
+                                                              local_features=features[i]) for i in copied])
     keyframe_map.save(out)
     return out
 
@@ -112,36 +125,46 @@ def main() -> int:
 
     domain = str(10 + os.getpid() % 90)
     env = dict(os.environ, ROS_DOMAIN_ID=domain, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
-    node_process = subprocess.Popen(
-        [shutil.which("place_recognition_node"), "--ros-args", "-p", f"map_path:={map_dir}",
-         "-p", "exclude_recent_s:=0.0", "-p", "min_score:=0.0"], env=env)
     os.environ.update(ROS_DOMAIN_ID=domain, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
     rclpy.init()
     node = rclpy.create_node("tscm_bench")
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     publisher = node.create_publisher(Image, "/camera/image_raw", qos_profile_sensor_data)
+    results: dict[str, tuple[list[dict], float]] = {}
     try:
-        deadline = time.monotonic() + 120
-        while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
-            executor.spin_once(timeout_sec=0.1)
-        run_rate(node, executor, publisher, images, 5.0, 3.0)  # warm-up
-        rows = [run_rate(node, executor, publisher, images, rate, args.duration) for rate in args.rates]
-        rss = peak_rss_mb(node_process.pid)
+        for name, parameters in CONFIGURATIONS.items():
+            node_process = subprocess.Popen(
+                [shutil.which("place_recognition_node"), "--ros-args", "-p", f"map_path:={map_dir}",
+                 "-p", "exclude_recent_s:=0.0", "-p", "min_score:=0.0", *parameters], env=env)
+            try:
+                deadline = time.monotonic() + 120
+                while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
+                    executor.spin_once(timeout_sec=0.1)
+                run_rate(node, executor, publisher, images, 5.0, 3.0)  # warm-up
+                rows = [run_rate(node, executor, publisher, images, rate, args.duration) for rate in args.rates]
+                results[name] = (rows, peak_rss_mb(node_process.pid))
+            finally:
+                node_process.send_signal(signal.SIGINT)
+                node_process.wait(timeout=60)
+            while publisher.get_subscription_count() > 0:  # the next node must not meet this one's endpoint
+                executor.spin_once(timeout_sec=0.1)
     finally:
-        node_process.send_signal(signal.SIGINT)
-        node_process.wait(timeout=60)
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
 
     print(f"\nplace_recognition_node, default student ({describer.dim}-d), {args.map_size}-keyframe flat map, "
-          f"320x240 rgb8, {args.duration:.0f} s per rate, {os.cpu_count()} CPUs; node peak RSS {rss:.0f} MB\n")
-    print("| input rate | sent | processed rate | dropped | latency median | latency p95 |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['rate_hz']:.0f} Hz | {r['sent']} | {r['processed_hz']:.1f} Hz | {r['drop_pct']:.1f} % | "
-              f"{r['latency_median_ms']:.1f} ms | {r['latency_p95_ms']:.1f} ms |")
+          f"320x240 rgb8, {args.duration:.0f} s per rate, {os.cpu_count()} CPUs\n")
+    print("| configuration | input rate | sent | processed rate | dropped | latency median | latency p95 | "
+          "p95 / retrieval only | node peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    baseline = results["retrieval only"][0]
+    for name, (rows, rss) in results.items():
+        for r, base in zip(rows, baseline):
+            print(f"| {name} | {r['rate_hz']:.0f} Hz | {r['sent']} | {r['processed_hz']:.1f} Hz | {r['drop_pct']:.1f} % | "
+                  f"{r['latency_median_ms']:.1f} ms | {r['latency_p95_ms']:.1f} ms | "
+                  f"{r['latency_p95_ms'] / base['latency_p95_ms']:.2f} | {rss:.0f} MB |")
     return 0
 
 

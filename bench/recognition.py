@@ -13,7 +13,9 @@ blocks are exact copies of others). Per site:
   camera height and heading changes.
 
 Every method runs through ``evaluate --bag`` (the node's code path): ORB bag of words, the pretrained
-GeM baseline, the default model, the site-trained teacher and the distilled student. One table pools
+GeM baseline, the default model, the site-trained teacher and the distilled student, each descriptor
+method also with geometric verification, and with verification and temporal consistency (the node's
+defaults; camera intrinsics of the simulator given, so verification fits the essential matrix). One table pools
 the queries of all sites and conditions: R@1 within 5 m per condition and overall, maximum recall at
 100 % precision of the top-1 score (one threshold for all queries of a method), median ms per query
 (describe + search, this machine, all methods in the same run). Training time and peak memory are
@@ -58,13 +60,16 @@ SKIP_ARC = (0.80, 0.92)
 TRAINING = [(1, "auto"), (2, "day")]
 QUERIES = [(3, "night"), (4, "haze"), (5, "season"), (6, "clutter")]
 RADIUS_M = 5.0
-METHODS = {  # row name in the report -> name in evaluate's output
-    "ORB bag of words": "ORB bag of words",
+DESCRIPTOR_METHODS = {  # row name in the report -> name in evaluate's output
     "GeM baseline (pretrained)": "GeM baseline (pretrained, no training)",
     "default model": "default model (shipped student)",
     "teacher (site-trained)": "teacher (site-trained)",
     "student (distilled)": "student (distilled)",
 }
+STAGES = ("", " + verification", " + verification + temporal")  # evaluate's row suffixes
+METHODS = {"ORB bag of words": "ORB bag of words"} | {
+    row + stage: name + stage for row, name in DESCRIPTOR_METHODS.items() for stage in STAGES}
+FOCAL_PX = 120.0 / math.tan(math.radians(35.0))  # the simulator's camera: 70 degree vertical field of view, 320x240
 
 
 def run(argv: list[str], what: str) -> tuple[float, float]:
@@ -158,6 +163,7 @@ def main() -> int:
             evaluation = site / f"eval_{condition}"
             run(["tscm_ros.cli.evaluate", "--bag", str(reference), "--query-bag", str(query), "--out", str(evaluation),
                  "--overwrite", "--radius-m", str(RADIUS_M), "--device", "cpu",
+                 "--intrinsics", f"{FOCAL_PX},{FOCAL_PX},160,120",
                  "--model", f"teacher (site-trained)={runs / 'teacher' / 'best.pt'}",
                  "--model", f"student (distilled)={runs / 'student' / 'best.pt'}"], f"evaluate {condition}")
             summary = json.loads((evaluation / "loop_closure.json").read_text())

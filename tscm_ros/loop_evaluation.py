@@ -27,8 +27,12 @@ Definitions (ground truth from the bags' poses)
 - Maximum recall at 100 % precision: the highest ``recall(t)`` over thresholds where every accepted
   query is correct (0 when even the best-scored query is wrong), with the lowest such threshold: the
   operating point a SLAM back-end, which must not take a false loop closure, cares about.
-- Latency: wall time of one ``process`` call (describe one image + search the map), median over the
-  queries, measured in the same run for every method.
+- Latency: wall time of one ``process`` call (describe one image + search the map, plus the stages that
+  are on), median over the queries, measured in the same run for every method.
+- Stages: each descriptor method is also run with geometric verification, and with verification and
+  temporal consistency (rows ``+ verification`` and ``+ verification + temporal``, the node's defaults).
+  Those rows count only the candidates the node would publish (``Detection.accepted``): a query whose
+  candidates all fail a stage has none.
 When no query has a true loop, recall, AP and maximum recall are undefined (NaN, shown as ``n/a``).
 """
 
@@ -53,6 +57,8 @@ from tscm_ros.cli.common import add_frame_reader_arguments
 from tscm_ros.errors import BagError, ConfigError
 from tscm_ros.loop_detector import DEFAULT_MIN_SCORE
 from tscm_ros.recall import recall_at_n
+from tscm_ros.temporal import TemporalConfig
+from tscm_ros.verification import CameraIntrinsics, VerificationConfig
 
 DEFAULT_NS = (1, 5, 10)
 DEFAULT_RADIUS_M = 10.0
@@ -232,10 +238,10 @@ def reference_keyframes(reference: BagSource, keyframe_distance_m: float) -> Ite
             yield frame
 
 
-def build_descriptor_detector(describer, reference: BagSource, keyframe_distance_m: float, matching):
-    """A ``LoopDetector`` over a flat ``KeyframeMap`` of the reference keyframes described by ``describer``."""
+def build_descriptor_map(describer, reference: BagSource, keyframe_distance_m: float):
+    """A flat ``KeyframeMap`` of the reference keyframes described by ``describer``, with local features."""
     from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
-    from tscm_ros.loop_detector import LoopDetector
+    from tscm_ros.verification import extract_local_features
 
     keyframe_map = KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),
                                model_name=describer.model_name)
@@ -243,7 +249,8 @@ def build_descriptor_detector(describer, reference: BagSource, keyframe_distance
 
     def add(frames: list) -> None:
         descriptors = describer.describe([f.image for f in frames])
-        keyframe_map.add(descriptors, [KeyframeMeta(stamp_ns=f.stamp_ns, pose=f.pose, bag=f.bag) for f in frames])
+        keyframe_map.add(descriptors, [KeyframeMeta(stamp_ns=f.stamp_ns, pose=f.pose, bag=f.bag,
+                                                    local_features=extract_local_features(f.image)) for f in frames])
 
     for frame in reference_keyframes(reference, keyframe_distance_m):
         batch.append(frame)
@@ -252,7 +259,7 @@ def build_descriptor_detector(describer, reference: BagSource, keyframe_distance
             batch = []
     if batch:
         add(batch)
-    return LoopDetector(describer, keyframe_map, matching, source=reference.path)
+    return keyframe_map
 
 
 def build_bow_detector(reference: BagSource, keyframe_distance_m: float, matching, num_words: int,
@@ -289,8 +296,8 @@ def run_queries(name: str, detector, queries: BagSource, radius_m: float, ns: Se
         latencies.append(1000.0 * (time.perf_counter() - started))
         stamps.append(frame.stamp_ns)
         positions.append(frame.pose.position)
-        ranked_ids.append(np.array([c.keyframe_id for c in detection.candidates], dtype=np.int64))
-        ranked_scores.append(np.array([c.score for c in detection.candidates], dtype=np.float64))
+        ranked_ids.append(np.array([c.keyframe_id for c in detection.accepted], dtype=np.int64))
+        ranked_scores.append(np.array([c.score for c in detection.accepted], dtype=np.float64))
     if not stamps:
         raise BagError(f"query bag {queries.path} has no frames with a pose: nothing to evaluate "
                        f"(give --pose-topic, or check that the pose stream covers the images)")
@@ -494,6 +501,12 @@ def add_bag_arguments(parser: argparse.ArgumentParser) -> None:
                        f"(default {','.join(BASELINES)})")
     group.add_argument("--bow-words", type=int, default=1000, metavar="K",
                        help="ORB vocabulary size, trained on the reference keyframes (default 1000)")
+    group.add_argument("--stages", choices=("all", "none"), default="all",
+                       help="all: also run each descriptor method with geometric verification, and with verification "
+                       "and temporal consistency (the node's defaults); none: global retrieval only (default all)")
+    group.add_argument("--intrinsics", metavar="FX,FY,CX,CY", type=lambda text: text.split(","),
+                       help="camera intrinsics in pixels: verification fits the essential matrix (and the relative "
+                       "pose) instead of the fundamental matrix")
 
 
 @dataclass(frozen=True)
@@ -540,9 +553,16 @@ def method_specs(args: argparse.Namespace) -> list[MethodSpec]:
     return specs
 
 
+STAGES = [  # row suffix, verification, temporal consistency
+    ("", None, None),
+    (" + verification", VerificationConfig(), None),
+    (" + verification + temporal", VerificationConfig(), TemporalConfig()),
+]
+
+
 def run_bag_evaluation(args: argparse.Namespace) -> int:
     """``evaluate --bag``: every method on the same traversals; writes the report and prints the table."""
-    from tscm_ros.loop_detector import MatchingConfig
+    from tscm_ros.loop_detector import LoopDetector, MatchingConfig
 
     radius_m = DEFAULT_RADIUS_M if getattr(args, "radius_m", None) is None else float(args.radius_m)
     ns = sorted({int(n) for n in args.ns})
@@ -559,6 +579,8 @@ def run_bag_evaluation(args: argparse.Namespace) -> int:
         if not Path(path).exists():
             raise BagError(f"bag {path} does not exist")
     specs = method_specs(args)
+    intrinsics = CameraIntrinsics.from_values(args.intrinsics or [])
+    stages = STAGES if args.stages == "all" else STAGES[:1]
     reference = BagSource(args.bag, args.image_topic, args.pose_topic, args.max_pose_gap)
     queries = BagSource(args.query_bag, args.image_topic, args.pose_topic, args.max_pose_gap)
     # Offline evaluation of two traversals: every keyframe is a valid answer, nothing is excluded.
@@ -568,16 +590,24 @@ def run_bag_evaluation(args: argparse.Namespace) -> int:
     for spec in specs:
         started = time.perf_counter()
         if spec.kind == "bow":
-            detector = build_bow_detector(reference, args.keyframe_distance, matching, args.bow_words)
+            detectors = [(spec.name, build_bow_detector(reference, args.keyframe_distance, matching, args.bow_words))]
         else:
-            detector = build_descriptor_detector(spec.build_describer(), reference, args.keyframe_distance, matching)
+            describer = spec.build_describer()
+            keyframe_map = build_descriptor_map(describer, reference, args.keyframe_distance)
+            detectors = [(spec.name + suffix, LoopDetector(describer, keyframe_map, matching, source=reference.path,
+                                                           verification=verification, temporal=temporal,
+                                                           intrinsics=intrinsics))
+                         for suffix, verification, temporal in stages]
         mapped = time.perf_counter()
-        run = run_queries(spec.name, detector, queries, radius_m, ns)
-        runs.append(run)
-        print(f"evaluate: {spec.name}: map of {len(run.map_positions)} keyframes in {mapped - started:.1f} s, "
-              f"{run.metrics.num_queries} queries in {time.perf_counter() - mapped:.1f} s, "
-              f"R@{ns[0]} {_percent(run.metrics.recall_at[ns[0]])} %, "
-              f"median {run.median_latency_ms:.1f} ms/query", flush=True)
+        for name, detector in detectors:
+            run = run_queries(name, detector, queries, radius_m, ns)
+            runs.append(run)
+            print(f"evaluate: {name}: map of {len(run.map_positions)} keyframes in {mapped - started:.1f} s, "
+                  f"{run.metrics.num_queries} queries in {time.perf_counter() - mapped:.1f} s, "
+                  f"R@{ns[0]} {_percent(run.metrics.recall_at[ns[0]])} %, "
+                  f"max R @ P=100 % {_percent(run.metrics.max_recall_at_full_precision)} %, "
+                  f"median {run.median_latency_ms:.1f} ms/query", flush=True)
+            mapped = time.perf_counter()
 
     first = runs[0].metrics
     title = (f"Loop closure: {first.num_queries} queries from {Path(args.query_bag).name} "
@@ -585,6 +615,7 @@ def run_bag_evaluation(args: argparse.Namespace) -> int:
              f"keyframes every {args.keyframe_distance:g} m, correct within {radius_m:g} m")
     settings = {"reference_bag": str(args.bag), "query_bag": str(args.query_bag), "radius_m": radius_m,
                 "ns": ns, "keyframe_distance_m": args.keyframe_distance, "bow_words": args.bow_words,
+                "stages": args.stages, "intrinsics": None if intrinsics is None else list(vars(intrinsics).values()),
                 "device": args.device}
     write_report(runs, title, out, radius_m, args.overwrite, settings)
     print(results_table_markdown(runs, title), end="")
