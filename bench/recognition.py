@@ -23,6 +23,7 @@ measured per run. Rendered routes are cached in .cache/bench/ per version of the
 
     python bench/recognition.py                 # 2 sites, about 15-20 minutes on 2 CPU cores
     python bench/recognition.py --sites 1       # one site
+    python bench/recognition.py --no-training   # only the methods nobody trains here: ORB, GeM, default (minutes)
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ DESCRIPTOR_METHODS = {  # row name in the report -> name in evaluate's output
     "teacher (site-trained)": "teacher (site-trained)",
     "student (distilled)": "student (distilled)",
 }
-STAGES = ("", " + verification", " + verification + temporal")  # evaluate's row suffixes
+STAGES = ("", " + temporal", " + verification", " + verification + temporal")  # evaluate's row suffixes
 METHODS = {"ORB bag of words": "ORB bag of words"} | {
     row + stage: name + stage for row, name in DESCRIPTOR_METHODS.items() for stage in STAGES}
 FOCAL_PX = 120.0 / math.tan(math.radians(35.0))  # the simulator's camera: 70 degree vertical field of view, 320x240
@@ -137,6 +138,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=2, help=f"number of sites, 1-{len(SITES)} (default 2)")
     parser.add_argument("--out", default=str(REPO / "bench_output" / "recognition"), help="output directory")
+    parser.add_argument("--no-training", action="store_true",
+                        help="skip site training: only ORB bag of words, GeM and the default model (with their stages)")
     args = parser.parse_args()
     if not 1 <= args.sites <= len(SITES):
         parser.error(f"--sites must be in 1..{len(SITES)}")
@@ -150,7 +153,7 @@ def main() -> int:
     for seed, length in SITES[: args.sites]:
         site = out / f"site{seed}"
         reference, data, runs = prepare_site(cache, site, seed, length)
-        for kind in ("teacher", "student"):
+        for kind in () if args.no_training else ("teacher", "student"):
             run_dir = runs / kind
             if run_dir.exists():
                 shutil.rmtree(run_dir)
@@ -161,11 +164,12 @@ def main() -> int:
         for traversal, condition in QUERIES:
             query = render(cache, seed, length, traversal, condition, skip=False)
             evaluation = site / f"eval_{condition}"
+            models = [] if args.no_training else [
+                "--model", f"teacher (site-trained)={runs / 'teacher' / 'best.pt'}",
+                "--model", f"student (distilled)={runs / 'student' / 'best.pt'}"]
             run(["tscm_ros.cli.evaluate", "--bag", str(reference), "--query-bag", str(query), "--out", str(evaluation),
                  "--overwrite", "--radius-m", str(RADIUS_M), "--device", "cpu",
-                 "--intrinsics", f"{FOCAL_PX},{FOCAL_PX},160,120",
-                 "--model", f"teacher (site-trained)={runs / 'teacher' / 'best.pt'}",
-                 "--model", f"student (distilled)={runs / 'student' / 'best.pt'}"], f"evaluate {condition}")
+                 "--intrinsics", f"{FOCAL_PX},{FOCAL_PX},160,120", *models], f"evaluate {condition}")
             summary = json.loads((evaluation / "loop_closure.json").read_text())
             for method in summary["methods"]:
                 row_name = next(k for k, v in METHODS.items() if v == method["name"])
@@ -175,7 +179,7 @@ def main() -> int:
                 by_condition.setdefault((row_name, condition), []).extend(rows)
 
     conditions = [c for _, c in QUERIES]
-    results = {name: pooled_metrics(rows) for name, rows in pooled.items()}
+    results = {name: pooled_metrics(rows) for name, rows in pooled.items() if rows}
     per_condition = {key: pooled_metrics(rows) for key, rows in by_condition.items()}
     gem = results["GeM baseline (pretrained)"]["r1"]
     lines = [
@@ -193,15 +197,14 @@ def main() -> int:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * metric['r1']:.1f} | "
                      f"{100 * (metric['r1'] - gem):+.1f} | {100 * metric['max_recall_p100']:.1f} | {at_min} | "
                      f"{metric['ms']:.1f} |")
-    teacher, student = results["teacher (site-trained)"]["r1"], results["student (distilled)"]["r1"]
     any_result = next(iter(results.values()))
-    lines += [
-        "",
-        f"{any_result['queries']} queries per method ({any_result['true_negatives']} in a stretch the map never saw: "
-        "true negatives, counted against precision). Student / teacher R@1: "
-        f"{student / teacher:.2f}. Training (README commands, this machine): "
-        + "; ".join(f"site {t['site']} {t['kind']} {t['seconds']:.0f} s, peak {t['peak_mb']:.0f} MB" for t in training),
-    ]
+    lines += ["", f"{any_result['queries']} queries per method ({any_result['true_negatives']} in a stretch the map never "
+              "saw: true negatives, counted against precision)."]
+    if training:
+        teacher, student = results["teacher (site-trained)"]["r1"], results["student (distilled)"]["r1"]
+        lines[-1] += (f" Student / teacher R@1: {student / teacher:.2f}. Training (README commands, this machine): "
+                      + "; ".join(f"site {t['site']} {t['kind']} {t['seconds']:.0f} s, peak {t['peak_mb']:.0f} MB"
+                                  for t in training))
     report = "\n".join(lines) + "\n"
     (out / "recognition.md").write_text(report, encoding="utf-8")
     (out / "recognition.json").write_text(json.dumps(

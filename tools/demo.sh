@@ -25,6 +25,9 @@ esac
 CACHE=.cache/demo/$(sha256sum tscm_ros/simulate.py | cut -c1-12)
 OUT=demo_output
 FRAMES=${DEMO_FRAMES:-120}
+# The simulated camera at 320x240: 70 degree vertical field of view. Geometric verification then fits the
+# essential matrix and the node's candidates carry a relative pose.
+INTRINSICS="171.38 171.38 160 120"
 # The installed executables (also what `ros2 run tscm_ros ...` runs).
 export PATH="$PWD/install/tscm_ros/lib/tscm_ros:$PATH"
 # A DDS domain of this demo's own, discovery on this machine only.
@@ -84,7 +87,7 @@ say "start place_recognition_node (ROS_DOMAIN_ID=$ROS_DOMAIN_ID) and replay trav
 model_param=()
 [ "$TRAIN" = 1 ] && model_param=(-p "model_path:=$OUT/runs/student/best.pt")
 place_recognition_node --ros-args -p "map_path:=$OUT/map" -p exclude_recent_s:=0.0 -p min_score:=0.0 \
-  -p k:=5 -p device:=cpu "${model_param[@]}" > "$OUT/node.log" 2>&1 &
+  -p k:=5 -p device:=cpu -p "camera_intrinsics:=$INTRINSICS" "${model_param[@]}" > "$OUT/node.log" 2>&1 &
 node_pid=$!
 stop_node() {
   if kill -0 "$node_pid" 2>/dev/null; then
@@ -106,7 +109,7 @@ trap - EXIT
 
 say "evaluate all methods on the same traversals: map from traversal 1, every frame of traversal 2 as a query"
 evaluate --bag "$REFERENCE" --query-bag "$QUERY" --out "$OUT/evaluation" \
-  --overwrite --device cpu "${EVAL_MODELS[@]}"
+  --overwrite --device cpu --intrinsics "${INTRINSICS// /,}" "${EVAL_MODELS[@]}"
 
 echo
 echo "=== demo done in $((SECONDS - started)) s. Outputs in $OUT/:"
