@@ -1,6 +1,7 @@
 """Benchmark: keyframe-map search latency and recall@1 against exact search, per index type and map size.
 
 Usage: python bench/map_search.py [--sizes 1000,10000,100000,1000000] [--dim 2048] [--pca-dim 256]
+       [--ef-search 128,256,512] [--configs NAME,...]
 
 Synthetic descriptors (deterministic, seeded): real VPR descriptors are unit-norm, have a fast-decaying
 PCA spectrum and come in runs of similar frames seen around the same place. So each keyframe is
@@ -11,6 +12,13 @@ noise carrying about a tenth of the energy. A query is a random database keyfram
 (new latent noise and new isotropic noise, ``QUERY_NOISE`` times the in-place spread), renormalised, so its
 exact nearest neighbour is usually, not always, the keyframe it came from; the fraction is printed.
 Recall@1 is the fraction of queries whose top-1 equals the exact 2048-d search's top-1 (ids).
+
+Exclusion, as the node queries: keyframes are 0.1 s and 1 m apart along a path, and every query also runs
+with ``exclude_recent_s`` 30 and ``exclude_within_m`` 20 as if the robot, back at the query's source place,
+were 2 minutes further along its trajectory (query stamp and position those of the keyframe 1200 after the
+source): about 600 keyframes around that point are excluded (not the source's place, so a real revisit stays
+findable). "excl." columns are latency and recall@1 with exclusion on, against exact search over the keyframes
+the exclusion allows.
 
 Latency is the median (and 90th percentile) of single ``KeyframeMap.query(descriptor, k)`` calls, the way
 the node queries, Python overhead included; "batched" is one ``query_batch`` over all queries divided by
@@ -34,12 +42,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta  # noqa: E402
+from tscm_ros.bag import Pose  # noqa: E402
+from tscm_ros.keyframe_map import Exclusion, KeyframeMap, KeyframeMeta  # noqa: E402
 
 RANK = 256
 PLACE_SIZE = 10
@@ -99,7 +109,7 @@ class Config:
     sweep: list[dict] = field(default_factory=lambda: [{}])  # search settings measured on the built map
 
 
-def configurations(pca_dim: int, n: int) -> list[Config]:
+def configurations(pca_dim: int, n: int, ef_search: Sequence[int] = (128, 256, 512)) -> list[Config]:
     """What is compared; HNSW and re-ranking use the KeyframeMap defaults (M 32, efConstruction 200,
     efSearch 128, k_factor 4). Plain 2048-d HNSW and PCA without re-ranking only run up to 10k keyframes
     (they show what PCA alone loses; their builds dominate the run time). Above FULL_DESCRIPTOR_LIMIT only
@@ -107,7 +117,7 @@ def configurations(pca_dim: int, n: int) -> list[Config]:
     pca = {"pca_dim": pca_dim}
     ivf = {"pca_dim": pca_dim, "nprobe": 32}
     half = {"rerank_dtype": "float16"}
-    ef = [{"ef_search": 128}, {"ef_search": 256}, {"ef_search": 512}]
+    ef = [{"ef_search": value} for value in ef_search]
     probes = [{"nprobe": 32}, {"nprobe": 64}, {"nprobe": 128}]
     return [config for config, largest in (
         (Config("exact", "flat"), FULL_DESCRIPTOR_LIMIT),
@@ -127,8 +137,24 @@ def index_bytes(keyframe_map: KeyframeMap) -> int:
         return os.path.getsize(path)
 
 
+STEP_NS, STEP_M = 100_000_000, 1.0  # keyframes every 0.1 s and 1 m along a straight path
+EXCLUDE_RECENT_S, EXCLUDE_WITHIN_M, QUERY_LATER = 30.0, 20.0, 1200  # see the module doc
+
+
 def metas(start: int, count: int) -> list[KeyframeMeta]:
-    return [KeyframeMeta(stamp_ns=(start + i) * 100_000_000, pose=None, bag="synthetic") for i in range(count)]
+    identity = np.array([0.0, 0.0, 0.0, 1.0])
+    return [KeyframeMeta(stamp_ns=(start + i) * STEP_NS, pose=Pose(np.array([(start + i) * STEP_M, 0.0, 0.0]), identity),
+                         bag="synthetic") for i in range(count)]
+
+
+def exclusions(sources: np.ndarray, n: int) -> tuple[list[Exclusion], np.ndarray]:
+    """Each query's exclusion, and the [start, stop) keyframe ids it removes (computed from the layout)."""
+    at = np.minimum(sources + QUERY_LATER, n - 1)
+    out = [Exclusion(min_time_gap_s=EXCLUDE_RECENT_S, min_distance_m=EXCLUDE_WITHIN_M, query_stamp_ns=int(i) * STEP_NS,
+                     query_position=np.array([i * STEP_M + 0.5, 0.0, 0.0])) for i in at]
+    half = int(round(EXCLUDE_RECENT_S * 1e9 / STEP_NS))  # |i - at| < half (time); the 20 m of path lie inside
+    ranges = np.stack([np.maximum(at - half + 1, 0), np.minimum(at + half, n)], axis=1)
+    return out, ranges
 
 
 def make_queries(data: Descriptors, sources: np.ndarray, n: int) -> np.ndarray:
@@ -141,11 +167,12 @@ def make_queries(data: Descriptors, sources: np.ndarray, n: int) -> np.ndarray:
     return queries
 
 
-def time_queries(keyframe_map: KeyframeMap, queries: np.ndarray, k: int) -> np.ndarray:
+def time_queries(keyframe_map: KeyframeMap, queries: np.ndarray, k: int, excluded: list | None = None) -> np.ndarray:
     seconds = np.empty(len(queries))
     for i, query in enumerate(queries):
+        exclusion = excluded[i] if excluded is not None else None
         began = time.perf_counter()
-        keyframe_map.query(query, k)
+        keyframe_map.query(query, k, exclusion)
         seconds[i] = time.perf_counter() - began
     return seconds
 
@@ -155,9 +182,16 @@ def run_size(n: int, args: argparse.Namespace) -> str:
     data = Descriptors(args.dim, args.seed, args.query_noise)
     sources = np.sort(np.random.default_rng([args.seed, 4, n]).choice(n, args.queries, replace=False))
     queries = make_queries(data, sources, n)
-    timed = queries[np.random.default_rng([args.seed, 5, n]).permutation(args.queries)[: args.latency_queries]]
+    timed_rows = np.random.default_rng([args.seed, 5, n]).permutation(args.queries)[: args.latency_queries]
+    timed = queries[timed_rows]
+    query_exclusions, excluded_ranges = exclusions(sources, n)
+    timed_exclusions = [query_exclusions[i] for i in timed_rows]
+    most_excluded = int((excluded_ranges[:, 1] - excluded_ranges[:, 0]).max())
+    best_allowed_distance = np.full(len(queries), np.inf, np.float32)
+    best_allowed_id = np.full(len(queries), -1, np.int64)
     chunked_exact = n > FULL_DESCRIPTOR_LIMIT
-    configs = configurations(args.pca_dim, n)
+    configs = [c for c in configurations(args.pca_dim, n, args.ef_search)
+               if not args.configs or c.name in args.configs]
     maps = {c.name: KeyframeMap(args.dim, "synthetic", {}, c.index, model_name="synthetic", **c.params)
             for c in configs}
     build_seconds = dict.fromkeys(maps, 0.0)
@@ -177,6 +211,16 @@ def run_size(n: int, args: argparse.Namespace) -> str:
         distances, ids = exact.search(queries, 1)
         better = distances[:, 0] < best_distance
         best_distance[better], best_id[better] = distances[better, 0], ids[better, 0] + start
+        # exact search with each query's exclusion: the best of the k nearest that the exclusion allows
+        distances, ids = exact.search(queries, min(count, most_excluded + 1))
+        ids += start
+        allowed = ~((ids >= excluded_ranges[:, :1]) & (ids < excluded_ranges[:, 1:]))
+        first = np.argmax(allowed, axis=1)
+        rows = np.flatnonzero(allowed.any(axis=1))
+        candidate = distances[rows, first[rows]]
+        better = candidate < best_allowed_distance[rows]
+        best_allowed_distance[rows[better]] = candidate[better]
+        best_allowed_id[rows[better]] = ids[rows[better], first[rows[better]]]
         if chunked_exact:  # timed like KeyframeMap.query searches single queries: on one thread
             threads = faiss.omp_get_max_threads()
             faiss.omp_set_num_threads(1)
@@ -193,7 +237,8 @@ def run_size(n: int, args: argparse.Namespace) -> str:
     if chunked_exact:
         chunks = -(-n // CHUNK)
         rows.append(("exact (chunked)", f"Flat, summed over {chunks} chunks of {CHUNK:,}", "-", f"{n * args.dim * 4 / 2**20:.0f} (not held)",
-                     np.median(exact_seconds), np.percentile(exact_seconds, 90), float("nan"), 1.0))
+                     np.median(exact_seconds), np.percentile(exact_seconds, 90), float("nan"), 1.0,
+                     float("nan"), float("nan"), 1.0))
     for config in configs:
         keyframe_map = maps[config.name]
         size = f"{index_bytes(keyframe_map) / 2**20:.0f}"
@@ -207,8 +252,15 @@ def run_size(n: int, args: argparse.Namespace) -> str:
             top1 = np.array([r[0].keyframe_id if r else -1 for r in results])
             recall = float(np.mean(top1 == best_id))
             name = " ".join([config.name, *(f"{key}={value}" for key, value in setting.items())])
+            excluded_seconds = time_queries(keyframe_map, timed, args.k, timed_exclusions)
+            results = keyframe_map.query_batch(queries, args.k, query_exclusions)
+            top1 = np.array([r[0].keyframe_id if r else -1 for r in results])
+            excluded_recall = float(np.mean(top1 == best_allowed_id))
+            assert not any(((np.array([c.keyframe_id for c in r]) >= lo) & (np.array([c.keyframe_id for c in r]) < hi)).any()
+                           for r, (lo, hi) in zip(results, excluded_ranges) if r), "an excluded keyframe was returned"
             rows.append((name, factory, f"{build_seconds[config.name]:.1f}", size,
-                         np.median(seconds), np.percentile(seconds, 90), batched, recall))
+                         np.median(seconds), np.percentile(seconds, 90), batched, recall,
+                         np.median(excluded_seconds), np.percentile(excluded_seconds, 90), excluded_recall))
         del keyframe_map
         maps[config.name] = None
         gc.collect()
@@ -216,12 +268,15 @@ def run_size(n: int, args: argparse.Namespace) -> str:
     lines = [f"### {n:,} keyframes x {args.dim}-d ({len(queries)} queries, {len(timed)} timed, k={args.k}; "
              f"exact top-1 = query's source for {np.mean(best_id == sources):.1%})", "",
              "| configuration | FAISS index | build s | index MiB | median ms/query | p90 ms | batched ms/query "
-             "| recall@1 vs exact | loss (points) | speed-up vs exact |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, factory, build, size, median, p90, batched, recall in rows:
+             "| recall@1 vs exact | loss (points) | speed-up vs exact | excl.: median ms | excl.: p90 ms "
+             "| excl.: recall@1 vs exact |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, factory, build, size, median, p90, batched, recall, x_median, x_p90, x_recall in rows:
         batched_text = "-" if np.isnan(batched) else f"{batched * 1e3:.3f}"
+        x_text = "-" if np.isnan(x_median) else f"{x_median * 1e3:.3f} | {x_p90 * 1e3:.3f}"
         lines.append(f"| {name} | {factory} | {build} | {size} | {median * 1e3:.3f} | {p90 * 1e3:.3f} | {batched_text} "
-                     f"| {recall:.1%} | {(1 - recall) * 100:.1f} | {baseline / median:.1f}x |")
+                     f"| {recall:.1%} | {(1 - recall) * 100:.1f} | {baseline / median:.1f}x | "
+                     f"{x_text if x_text != '-' else '- | -'} | {x_recall:.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -236,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query-noise", type=float, default=QUERY_NOISE,
                         help="query perturbation in units of the in-place spread (higher: harder)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ef-search", default="128,256,512", help="HNSW efSearch values swept on each HNSW map")
+    parser.add_argument("--configs", default="", help="comma-separated configuration names to run (default: all)")
     args = parser.parse_args(argv)
+    args.ef_search = [int(v) for v in args.ef_search.split(",")]
+    args.configs = [name for name in args.configs.split(",") if name]
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, {os.cpu_count()} CPUs")
     for n in sorted(int(s) for s in args.sizes.split(",")):
         print(run_size(n, args), flush=True)

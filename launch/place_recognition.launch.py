@@ -4,13 +4,16 @@
 
 Launch arguments override the common parameters; everything else comes from the parameter file
 (params_file:=... to use another one). An argument left empty keeps the parameter file's value.
+
+The launch ends with the node: when it exits, everything launched shuts down, and when it failed (a bad
+parameter, a missing map: exit code 2; a crash) `ros2 launch` itself exits non-zero, so scripts and CI see it.
 """
 
 import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, Shutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -35,6 +38,17 @@ def _parameter_value(text, kind):
     return text
 
 
+class NodeFailed(RuntimeError):
+    """Raised when the node exits with an error: launch then shuts down and returns a non-zero exit code
+    (LaunchService.run returns 1 on an exception; a process's own exit code alone does not change it)."""
+
+
+def _on_node_exit(event, context):
+    if event.returncode != 0:
+        raise NodeFailed(f"{event.action.name} exited with code {event.returncode}: shutting down")
+    return [Shutdown(reason=f"{event.action.name} exited")]
+
+
 def _node(context):
     overrides = {}
     for argument, (parameter, kind, _) in COMMON_ARGUMENTS.items():
@@ -49,6 +63,7 @@ def _node(context):
             output="screen",
             emulate_tty=True,
             parameters=[LaunchConfiguration("params_file").perform(context), overrides],
+            on_exit=_on_node_exit,
         )
     ]
 

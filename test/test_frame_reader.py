@@ -114,6 +114,20 @@ def test_interpolator_accepts_out_of_order_and_bounds_history():
     np.testing.assert_allclose(poses.at(11_500_000_000).position, [11.5, 0, 0])
 
 
+def test_interpolator_bounds_history_by_time():
+    poses = PoseInterpolator(max_gap_s=1.0, max_age_s=2.0)  # 2 s of a 100 Hz stream: 201 poses
+    held = []
+    for i in range(3000):
+        stamp = i * 10**7 if i % 50 else (i - 2) * 10**7 + 5 * 10**6  # some arrive late (out of order)
+        poses.add(stamp, Pose(np.array([i / 100.0, 0, 0]), np.array([0, 0, 0, 1.0])))
+        held.append(len(poses))
+    assert max(held) <= 1.5 * 201 + 1 and min(held[-500:]) >= 200
+    first, last = poses.time_range_ns
+    assert last - first <= 3 * 10**9
+    np.testing.assert_allclose(poses.at(2_995 * 10**7 - 5 * 10**6).position, [29.945, 0, 0])
+    assert poses.at(10**9) is None  # forgotten
+
+
 def test_frames_without_poses_are_counted(tmp_path):
     messages = straight_route(n_images=6)
     # pose stream stops after the second image: later frames are outside it

@@ -209,6 +209,104 @@ def test_keyframes_without_pose_are_only_excluded_by_time():
     assert returned == set(range(0, 21)) | set(range(30, 40))
 
 
+def _reference_exclusion(keyframe_map: KeyframeMap, exclusion: Exclusion) -> np.ndarray:
+    """What the exclusion rules say, computed the slow obvious way: a boolean mask over all keyframes."""
+    stamps = keyframe_map.stamps
+    mask = np.abs((stamps - exclusion.query_stamp_ns).astype(np.float64)) < exclusion.min_time_gap_s * 1e9
+    positions = keyframe_map.positions
+    posed = np.flatnonzero(~np.isnan(positions[:, 0]))
+    path = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(positions[posed], axis=0), axis=1))])
+    before = posed[stamps[posed] <= exclusion.query_stamp_ns]
+    anchor = before[np.argmax(stamps[before])]
+    query_path = path[np.searchsorted(posed, anchor)] + np.linalg.norm(exclusion.query_position - positions[anchor])
+    mask[posed] |= np.abs(path - query_path) < exclusion.min_distance_m
+    return mask
+
+
+@pytest.mark.parametrize("index, params", [
+    ("flat", {}),
+    ("hnsw", {"ef_search": 256}),
+    ("hnsw", {"pca_dim": 32, "train_size": 256, "k_factor": 8, "ef_search": 256}),
+    ("ivfpq", {"nlist": 4, "nprobe": 4, "train_size": 400, "k_factor": 50}),
+])
+def test_exclusion_skips_the_excluded_inside_every_index_type(index, params):
+    """Time and path exclusion together, keyframes without poses among them: every index returns the k best
+    valid keyframes (those of brute force over the allowed ones), never an excluded one."""
+    n = 600
+    database = low_rank(n, seed=11)
+    positions = np.stack([np.arange(n) * 0.5, np.zeros(n), np.zeros(n)], axis=1)
+    keyframe_map = new_map(index, **params)
+    all_metas = metas(n, positions=positions)
+    for i in range(300, 320):
+        all_metas[i].pose = None
+    keyframe_map.add(database, all_metas)
+    assert keyframe_map.is_trained
+    # the robot is back near keyframe 100 at the time of keyframe 400: the last 20 s and the 30 m of path
+    # around keyframe 400 are excluded (and keyframes 300-319, without pose, only by time)
+    exclusion = Exclusion(min_time_gap_s=20.0, min_distance_m=30.0, query_stamp_ns=400 * SECOND // 2,
+                          query_position=positions[400] + [0.2, 0.0, 0.0])
+    allowed = ~_reference_exclusion(keyframe_map, exclusion)
+    assert 100 < n - allowed.sum() < 200
+    excluded = keyframe_map._excluded(exclusion)
+    assert not (excluded.contains(np.arange(n)) ^ ~allowed).any()
+    for source in (100, 380, 405):
+        candidates = keyframe_map.query(database[source], k=10, exclusion=exclusion)
+        ids = [c.keyframe_id for c in candidates]
+        assert len(ids) == 10 and allowed[ids].all()
+        expected, _ = brute_force(database, database[source], allowed)
+        assert ids[:5] == expected[:5].tolist()
+    batch = keyframe_map.query_batch(database[[100, 380]], k=10, exclusion=[exclusion, None])
+    assert [c.keyframe_id for c in batch[0]] == [c.keyframe_id for c in
+                                                  keyframe_map.query(database[100], 10, exclusion)]
+    assert batch[1][0].keyframe_id == 380  # no exclusion for that one
+
+
+def test_exclusion_of_a_map_in_time_order_is_a_range_and_out_of_order_still_correct():
+    n = 200
+    database = clustered(n, seed=12)
+    in_order = new_map()
+    in_order.add(database, metas(n))
+    exclusion = Exclusion(min_time_gap_s=5.0, query_stamp_ns=100 * SECOND // 2)  # stamps every 0.5 s
+    excluded = in_order._excluded(exclusion)
+    assert excluded.ranges == [(91, 110)] and not excluded.ids  # found by binary search, no pass over the map
+
+    shuffled = np.random.default_rng(0).permutation(n)  # bags added out of time order
+    out_of_order = new_map()
+    out_of_order.add(database[shuffled], [metas(n)[i] for i in shuffled])
+    expected = {int(np.flatnonzero(shuffled == i)[0]) for i in range(91, 110)}
+    assert set(np.flatnonzero(out_of_order._excluded(exclusion).contains(np.arange(n))).tolist()) == expected
+    candidates = out_of_order.query(database[100], k=n, exclusion=exclusion)
+    assert {c.keyframe_id for c in candidates} == set(range(n)) - expected
+    out_of_order.add(database[:1], [KeyframeMeta(stamp_ns=100 * SECOND // 2, pose=None, bag="late")])
+    assert n in {c.keyframe_id for c in out_of_order.query(database[0], k=n + 1)}
+    assert n not in {c.keyframe_id for c in out_of_order.query(database[0], k=n + 1, exclusion=exclusion)}
+
+
+def test_faiss_thread_count_is_per_calling_thread():
+    """KeyframeMap._search runs single queries on one OpenMP thread by setting the calling thread's count;
+    that must not change other threads' (it is OpenMP's per-thread nthreads-var, checked here)."""
+    import threading
+
+    faiss.omp_set_num_threads(2)
+    try:
+        seen = {}
+
+        def worker():
+            faiss.omp_set_num_threads(1)
+            seen["worker"] = faiss.omp_get_max_threads()
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        assert seen["worker"] == 1 and faiss.omp_get_max_threads() == 2
+        keyframe_map = new_map()
+        keyframe_map.add(clustered(50), metas(50))
+        keyframe_map.query(clustered(50)[0], k=3)
+        assert faiss.omp_get_max_threads() == 2  # restored for batches
+    finally:
+        faiss.omp_set_num_threads(1)  # the module's setting
+
+
 def test_bad_descriptors_and_metadata_raise_map_error():
     keyframe_map = new_map()
     with pytest.raises(MapError, match="64-d"):

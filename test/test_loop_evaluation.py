@@ -99,6 +99,40 @@ def test_keyframes_without_pose_are_never_correct():
     assert within.tolist() == [[False, True]]
 
 
+def test_ground_truth_from_the_k_d_tree_equals_brute_force():
+    rng = np.random.default_rng(0)
+    keyframes = rng.uniform(0, 100, (500, 3))
+    keyframes[::37] = np.nan  # keyframes without pose
+    queries = rng.uniform(0, 100, (300, 3))
+    queries[5] = np.nan
+    with np.errstate(invalid="ignore"):
+        expected = np.linalg.norm(queries[:, None, :] - keyframes[None, :, :], axis=2) <= 10.0
+    within = within_radius(queries, keyframes, 10.0)
+    assert within.dtype == bool and (within == expected).all() and within.sum() > 300
+    from tscm_ros.recall import describe_streamed, ground_truth_within
+
+    matches = ground_truth_within(queries, keyframes, 10.0)
+    assert all((m == np.flatnonzero(row)).all() for m, row in zip(matches, expected))
+
+    class Frames:  # 10 images, decoded on demand
+        def __len__(self):
+            return 10
+
+        def load_images(self, indices):
+            return [np.full((2, 2, 3), i, dtype=np.uint8) for i in indices]
+
+    class Describer:
+        dim, largest = 1, 0
+
+        def describe(self, images):
+            self.largest = max(self.largest, len(images))
+            return np.array([[float(image[0, 0, 0])] for image in images], dtype=np.float32)
+
+    describer = Describer()
+    assert describe_streamed(Frames(), describer, chunk=4).ravel().tolist() == list(range(10))
+    assert describer.largest == 4  # never more than a chunk of images in memory
+
+
 def test_inconsistent_inputs_are_rejected():
     with pytest.raises(ValueError):
         evaluate_loop_closures([np.array([0])], [], np.ones((1, 4), dtype=bool))

@@ -5,6 +5,10 @@ from __future__ import annotations
 import ast
 import math
 import re
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +16,12 @@ import pytest
 import rclpy
 import yaml
 from rclpy.executors import SingleThreadedExecutor
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from nav_msgs.msg import Odometry
 from rclpy.parameter import Parameter
+from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
+from std_srvs.srv import Trigger
 
 from rclpy_support import isolated_context, spin_until
 from tscm_ros.bag import open_frames
@@ -58,11 +66,11 @@ def revisit_frames(tmp_path_factory):
 class Harness:
     """The node under test plus a test node that publishes images and collects LoopCandidates."""
 
-    def __init__(self, overrides: dict, image_type=Image):
+    def __init__(self, overrides: dict, image_type=Image, cli_args: list[str] | None = None):
         self.context = isolated_context()
         self.executor = SingleThreadedExecutor(context=self.context)
         self.node = PlaceRecognitionNode(
-            context=self.context,
+            context=self.context, cli_args=cli_args,
             parameter_overrides=[Parameter(name, value=value) for name, value in overrides.items()])
         self.tester = rclpy.create_node("tscm_tester", context=self.context)
         self.results: list[LoopCandidates] = []
@@ -82,6 +90,16 @@ class Harness:
         answered = lambda: any((r.header.stamp.sec, r.header.stamp.nanosec) == stamp for r in self.results)
         assert spin_until(self.executor, answered, timeout_s=60), f"no answer for image stamped {stamp}"
         return next(r for r in self.results if (r.header.stamp.sec, r.header.stamp.nanosec) == stamp)
+
+    def set_parameters(self, **values) -> list:
+        """Set the node's parameters through its parameter service over DDS, as `ros2 param set` does."""
+        from rclpy.parameter_client import AsyncParameterClient
+
+        client = AsyncParameterClient(self.tester, self.node.get_fully_qualified_name())
+        assert spin_until(self.executor, lambda: client.services_are_ready())
+        future = client.set_parameters([Parameter(name, value=value) for name, value in values.items()])
+        assert spin_until(self.executor, future.done)
+        return future.result().results
 
     def close(self):
         self.node.shutdown()
@@ -322,6 +340,11 @@ def test_launch_file_matches_the_node_and_the_parameter_file():
     assert ast.literal_eval(keywords["package"]) == "tscm_ros"
     assert ast.literal_eval(keywords["executable"]) == "place_recognition_node"
     assert ast.literal_eval(keywords["name"]) == "tscm_place_recognition"
+    # when the node exits, launch shuts down; when it failed, launch fails (an exception in the exit handler
+    # is what makes LaunchService.run return non-zero: a process's exit code alone does not)
+    handler = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == keywords["on_exit"].id)
+    assert "returncode" in ast.unparse(handler) and any(isinstance(n, ast.Raise) for n in ast.walk(handler))
+    assert "Shutdown(" in ast.unparse(handler)
     cmake = (REPO / "CMakeLists.txt").read_text()
     assert re.search(r"set\(TSCM_EXECUTABLES[^)]*place_recognition_node", cmake)
     arguments = next(n for n in ast.walk(tree) if isinstance(n, ast.Assign)
@@ -343,3 +366,212 @@ def test_launch_description_loads_where_launch_is_installed():
     description = module.generate_launch_description()
     names = {a.name for a in description.entities if hasattr(a, "default_value")}
     assert {"map", "model", "image_topic", "device", "use_compressed", "params_file"} <= names
+
+
+# ----- parameters at run time, parameter types, signals ----------------------------------------------
+
+def test_matching_parameters_change_at_run_time(harness, reference_frames):
+    frame = reference_frames[3]
+    assert len(harness.send(image_message(frame.image, frame.stamp_ns)).candidates) == 3
+    results = harness.set_parameters(k=1)
+    assert results[0].successful
+    assert len(harness.send(image_message(frame.image, frame.stamp_ns + 1)).candidates) == 1  # the next image
+    # min_score 1 (an integer for a number, as `ros2 param set ... min_score 1` sends it): no calibrated score
+    # reaches it, not even an identical image's
+    assert harness.set_parameters(min_score=1)[0].successful
+    assert harness.node.get_parameter("min_score").value == 1.0
+    assert harness.send(image_message(frame.image, frame.stamp_ns + 2)).candidates == []
+    # refused as at start-up, and nothing changes
+    refused = harness.set_parameters(min_score=7.0)[0]
+    assert not refused.successful and "min_score" in refused.reason
+    assert not harness.set_parameters(k=0)[0].successful
+    assert not harness.set_parameters(max_rate_hz=-1.0)[0].successful
+    assert not harness.set_parameters(min_inliers=2)[0].successful  # verification's threshold: checked the same way
+    assert harness.set_parameters(min_inliers=30)[0].successful
+    assert not harness.set_parameters(verify=True)[0].successful  # switching a stage needs a restart (read-only)
+    read_only = harness.set_parameters(image_topic="/elsewhere")[0]
+    assert not read_only.successful and "read-only" in read_only.reason
+    assert harness.node.get_parameter("min_score").value == 1.0
+    assert harness.node.get_parameter("image_topic").value == "/camera/image_raw"
+    assert harness.set_parameters(min_score=0.0)[0].successful
+    assert harness.send(image_message(frame.image, frame.stamp_ns + 3)).candidates[0].keyframe_id == 3
+
+
+def test_integers_are_accepted_for_number_parameters(tmp_path, reference_map, reference_frames):
+    params = tmp_path / "params.yaml"
+    params.write_text("tscm_place_recognition:\n  ros__parameters:\n    min_score: 0\n    exclude_recent_s: 0\n")
+    h = Harness({"map_path": str(reference_map), "max_rate_hz": 100, "k": 2, **RETRIEVAL_ONLY},
+                cli_args=["--ros-args", "--params-file", str(params)])
+    try:
+        assert h.node.get_parameter("min_score").value == 0.0
+        assert h.node.get_parameter("max_rate_hz").value == 100.0
+        frame = reference_frames[0]
+        assert h.send(image_message(frame.image, frame.stamp_ns)).candidates[0].keyframe_id == 0
+    finally:
+        h.close()
+    with pytest.raises(ConfigError, match="parameter k: expected an integer, got 2.5"):
+        Harness({"map_path": str(reference_map), "k": 2.5})
+
+
+def _node_command(*ros_args: str) -> list[str]:
+    """The installed executable, as `ros2 run tscm_ros place_recognition_node` starts it."""
+    prefix = next(p for p in os.environ["AMENT_PREFIX_PATH"].split(os.pathsep)
+                  if (Path(p) / "lib/tscm_ros/place_recognition_node").exists())
+    return [str(Path(prefix) / "lib/tscm_ros/place_recognition_node"), "--ros-args", *ros_args]
+
+
+def test_wrong_parameter_type_is_one_line_and_exit_code_2(reference_map):
+    result = subprocess.run(_node_command("-p", f"map_path:={reference_map}", "-p", "min_score:=high"),
+                            capture_output=True, text=True, timeout=120, env=_node_env())
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "parameter min_score: expected a number, got 'high'" in lines[0], result.stderr
+
+
+def _node_env() -> dict:
+    return {**os.environ, "ROS_DOMAIN_ID": str(1 + (os.getpid() + 50) % 100), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+
+
+def test_repeated_signals_shut_down_cleanly(tmp_path):
+    """ros2 launch sends a second SIGINT (then SIGTERM) while the node shuts down: still a clean exit 0."""
+    map_dir = tmp_path / "signal_map"
+    process = subprocess.Popen(_node_command("-p", "mapping:=true", "-p", f"map_path:={map_dir}"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_node_env(),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        assert any("listening on" in line for line in lines), "".join(lines)
+        for signum in (signal.SIGINT, signal.SIGINT, signal.SIGTERM, signal.SIGINT):
+            process.send_signal(signum)
+        output = "".join(lines) + process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert (map_dir / "manifest.json").is_file()  # mapping mode saved on the way out
+
+
+# ----- poses, max_rate_hz, ~/save_map ------------------------------------------------------------------
+
+def _odometry(stamp_ns: int, x: float) -> Odometry:
+    message = Odometry()
+    message.header.stamp.sec, message.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+    message.header.frame_id = "odom"
+    message.pose.pose.position.x = x
+    message.pose.pose.orientation.w = 1.0
+    return message
+
+
+def test_pose_topic_gives_query_poses_with_a_bounded_history(reference_map, reference_frames):
+    h = Harness({"map_path": str(reference_map), "pose_topic": "/odom", "pose_history_s": 1.0, "pose_max_gap_s": 0.5,
+                 "exclude_recent_s": 0.0, "min_score": 0.0})
+    try:
+        # a best-effort odometry stream at 100 Hz (robot bases often publish so); default pose_qos sensor_data
+        poses = h.tester.create_publisher(Odometry, "/odom", qos_profile_sensor_data)
+        assert spin_until(h.executor, lambda: poses.get_subscription_count() > 0)
+        start = 50 * 10**9
+        for i in range(300):  # 3 s of poses, x = 1 m per second
+            poses.publish(_odometry(start + i * 10**7, i / 100.0))
+            h.executor.spin_once(timeout_sec=0.005)  # best effort: let the node take them as they come
+        assert spin_until(h.executor, lambda: h.node.statistics()["poses received"] >= 200, timeout_s=30)
+        stats = h.node.statistics()
+        assert stats["poses held"] <= 1.5 * 101 + 1, stats  # 1 s of history, not every pose received
+
+        frame = reference_frames[0]
+        answer = h.send(image_message(frame.image, start + 2_505 * 10**6))
+        assert answer.query_pose_valid and answer.query_pose_frame_id == "odom"
+        assert answer.query_pose.position.x == pytest.approx(2.505, abs=1e-6)
+        stale = h.send(image_message(frame.image, start + 500 * 10**6))  # older than the history kept
+        assert not stale.query_pose_valid
+    finally:
+        h.close()
+
+
+def test_pose_publishers_without_poses_are_reported(reference_map):
+    h = Harness({"map_path": str(reference_map), "pose_topic": "/odom", "pose_qos": "reliable",
+                 "diagnostics_period_s": 0.2})
+    try:
+        warnings = []
+        h.tester.create_subscription(
+            DiagnosticArray, "/diagnostics",
+            lambda m: warnings.extend(s.message for s in m.status if s.level == DiagnosticStatus.WARN), 10)
+        best_effort = h.tester.create_publisher(Odometry, "/odom", qos_profile_sensor_data)
+        # a reliable subscription never matches a best-effort publisher: no pose arrives, the node says why
+        for i in range(200):
+            best_effort.publish(_odometry(i * 10**7, 0.0))
+            h.executor.spin_once(timeout_sec=0.02)
+            if warnings:
+                break
+        assert spin_until(h.executor, lambda: bool(warnings), timeout_s=30)
+        assert "pose_topic /odom has 1 publisher(s)" in warnings[-1] and "pose_qos sensor_data" in warnings[-1]
+        assert h.node.statistics()["poses received"] == 0
+    finally:
+        h.close()
+
+
+def test_max_rate_hz_drops_images_in_between(reference_map, reference_frames):
+    h = Harness({"map_path": str(reference_map), "max_rate_hz": 1.0, "exclude_recent_s": 0.0, "min_score": 0.0,
+                 **RETRIEVAL_ONLY})
+    try:
+        frame = reference_frames[0]
+        h.send(image_message(frame.image, frame.stamp_ns))
+        for i in range(1, 11):  # a burst well within the 1 s the node waits after each image
+            h.send(image_message(frame.image, frame.stamp_ns + i), wait=False)
+            h.executor.spin_once(timeout_sec=0)
+        assert spin_until(h.executor, lambda: h.node.statistics()["images received"] >= 8, timeout_s=30)
+        last = h.send(image_message(frame.image, frame.stamp_ns + 11))  # the newest one is processed
+        assert last.candidates
+        stats = h.node.statistics()
+        assert stats["images dropped"] >= 5 and stats["images processed"] <= 4, stats
+        assert h.set_parameters(max_rate_hz=0)[0].successful  # off at run time: every image answered
+        for i in range(12, 15):
+            assert h.send(image_message(frame.image, frame.stamp_ns + i)).candidates
+    finally:
+        h.close()
+
+
+def test_save_map_service(tmp_path, reference_frames):
+    map_dir = tmp_path / "served_map"
+    h = Harness({"mapping": True, "map_path": str(map_dir), "keyframe_min_distance_m": 0.0,
+                 "keyframe_min_interval_s": 0.0, "exclude_recent_s": 0.0})
+    try:
+        for frame in reference_frames[:3]:
+            h.send(image_message(frame.image, frame.stamp_ns))
+        client = h.tester.create_client(Trigger, f"{h.node.get_fully_qualified_name()}/save_map")
+        assert spin_until(h.executor, client.service_is_ready)
+        future = client.call_async(Trigger.Request())
+        assert spin_until(h.executor, future.done)
+        assert future.result().success, future.result().message
+        assert "saved 3 keyframes" in future.result().message
+        from tscm_ros.keyframe_map import KeyframeMap
+
+        assert len(KeyframeMap.load(map_dir)) == 3
+    finally:
+        h.close()
+
+
+LAUNCH_MISSING_MAP = """
+import sys
+import launch
+from launch.actions import IncludeLaunchDescription
+from launch.launch_description_sources import PythonLaunchDescriptionSource
+service = launch.LaunchService()
+service.include_launch_description(IncludeLaunchDescription(
+    PythonLaunchDescriptionSource(sys.argv[1]), launch_arguments={"map": sys.argv[2]}.items()))
+sys.exit(service.run())
+"""
+
+
+def test_launch_fails_when_the_node_dies(tmp_path):
+    pytest.importorskip("launch_ros", reason="launch / launch_ros are not installable here (no PyPI wheels)")
+    result = subprocess.run([sys.executable, "-c", LAUNCH_MISSING_MAP, str(REPO / "launch/place_recognition.launch.py"),
+                             str(tmp_path / "no_map")], capture_output=True, text=True, timeout=180, env=_node_env())
+    output = result.stdout + result.stderr
+    assert "does not exist" in output, output  # the node's own error line
+    assert result.returncode != 0, output

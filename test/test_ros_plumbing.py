@@ -127,3 +127,24 @@ def test_core_imports_without_rclpy():
     assert result.returncode == 0, result.stderr
     count = int(result.stdout.split()[0])
     assert count >= 3
+
+
+READMES_CHECK = """
+import rclpy
+from rclpy.serialization import deserialize_message, serialize_message
+from tscm_ros.msg import LoopCandidate, LoopCandidates
+import tscm_ros
+message = LoopCandidates(candidates=[LoopCandidate(keyframe_id=7, score=0.5)])
+assert deserialize_message(serialize_message(message), LoopCandidates) == message  # type support loads
+print(tscm_ros.__file__)
+"""
+
+
+def test_messages_import_from_the_repository_root():
+    """Python started in the repository root imports the source tscm_ros/ (no generated msg subpackage);
+    the messages must still come from the installed package (the README's own check)."""
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", READMES_CHECK], cwd=repo, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).resolve() == repo / "tscm_ros/__init__.py"  # the source tree, not install/

@@ -151,13 +151,16 @@ def slerp(q0: np.ndarray, q1: np.ndarray, t: float) -> np.ndarray:
 class PoseInterpolator:
     """A pose stream, interpolated at any stamp inside it.
 
-    Poses may arrive slightly out of order. ``max_history`` bounds memory for the live node: the oldest
-    poses are forgotten beyond it.
+    Poses may arrive slightly out of order. ``max_history`` (a count) and ``max_age_s`` (a time span behind the
+    newest pose) bound memory for the live node: older poses are forgotten, in batches, so that at most about
+    1.5 times the bound is held and forgetting costs O(1) per pose on average.
     """
 
-    def __init__(self, max_gap_s: float = 1.0, max_history: int | None = None) -> None:
+    def __init__(self, max_gap_s: float = 1.0, max_history: int | None = None,
+                 max_age_s: float | None = None) -> None:
         self.max_gap_ns = int(max_gap_s * 1e9)
         self.max_history = max_history
+        self.max_age_ns = None if max_age_s is None else int(max_age_s * 1e9)
         self._stamps: list[int] = []
         self._poses: list[Pose] = []
 
@@ -181,6 +184,11 @@ class PoseInterpolator:
         if self.max_history is not None and len(self._stamps) > 2 * self.max_history:
             del self._stamps[: -self.max_history]
             del self._poses[: -self.max_history]
+        if self.max_age_ns is not None and self._stamps[0] < self._stamps[-1] - self.max_age_ns:
+            stale = bisect.bisect_left(self._stamps, self._stamps[-1] - self.max_age_ns)
+            if 2 * stale >= len(self._stamps) - stale:  # forget in batches: amortised O(1) per pose
+                del self._stamps[:stale]
+                del self._poses[:stale]
 
     def at(self, stamp_ns: int) -> Pose | None:
         """The pose at ``stamp_ns``, or None outside the stream or across a gap longer than max_gap_s."""

@@ -49,9 +49,14 @@ travelled between the keyframe and the query, not their straight-line distance (
 in space but far along the path). The path length is accumulated over the keyframes that have a pose, in
 the order they were added (time order, as the bag reader and the node deliver them); the query is placed on
 it after the latest posed keyframe not newer than ``query_stamp_ns`` (the last one when no stamp is given),
-at the straight-line distance from it. Keyframes without a pose are only excluded by time. The search asks
-the index for ``k`` plus the number of excluded keyframes, and asks again for twice as many if an
-approximate index still returned fewer than ``k`` valid ones, so the ``k`` candidates returned are valid.
+at the straight-line distance from it. Keyframes without a pose are only excluded by time.
+
+Excluded keyframes are never returned, and the ``k`` candidates are the best valid ones: FAISS skips them
+during the search itself (an ID selector in the search parameters), so neither ``k`` nor the work grows
+with the number excluded. Finding them costs O(log n), not a pass over the map: path length only grows
+with keyframe id, and stamps normally do too (the bag reader and the node add keyframes in time order), so
+each rule excludes one contiguous range of ids found by binary search. A map whose stamps are not in id
+order (bags given out of time order) sorts them once after each add and excludes the ids found there.
 
 On disk
 -------
@@ -154,6 +159,9 @@ class _Column:
         self._data = np.empty((0, *row_shape), dtype=dtype)
         self._size = 0
 
+    def __len__(self) -> int:
+        return self._size
+
     def extend(self, rows: np.ndarray) -> None:
         needed = self._size + len(rows)
         if needed > len(self._data):
@@ -166,6 +174,54 @@ class _Column:
     @property
     def values(self) -> np.ndarray:
         return self._data[: self._size]
+
+
+class _ExcludedIds:
+    """Keyframe ids a query must not return: id ranges [start, stop) plus explicit ids."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        self.ids: list[np.ndarray] = []
+
+    def add_ids(self, ids: np.ndarray) -> None:
+        """Add ids (ascending); a gap-free run is kept as a range."""
+        if len(ids) == 0:
+            return
+        if int(ids[-1]) - int(ids[0]) == len(ids) - 1:
+            self.ranges.append((int(ids[0]), int(ids[-1]) + 1))
+        else:
+            self.ids.append(np.asarray(ids, dtype=np.int64))
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges or self.ids)
+
+    def key(self) -> tuple:
+        """Equal keys exclude the same ids (queries with equal keys are searched together)."""
+        return (tuple(self.ranges), tuple(ids.tobytes() for ids in self.ids))
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """Boolean mask: which of ``ids`` are excluded."""
+        ids = np.asarray(ids, dtype=np.int64)
+        mask = np.zeros(len(ids), dtype=bool)
+        for start, stop in self.ranges:
+            mask |= (ids >= start) & (ids < stop)
+        for explicit in self.ids:
+            mask |= np.isin(ids, explicit)
+        return mask
+
+    def selector(self) -> tuple[faiss.IDSelector, list]:
+        """A FAISS selector accepting every id not excluded, and the objects it points to (keep them alive)."""
+        parts: list = [faiss.IDSelectorRange(start, stop) for start, stop in self.ranges]
+        for explicit in self.ids:
+            parts.append(faiss.IDSelectorBatch(len(explicit), faiss.swig_ptr(explicit)))
+        alive = list(parts)
+        union = parts[0]
+        for part in parts[1:]:
+            union = faiss.IDSelectorOr(union, part)
+            alive.append(union)
+        keep = faiss.IDSelectorNot(union)
+        alive.append(keep)
+        return keep, alive
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
@@ -298,7 +354,12 @@ class KeyframeMap:
         self._bag_index = _Column((), np.int32)
         self._positions = _Column((3,), np.float64)
         self._orientations = _Column((4,), np.float64)
-        self._path_length = _Column((), np.float64)
+        # Keyframes with a pose: their ids, stamps and path length travelled up to them (non-decreasing).
+        self._posed_ids = _Column((), np.int64)
+        self._posed_stamps = _Column((), np.int64)
+        self._posed_path = _Column((), np.float64)
+        self._stamps_sorted = True  # stamps non-decreasing with id (time order): exclusion by binary search
+        self._stamp_order: np.ndarray | None = None  # otherwise: ids by stamp, built on the first query after an add
         self._bags: list[str] = []
         self._bag_ids: dict[str, int] = {}
         self._thumbnails: dict[int, np.ndarray] = {}
@@ -329,10 +390,16 @@ class KeyframeMap:
         """(N, 3) float64 keyframe positions by id, NaN rows for keyframes without a pose (read-only)."""
         return self._read_only(self._positions.values)
 
-    @property
-    def path_lengths(self) -> np.ndarray:
-        """(N,) float64 path length travelled up to each keyframe (see Exclusion), NaN without a pose (read-only)."""
-        return self._read_only(self._path_length.values)
+    def path_lengths(self, keyframe_ids) -> np.ndarray:
+        """Path length travelled up to each of ``keyframe_ids`` (see Exclusion), NaN for those without a pose."""
+        ids = np.asarray(keyframe_ids, dtype=np.int64)
+        posed = self._posed_ids.values
+        lengths = np.full(len(ids), np.nan)
+        if len(posed):
+            where = np.minimum(np.searchsorted(posed, ids), len(posed) - 1)
+            found = posed[where] == ids
+            lengths[found] = self._posed_path.values[where[found]]
+        return lengths
 
     @property
     def has_local_features(self) -> bool:
@@ -464,11 +531,9 @@ class KeyframeMap:
                 thumbnails[first_id + row] = thumbnail.copy()
 
         self._index.add(vectors)
-        self._stamps.extend(stamps)
-        self._positions.extend(positions)
+        self._extend_keyframes(stamps, positions)
         self._orientations.extend(orientations)
         self._bag_index.extend(bag_index)
-        self._path_length.extend(self._extend_path(positions))
         self._thumbnails.update(thumbnails)
         self._local_features.update({first_id + row: meta.local_features for row, meta in enumerate(metas)
                                      if meta.local_features is not None})
@@ -476,21 +541,27 @@ class KeyframeMap:
             self._train()
         return np.arange(first_id, first_id + len(vectors), dtype=np.int64)
 
-    def _extend_path(self, positions: np.ndarray) -> np.ndarray:
-        """Path length travelled up to each new keyframe (NaN where it has no pose)."""
-        lengths = np.full(len(positions), np.nan)
-        posed = ~np.isnan(positions[:, 0])
-        if not posed.any():
-            return lengths
-        known = ~np.isnan(self._path_length.values)
-        if known.any():
-            last = np.flatnonzero(known)[-1]
-            start, start_length = self._positions.values[last], self._path_length.values[last]
+    def _extend_keyframes(self, stamps: np.ndarray, positions: np.ndarray) -> None:
+        """Append stamps and positions of new keyframes, and the path length travelled up to each posed one."""
+        first_id = len(self._stamps)
+        if len(stamps):
+            previous = self._stamps.values[-1:] if first_id else stamps[:0]
+            self._stamps_sorted = self._stamps_sorted and bool(np.all(np.diff(np.concatenate([previous, stamps])) >= 0))
+            self._stamp_order = None
+        self._stamps.extend(stamps)
+        self._positions.extend(positions)
+        posed = np.flatnonzero(~np.isnan(positions[:, 0]))
+        if not len(posed):
+            return
+        if len(self._posed_ids):
+            start = self._positions.values[self._posed_ids.values[-1]]
+            start_length = float(self._posed_path.values[-1])
         else:
-            start, start_length = positions[posed][0], 0.0
+            start, start_length = positions[posed[0]], 0.0
         steps = np.linalg.norm(np.diff(np.vstack([start, positions[posed]]), axis=0), axis=1)
-        lengths[posed] = start_length + np.cumsum(steps)
-        return lengths
+        self._posed_ids.extend(first_id + posed)
+        self._posed_stamps.extend(stamps[posed])
+        self._posed_path.extend(start_length + np.cumsum(steps))
 
     # ----- querying ---------------------------------------------------------------------------------
 
@@ -511,36 +582,58 @@ class KeyframeMap:
 
         return Pose(position=position.copy(), orientation=self._orientations.values[i].copy())
 
-    def _excluded(self, exclusion: Exclusion | None) -> np.ndarray | None:
-        """Boolean mask over keyframe ids that the exclusion removes, or None if it removes nothing."""
+    def _excluded(self, exclusion: Exclusion | None) -> _ExcludedIds | None:
+        """The keyframe ids that ``exclusion`` removes, or None if it removes nothing; O(log n) for a map in
+        time order (see "Exclusion" in the module doc)."""
         if exclusion is None or len(self) == 0:
             return None
-        mask = np.zeros(len(self), dtype=bool)
+        excluded = _ExcludedIds()
         stamps = self._stamps.values
         if exclusion.min_time_gap_s > 0 and exclusion.query_stamp_ns is not None:
             gap_ns = float(exclusion.min_time_gap_s) * 1e9
-            mask |= np.abs((stamps - int(exclusion.query_stamp_ns)).astype(np.float64)) < gap_ns
-        path = self._path_length.values
-        posed = ~np.isnan(path)
-        if exclusion.min_distance_m > 0 and exclusion.query_position is not None and posed.any():
-            query_position = np.asarray(exclusion.query_position, dtype=np.float64).reshape(3)
-            direction = 1.0
-            if exclusion.query_stamp_ns is None:
-                anchor = np.flatnonzero(posed)[-1]
+            query_ns = int(exclusion.query_stamp_ns)
+            # |stamp - query| < gap for integer stamps: query + floor(-gap) + 1 <= stamp <= query + ceil(gap) - 1
+            lowest, highest = query_ns + math.floor(-gap_ns) + 1, query_ns + math.ceil(gap_ns) - 1
+            if self._stamps_sorted:
+                start, stop = np.searchsorted(stamps, lowest, "left"), np.searchsorted(stamps, highest, "right")
+                if stop > start:
+                    excluded.ranges.append((int(start), int(stop)))
             else:
-                before = posed & (stamps <= int(exclusion.query_stamp_ns))
-                if before.any():
-                    candidates = np.flatnonzero(before)
-                    anchor = candidates[np.argmax(stamps[candidates])]
-                else:
-                    candidates = np.flatnonzero(posed)
-                    anchor = candidates[np.argmin(stamps[candidates])]
-                    direction = -1.0
-            offset = float(np.linalg.norm(query_position - self._positions.values[anchor]))
-            query_path = path[anchor] + direction * offset
-            with np.errstate(invalid="ignore"):
-                mask |= np.abs(path - query_path) < float(exclusion.min_distance_m)
-        return mask if mask.any() else None
+                if self._stamp_order is None:
+                    self._stamp_order = np.argsort(stamps, kind="stable")
+                by_stamp = stamps[self._stamp_order]
+                start, stop = np.searchsorted(by_stamp, lowest, "left"), np.searchsorted(by_stamp, highest, "right")
+                excluded.add_ids(np.sort(self._stamp_order[start:stop]))
+        posed_ids = self._posed_ids.values
+        if exclusion.min_distance_m > 0 and exclusion.query_position is not None and len(posed_ids):
+            query_position = np.asarray(exclusion.query_position, dtype=np.float64).reshape(3)
+            anchor, direction = self._path_anchor(exclusion.query_stamp_ns)
+            offset = float(np.linalg.norm(query_position - self._positions.values[posed_ids[anchor]]))
+            path = self._posed_path.values
+            query_path = float(path[anchor]) + direction * offset
+            distance = float(exclusion.min_distance_m)
+            # |path - query_path| < distance; path is non-decreasing along posed keyframes
+            start = np.searchsorted(path, query_path - distance, "right")
+            stop = np.searchsorted(path, query_path + distance, "left")
+            excluded.add_ids(posed_ids[start:stop])
+        return excluded if excluded else None
+
+    def _path_anchor(self, query_stamp_ns: int | None) -> tuple[int, float]:
+        """Where the query sits on the path: (index among posed keyframes, +1 after it or -1 before it)."""
+        posed_stamps = self._posed_stamps.values
+        if query_stamp_ns is None:
+            return len(posed_stamps) - 1, 1.0
+        query_ns = int(query_stamp_ns)
+        if self._stamps_sorted:
+            after = int(np.searchsorted(posed_stamps, query_ns, "right"))
+            if after == 0:
+                return 0, -1.0
+            # the first posed keyframe with the latest stamp not newer than the query
+            return int(np.searchsorted(posed_stamps, posed_stamps[after - 1], "left")), 1.0
+        before = np.flatnonzero(posed_stamps <= query_ns)  # a map out of time order: one pass
+        if len(before):
+            return int(before[np.argmax(posed_stamps[before])]), 1.0
+        return int(np.argmin(posed_stamps)), -1.0
 
     def query(self, descriptor: np.ndarray, k: int, exclusion: Exclusion | None = None,
               min_score: float = 0.0) -> list[Candidate]:
@@ -564,54 +657,74 @@ class KeyframeMap:
             if len(exclusions) != len(vectors):
                 raise MapError(f"query: {len(vectors)} descriptors but {len(exclusions)} exclusions")
         results: list[list[Candidate]] = [[] for _ in vectors]
-        total = len(self)
-        if total == 0:
+        if len(self) == 0:
             return results
-        masks = [self._excluded(e) for e in exclusions]
-        most_excluded = max(int(m.sum()) if m is not None else 0 for m in masks)
-        k_search = min(total, int(k) + most_excluded)
-        pending = np.arange(len(vectors))
-        while len(pending):
-            distances, ids = self._search(vectors[pending], k_search)
-            still_pending = []
-            for row, query_row in enumerate(pending):
-                found = ids[row] >= 0
-                row_ids = ids[row][found]
-                row_distances = np.maximum(distances[row][found], 0.0)  # rounding can give -1e-7
+        k = min(int(k), len(self))
+        groups: dict[tuple, tuple[_ExcludedIds | None, list[int]]] = {}
+        for row, item in enumerate(exclusions):
+            excluded = self._excluded(item)
+            groups.setdefault(excluded.key() if excluded else (), (excluded, []))[1].append(row)
+        for excluded, rows in groups.values():
+            distances, ids = self._search(vectors[rows], k, excluded)
+            for row, row_distances, row_ids in zip(rows, distances, ids):
+                found = row_ids >= 0
+                row_ids = row_ids[found]
+                row_distances = np.maximum(row_distances[found], 0.0)  # rounding can give -1e-7
                 scores = score_from_distance(row_distances)
-                keep = scores >= min_score
-                if masks[query_row] is not None:
-                    keep &= ~masks[query_row][row_ids]
-                chosen = np.flatnonzero(keep)[:k]
-                exhausted = (k_search >= total or not found.all()
-                             or (len(scores) and scores[-1] < min_score))
-                if len(chosen) < k and not exhausted:
-                    still_pending.append(query_row)
-                    continue
-                results[query_row] = [
-                    Candidate(keyframe_id=int(row_ids[j]), stamp_ns=int(self._stamps.values[row_ids[j]]),
-                              pose=self._pose(int(row_ids[j])), distance=float(row_distances[j]),
-                              score=float(scores[j]))
-                    for j in chosen
+                results[row] = [
+                    Candidate(keyframe_id=int(i), stamp_ns=int(self._stamps.values[i]), pose=self._pose(int(i)),
+                              distance=float(d), score=float(score))
+                    for i, d, score in zip(row_ids, row_distances, scores) if score >= min_score
                 ]
-            pending = np.asarray(still_pending, dtype=np.int64)
-            k_search = min(total, 2 * k_search)
         return results
 
-    def _search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS search; a few queries run on one OpenMP thread of the calling thread.
+    def _search_parameters(self, excluded: _ExcludedIds) -> tuple[faiss.SearchParameters, list]:
+        """Search parameters for this map's index chain that skip the excluded ids, with the index's own
+        settings (efSearch, nprobe, k_factor); and the objects they point to."""
+        selector, alive = excluded.selector()
+        params = None
+        for sub in reversed(_sub_indexes(self._index)):
+            if params is None:  # the innermost index does the selecting
+                if isinstance(sub, faiss.IndexHNSW):
+                    params = faiss.SearchParametersHNSW()
+                    params.efSearch = self._params["ef_search"]
+                elif isinstance(sub, faiss.IndexIVF):
+                    params = faiss.SearchParametersIVF()
+                    params.nprobe = self._params["nprobe"]
+                else:
+                    params = faiss.SearchParameters()
+                params.sel = selector
+            elif isinstance(sub, faiss.IndexPreTransform):
+                params = faiss.SearchParametersPreTransform()
+                params.index_params = alive[-1]
+            elif isinstance(sub, faiss.IndexRefine):
+                params = faiss.IndexRefineSearchParameters()
+                params.k_factor = float(self._params["k_factor"])
+                params.base_index_params = alive[-1]
+            alive.append(params)
+        return params, alive
+
+    def _search(self, vectors: np.ndarray, k: int, excluded: _ExcludedIds | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search skipping ``excluded``; a few queries run on one OpenMP thread.
 
         Measured here: one query through a PCA index took 8-16 ms with 2 threads on a busy 2-core machine
-        (threads waiting for time slices) and 0.2 ms with one; batches still use every thread.
+        (threads waiting for time slices) and 0.2 ms with one; batches still use every thread. The thread
+        count set here is the calling thread's own (OpenMP's nthreads-var belongs to each thread's data
+        environment, as test_keyframe_map checks), so concurrent queries from other threads are unaffected.
         """
+        params, _alive = self._search_parameters(excluded) if excluded else (None, None)
+        vectors = np.ascontiguousarray(vectors)
         if len(vectors) >= SINGLE_THREAD_BELOW:
-            return self._index.search(vectors, k)
+            return self._index.search(vectors, k, params=params)
         threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
+        if threads != 1:
+            faiss.omp_set_num_threads(1)
         try:
-            return self._index.search(vectors, k)
+            return self._index.search(vectors, k, params=params)
         finally:
-            faiss.omp_set_num_threads(threads)
+            if threads != 1:
+                faiss.omp_set_num_threads(threads)
 
     # ----- saving and loading -----------------------------------------------------------------------
 
@@ -798,11 +911,9 @@ class KeyframeMap:
             raise MapError(f"{path} does not describe the {count} keyframes of the index (wrong shapes or types)")
         self._bags = [str(name) for name in arrays["bag_names"]]
         self._bag_ids = {name: i for i, name in enumerate(self._bags)}
-        self._stamps.extend(arrays["stamp_ns"].astype(np.int64))
-        self._positions.extend(arrays["position"].astype(np.float64))
+        self._extend_keyframes(arrays["stamp_ns"].astype(np.int64), arrays["position"].astype(np.float64))
         self._orientations.extend(arrays["orientation"].astype(np.float64))
         self._bag_index.extend(arrays["bag_index"].astype(np.int32))
-        self._path_length.extend(self._extend_path(self._positions.values))
         thumbnails_path = root / THUMBNAILS_FILE
         if thumbnails_path.is_file():
             try:

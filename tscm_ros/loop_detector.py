@@ -157,7 +157,7 @@ class LoopDetector:
         else:  # every image enters the history, whatever min_score
             pool = self.map.query(descriptor, max(self.matching.k, TEMPORAL_POOL), exclusion, 0.0)
             similarities = np.array([c.score for c in pool])
-            coordinates = self.map.path_lengths[np.array([c.keyframe_id for c in pool], dtype=np.int64)]
+            coordinates = self.map.path_lengths([c.keyframe_id for c in pool])
             ranking, consistent = self.temporal.update(stamp_ns, position, coordinates, similarities)
             for candidate, similarity, sequence_score in zip(pool, similarities, ranking):
                 candidate.similarity, candidate.sequence_score = float(similarity), float(sequence_score)

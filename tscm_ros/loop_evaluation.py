@@ -56,7 +56,7 @@ from tqdm import tqdm
 from tscm_ros.cli.common import add_frame_reader_arguments
 from tscm_ros.errors import BagError, ConfigError
 from tscm_ros.loop_detector import DEFAULT_MIN_SCORE
-from tscm_ros.recall import recall_at_n
+from tscm_ros.recall import ground_truth_within, recall_at_n
 from tscm_ros.temporal import TemporalConfig
 from tscm_ros.verification import CameraIntrinsics, VerificationConfig
 
@@ -68,12 +68,16 @@ DEFAULT_RADIUS_M = 10.0
 
 
 def within_radius(query_positions: np.ndarray, map_positions: np.ndarray, radius_m: float) -> np.ndarray:
-    """Boolean (num_queries, num_keyframes): keyframe within ``radius_m`` of the query (NaN positions: never)."""
+    """Boolean (num_queries, num_keyframes): keyframe within ``radius_m`` of the query (NaN positions: never).
+
+    Found with a k-d tree (``recall.ground_truth_within``): one byte per query and keyframe, no float
+    (num_queries, num_keyframes, 3) intermediate."""
     queries = np.asarray(query_positions, dtype=np.float64).reshape(-1, 3)
     keyframes = np.asarray(map_positions, dtype=np.float64).reshape(-1, 3)
-    distance = np.linalg.norm(queries[:, None, :] - keyframes[None, :, :], axis=2)
-    with np.errstate(invalid="ignore"):
-        return distance <= radius_m
+    within = np.zeros((len(queries), len(keyframes)), dtype=bool)
+    for row, matches in enumerate(ground_truth_within(queries, keyframes, radius_m)):
+        within[row, matches] = True
+    return within
 
 
 @dataclass(frozen=True)

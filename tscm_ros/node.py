@@ -5,11 +5,15 @@ whenever it is free (``LoopDetector.process``: describe, match, optionally add a
 counts the images it never got to, so the node never falls behind and its memory stays bounded at any
 input rate. One LoopCandidates message is published per processed image, with an empty candidate list
 when nothing matched (see msg/LoopCandidates.msg).
+
+The matching parameters (``RUNTIME_PARAMETERS``) can be changed while the node runs (``ros2 param set``),
+validated as at start-up and applied from the next image; every other parameter is read-only.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import threading
 import time
 from collections import deque
@@ -22,9 +26,12 @@ import rclpy.executors
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
 from nav_msgs.msg import Odometry
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.exceptions import InvalidParameterTypeException
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from rclpy.parameter import Parameter as RosParameter
+from rclpy.qos import QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_srvs.srv import Trigger
 
@@ -41,6 +48,12 @@ NODE_NAME = "tscm_place_recognition"
 OUTPUT_TOPIC = "/tscm/loop_candidates"
 POSE_TYPES = {"odometry": Odometry, "pose_stamped": PoseStamped,
               "pose_with_covariance_stamped": PoseWithCovarianceStamped}
+# Pose subscription QoS. Best effort (sensor_data) also receives from reliable publishers; reliable does not
+# receive from best-effort ones (common on robot bases).
+POSE_QOS = {"sensor_data": QoSProfile(depth=50, reliability=QoSReliabilityPolicy.BEST_EFFORT,
+                                      durability=qos_profile_sensor_data.durability),
+            "reliable": QoSProfile(depth=50)}
+POSE_SILENCE_WARN_S = 3.0  # warn when the pose topic has had publishers this long and no pose arrived
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,7 @@ class Parameter:
     name: str
     default: object
     description: str
+    runtime: bool = False  # changeable while the node runs (ros2 param set); read-only otherwise
 
 
 # Every node parameter: declared with its description, listed by --help, mirrored in config/place_recognition.yaml.
@@ -57,20 +71,26 @@ PARAMETERS = [
     Parameter("qos", "sensor_data", "image subscription QoS: sensor_data (best effort, depth 1) or reliable (depth 10)"),
     Parameter("pose_topic", "", "optional pose stream for query poses and spatial exclusion; empty = none"),
     Parameter("pose_type", "odometry", "type on pose_topic: odometry, pose_stamped or pose_with_covariance_stamped"),
+    Parameter("pose_qos", "sensor_data", "pose subscription QoS: sensor_data (best effort: receives from reliable and "
+              "best-effort publishers) or reliable (receives from reliable publishers only)"),
     Parameter("pose_max_gap_s", 1.0, "no query pose when the pose stream has a gap longer than this around the image"),
+    Parameter("pose_history_s", 30.0, "poses older than this (behind the newest pose) are forgotten: bounded memory; "
+              "images later than this behind the pose stream get no pose"),
     Parameter("model_path", "", "student checkpoint (.pt); empty = the offline-pretrained default student"),
     Parameter("map_path", "", "keyframe map directory from build_map; required unless mapping is true"),
     Parameter("device", "auto", "inference device: auto (GPU when present), cpu or cuda"),
-    Parameter("k", 5, "at most this many candidates per image"),
+    Parameter("k", 5, "at most this many candidates per image", runtime=True),
     Parameter("min_score", DEFAULT_MIN_SCORE, "publish only candidates scoring >= this, in [0, 1]; with a calibrated "
               "model (the default, trained checkpoints) the score is the estimated precision, so 0.95 publishes "
-              "candidates that were true loops 95 % of the time on validation"),
-    Parameter("exclude_recent_s", 30.0, "ignore keyframes stamped within this many seconds of the image"),
-    Parameter("exclude_within_m", 0.0, "ignore keyframes within this path length of the query (needs poses); 0 = off"),
-    Parameter("max_rate_hz", 0.0, "process at most this many images per second; 0 = as fast as possible"),
+              "candidates that were true loops 95 % of the time on validation", runtime=True),
+    Parameter("exclude_recent_s", 30.0, "ignore keyframes stamped within this many seconds of the image", runtime=True),
+    Parameter("exclude_within_m", 0.0, "ignore keyframes within this path length of the query (needs poses); 0 = off",
+              runtime=True),
+    Parameter("max_rate_hz", 0.0, "process at most this many images per second; 0 = as fast as possible", runtime=True),
     Parameter("verify", True, "geometric verification: a loop needs min_inliers local-feature matches consistent "
               "with one two-view geometry (needs a map built by this version's build_map)"),
-    Parameter("min_inliers", DEFAULT_MIN_INLIERS, "verification: RANSAC inliers a candidate needs to be verified"),
+    Parameter("min_inliers", DEFAULT_MIN_INLIERS, "verification: RANSAC inliers a candidate needs to be verified",
+              runtime=True),
     Parameter("camera_info_topic", "", "sensor_msgs/CameraInfo of the camera: verification then fits the essential "
               "matrix and fills the relative pose; empty = camera_intrinsics or none (fundamental matrix, no pose)"),
     Parameter("camera_intrinsics", "", "'fx fy cx cy' in pixels, used when camera_info_topic is empty"),
@@ -81,13 +101,15 @@ PARAMETERS = [
     Parameter("temporal_max_step_m", 3.0, "temporal consistency without pose_topic: the most the robot travels "
               "between two processed images, metres (with poses the travel is measured)"),
     Parameter("publish_unverified", False, "also publish candidates that failed verification or temporal "
-              "consistency, with their flags (for debugging); normally only accepted loops are published"),
+              "consistency, with their flags (for debugging); normally only accepted loops are published", runtime=True),
     Parameter("mapping", False, "online mapping: add keyframes while driving; save on shutdown and ~/save_map"),
     Parameter("keyframe_min_distance_m", 2.0, "mapping: a new keyframe needs this much travel since the last one"),
     Parameter("keyframe_min_interval_s", 1.0, "mapping: a new keyframe needs this much time since the last one"),
     Parameter("map_save_path", "", "mapping: where the map is saved; empty = map_path"),
     Parameter("diagnostics_period_s", 1.0, "period of the /diagnostics status"),
 ]
+RUNTIME_PARAMETERS = frozenset(p.name for p in PARAMETERS if p.runtime)
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 class _NewestImage:
@@ -137,33 +159,35 @@ class PlaceRecognitionNode(Node):
 
     def __init__(self, **node_kwargs) -> None:
         super().__init__(NODE_NAME, **node_kwargs)
-        for parameter in PARAMETERS:
-            self.declare_parameter(parameter.name, parameter.default,
-                                   ParameterDescriptor(description=parameter.description))
+        self._declare_parameters()
         p = {parameter.name: self.get_parameter(parameter.name).value for parameter in PARAMETERS}
         self._validate(p)
         self._mapping = bool(p["mapping"])
         self._save_path = p["map_save_path"] or p["map_path"]
-        self._min_period_s = 1.0 / p["max_rate_hz"] if p["max_rate_hz"] > 0 else 0.0
+        self._min_period_s = self._min_period(p["max_rate_hz"])
 
         describer = Describer.from_checkpoint(p["model_path"] or None, device=p["device"])
         keyframe_map = self._open_map(p["map_path"], describer)
         selector = (KeyframeSelector(min_interval_s=p["keyframe_min_interval_s"],
                                      min_distance_m=p["keyframe_min_distance_m"]) if self._mapping else None)
-        matching = MatchingConfig(k=p["k"], min_score=p["min_score"], exclude_recent_s=p["exclude_recent_s"],
-                                  exclude_within_m=p["exclude_within_m"])
         verification, temporal, intrinsics = self._stages(p)
         self._publish_unverified = bool(p["publish_unverified"])
-        self.detector = LoopDetector(describer, keyframe_map, matching, selector, source=f"live:{self.get_name()}",
-                                     verification=verification, temporal=temporal, intrinsics=intrinsics)
+        self.detector = LoopDetector(describer, keyframe_map, self._matching_config(p), selector,
+                                     source=f"live:{self.get_name()}", verification=verification,
+                                     temporal=temporal, intrinsics=intrinsics)
         if p["camera_info_topic"]:
             self.create_subscription(CameraInfo, p["camera_info_topic"], self._on_camera_info, qos_profile_sensor_data)
 
         self._poses: PoseInterpolator | None = None
         self._pose_frame_id = ""
+        self._pose_topic, self._pose_qos, self._pose_type = p["pose_topic"], p["pose_qos"], p["pose_type"]
+        self._poses_received = 0
+        self._pose_publishers_since: float | None = None
+        self._pose_warning = ""
         if p["pose_topic"]:
-            self._poses = PoseInterpolator(max_gap_s=p["pose_max_gap_s"])
-            self.create_subscription(POSE_TYPES[p["pose_type"]], p["pose_topic"], self._on_pose, 50)
+            self._poses = PoseInterpolator(max_gap_s=p["pose_max_gap_s"], max_age_s=p["pose_history_s"])
+            self.create_subscription(POSE_TYPES[p["pose_type"]], p["pose_topic"], self._on_pose,
+                                     POSE_QOS[p["pose_qos"]])
         image_type = CompressedImage if p["use_compressed"] else Image
         qos = qos_profile_sensor_data if p["qos"] == "sensor_data" else QoSProfile(depth=10)
         self.create_subscription(image_type, p["image_topic"], self._on_image, qos)
@@ -182,6 +206,9 @@ class PlaceRecognitionNode(Node):
         self._started = time.monotonic()
         self._map_frame_id = ""
         self._running = True
+        self.add_pre_set_parameters_callback(self._before_set_parameters)
+        self.add_on_set_parameters_callback(self._check_new_parameters)
+        self.add_post_set_parameters_callback(self._apply_new_parameters)
         self._worker = threading.Thread(target=self._work, name="tscm_worker", daemon=True)
         self._worker.start()
         self.get_logger().info(
@@ -191,6 +218,75 @@ class PlaceRecognitionNode(Node):
 
     # ----- set-up ------------------------------------------------------------------------------------
 
+    def _declare_parameters(self) -> None:
+        """Declare every parameter (read-only unless changeable at run time). An integer given for a number
+        (``min_score: 1`` in YAML, ``-p min_score:=1``) is taken as that number; any other type mismatch is a
+        ConfigError naming the parameter."""
+        overrides = getattr(self, "_parameter_overrides", {})  # rclpy: -p, --params-file and constructor overrides
+        for parameter in PARAMETERS:
+            descriptor = ParameterDescriptor(description=parameter.description, read_only=not parameter.runtime)
+            override = overrides.get(parameter.name)
+            given = None if override is None else override.value
+            try:
+                if isinstance(parameter.default, float) and type(given) is int:
+                    self.declare_parameter(parameter.name, float(given), descriptor, ignore_override=True)
+                else:
+                    self.declare_parameter(parameter.name, parameter.default, descriptor)
+            except InvalidParameterTypeException:
+                raise ConfigError(f"parameter {parameter.name}: expected {_EXPECTED[type(parameter.default)]}, "
+                                  f"got {given!r}") from None
+
+    @staticmethod
+    def _min_period(max_rate_hz: float) -> float:
+        return 1.0 / max_rate_hz if max_rate_hz > 0 else 0.0
+
+    @staticmethod
+    def _matching_config(p: dict) -> MatchingConfig:
+        return MatchingConfig(k=p["k"], min_score=p["min_score"], exclude_recent_s=p["exclude_recent_s"],
+                              exclude_within_m=p["exclude_within_m"])
+
+    def _runtime_values(self, changes: list[RosParameter]) -> dict:
+        """The run-time parameters' values once ``changes`` are applied."""
+        values = {name: self.get_parameter(name).value for name in RUNTIME_PARAMETERS}
+        values.update({change.name: change.value for change in changes if change.name in RUNTIME_PARAMETERS})
+        return values
+
+    @staticmethod
+    def _check_runtime_values(values: dict) -> None:
+        if values["max_rate_hz"] < 0:
+            raise ConfigError(f"parameter max_rate_hz must be >= 0, got {values['max_rate_hz']}")
+        PlaceRecognitionNode._matching_config(values)
+        VerificationConfig(min_inliers=values["min_inliers"])
+
+    def _before_set_parameters(self, changes: list[RosParameter]) -> list[RosParameter]:
+        """``ros2 param set NODE min_score 1``: an integer for a number parameter is that number."""
+        defaults = {parameter.name: parameter.default for parameter in PARAMETERS}
+        return [RosParameter(change.name, value=float(change.value))
+                if isinstance(defaults.get(change.name), float) and change.type_ == RosParameter.Type.INTEGER
+                else change for change in changes]
+
+    def _check_new_parameters(self, changes: list[RosParameter]) -> SetParametersResult:
+        """Refuse run-time values that start-up would refuse (read-only parameters are refused by rclpy)."""
+        try:
+            self._check_runtime_values(self._runtime_values(changes))
+        except (ConfigError, TypeError, ValueError) as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        return SetParametersResult(successful=True)
+
+    def _apply_new_parameters(self, changes: list[RosParameter]) -> None:
+        """Applied from the next image on (the image being processed finishes with the old values)."""
+        if not any(change.name in RUNTIME_PARAMETERS for change in changes):
+            return
+        values = self._runtime_values([])
+        matching = self._matching_config(values)
+        with self._map_lock:
+            self.detector.matching = matching
+            if self.detector.verification is not None:
+                self.detector.verification = VerificationConfig(min_inliers=values["min_inliers"])
+            self._publish_unverified = bool(values["publish_unverified"])
+            self._min_period_s = self._min_period(values["max_rate_hz"])
+        self.get_logger().info("matching now " + ", ".join(f"{name} {values[name]}" for name in sorted(values)))
+
     @staticmethod
     def _validate(p: dict) -> None:
         if p["device"] not in ("auto", "cpu", "cuda") and not str(p["device"]).startswith("cuda:"):
@@ -199,11 +295,16 @@ class PlaceRecognitionNode(Node):
             raise ConfigError(f"parameter qos: expected sensor_data or reliable, got {p['qos']!r}")
         if p["pose_type"] not in POSE_TYPES:
             raise ConfigError(f"parameter pose_type: expected one of {', '.join(POSE_TYPES)}, got {p['pose_type']!r}")
+        if p["pose_qos"] not in POSE_QOS:
+            raise ConfigError(f"parameter pose_qos: expected {' or '.join(POSE_QOS)}, got {p['pose_qos']!r}")
         if not p["image_topic"]:
             raise ConfigError("parameter image_topic must not be empty")
-        for name in ("max_rate_hz", "pose_max_gap_s", "keyframe_min_distance_m", "keyframe_min_interval_s"):
+        for name in ("pose_max_gap_s", "keyframe_min_distance_m", "keyframe_min_interval_s"):
             if p[name] < 0:
                 raise ConfigError(f"parameter {name} must be >= 0, got {p[name]}")
+        if p["pose_history_s"] <= p["pose_max_gap_s"]:
+            raise ConfigError(f"parameter pose_history_s ({p['pose_history_s']}) must be greater than pose_max_gap_s "
+                              f"({p['pose_max_gap_s']})")
         if p["diagnostics_period_s"] <= 0:
             raise ConfigError(f"parameter diagnostics_period_s must be > 0, got {p['diagnostics_period_s']}")
         if not p["map_path"] and not p["mapping"]:
@@ -211,8 +312,7 @@ class PlaceRecognitionNode(Node):
                               "or set mapping:=true to build one while driving")
         if p["mapping"] and not (p["map_save_path"] or p["map_path"]):
             raise ConfigError("mapping is on but neither map_save_path nor map_path says where to save the map")
-        MatchingConfig(k=p["k"], min_score=p["min_score"], exclude_recent_s=p["exclude_recent_s"],
-                       exclude_within_m=p["exclude_within_m"])
+        PlaceRecognitionNode._check_runtime_values(p)
         PlaceRecognitionNode._stages(p)
 
     @staticmethod
@@ -244,6 +344,7 @@ class PlaceRecognitionNode(Node):
 
     def _on_pose(self, message) -> None:
         with self._lock:
+            self._poses_received += 1
             self._pose_frame_id = message.header.frame_id
             if self._mapping and not self.detector.map.frame_id:
                 self.detector.map.frame_id = message.header.frame_id
@@ -346,16 +447,51 @@ class PlaceRecognitionNode(Node):
                 "latency median (ms)": float(np.median(latencies)) if len(latencies) else float("nan"),
                 "latency p95 (ms)": float(np.percentile(latencies, 95)) if len(latencies) else float("nan"),
                 "map keyframes": len(self.detector.map),
+                "poses received": self._poses_received,
+                "poses held": len(self._poses) if self._poses is not None else 0,
                 "device": str(self.detector.describer.device),
             }
 
+    def _check_pose_stream(self) -> None:
+        """Warn when the pose topic has publishers but no pose arrives (QoS or type mismatch)."""
+        if not self._pose_topic or self._poses_received:
+            self._pose_warning = ""
+            return
+        publishers = self.get_publishers_info_by_topic(self._pose_topic)
+        if not publishers:
+            self._pose_publishers_since, self._pose_warning = None, ""
+            return
+        now = time.monotonic()
+        if self._pose_publishers_since is None:
+            self._pose_publishers_since = now
+        if now - self._pose_publishers_since < POSE_SILENCE_WARN_S:
+            return
+        kinds = sorted({f"{info.topic_type}, {info.qos_profile.reliability.name.lower().replace('_', ' ')}"
+                        for info in publishers})
+        hints = []
+        if self._pose_qos == "reliable" and any(
+                info.qos_profile.reliability == QoSReliabilityPolicy.BEST_EFFORT for info in publishers):
+            hints.append("a best-effort publisher needs pose_qos sensor_data")
+        expected = POSE_TYPES[self._pose_type]
+        expected_name = f"{expected.__module__.split('.')[0]}/msg/{expected.__name__}"
+        if any(info.topic_type != expected_name for info in publishers):
+            hints.append(f"pose_type {self._pose_type} expects {expected_name}")
+        self._pose_warning = (f"pose_topic {self._pose_topic} has {len(publishers)} publisher(s) ({'; '.join(kinds)}) "
+                              f"but no pose arrived in {now - self._pose_publishers_since:.0f} s; subscribed as "
+                              f"{expected_name} with pose_qos {self._pose_qos}"
+                              + (f": {'; '.join(hints)}" if hints else ""))
+        self.get_logger().warning(self._pose_warning, throttle_duration_sec=10.0)
+
     def _publish_diagnostics(self) -> None:
+        self._check_pose_stream()
         stats = self.statistics()
         status = DiagnosticStatus(name=f"{self.get_name()}: place recognition", hardware_id=stats["device"])
         status.level = DiagnosticStatus.OK
         status.message = f"{stats['images processed']} images processed, {stats['images dropped']} dropped"
         if stats["images received"] and not stats["images processed"]:
             status.level, status.message = DiagnosticStatus.WARN, "receiving images but none processed yet"
+        elif self._pose_warning:
+            status.level, status.message = DiagnosticStatus.WARN, self._pose_warning
         status.values = [KeyValue(key=key, value=f"{value:.2f}" if isinstance(value, float) else str(value))
                          for key, value in stats.items()]
         array = DiagnosticArray(status=[status])
@@ -378,20 +514,42 @@ class PlaceRecognitionNode(Node):
 
 
 def main(args=None) -> int:
-    """Run the node until SIGINT; a bad parameter, model or map is one clear error line and exit code 2."""
-    rclpy.init(args=args)
+    """Run the node until SIGINT or SIGTERM; a bad parameter, model or map is one clear error line and exit code 2.
+
+    The node handles the signals itself (not rclpy's handlers, whose KeyboardInterrupt could land anywhere):
+    the first one stops spinning, and any further one (``ros2 launch`` sends a second SIGINT, then SIGTERM)
+    while the worker stops and a mapping map is saved is only logged.
+    """
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        if stop.is_set():
+            rclpy.logging.get_logger(NODE_NAME).info(f"{signal.Signals(signum).name} again: already shutting down")
+        stop.set()
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = None
+    executor = rclpy.executors.SingleThreadedExecutor()
     try:
         node = PlaceRecognitionNode()
-        rclpy.spin(node)
+        executor.add_node(node)
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)  # wakes up for the signal flag
     except TscmError as exc:
         rclpy.logging.get_logger(NODE_NAME).fatal(str(exc))
         return 2
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+    except rclpy.executors.ExternalShutdownException:
         pass
     finally:
-        if node is not None:
-            node.shutdown()
-            node.destroy_node()
-        rclpy.try_shutdown()
+        stop.set()  # from here on, signals are only logged
+        try:
+            executor.shutdown()
+            if node is not None:
+                node.shutdown()
+                node.destroy_node()
+        finally:
+            rclpy.try_shutdown()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     return 0

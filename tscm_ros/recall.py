@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 
 DEFAULT_NS = (1, 5, 10, 20)
+EVALUATION_CHUNK = 256  # images decoded at a time by evaluate_split
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,21 @@ class RecallResult:
 def ground_truth_within(
     query_positions: np.ndarray, database_positions: np.ndarray, radius_m: float
 ) -> list[np.ndarray]:
-    """For each query, the indices of database items within ``radius_m`` metres of it."""
-    query_positions = np.asarray(query_positions, dtype=np.float64)
-    database_positions = np.asarray(database_positions, dtype=np.float64)
-    matches = []
-    for position in query_positions:
-        distance = np.linalg.norm(database_positions - position, axis=1)
-        matches.append(np.flatnonzero(distance <= radius_m))
+    """For each query, the sorted indices of database items within ``radius_m`` metres of it (a k-d tree:
+    memory grows with the matches, not with queries x database). NaN positions match nothing."""
+    from scipy.spatial import cKDTree
+
+    queries = np.asarray(query_positions, dtype=np.float64)
+    database = np.asarray(database_positions, dtype=np.float64)
+    dim = database.shape[1] if database.ndim == 2 else queries.shape[-1]
+    queries, database = queries.reshape(-1, dim), database.reshape(-1, dim)
+    known = np.flatnonzero(np.isfinite(database).all(axis=1))
+    matches = [np.zeros(0, dtype=np.int64) for _ in range(len(queries))]
+    answerable = np.flatnonzero(np.isfinite(queries).all(axis=1))
+    if len(known) and len(answerable):
+        tree = cKDTree(database[known])
+        for row, found in zip(answerable, tree.query_ball_point(queries[answerable], r=radius_m)):
+            matches[row] = np.sort(known[np.asarray(found, dtype=np.int64)])
     return matches
 
 
@@ -90,14 +99,23 @@ def evaluate_descriptors(
     return recall_at_n(retrieved, ground_truth, ns)
 
 
+def describe_streamed(frames, describer, chunk: int = EVALUATION_CHUNK) -> np.ndarray:
+    """Descriptors of every image of ``frames`` (anything with ``len`` and ``load_images(indices)``), decoding
+    ``chunk`` images at a time: memory holds one chunk of images plus the descriptors, not every image."""
+    parts = [np.asarray(describer.describe(frames.load_images(range(start, min(start + chunk, len(frames))))),
+                        dtype=np.float32)
+             for start in range(0, len(frames), chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0, int(getattr(describer, "dim", 0))), dtype=np.float32)
+
+
 def evaluate_split(dataset, split: str, describer, radius_m: float, ns: Sequence[int] = DEFAULT_NS) -> RecallResult:
     """Recall@N of a ``tscm_ros.dataset.Dataset`` split (its queries against its database) with
     ``describer`` (anything with ``describe(images) -> (N, D) float32``, e.g. a Describer)."""
     from tscm_ros.dataset import require_split
 
     database, queries = require_split(dataset, split)
-    database_descriptors = describer.describe(database.load_images(range(len(database))))
-    query_descriptors = describer.describe(queries.load_images(range(len(queries))))
+    database_descriptors = describe_streamed(database, describer)
+    query_descriptors = describe_streamed(queries, describer)
     return evaluate_descriptors(
         query_descriptors, database_descriptors, queries.positions, database.positions, radius_m, ns
     )
