@@ -10,6 +10,7 @@ messages and publishes, everything else happens in this module.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,6 +71,7 @@ class KeyframeSelector:
 
 DEFAULT_MIN_SCORE = 0.95
 TEMPORAL_POOL = 20  # candidates per image that temporal consistency scores (and remembers), at least k
+VERIFY_THREADS = 2  # OpenCV matching and RANSAC release the GIL: candidates are verified two at a time
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class LoopDetector:
         self.verification = verification
         self.intrinsics = intrinsics
         self.temporal = None if temporal is None else TemporalConsistency(temporal)
+        self._verifiers = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="tscm_verify")
 
     @property
     def matching(self) -> MatchingConfig:
@@ -174,10 +177,14 @@ class LoopDetector:
         if self.verification is None:
             return None
         features = extract_local_features(image)
-        for candidate in candidates:
+        config, intrinsics = self.verification, self.intrinsics
+
+        def check(candidate: Candidate) -> None:
             keyframe_features = self.map.local_features(candidate.keyframe_id)
             if keyframe_features is not None:
-                candidate.verification = verify(features, keyframe_features, self.verification, self.intrinsics)
+                candidate.verification = verify(features, keyframe_features, config, intrinsics)
+
+        list(self._verifiers.map(check, candidates))
         return features
 
     def accepts(self, candidate: Candidate) -> bool:
