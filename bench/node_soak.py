@@ -32,11 +32,8 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from node_throughput import make_map, peak_rss_mb  # noqa: E402
-from tscm_ros.bag import open_frames  # noqa: E402
-from tscm_ros.describe import Describer  # noqa: E402
+from node_throughput import peak_rss_mb, route_and_map  # noqa: E402
 from tscm_ros.msg import LoopCandidates  # noqa: E402
-from tscm_ros.simulate import simulate_route  # noqa: E402
 
 SAMPLE_S = 10.0
 WARM_UP_S = 60.0
@@ -61,13 +58,7 @@ def main() -> int:
     parser.add_argument("--map-size", type=int, default=10_000)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="tscm_bench_soak_"))
-    route = simulate_route(work / "route", frames=100, width=320, height=240, progress=False)
-    frames = list(open_frames(route))
-    describer = Describer.from_checkpoint(None)
-    map_dir = make_map(frames, describer, args.map_size, work / "map")
-    images = [Image(height=f.image.shape[0], width=f.image.shape[1], encoding="rgb8", step=f.image.shape[1] * 3,
-                    data=f.image.tobytes()) for f in frames]
+    frames, map_dir, images = route_and_map(Path(tempfile.mkdtemp(prefix="tscm_bench_soak_")), args.map_size)
     path = np.array([f.pose.position for f in frames])
 
     domain = str(10 + os.getpid() % 90)

@@ -63,6 +63,16 @@ def make_map(frames, describer: Describer, size: int, out: Path) -> Path:
     return out
 
 
+def route_and_map(work: Path, map_size: int) -> tuple[list, Path, list[Image]]:
+    """A rendered 100-frame 320x240 route, a ``map_size``-keyframe map of it, and its frames as rgb8 Images."""
+    route = simulate_route(work / "route", frames=100, width=320, height=240, progress=False)
+    frames = list(open_frames(route))
+    map_dir = make_map(frames, Describer.from_checkpoint(None), map_size, work / "map")
+    images = [Image(height=f.image.shape[0], width=f.image.shape[1], encoding="rgb8", step=f.image.shape[1] * 3,
+                    data=f.image.tobytes()) for f in frames]
+    return frames, map_dir, images
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -115,13 +125,7 @@ def main() -> int:
     parser.add_argument("--map-size", type=int, default=10_000)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="tscm_bench_node_"))
-    route = simulate_route(work / "route", frames=100, width=320, height=240, progress=False)
-    frames = list(open_frames(route))
-    describer = Describer.from_checkpoint(None)
-    map_dir = make_map(frames, describer, args.map_size, work / "map")
-    images = [Image(height=f.image.shape[0], width=f.image.shape[1], encoding="rgb8", step=f.image.shape[1] * 3,
-                    data=f.image.tobytes()) for f in frames]
+    _, map_dir, images = route_and_map(Path(tempfile.mkdtemp(prefix="tscm_bench_node_")), args.map_size)
 
     domain = str(10 + os.getpid() % 90)
     env = dict(os.environ, ROS_DOMAIN_ID=domain, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
@@ -154,7 +158,7 @@ def main() -> int:
         node.destroy_node()
         rclpy.try_shutdown()
 
-    print(f"\nplace_recognition_node, default student ({describer.dim}-d), {args.map_size}-keyframe flat map, "
+    print(f"\nplace_recognition_node, default student, {args.map_size}-keyframe flat map, "
           f"320x240 rgb8, {args.duration:.0f} s per rate, {os.cpu_count()} CPUs\n")
     print("| configuration | input rate | sent | processed rate | dropped | latency median | latency p95 | "
           "p95 / retrieval only | node peak RSS |")

@@ -417,6 +417,11 @@ class KeyframeMap:
         """Source bag of each keyframe, by id."""
         return [self._bags[i] for i in self._bag_index.values]
 
+    @property
+    def source(self) -> str:
+        """Where the map lives, for messages: 'map <directory>' once saved or loaded."""
+        return self._source
+
     def summary(self) -> str:
         """One line describing the map, for logs."""
         model = f"{self.model_name} " if self.model_name else ""

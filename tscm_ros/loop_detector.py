@@ -121,7 +121,7 @@ class LoopDetector:
                 f"{describer.model_name} (fingerprint {describer.fingerprint})")
         if verification is not None and len(keyframe_map) and not keyframe_map.has_local_features:
             raise ConfigError(
-                f"{keyframe_map.summary()} has no local features for geometric verification (a map of format_version 1, "
+                f"{keyframe_map.source} has no local features for geometric verification (a map of format_version 1, "
                 f"built before verification existed): rebuild it with build_map, or turn verification off")
         self.describer = describer
         self.map = keyframe_map
@@ -131,7 +131,8 @@ class LoopDetector:
         self.verification = verification
         self.intrinsics = intrinsics
         self.temporal = None if temporal is None else TemporalConsistency(temporal)
-        self._verifiers = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="tscm_verify")
+        self._verifiers = (None if verification is None
+                           else ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="tscm_verify"))
 
     @property
     def matching(self) -> MatchingConfig:
