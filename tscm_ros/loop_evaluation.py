@@ -347,7 +347,7 @@ def results_table_markdown(runs: Sequence[MethodRun], title: str) -> str:
                  "radius. AP and max R @ P=100 %: precision-recall of the top-1 candidate's score (see "
                  f"tscm_ros/loop_evaluation.py). P / R at score >= {DEFAULT_MIN_SCORE:g}: precision and recall of the "
                  "top-1 candidates the node publishes with its default min_score, for models whose checkpoint "
-                 "carries a score calibration (tscm_ros/calibration.py). Latency: one query, describe + search, "
+                 "carries a score calibration (tscm_ros/calibration.py). Latency: one query, describe + search (+ the row's stages), "
                  "this machine.")
     return "\n".join(lines) + "\n"
 
