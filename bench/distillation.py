@@ -26,11 +26,19 @@ import shutil
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from recognition import (  # noqa: E402
-    QUERIES, RADIUS_M, REPO, SITES, pooled_metrics, prepare_site, read_queries, render, run, simulator_cache,
+    QUERIES,
+    RADIUS_M,
+    REPO,
+    SITES,
+    pooled_metrics,
+    prepare_site,
+    read_queries,
+    render,
+    run,
+    simulator_cache,
 )
 
 VARIANTS = {

@@ -40,15 +40,15 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tscm_ros.bag import Pose  # noqa: E402
+from tscm_ros.geometry import Pose  # noqa: E402
 from tscm_ros.keyframe_map import Exclusion, KeyframeMap, KeyframeMeta  # noqa: E402
 
 RANK = 256

@@ -58,7 +58,8 @@ def main() -> int:
     parser.add_argument("--map-size", type=int, default=10_000)
     args = parser.parse_args()
 
-    frames, map_dir, images = route_and_map(Path(tempfile.mkdtemp(prefix="tscm_bench_soak_")), args.map_size)
+    work = Path(tempfile.mkdtemp(prefix="tscm_bench_soak_"))
+    frames, map_dir, images = route_and_map(work, args.map_size)
     path = np.array([f.pose.position for f in frames])
 
     domain = str(10 + os.getpid() % 90)

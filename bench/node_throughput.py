@@ -30,11 +30,11 @@ import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
+from tscm_ros.msg import LoopCandidates
 
 from tscm_ros.bag import open_frames
 from tscm_ros.describe import Describer
 from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
-from tscm_ros.msg import LoopCandidates
 from tscm_ros.simulate import simulate_route
 from tscm_ros.verification import extract_local_features
 

@@ -47,7 +47,9 @@ sys.path.insert(0, str(REPO))
 
 from tscm_ros.loop_detector import DEFAULT_MIN_SCORE  # noqa: E402
 from tscm_ros.loop_evaluation import (  # noqa: E402
-    at_threshold, max_recall_at_full_precision, precision_recall_curve,
+    at_threshold,
+    max_recall_at_full_precision,
+    precision_recall_curve,
 )
 
 SITES = [  # seed, lap length (m)

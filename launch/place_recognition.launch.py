@@ -12,10 +12,11 @@ parameter, a missing map: exit code 2; a crash) `ros2 launch` itself exits non-z
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, Shutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+
+from launch import LaunchDescription
 
 # launch argument -> (node parameter, type, description)
 COMMON_ARGUMENTS = {

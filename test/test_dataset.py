@@ -20,9 +20,9 @@ from tscm_ros.dataset import (
     buffer_mask,
     load_dataset,
     mine_triplets,
-    yaw_from_quaternion,
 )
 from tscm_ros.errors import ConfigError, DatasetError
+from tscm_ros.geometry import yaw_from_quaternion
 from tscm_ros.recall import evaluate_descriptors, recall_at_n, retrieve
 
 

@@ -11,8 +11,8 @@ import faiss
 import numpy as np
 import pytest
 
-from tscm_ros.bag import Pose
 from tscm_ros.errors import ConfigError, MapError
+from tscm_ros.geometry import Pose
 from tscm_ros.keyframe_map import (
     FORMAT_VERSION,
     INDEX_FILE,

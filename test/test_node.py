@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ast
 import math
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,20 +15,20 @@ import numpy as np
 import pytest
 import rclpy
 import yaml
-from rclpy.executors import SingleThreadedExecutor
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from nav_msgs.msg import Odometry
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
+from rclpy_support import isolated_context, spin_until
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
+from tscm_ros.msg import LoopCandidates
 
-from rclpy_support import isolated_context, spin_until
 from tscm_ros.bag import open_frames
 from tscm_ros.cli import build_map
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.loop_detector import DEFAULT_MIN_SCORE
-from tscm_ros.msg import LoopCandidates
 from tscm_ros.node import OUTPUT_TOPIC, PARAMETERS, PlaceRecognitionNode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +57,7 @@ def revisit_frames(tmp_path_factory):
     The default model finds most of these places (the stronger change of route_query is for trained
     models)."""
     from conftest import ROUTE
+
     from tscm_ros.simulate import simulate_route
 
     bag = simulate_route(tmp_path_factory.mktemp("revisit") / "bag", traversal=1, appearance_change=0.2, **ROUTE)
@@ -87,7 +88,10 @@ class Harness:
         if not wait:
             return None
         stamp = (message.header.stamp.sec, message.header.stamp.nanosec)
-        answered = lambda: any((r.header.stamp.sec, r.header.stamp.nanosec) == stamp for r in self.results)
+
+        def answered() -> bool:
+            return any((r.header.stamp.sec, r.header.stamp.nanosec) == stamp for r in self.results)
+
         assert spin_until(self.executor, answered, timeout_s=60), f"no answer for image stamped {stamp}"
         return next(r for r in self.results if (r.header.stamp.sec, r.header.stamp.nanosec) == stamp)
 

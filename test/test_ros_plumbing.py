@@ -12,9 +12,8 @@ import pytest
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
-from sensor_msgs.msg import Image
-
 from rclpy_support import isolated_context, spin_until
+from sensor_msgs.msg import Image
 from tscm_ros.msg import LoopCandidate, LoopCandidates
 
 EXECUTABLES = ["place_recognition_node", "build_map", "extract_dataset", "train", "evaluate", "simulate_route"]

@@ -14,7 +14,11 @@ from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
 from tscm_ros.temporal import TemporalConfig, TemporalConsistency
 from tscm_ros.verification import (
-    CameraIntrinsics, LocalFeatures, VerificationConfig, extract_local_features, verify,
+    CameraIntrinsics,
+    LocalFeatures,
+    VerificationConfig,
+    extract_local_features,
+    verify,
 )
 
 FOCAL = 60.0 / math.tan(math.radians(35.0))  # the simulator's 70 degree vertical field of view at 160x120
@@ -27,6 +31,7 @@ def revisit_pairs(route_reference, tmp_path_factory):
     """For each frame of a second drive: its true keyframe (the nearest reference frame) and its look-alike
     (the reference frame more than 30 m away that the default model finds most similar)."""
     from conftest import ROUTE
+
     from tscm_ros.simulate import simulate_route
 
     revisit = simulate_route(tmp_path_factory.mktemp("revisit") / "bag", traversal=1, appearance_change=0.2, **ROUTE)

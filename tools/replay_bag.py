@@ -21,9 +21,9 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile
 from sensor_msgs.msg import Image
+from tscm_ros.msg import LoopCandidates
 
 from tscm_ros.bag import open_frames
-from tscm_ros.msg import LoopCandidates
 
 OUTPUT_TOPIC = "/tscm/loop_candidates"
 

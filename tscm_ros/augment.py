@@ -52,7 +52,7 @@ class AugmentConfig:
             raise ConfigError(f"augment.jpeg_quality_min must be in 0..100 (100: off), got {self.jpeg_quality_min}")
 
     @classmethod
-    def from_dict(cls, values: dict | None, source: str = "augment") -> "AugmentConfig":
+    def from_dict(cls, values: dict | None, source: str = "augment") -> AugmentConfig:
         """Build from a mapping (missing keys keep their defaults); ConfigError on unknown keys or types."""
         if values is None:
             return cls()

@@ -20,7 +20,7 @@ evaluation runs it exactly like the learned methods; ``Candidate.distance`` is t
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import faiss

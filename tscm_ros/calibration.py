@@ -66,7 +66,7 @@ class ScoreCalibration:
             raise CheckpointError("calibrated scores must lie in [0, 1]")
 
     @classmethod
-    def fit(cls, top1_similarity: np.ndarray, top1_correct: np.ndarray, fitted_on: str = "") -> "ScoreCalibration":
+    def fit(cls, top1_similarity: np.ndarray, top1_correct: np.ndarray, fitted_on: str = "") -> ScoreCalibration:
         """Fit on the top-1 matches of validation queries (``top1_correct``: within the radius; a query
         with no true loop is never correct)."""
         similarity = np.asarray(top1_similarity, dtype=np.float64)
@@ -111,7 +111,7 @@ class ScoreCalibration:
                 "queries": self.queries}
 
     @classmethod
-    def from_dict(cls, values: dict, source: str) -> "ScoreCalibration":
+    def from_dict(cls, values: dict, source: str) -> ScoreCalibration:
         try:
             return cls(tuple(float(v) for v in values["similarity"]), tuple(float(v) for v in values["score"]),
                        str(values.get("fitted_on", "")), int(values.get("queries", 0)))

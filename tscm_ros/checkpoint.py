@@ -21,7 +21,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 import yaml
 from torch import nn
 
+from tscm_ros.atomic import atomic_file
 from tscm_ros.errors import CheckpointError, ConfigError
 from tscm_ros.models.nets import MODEL_KINDS, build_model
 from tscm_ros.preprocess import PreprocessConfig
@@ -94,15 +94,8 @@ def _check_state_matches(model_config: dict[str, Any], state_dict: dict[str, tor
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_file(path) as temp:
         torch.save(obj, temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(
@@ -263,19 +256,11 @@ def export_torchscript(model: nn.Module, preprocess: PreprocessConfig, path: str
         "kind": getattr(model, "kind", ""),
         "name": getattr(model, "name", ""),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # TorchScript is deprecated in torch 2.x but still the format libtorch (C++) deployments load.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            traced = torch.jit.trace(model, example)
-            torch.jit.save(traced, temp, _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as temp, torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated in torch 2.x but still the format libtorch (C++) deployments load.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(model, example)
+        torch.jit.save(traced, str(temp), _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
 
 
 def onnx_model_bytes(model: nn.Module, preprocess: PreprocessConfig, metadata: dict[str, Any] | None = None) -> bytes:
@@ -308,15 +293,8 @@ def export_onnx(model: nn.Module, preprocess: PreprocessConfig, path: str | Path
     metadata = {"fingerprint": fingerprint, "preprocess": preprocess.to_dict(), "dim": int(model.dim),
                 "kind": getattr(model, "kind", ""), "name": getattr(model, "name", "")}
     data = onnx_model_bytes(model, preprocess, metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as temp:
+        temp.write_bytes(data)
 
 
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:

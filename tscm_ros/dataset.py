@@ -23,20 +23,19 @@ import csv
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
 from scipy.spatial import cKDTree
 
 from tscm_ros import __version__
+from tscm_ros.atomic import atomic_directory
 from tscm_ros.bag import open_frames
 from tscm_ros.errors import BagError, ConfigError, DatasetError, TscmError
+from tscm_ros.geometry import yaw_from_quaternion
 
 LOG = logging.getLogger(__name__)
 
@@ -263,19 +262,6 @@ def _write_csv(path: Path, rows: Sequence[dict]) -> None:
         writer.writerows(rows)
 
 
-def replace_directory(staging: Path, target: Path, overwrite: bool) -> None:
-    """Move a finished ``staging`` directory to ``target`` with renames only (atomic for readers)."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    if not overwrite:
-        raise ConfigError(f"output {target} already exists (choose another path or pass --overwrite)")
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / target.name)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _traversal_split(rows: list[dict], bags: int, database_bags: int) -> list[dict]:
     """Rows of a 'traversal' split: every traversal but the last trains; the last is the val queries, and
     the first ``database_bags`` traversals are listed a second time as the val database (same images)."""
@@ -321,9 +307,7 @@ def extract_dataset(
     for bag in bag_paths:
         if not bag.exists():
             raise BagError(f"bag {bag} does not exist")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         image_dir = staging / "images"
         image_dir.mkdir()
         rows: list[dict] = []
@@ -373,10 +357,6 @@ def extract_dataset(
             "counts": {"frames": len(kept_rows), "dropped_by_buffer": int((~keep).sum()), "splits": counts},
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        replace_directory(staging, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     for name in SPLITS:
         LOG.info("%s: %d database + %d query frames", name, counts[name]["database"], counts[name]["query"])
     return manifest
@@ -384,13 +364,6 @@ def extract_dataset(
 
 # --------------------------------------------------------------------------------------------
 # Loading
-
-
-def yaw_from_quaternion(orientations: np.ndarray) -> np.ndarray:
-    """Heading (yaw about z, radians) of quaternions given as rows x, y, z, w."""
-    q = np.asarray(orientations, dtype=np.float64)
-    x, y, z, w = q[:, 0], q[:, 1], q[:, 2], q[:, 3]
-    return np.arctan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
 
 
 class _ImageCache:
@@ -435,7 +408,7 @@ class Dataset:
         """Yaw of each frame in radians."""
         return yaw_from_quaternion(self.orientations)
 
-    def subset(self, split: str | None = None, role: str | None = None) -> "Dataset":
+    def subset(self, split: str | None = None, role: str | None = None) -> Dataset:
         """The frames of one split and/or role (sharing this dataset's image cache)."""
         mask = np.ones(len(self), dtype=bool)
         if split is not None:
@@ -677,5 +650,4 @@ __all__ = [
     "load_datasets",
     "mine_triplets",
     "require_split",
-    "yaw_from_quaternion",
 ]

@@ -11,8 +11,9 @@ student of config/model_student_offline.yaml, and a warning says so. ``pretraine
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,7 +129,7 @@ class Describer:
     @classmethod
     def from_checkpoint(
         cls, path: str | Path | None, device: str = "auto", batch_size: int = 16, backend: str = "auto"
-    ) -> "Describer":
+    ) -> Describer:
         """Load a checkpoint (any kind), or the offline-pretrained default student when ``path`` is None."""
         if path is None:
             if not DEFAULT_WEIGHTS.is_file():
@@ -147,7 +148,7 @@ class Describer:
     def from_config(
         cls, source: str | Path | dict[str, Any], device: str = "auto", batch_size: int = 16, kind: str | None = None,
         preprocess_config: PreprocessConfig | None = None, backend: str = "auto",
-    ) -> "Describer":
+    ) -> Describer:
         """Build an untrained model (pretrained backbone weights, seeded rest) from a config file, preset
         name, or an already-loaded model config dict (then ``preprocess_config`` is required)."""
         if isinstance(source, dict):

@@ -79,23 +79,20 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
-import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
 
 from tscm_ros import __version__
+from tscm_ros.atomic import atomic_directory
 from tscm_ros.errors import ConfigError, MapError
+from tscm_ros.geometry import Pose
 from tscm_ros.verification import LocalFeatures, Verification
-
-if TYPE_CHECKING:
-    from tscm_ros.bag import Pose
 
 FORMAT_VERSION = 2  # 2: local features for geometric verification
 MANIFEST_FILE = "manifest.json"
@@ -253,14 +250,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class KeyframeMap:
@@ -585,8 +574,6 @@ class KeyframeMap:
         position = self._positions.values[i]
         if np.isnan(position[0]):
             return None
-        from tscm_ros.bag import Pose  # bag.py pulls in the bag readers; only needed once a pose is returned
-
         return Pose(position=position.copy(), orientation=self._orientations.values[i].copy())
 
     def _excluded(self, exclusion: Exclusion | None) -> _ExcludedIds | None:
@@ -740,21 +727,8 @@ class KeyframeMap:
         target = Path(directory)
         if target.exists() and not (target.is_dir() and ((target / MANIFEST_FILE).is_file() or not any(target.iterdir()))):
             raise MapError(f"cannot save the map to {target}: it exists and is not a keyframe map; refusing to replace it")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_directory(target) as staging:
             self._write(staging)
-            if target.exists():
-                backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(target, backup)
-                os.rename(staging, target)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.rename(staging, target)
-            _fsync(target.parent)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         self._source = f"map {target}"
 
     def _write(self, directory: Path) -> None:
@@ -792,9 +766,6 @@ class KeyframeMap:
                       for name in files},
         }
         (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        for name in [*files, MANIFEST_FILE]:
-            _fsync(directory / name)
-        _fsync(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, expected_fingerprint: str | None = None, *,

@@ -42,17 +42,16 @@ import argparse
 import csv
 import json
 import math
-import shutil
-import tempfile
 import textwrap
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from tscm_ros.atomic import atomic_directory
 from tscm_ros.cli.common import add_frame_reader_arguments
 from tscm_ros.errors import BagError, ConfigError
 from tscm_ros.loop_detector import DEFAULT_MIN_SCORE
@@ -446,11 +445,9 @@ def write_report(runs: Sequence[MethodRun], title: str, out: Path, radius_m: flo
                  settings: dict) -> None:
     """Write loop_closure.md/.json, pr_curve.png, trajectories.png and queries_<method>.csv into ``out``
     atomically (a temp dir next to it, renamed into place)."""
-    from tscm_ros.dataset import replace_directory
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
+    with atomic_directory(out) as staging:
         (staging / "loop_closure.md").write_text(results_table_markdown(runs, title), encoding="utf-8")
         _plot_pr_curves(runs, staging / "pr_curve.png", title)
         _plot_trajectories(runs, staging / "trajectories.png", radius_m)
@@ -476,10 +473,6 @@ def write_report(runs: Sequence[MethodRun], title: str, out: Path, radius_m: flo
                 "queries_csv": f"queries_{_slug(run.name)}.csv",
             })
         (staging / "loop_closure.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        replace_directory(staging, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 # ----- command line (evaluate --bag) ---------------------------------------------------------------

@@ -34,7 +34,7 @@ class TripletDescriptors:
                 f"{tuple(self.anchor.shape)}, {tuple(self.positive.shape)}, {tuple(self.negatives.shape)}"
             )
 
-    def detach(self) -> "TripletDescriptors":
+    def detach(self) -> TripletDescriptors:
         """The same descriptors cut from the autograd graph (for the frozen teacher)."""
         return TripletDescriptors(self.anchor.detach(), self.positive.detach(), self.negatives.detach())
 

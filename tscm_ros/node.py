@@ -35,9 +35,10 @@ from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_srvs.srv import Trigger
 
-from tscm_ros.bag import ImageDecodeError, Pose, PoseInterpolator, image_message_to_rgb, pose_from_message
 from tscm_ros.describe import Describer
 from tscm_ros.errors import ConfigError, TscmError
+from tscm_ros.geometry import Pose, PoseInterpolator, pose_from_message
+from tscm_ros.image_messages import ImageDecodeError, image_message_to_rgb
 from tscm_ros.keyframe_map import KeyframeMap
 from tscm_ros.loop_detector import DEFAULT_MIN_SCORE, Detection, KeyframeSelector, LoopDetector, MatchingConfig
 from tscm_ros.msg import LoopCandidate, LoopCandidates

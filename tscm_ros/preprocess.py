@@ -6,8 +6,9 @@ scaled and the centre cropped), scaled to [0, 1] and normalised per channel.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -57,7 +58,7 @@ class PreprocessConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         """Build from a dict such as ``to_dict()`` gives; ConfigError on unknown, missing or bad values."""
         if not isinstance(d, dict):
             raise ConfigError(f"preprocess config must be a mapping, got {d!r}")

@@ -29,7 +29,6 @@ traversals of a seed share one metric frame, so positions compare across bags. T
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -41,6 +40,7 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 from tqdm import tqdm
 
+from tscm_ros.atomic import atomic_directory
 from tscm_ros.errors import ConfigError
 
 IMAGE_TOPIC = "/camera/image_raw"
@@ -170,7 +170,7 @@ class _World:
     ``paint`` (the right and left pavement colours of each road segment) are the layout as built.
     """
 
-    def __init__(self, route: Route, seed: int, traversal: int, look: "Appearance", aliasing: float = 0.0) -> None:
+    def __init__(self, route: Route, seed: int, traversal: int, look: Appearance, aliasing: float = 0.0) -> None:
         import pybullet
 
         self.p = pybullet
@@ -190,7 +190,7 @@ class _World:
         if texture is not None:
             p.changeVisualShape(body, -1, textureUniqueId=texture, rgbaColor=[1, 1, 1, 1], physicsClientId=c)
 
-    def _build(self, route: Route, seed: int, traversal: int, look: "Appearance", aliasing: float) -> None:
+    def _build(self, route: Route, seed: int, traversal: int, look: Appearance, aliasing: float) -> None:
         p, c = self.p, self.client
         long_side, short_side, radius = route._sides
         self._box([0.0, 0.0, -0.05], [long_side / 2 + radius + 60, short_side / 2 + radius + 60, 0.05], 0.0,
@@ -341,7 +341,7 @@ class Appearance:
     fog_m: float = 0.0
 
     @classmethod
-    def for_traversal(cls, seed: int, traversal: int, change: float, condition: str = "auto") -> "Appearance":
+    def for_traversal(cls, seed: int, traversal: int, change: float, condition: str = "auto") -> Appearance:
         """The look of ``traversal`` under ``condition`` (one of ``CONDITIONS``); ``change`` scales "auto"."""
         clutter = 0.5 + change
         if condition == "auto":
@@ -511,58 +511,44 @@ def simulate_route(out: str | Path, seed: int = 0, traversal: int = 0, frames: i
     typestore = get_typestore(Stores.ROS2_HUMBLE)
     T = typestore.types
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    bag_dir = staging / out.name
     world = _World(route, seed, traversal, look, aliasing)
     try:
-        with Writer(bag_dir, version=9, storage_plugin=STORAGES[storage]) as writer:
-            image_conn = writer.add_connection(IMAGE_TOPIC, "sensor_msgs/msg/Image", typestore=typestore)
-            odom_conn = writer.add_connection(ODOM_TOPIC, "nav_msgs/msg/Odometry", typestore=typestore)
-            jpeg_conn = (writer.add_connection(COMPRESSED_TOPIC, "sensor_msgs/msg/CompressedImage", typestore=typestore)
-                         if compressed else None)
-            for i in tqdm(range(total), desc=f"rendering {out.name}", unit="frame", disable=not progress):
-                stamp_ns = start_ns + i * image_period_ns
-                # Odometry at even steps, the first half a step before the image: no stamp coincides with
-                # an image stamp, so every image pose is interpolated.
-                for k in range(odom_per_image):
-                    t = stamp_ns + (2 * k - 1) * image_period_ns // (2 * odom_per_image)
-                    xy, heading = pose_at(t)
-                    writer.write(odom_conn, t, typestore.serialize_cdr(_odometry(typestore, t, xy, heading),
-                                                                      "nav_msgs/msg/Odometry"))
-                if skipped(i):  # no image, but the noise of later images stays as without skip_arc
-                    noise.normal(0, look.noise, (height, width, 3))
-                    continue
-                xy, yaw = pose_at(stamp_ns)
-                eye = [xy[0], xy[1], look.height_m]
-                target = [xy[0] + 10 * math.cos(yaw), xy[1] + 10 * math.sin(yaw), look.height_m + 0.5]  # 3 deg up
-                rgb, sky, depth = world.render(eye, target, width, height, look.light_direction, look.light_color,
-                                               look.ambient)
-                rgb = look.grade(rgb, sky, depth, noise)
-                header = T["std_msgs/msg/Header"](
-                    stamp=T["builtin_interfaces/msg/Time"](sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9),
-                    frame_id="camera")
-                image = T["sensor_msgs/msg/Image"](header=header, height=height, width=width, encoding="rgb8",
-                                                   is_bigendian=0, step=width * 3, data=rgb.reshape(-1))
-                writer.write(image_conn, stamp_ns, typestore.serialize_cdr(image, "sensor_msgs/msg/Image"))
-                if jpeg_conn is not None:
-                    _, jpeg = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
-                    message = T["sensor_msgs/msg/CompressedImage"](header=header, format="jpeg", data=jpeg.reshape(-1))
-                    writer.write(jpeg_conn, stamp_ns,
-                                 typestore.serialize_cdr(message, "sensor_msgs/msg/CompressedImage"))
-        _move_into_place(bag_dir, out)
+        with atomic_directory(out) as bag_dir:
+            bag_dir.rmdir()  # the rosbag2 writer creates its directory itself
+            with Writer(bag_dir, version=9, storage_plugin=STORAGES[storage]) as writer:
+                image_conn = writer.add_connection(IMAGE_TOPIC, "sensor_msgs/msg/Image", typestore=typestore)
+                odom_conn = writer.add_connection(ODOM_TOPIC, "nav_msgs/msg/Odometry", typestore=typestore)
+                jpeg_conn = (writer.add_connection(COMPRESSED_TOPIC, "sensor_msgs/msg/CompressedImage", typestore=typestore)
+                             if compressed else None)
+                for i in tqdm(range(total), desc=f"rendering {out.name}", unit="frame", disable=not progress):
+                    stamp_ns = start_ns + i * image_period_ns
+                    # Odometry at even steps, the first half a step before the image: no stamp coincides with
+                    # an image stamp, so every image pose is interpolated.
+                    for k in range(odom_per_image):
+                        t = stamp_ns + (2 * k - 1) * image_period_ns // (2 * odom_per_image)
+                        xy, heading = pose_at(t)
+                        writer.write(odom_conn, t, typestore.serialize_cdr(_odometry(typestore, t, xy, heading),
+                                                                          "nav_msgs/msg/Odometry"))
+                    if skipped(i):  # no image, but the noise of later images stays as without skip_arc
+                        noise.normal(0, look.noise, (height, width, 3))
+                        continue
+                    xy, yaw = pose_at(stamp_ns)
+                    eye = [xy[0], xy[1], look.height_m]
+                    target = [xy[0] + 10 * math.cos(yaw), xy[1] + 10 * math.sin(yaw), look.height_m + 0.5]  # 3 deg up
+                    rgb, sky, depth = world.render(eye, target, width, height, look.light_direction, look.light_color,
+                                                   look.ambient)
+                    rgb = look.grade(rgb, sky, depth, noise)
+                    header = T["std_msgs/msg/Header"](
+                        stamp=T["builtin_interfaces/msg/Time"](sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9),
+                        frame_id="camera")
+                    image = T["sensor_msgs/msg/Image"](header=header, height=height, width=width, encoding="rgb8",
+                                                       is_bigendian=0, step=width * 3, data=rgb.reshape(-1))
+                    writer.write(image_conn, stamp_ns, typestore.serialize_cdr(image, "sensor_msgs/msg/Image"))
+                    if jpeg_conn is not None:
+                        _, jpeg = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+                        message = T["sensor_msgs/msg/CompressedImage"](header=header, format="jpeg", data=jpeg.reshape(-1))
+                        writer.write(jpeg_conn, stamp_ns,
+                                     typestore.serialize_cdr(message, "sensor_msgs/msg/CompressedImage"))
     finally:
         world.close()
-        shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-def _move_into_place(source: Path, target: Path) -> None:
-    """Rename ``source`` to ``target``; an existing ``target`` is moved aside first and deleted after."""
-    if not target.exists():
-        os.replace(source, target)
-        return
-    old = source.parent / f"{target.name}.old"
-    os.replace(target, old)
-    os.replace(source, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -25,10 +25,10 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,11 +36,12 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
+from tscm_ros.atomic import atomic_file
 from tscm_ros.augment import AugmentConfig, augment_image
 from tscm_ros.calibration import ScoreCalibration
-from tscm_ros.describe import resolve_device
 from tscm_ros.checkpoint import load_checkpoint, load_model_config, save_checkpoint
 from tscm_ros.dataset import Dataset, MiningConfig, PlaceGraph, Triplets, load_datasets, mine_triplets, require_split
+from tscm_ros.describe import resolve_device
 from tscm_ros.errors import CheckpointError, ConfigError, DatasetError
 from tscm_ros.losses import TripletDescriptors, tscm_loss
 from tscm_ros.models import build_model
@@ -141,7 +142,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict, source: str) -> "TrainConfig":
+    def from_dict(cls, values: dict, source: str) -> TrainConfig:
         """Build from a dict, checking names and types; ``source`` names the file in errors."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
@@ -253,17 +254,6 @@ def training_device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", local_rank)
     return device
-
-
-@contextmanager
-def _atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary path next to ``path`` (same suffix), renamed onto ``path`` when the block succeeds."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -384,7 +374,7 @@ class _Heads(nn.Module):
         self.trunk = model.trunk if self.frozen_backbones else _images_as_trunk
         self.freeze()
 
-    def freeze(self) -> "_Heads":
+    def freeze(self) -> _Heads:
         """Stop gradients to frozen backbones and keep them in eval mode (batch-norm statistics fixed)."""
         if self.frozen_backbones:
             for module in self.model.modules():
@@ -445,7 +435,7 @@ def top1_matches(database: np.ndarray, queries: np.ndarray, database_positions: 
 
 def write_metrics_csv(history: Sequence[dict], path: Path) -> None:
     """One row per epoch, atomically."""
-    with _atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
@@ -474,7 +464,7 @@ def plot_learning_curves(history: Sequence[dict], path: Path, title: str) -> Non
     recalls.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    with _atomic_file(path) as tmp:
+    with atomic_file(path) as tmp:
         figure.savefig(tmp, dpi=100)
     plt.close(figure)
 
@@ -667,7 +657,7 @@ def train(
         if distributed.is_main:
             if improved:
                 _save_best(run_dir, model, model_config, preprocess_config, epoch, recall, label, kind, teacher_fingerprint)
-            with _atomic_file(run_dir / "last.pt") as tmp:
+            with atomic_file(run_dir / "last.pt") as tmp:
                 torch.save(_train_state(run, model, optimizer, scaler, kind, teacher_fingerprint), tmp)
             write_metrics_csv(run.history, run_dir / "metrics.csv")
             plot_learning_curves(run.history, run_dir / "learning_curves.png", f"train {kind}: {label}")
@@ -806,7 +796,7 @@ def _start_run(run_dir: Path, resume: bool, config: TrainConfig, kind: str, teac
 
 
 def _write_config(run_dir: Path, config: TrainConfig) -> None:
-    with _atomic_file(run_dir / "config.yaml") as tmp:
+    with atomic_file(run_dir / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
 
 

@@ -6,8 +6,8 @@ import argparse
 import queue
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import cv2
 import numpy as np

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
+from tscm_ros.atomic import atomic_directory
 from tscm_ros.cli.common import run_main
 from tscm_ros.errors import ConfigError
 from tscm_ros.loop_evaluation import add_bag_arguments, run_bag_evaluation
@@ -95,14 +94,11 @@ def _run_data(args: argparse.Namespace) -> tuple[list, str]:
 
 
 def _write_report(results: list, title: str, out: Path, overwrite: bool) -> None:
-    from tscm_ros.dataset import replace_directory
     from tscm_ros.recall import plot_recall_curves, recall_table_markdown
 
     if out.exists() and not overwrite:
         raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         (staging / "recall.md").write_text(recall_table_markdown(results, title), encoding="utf-8")
         plot_recall_curves(results, str(staging / "recall.png"), title)
         summary = {
@@ -114,10 +110,6 @@ def _write_report(results: list, title: str, out: Path, overwrite: bool) -> None
             ],
         }
         (staging / "recall.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        replace_directory(staging, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _main(argv: Sequence[str] | None) -> int:

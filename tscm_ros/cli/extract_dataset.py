@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 from tscm_ros.cli.common import add_frame_reader_arguments, run_main
 from tscm_ros.dataset import SPLIT_MODES, SamplingConfig, SplitConfig, extract_dataset

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 USAGE = """usage: place_recognition_node [--ros-args -p NAME:=VALUE ... --params-file FILE -r FROM:=TO]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from tscm_ros.cli.common import run_main
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

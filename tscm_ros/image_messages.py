@@ -1,0 +1,59 @@
+"""sensor_msgs/Image and CompressedImage messages to RGB arrays, for bag messages (rosbags) and live rclpy
+messages alike (the same field names), so the node and the offline tools see identical pixels."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+from rosbags.image import message_to_cvimage
+from rosbags.image.image import ImageError, to_cvtype
+
+from tscm_ros.errors import TscmError
+
+
+class ImageDecodeError(TscmError):
+    """One image message cannot be converted (bad size, step, data length, encoding or compression)."""
+
+
+def image_message_to_rgb(msg) -> np.ndarray:
+    """HxWx3 uint8 RGB from a sensor_msgs/Image or CompressedImage (rosbags or rclpy message).
+
+    Raises ImageDecodeError for a zero-size image, a row step too small for the width, data shorter than
+    step * height, an unknown encoding, or compressed data that does not decode.
+    """
+    if hasattr(msg, "format"):
+        data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
+        if data.size == 0:
+            raise ImageDecodeError(f"compressed image ({msg.format or 'no format'}) has no data")
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        if image is None:
+            raise ImageDecodeError(f"compressed image ({msg.format or 'no format'}, {data.size} bytes) does not decode")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+    height, width, step, encoding = int(msg.height), int(msg.width), int(msg.step), str(msg.encoding)
+    if height <= 0 or width <= 0:
+        raise ImageDecodeError(f"image has zero size ({width}x{height})")
+    try:
+        depth_bits, _, _, channels = to_cvtype(encoding)
+    except ImageError:
+        raise ImageDecodeError(f"unknown image encoding {encoding!r}") from None
+    row_bytes = width * channels * depth_bits // 8
+    if encoding in ("nv12", "nv21"):
+        raise ImageDecodeError(f"image encoding {encoding!r} is not supported")
+    if step < row_bytes:
+        raise ImageDecodeError(f"image step {step} is smaller than width {width} x {channels * depth_bits // 8} bytes")
+    data = bytes(msg.data)
+    if len(data) < step * height:
+        raise ImageDecodeError(f"image data has {len(data)} bytes, expected step {step} x height {height} = {step * height}")
+    if step != row_bytes or len(data) != step * height:  # padded rows: repack to what the converter expects
+        rows = np.frombuffer(data, dtype=np.uint8, count=step * height).reshape(height, step)
+        data = rows[:, :row_bytes].tobytes()
+    packed = SimpleNamespace(height=height, width=width, encoding=encoding,
+                             is_bigendian=bool(msg.is_bigendian), step=row_bytes, data=data)
+    try:
+        rgb = message_to_cvimage(packed, "rgb8")
+    except ImageError as exc:
+        raise ImageDecodeError(f"cannot convert {encoding!r} to RGB: {exc}") from None
+    return np.ascontiguousarray(rgb, dtype=np.uint8)
