@@ -9,7 +9,6 @@ answerable query at all, recall is undefined (NaN).
 from __future__ import annotations
 
 import math
-import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -121,40 +120,3 @@ def evaluate_split(dataset, split: str, describer, radius_m: float, ns: Sequence
     )
 
 
-def recall_table_markdown(results: Sequence[tuple[str, RecallResult]], title: str) -> str:
-    """A Markdown table: one row per model, one column per recall@N (percent)."""
-    ns = list(results[0][1].recall)
-    lines = [
-        f"## {title}",
-        "",
-        "| model | " + " | ".join(f"R@{n}" for n in ns) + " | queries |",
-        "|---|" + "---:|" * (len(ns) + 1),
-    ]
-    for name, result in results:
-        cells = " | ".join(f"{result.percent(n):.1f}" for n in ns)
-        lines.append(f"| {name} | {cells} | {result.num_queries} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_recall_curves(results: Sequence[tuple[str, RecallResult]], path: str, title: str) -> None:
-    """Recall@N against N for each model, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for name, result in results:
-        ns = list(result.recall)
-        axes.plot(ns, [result.percent(n) for n in ns], marker="o", label=name)
-    axes.set_xscale("log")
-    axes.set_xticks(list(results[0][1].recall), labels=[str(n) for n in results[0][1].recall])
-    axes.set_xlabel("N (top-N retrieved)")
-    axes.set_ylabel("recall@N (%)")
-    axes.set_ylim(0, 100)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    axes.set_title(textwrap.fill(title, 70), fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)

@@ -18,7 +18,6 @@ learning_curves.png, best.pt (model checkpoint format of tscm_ros.checkpoint) an
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import math
@@ -48,6 +47,7 @@ from tscm_ros.models import build_model
 from tscm_ros.models.backbones import Backbone
 from tscm_ros.preprocess import PreprocessConfig, preprocess
 from tscm_ros.recall import evaluate_descriptors, retrieve
+from tscm_ros.reporting import plot_learning_curves, write_metrics_csv
 
 LOG = logging.getLogger(__name__)
 
@@ -431,42 +431,6 @@ def top1_matches(database: np.ndarray, queries: np.ndarray, database_positions: 
     similarity = 1.0 - ((queries - database[nearest]) ** 2).sum(axis=1) / 2.0
     distance = np.linalg.norm(query_positions[:, None, :2] - database_positions[None, :, :2], axis=2)
     return similarity, distance[np.arange(len(queries)), nearest] <= radius_m, (distance <= radius_m).any(axis=1)
-
-
-def write_metrics_csv(history: Sequence[dict], path: Path) -> None:
-    """One row per epoch, atomically."""
-    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-
-
-def plot_learning_curves(history: Sequence[dict], path: Path, title: str) -> None:
-    """Losses and val recall@N per epoch as a PNG, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    figure, (losses, recalls) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in ("loss", "loss_hard", "loss_soft", "loss_cm"):
-        if name in history[0]:
-            losses.plot(epochs, [row[name] for row in history], marker="o", label=name)
-    losses.set_xlabel("epoch")
-    losses.set_ylabel("training loss")
-    losses.legend()
-    for n in VAL_NS:
-        recalls.plot(epochs, [100 * row[f"val_recall@{n}"] for row in history], marker="o", label=f"recall@{n}")
-    recalls.set_xlabel("epoch")
-    recalls.set_ylabel("val recall (%)")
-    recalls.set_ylim(0, 100)
-    recalls.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    with atomic_file(path) as tmp:
-        figure.savefig(tmp, dpi=100)
-    plt.close(figure)
 
 
 # --------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def _run_data(args: argparse.Namespace) -> tuple[list, str]:
 
 
 def _write_report(results: list, title: str, out: Path, overwrite: bool) -> None:
-    from tscm_ros.recall import plot_recall_curves, recall_table_markdown
+    from tscm_ros.reporting import plot_recall_curves, recall_table_markdown
 
     if out.exists() and not overwrite:
         raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
@@ -128,7 +128,7 @@ def _main(argv: Sequence[str] | None) -> int:
         raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
     results, title = _run_data(args)
     _write_report(results, title, out, args.overwrite)
-    from tscm_ros.recall import recall_table_markdown
+    from tscm_ros.reporting import recall_table_markdown
 
     print(recall_table_markdown(results, title), end="")
     print(f"wrote {out / 'recall.md'}, {out / 'recall.png'}")
