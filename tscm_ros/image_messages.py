@@ -46,7 +46,8 @@ def image_message_to_rgb(msg) -> np.ndarray:
         raise ImageDecodeError(f"image step {step} is smaller than width {width} x {channels * depth_bits // 8} bytes")
     data = bytes(msg.data)
     if len(data) < step * height:
-        raise ImageDecodeError(f"image data has {len(data)} bytes, expected step {step} x height {height} = {step * height}")
+        raise ImageDecodeError(
+            f"image data has {len(data)} bytes, expected step {step} x height {height} = {step * height}")
     if step != row_bytes or len(data) != step * height:  # padded rows: repack to what the converter expects
         rows = np.frombuffer(data, dtype=np.uint8, count=step * height).reshape(height, step)
         data = rows[:, :row_bytes].tobytes()
