@@ -166,7 +166,8 @@ class LoopDetector:
             for candidate, similarity, sequence_score in zip(pool, similarities, ranking):
                 candidate.similarity, candidate.sequence_score = float(similarity), float(sequence_score)
                 candidate.consistent = consistent
-        order = [i for i in np.argsort(-ranking, kind="stable")[: self.matching.k] if ranking[i] >= self._min_similarity]
+        order = [i for i in np.argsort(-ranking, kind="stable")[: self.matching.k]
+                 if ranking[i] >= self._min_similarity]
         calibration = self.describer.calibration
         candidates = [pool[i] for i in order]
         for candidate, value in zip(candidates, ranking[order]):
