@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tscm_ros.errors import ConfigError
-from tscm_ros.keyframe_map import Candidate, Exclusion, KeyframeMap, KeyframeMeta
+from tscm_ros.keyframe_map import Candidate, KeyframeMap, KeyframeMeta
+from tscm_ros.map_exclusion import Exclusion
 from tscm_ros.temporal import TemporalConfig, TemporalConsistency
 from tscm_ros.verification import CameraIntrinsics, VerificationConfig, extract_local_features, verify
 
