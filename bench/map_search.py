@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import faiss
@@ -49,7 +49,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tscm_ros.geometry import Pose  # noqa: E402
-from tscm_ros.keyframe_map import Exclusion, KeyframeMap, KeyframeMeta  # noqa: E402
+from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta  # noqa: E402
+from tscm_ros.map_exclusion import Exclusion  # noqa: E402
+from tscm_ros.map_index import IndexConfig  # noqa: E402
 
 RANK = 256
 PLACE_SIZE = 10
@@ -95,7 +97,8 @@ class Descriptors:
         count = len(database_rows)
         latent_noise = (self.query_noise * IN_PLACE_SPREAD) * rng.standard_normal((count, RANK), dtype=np.float32)
         perturbation = latent_noise @ self.basis
-        perturbation += rng.standard_normal(perturbation.shape, dtype=np.float32) * (self.isotropic_sigma * self.query_noise)
+        perturbation += (rng.standard_normal(perturbation.shape, dtype=np.float32)
+                         * (self.isotropic_sigma * self.query_noise))
         x = database_rows * self.raw_norm + perturbation  # back on the scale the rows had before normalising
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         return x
@@ -104,8 +107,7 @@ class Descriptors:
 @dataclass
 class Config:
     name: str
-    index: str
-    params: dict = field(default_factory=dict)
+    index: IndexConfig
     sweep: list[dict] = field(default_factory=lambda: [{}])  # search settings measured on the built map
 
 
@@ -114,26 +116,25 @@ def configurations(pca_dim: int, n: int, ef_search: Sequence[int] = (128, 256, 5
     efSearch 128, k_factor 4). Plain 2048-d HNSW and PCA without re-ranking only run up to 10k keyframes
     (they show what PCA alone loses; their builds dominate the run time). Above FULL_DESCRIPTOR_LIMIT only
     configurations without a float32 copy of the 2048-d descriptors run."""
-    pca = {"pca_dim": pca_dim}
-    ivf = {"pca_dim": pca_dim, "nprobe": 32}
-    half = {"rerank_dtype": "float16"}
+    hnsw = IndexConfig(type="hnsw", pca_dim=pca_dim)
+    ivf = IndexConfig(type="ivfpq", pca_dim=pca_dim, nprobe=32)
     ef = [{"ef_search": value} for value in ef_search]
     probes = [{"nprobe": 32}, {"nprobe": 64}, {"nprobe": 128}]
     return [config for config, largest in (
-        (Config("exact", "flat"), FULL_DESCRIPTOR_LIMIT),
-        (Config("hnsw", "hnsw"), 10_000),
-        (Config(f"pca{pca_dim}+hnsw+rerank", "hnsw", pca, ef), FULL_DESCRIPTOR_LIMIT),
-        (Config(f"pca{pca_dim}+hnsw+rerank16", "hnsw", {**pca, **half}, ef), None),
-        (Config(f"pca{pca_dim}+ivfpq+rerank16", "ivfpq", {**ivf, **half}, probes), None),
-        (Config(f"pca{pca_dim}+hnsw", "hnsw", {**pca, "rerank": False}), 10_000),
-        (Config(f"pca{pca_dim}+ivfpq", "ivfpq", {**ivf, "rerank": False}), None),
+        (Config("exact", IndexConfig()), FULL_DESCRIPTOR_LIMIT),
+        (Config("hnsw", IndexConfig(type="hnsw")), 10_000),
+        (Config(f"pca{pca_dim}+hnsw+rerank", hnsw, ef), FULL_DESCRIPTOR_LIMIT),
+        (Config(f"pca{pca_dim}+hnsw+rerank16", replace(hnsw, rerank_dtype="float16"), ef), None),
+        (Config(f"pca{pca_dim}+ivfpq+rerank16", replace(ivf, rerank_dtype="float16"), probes), None),
+        (Config(f"pca{pca_dim}+hnsw", replace(hnsw, rerank=False)), 10_000),
+        (Config(f"pca{pca_dim}+ivfpq", replace(ivf, rerank=False)), None),
     ) if largest is None or n <= largest]
 
 
 def index_bytes(keyframe_map: KeyframeMap) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "index.faiss")
-        faiss.write_index(keyframe_map._index, path)
+        faiss.write_index(keyframe_map.contents().index.faiss_index, path)
         return os.path.getsize(path)
 
 
@@ -143,8 +144,9 @@ EXCLUDE_RECENT_S, EXCLUDE_WITHIN_M, QUERY_LATER = 30.0, 20.0, 1200  # see the mo
 
 def metas(start: int, count: int) -> list[KeyframeMeta]:
     identity = np.array([0.0, 0.0, 0.0, 1.0])
-    return [KeyframeMeta(stamp_ns=(start + i) * STEP_NS, pose=Pose(np.array([(start + i) * STEP_M, 0.0, 0.0]), identity),
-                         bag="synthetic") for i in range(count)]
+    return [KeyframeMeta(stamp_ns=(start + i) * STEP_NS,
+                         pose=Pose(np.array([(start + i) * STEP_M, 0.0, 0.0]), identity), bag="synthetic")
+            for i in range(count)]
 
 
 def exclusions(sources: np.ndarray, n: int) -> tuple[list[Exclusion], np.ndarray]:
@@ -192,8 +194,7 @@ def run_size(n: int, args: argparse.Namespace) -> str:
     chunked_exact = n > FULL_DESCRIPTOR_LIMIT
     configs = [c for c in configurations(args.pca_dim, n, args.ef_search)
                if not args.configs or c.name in args.configs]
-    maps = {c.name: KeyframeMap(args.dim, "synthetic", {}, c.index, model_name="synthetic", **c.params)
-            for c in configs}
+    maps = {c.name: KeyframeMap(args.dim, "synthetic", {}, c.index, model_name="synthetic") for c in configs}
     build_seconds = dict.fromkeys(maps, 0.0)
     best_distance = np.full(len(queries), np.inf, np.float32)
     best_id = np.full(len(queries), -1, np.int64)
@@ -236,13 +237,14 @@ def run_size(n: int, args: argparse.Namespace) -> str:
     rows = []
     if chunked_exact:
         chunks = -(-n // CHUNK)
-        rows.append(("exact (chunked)", f"Flat, summed over {chunks} chunks of {CHUNK:,}", "-", f"{n * args.dim * 4 / 2**20:.0f} (not held)",
+        rows.append(("exact (chunked)", f"Flat, summed over {chunks} chunks of {CHUNK:,}", "-",
+                     f"{n * args.dim * 4 / 2**20:.0f} (not held)",
                      np.median(exact_seconds), np.percentile(exact_seconds, 90), float("nan"), 1.0,
                      float("nan"), float("nan"), 1.0))
     for config in configs:
         keyframe_map = maps[config.name]
         size = f"{index_bytes(keyframe_map) / 2**20:.0f}"
-        factory = keyframe_map.index_config["factory"] + ("" if keyframe_map.is_trained else " (untrained: exact)")
+        factory = keyframe_map.factory + ("" if keyframe_map.is_trained else " (untrained: exact)")
         for setting in config.sweep if keyframe_map.is_trained else [{}]:
             keyframe_map.set_search_params(**setting)
             seconds = time_queries(keyframe_map, timed, args.k)
@@ -256,8 +258,9 @@ def run_size(n: int, args: argparse.Namespace) -> str:
             results = keyframe_map.query_batch(queries, args.k, query_exclusions)
             top1 = np.array([r[0].keyframe_id if r else -1 for r in results])
             excluded_recall = float(np.mean(top1 == best_allowed_id))
-            assert not any(((np.array([c.keyframe_id for c in r]) >= lo) & (np.array([c.keyframe_id for c in r]) < hi)).any()
-                           for r, (lo, hi) in zip(results, excluded_ranges) if r), "an excluded keyframe was returned"
+            returned = [np.array([c.keyframe_id for c in r]) for r in results]
+            assert not any(((ids >= lo) & (ids < hi)).any()
+                           for ids, (lo, hi) in zip(returned, excluded_ranges)), "an excluded keyframe was returned"
             rows.append((name, factory, f"{build_seconds[config.name]:.1f}", size,
                          np.median(seconds), np.percentile(seconds, 90), batched, recall,
                          np.median(excluded_seconds), np.percentile(excluded_seconds, 90), excluded_recall))

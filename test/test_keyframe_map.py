@@ -13,15 +13,10 @@ import pytest
 
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.geometry import Pose
-from tscm_ros.keyframe_map import (
-    FORMAT_VERSION,
-    INDEX_FILE,
-    KEYFRAMES_FILE,
-    MANIFEST_FILE,
-    Exclusion,
-    KeyframeMap,
-    KeyframeMeta,
-)
+from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
+from tscm_ros.map_exclusion import Exclusion
+from tscm_ros.map_index import IndexConfig
+from tscm_ros.map_storage import FORMAT_VERSION, INDEX_FILE, KEYFRAMES_FILE, MANIFEST_FILE
 
 DIM = 64
 PREPROCESS = {"height": 120, "width": 160, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
@@ -74,10 +69,11 @@ def metas(n: int, bag: str = "route.bag", start: int = 0, positions: np.ndarray 
 
 
 def new_map(index: str = "flat", **params) -> KeyframeMap:
-    return KeyframeMap(DIM, "fp-student-a", PREPROCESS, index, model_name="student-a", **params)
+    return KeyframeMap(DIM, "fp-student-a", PREPROCESS, IndexConfig(type=index, **params), model_name="student-a")
 
 
-def brute_force(database: np.ndarray, query: np.ndarray, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def brute_force(database: np.ndarray, query: np.ndarray,
+                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     distances = ((database.astype(np.float64) - query.astype(np.float64)) ** 2).sum(axis=1)
     ids = np.arange(len(database))
     if allowed is not None:
@@ -247,7 +243,7 @@ def test_exclusion_skips_the_excluded_inside_every_index_type(index, params):
                           query_position=positions[400] + [0.2, 0.0, 0.0])
     allowed = ~_reference_exclusion(keyframe_map, exclusion)
     assert 100 < n - allowed.sum() < 200
-    excluded = keyframe_map._excluded(exclusion)
+    excluded = keyframe_map._track.excluded(exclusion)
     assert not (excluded.contains(np.arange(n)) ^ ~allowed).any()
     for source in (100, 380, 405):
         candidates = keyframe_map.query(database[source], k=10, exclusion=exclusion)
@@ -267,14 +263,14 @@ def test_exclusion_of_a_map_in_time_order_is_a_range_and_out_of_order_still_corr
     in_order = new_map()
     in_order.add(database, metas(n))
     exclusion = Exclusion(min_time_gap_s=5.0, query_stamp_ns=100 * SECOND // 2)  # stamps every 0.5 s
-    excluded = in_order._excluded(exclusion)
+    excluded = in_order._track.excluded(exclusion)
     assert excluded.ranges == [(91, 110)] and not excluded.ids  # found by binary search, no pass over the map
 
     shuffled = np.random.default_rng(0).permutation(n)  # bags added out of time order
     out_of_order = new_map()
     out_of_order.add(database[shuffled], [metas(n)[i] for i in shuffled])
     expected = {int(np.flatnonzero(shuffled == i)[0]) for i in range(91, 110)}
-    assert set(np.flatnonzero(out_of_order._excluded(exclusion).contains(np.arange(n))).tolist()) == expected
+    assert set(np.flatnonzero(out_of_order._track.excluded(exclusion).contains(np.arange(n))).tolist()) == expected
     candidates = out_of_order.query(database[100], k=n, exclusion=exclusion)
     assert {c.keyframe_id for c in candidates} == set(range(n)) - expected
     out_of_order.add(database[:1], [KeyframeMeta(stamp_ns=100 * SECOND // 2, pose=None, bag="late")])
@@ -283,7 +279,7 @@ def test_exclusion_of_a_map_in_time_order_is_a_range_and_out_of_order_still_corr
 
 
 def test_faiss_thread_count_is_per_calling_thread():
-    """KeyframeMap._search runs single queries on one OpenMP thread by setting the calling thread's count;
+    """DescriptorIndex.search runs single queries on one OpenMP thread by setting the calling thread's count;
     that must not change other threads' (it is OpenMP's per-thread nthreads-var, checked here)."""
     import threading
 
@@ -344,7 +340,7 @@ def test_hnsw_finds_the_exact_neighbours_with_exact_distances():
     queries = perturbed(database[::20], seed=8, noise=2.0)
     keyframe_map = new_map("hnsw")
     keyframe_map.add(database, metas(2000))
-    assert keyframe_map.is_trained and keyframe_map.index_config["factory"] == "HNSW32"
+    assert keyframe_map.is_trained and keyframe_map.factory == "HNSW32"
     assert recall_at_1(keyframe_map, database, queries) >= 0.97
     for candidate in keyframe_map.query(queries[0], k=5):
         exact = float(((database[candidate.keyframe_id] - queries[0]) ** 2).sum())
@@ -356,13 +352,13 @@ def test_pca_index_searches_exactly_until_trained_then_reranks_with_exact_distan
     queries = perturbed(database[::15], seed=10, noise=2.0)
     keyframe_map = new_map("hnsw", pca_dim=16, train_size=1000)
     keyframe_map.add(database[:600], metas(600))
-    assert not keyframe_map.is_trained and keyframe_map.index_config["factory"] == "Flat"
+    assert not keyframe_map.is_trained and keyframe_map.factory == "Flat"
     expected_ids, _ = brute_force(database[:600], queries[0])
     assert [c.keyframe_id for c in keyframe_map.query(queries[0], k=4)] == expected_ids[:4].tolist()
     all_metas = metas(1500)
     for start in range(600, 1500, 300):  # the add that crosses train_size trains; later ones just add
         keyframe_map.add(database[start : start + 300], all_metas[start : start + 300])
-    assert keyframe_map.is_trained and keyframe_map.index_config["factory"] == "PCA16,HNSW32,RFlat"
+    assert keyframe_map.is_trained and keyframe_map.factory == "PCA16,HNSW32,RFlat"
     assert len(keyframe_map) == 1500
     assert recall_at_1(keyframe_map, database, queries) >= 0.9
     for candidate in keyframe_map.query(queries[3], k=5):  # re-ranked: exact full-dimension distances
@@ -374,7 +370,7 @@ def test_half_precision_rerank_distances_are_close_to_exact():
     database = low_rank(1200, seed=18)
     keyframe_map = new_map("hnsw", pca_dim=16, rerank_dtype="float16", train_size=1000)
     keyframe_map.add(database, metas(1200))
-    assert keyframe_map.index_config["factory"] == "PCA16,HNSW32,Refine(SQfp16)"
+    assert keyframe_map.factory == "PCA16,HNSW32,Refine(SQfp16)"
     query = perturbed(database[5:6], seed=19)[0]
     candidates = keyframe_map.query(query, k=5)
     assert candidates[0].keyframe_id == 5
@@ -387,7 +383,7 @@ def test_pca_without_rerank_reports_projected_distance_lower_bound():
     database = clustered(1200, seed=11)
     keyframe_map = new_map("flat", pca_dim=16, rerank=False, train_size=1000)
     keyframe_map.add(database, metas(1200))
-    assert keyframe_map.index_config["factory"] == "PCA16,Flat"
+    assert keyframe_map.factory == "PCA16,Flat"
     query = perturbed(database[:1], seed=12, noise=2.0)[0]
     for candidate in keyframe_map.query(query, k=5):
         exact = float(((database[candidate.keyframe_id] - query) ** 2).sum())
@@ -403,13 +399,17 @@ def test_ivfpq_save_load_before_and_after_training(tmp_path):
     staged = KeyframeMap.load(tmp_path / "map")
     assert not staged.is_trained and len(staged) == 700
     staged.add(database[700:], metas(500, start=700))  # crosses train_size after loading
-    assert staged.is_trained and re.fullmatch(r"IVF\d+,PQ8np,RFlat", staged.index_config["factory"])
+    assert staged.is_trained and re.fullmatch(r"IVF\d+,PQ8np,RFlat", staged.factory)
     assert recall_at_1(staged, database, queries) >= 0.9
     staged.save(tmp_path / "map")
     loaded = KeyframeMap.load(tmp_path / "map")
-    assert loaded.index_config == staged.index_config
+    assert loaded.index_config == staged.index_config and loaded.factory == staged.factory
     for a, b in zip(loaded.query_batch(queries, k=3), staged.query_batch(queries, k=3)):
         assert [c.keyframe_id for c in a] == [c.keyframe_id for c in b]
+    index = json.loads((tmp_path / "map" / MANIFEST_FILE).read_text())["index"]
+    edit_manifest(tmp_path / "map", index={**index, "nlist": 2 * index["nlist"]})  # the factory string disagrees
+    with pytest.raises(MapError, match="does not match its index settings"):
+        KeyframeMap.load(tmp_path / "map")
 
 
 # ----- save and load -----------------------------------------------------------------------------------
@@ -452,6 +452,19 @@ def test_save_load_round_trip_keeps_everything(tmp_path):
     exclusion = Exclusion(min_distance_m=2.5, query_position=np.array([50.0, 0.0, 0.0]))
     returned = {c.keyframe_id for c in loaded.query(query, 50, exclusion)}
     assert returned == set(range(48))  # 48 and 49 are within 2.5 m of path
+
+
+def test_manifest_index_entry_keeps_its_layout_and_refuses_unknown_settings(tmp_path):
+    _, directory = saved_map(tmp_path)
+    index = json.loads((directory / MANIFEST_FILE).read_text())["index"]
+    assert list(index.items()) == [
+        ("type", "flat"), ("factory", "Flat"), ("trained", True), ("pca_dim", None), ("whiten", False),
+        ("rerank", True), ("rerank_dtype", "float32"), ("k_factor", 4), ("hnsw_m", 32), ("ef_construction", 200),
+        ("ef_search", 128), ("nlist", None), ("pq_m", 8), ("nprobe", 16), ("train_size", 0)]
+    assert KeyframeMap.load(directory).index_config == IndexConfig(pq_m=8, train_size=0)
+    edit_manifest(directory, index={**index, "colour": "red"})
+    with pytest.raises(MapError, match="invalid index settings: unknown index settings colour"):
+        KeyframeMap.load(directory)
 
 
 def test_saving_over_a_map_replaces_it_and_a_failed_save_leaves_the_old_one(tmp_path, monkeypatch):

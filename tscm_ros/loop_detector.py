@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tscm_ros.errors import ConfigError
-from tscm_ros.keyframe_map import Candidate, Exclusion, KeyframeMap, KeyframeMeta
+from tscm_ros.keyframe_map import Candidate, KeyframeMap, KeyframeMeta
+from tscm_ros.map_exclusion import Exclusion
 from tscm_ros.temporal import TemporalConfig, TemporalConsistency
 from tscm_ros.verification import CameraIntrinsics, VerificationConfig, extract_local_features, verify
 
@@ -166,7 +167,8 @@ class LoopDetector:
             for candidate, similarity, sequence_score in zip(pool, similarities, ranking):
                 candidate.similarity, candidate.sequence_score = float(similarity), float(sequence_score)
                 candidate.consistent = consistent
-        order = [i for i in np.argsort(-ranking, kind="stable")[: self.matching.k] if ranking[i] >= self._min_similarity]
+        order = [i for i in np.argsort(-ranking, kind="stable")[: self.matching.k]
+                 if ranking[i] >= self._min_similarity]
         calibration = self.describer.calibration
         candidates = [pool[i] for i in order]
         for candidate, value in zip(candidates, ranking[order]):

@@ -90,7 +90,8 @@ class TemporalConsistency:
                 continue
             if now.travel_m is not None and past.travel_m is not None:
                 travelled = now.travel_m - past.travel_m
-                low, high = coordinates - travelled - self.config.tolerance_m, coordinates - travelled + self.config.tolerance_m
+                low = coordinates - travelled - self.config.tolerance_m
+                high = coordinates - travelled + self.config.tolerance_m
             else:
                 low = coordinates - lag * self.config.max_step_m - self.config.tolerance_m
                 high = coordinates + self.config.tolerance_m

@@ -17,8 +17,9 @@ from tscm_ros.bag import Frame, FrameReader, open_frames
 from tscm_ros.cli.common import add_frame_reader_arguments, run_main
 from tscm_ros.describe import Describer
 from tscm_ros.errors import ConfigError, MapError
-from tscm_ros.keyframe_map import INDEX_TYPES, KeyframeMap, KeyframeMeta
+from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
 from tscm_ros.loop_detector import KeyframeSelector
+from tscm_ros.map_index import INDEX_TYPES, IndexConfig
 from tscm_ros.verification import extract_local_features
 
 THUMBNAIL_WIDTH = 64
@@ -104,7 +105,7 @@ def _open_target(args, describer: Describer) -> KeyframeMap:
         return KeyframeMap.load(out, expected_fingerprint=describer.fingerprint,
                                 expected_model_name=describer.model_name)
     return KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),
-                       index=args.index, pca_dim=args.pca_dim, model_name=describer.model_name)
+                       IndexConfig(type=args.index, pca_dim=args.pca_dim), model_name=describer.model_name)
 
 
 def _thumbnail(image: np.ndarray) -> np.ndarray:

@@ -1,0 +1,306 @@
+"""The FAISS index of a keyframe map: its configuration (``IndexConfig``) and the index chain built from it.
+
+Index types
+-----------
+- ``flat``: exact search (``IndexFlatL2``). Adding is an append, so online mapping one keyframe at a time
+  between queries is cheap.
+- ``hnsw``: graph search (``IndexHNSWFlat``: ``hnsw_m`` links per node, ``ef_construction``,
+  ``ef_search``). Incremental adds, no training.
+- ``ivfpq``: inverted lists with product quantisation (``nlist`` lists, ``pq_m`` bytes per vector,
+  ``nprobe`` lists visited per query). Needs training.
+Measured by ``bench/map_search.py`` (2048-d, PCA to 256, re-ranked, 2-core CPU): at 10k keyframes
+``hnsw`` with the default ``ef_search`` 128 answers in about 0.3 ms with 99.5 % recall@1 against exact
+search; at 100k it needs ``ef_search`` 512 (1.7 ms, 98.6 %), at 1M ``ef_search`` 512 gives 2.9 ms and
+92.5 % (float16 re-ranking; 2048 reaches 97.9 % at about 14 ms: at 1M the graph search, not the
+re-ranking shortlist, misses the neighbour, and a larger ``k_factor`` does not help). Queries with
+exclusion on cost the same recall and 0.05-0.3 ms more, at any map size. ``ivfpq`` trails it in recall at
+equal latency (it needs ``nprobe`` of half ``nlist`` or more); it is the choice when memory, not latency,
+is the limit.
+
+Any type can put a PCA reduction to ``pca_dim`` (optionally whitened) in front; it is learned from the
+map's own descriptors. Types that need training (``ivfpq``, or any with ``pca_dim``) keep an exact flat
+index until the map holds ``train_size`` descriptors; the ``add`` that reaches it trains on them (at most
+``MAX_TRAIN_POINTS``, sampled with a fixed seed) and moves them into the real index, so that one call takes
+seconds on a big map. Later adds go straight in; the learned PCA and quantisers are not updated.
+``nlist`` left at None is chosen at training time as the power of two nearest ``sqrt(n)`` for the ``n``
+descriptors present then: set it explicitly for a map that will grow far beyond ``train_size``.
+
+Exact distances
+---------------
+The distance is exact (computed from the full descriptors) for the ``flat`` and plain ``hnsw`` indexes, and
+for every lossy index (PCA reduction or IVF-PQ) built with ``rerank=True``, the default: the lossy index
+then only proposes a shortlist of ``k * k_factor`` keyframes, which FAISS re-ranks by their exact distance
+to the query (``IndexRefineFlat``), so scores and thresholds mean the same for every index type.
+``rerank_dtype='float16'`` keeps the full descriptors in half precision instead (half the memory: 4 GB for
+1M 2048-d keyframes; distances then differ from exact by about 1e-3). With ``rerank=False`` the map does not
+keep the full descriptors (``4 * dim`` bytes less per keyframe) and the distance is the lossy index's own
+estimate: for PCA, the squared distance between the projections on the ``pca_dim`` principal components (a
+lower bound of the true distance, so scores are slightly optimistic); for PQ, its quantised approximation of
+that. Whitening changes the metric itself, so it requires ``rerank=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import faiss
+import numpy as np
+
+from tscm_ros.errors import ConfigError
+
+INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+MAX_TRAIN_POINTS = 100_000
+SINGLE_THREAD_BELOW = 20  # queries per search below which FAISS runs single-threaded
+
+
+def _as_int(value):
+    return int(value) if isinstance(value, np.integer) else value
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and value >= 1
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Which FAISS index a keyframe map uses, and its settings (see the module doc).
+
+    Raises ConfigError on invalid settings; ``for_dim`` checks those that depend on the descriptor
+    dimension and fills in the defaults of ``pq_m`` and ``train_size``. ``nlist`` left at None is chosen at
+    training time.
+    """
+
+    type: str = "flat"
+    pca_dim: int | None = None
+    whiten: bool = False
+    rerank: bool = True
+    rerank_dtype: str = "float32"
+    k_factor: int = 4
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+    nlist: int | None = None
+    pq_m: int | None = None
+    nprobe: int = 16
+    train_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("pca_dim", "nlist", "pq_m", "train_size"):
+            object.__setattr__(self, name, _as_int(getattr(self, name)))
+        if self.type not in INDEX_TYPES:
+            raise ConfigError(f"keyframe map: unknown index type {self.type!r}; choose one of {', '.join(INDEX_TYPES)}")
+        if self.whiten and self.pca_dim is None:
+            raise ConfigError("keyframe map: whiten=True needs pca_dim (whitening is part of the PCA reduction)")
+        if self.whiten and not self.rerank:
+            raise ConfigError("keyframe map: whiten=True needs rerank=True "
+                              "(whitened distances are not descriptor distances)")
+        if self.rerank_dtype not in ("float32", "float16"):
+            raise ConfigError(f"keyframe map: rerank_dtype must be 'float32' or 'float16', got {self.rerank_dtype!r}")
+        for name in ("k_factor", "hnsw_m", "ef_construction", "ef_search", "nprobe"):
+            if not _positive_int(getattr(self, name)):
+                raise ConfigError(f"keyframe map: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.nlist is not None and not _positive_int(self.nlist):
+            raise ConfigError(f"keyframe map: nlist must be a positive integer or None, got {self.nlist!r}")
+
+    @property
+    def needs_training(self) -> bool:
+        return self.type == "ivfpq" or self.pca_dim is not None
+
+    def for_dim(self, dim: int) -> IndexConfig:
+        """This config checked against ``dim``-d descriptors, with the defaults of ``pq_m`` and ``train_size``."""
+        if self.pca_dim is not None and not (isinstance(self.pca_dim, int) and 1 <= self.pca_dim < dim):
+            raise ConfigError(f"keyframe map: pca_dim must be an integer in [1, {dim - 1}] for {dim}-d descriptors, "
+                              f"got {self.pca_dim!r}")
+        reduced_dim = self.pca_dim or dim
+        pq_m = self.pq_m
+        if pq_m is None:
+            pq_m = max(d for d in range(1, max(1, reduced_dim // 8) + 1) if reduced_dim % d == 0)
+        if not _positive_int(pq_m) or reduced_dim % pq_m:
+            raise ConfigError(f"keyframe map: pq_m must divide the indexed dimension {reduced_dim}, got {pq_m!r}")
+        train_size = self.train_size
+        if train_size is None:
+            train_size = 0
+            if self.pca_dim is not None:
+                train_size = max(1000, 4 * self.pca_dim)
+            if self.type == "ivfpq":
+                train_size = max(train_size, 10_000, 39 * (self.nlist or 0))
+        least = max(256, self.nlist or 0, self.pca_dim or 0) if self.needs_training else 0
+        if not isinstance(train_size, int) or train_size < least:
+            raise ConfigError(f"keyframe map: train_size {train_size!r} is too small for index {self.type!r} "
+                              f"(needs at least {least})")
+        return replace(self, pq_m=pq_m, train_size=train_size)
+
+    def factory_string(self) -> str:
+        """The FAISS ``index_factory`` string of the trained index (``nlist`` must be set for ivfpq)."""
+        parts = []
+        if self.pca_dim:
+            parts.append(f"{'PCAW' if self.whiten else 'PCA'}{self.pca_dim}")
+        if self.type == "flat":
+            parts.append("Flat")
+        elif self.type == "hnsw":
+            parts.append(f"HNSW{self.hnsw_m}")
+        else:
+            parts.append(f"IVF{self.nlist},PQ{self.pq_m}np")  # np: no polysemous training (slow, unused)
+        if self.rerank and (self.pca_dim or self.type == "ivfpq"):
+            parts.append("RFlat" if self.rerank_dtype == "float32" else "Refine(SQfp16)")
+        return ",".join(parts)
+
+    def to_dict(self) -> dict:
+        """The settings by name, as the map manifest's ``index`` entry records them."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> IndexConfig:
+        """The config of a manifest's ``index`` entry (its ``factory`` and ``trained`` describe the index, not
+        the config, and are ignored here); ConfigError on unknown or invalid settings."""
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(settings) - known - {"factory", "trained"})
+        if unknown:
+            raise ConfigError(f"unknown index settings {', '.join(unknown)}")
+        return cls(**{key: value for key, value in settings.items() if key in known})
+
+
+def sub_indexes(index: faiss.Index) -> list[faiss.Index]:
+    """The index and the ones it wraps (refinement, pre-transform), outermost first."""
+    chain = [faiss.downcast_index(index)]
+    while True:
+        last = chain[-1]
+        if isinstance(last, faiss.IndexRefine):
+            chain.append(faiss.downcast_index(last.base_index))
+        elif isinstance(last, faiss.IndexPreTransform):
+            chain.append(faiss.downcast_index(last.index))
+        else:
+            return chain
+
+
+class DescriptorIndex:
+    """The descriptors of a map's keyframes, by keyframe id, in the FAISS index an ``IndexConfig`` describes.
+
+    Until a type that needs training is trained, it is an exact flat index (see the module doc).
+    """
+
+    def __init__(self, config: IndexConfig, index: faiss.Index, trained: bool) -> None:
+        """Wrap ``index``: built from ``config`` (already ``for_dim``) if ``trained``, else its flat fallback."""
+        self._config = config
+        self._index = index
+        self._trained = trained
+        self._configure()
+
+    @classmethod
+    def empty(cls, dim: int, config: IndexConfig) -> DescriptorIndex:
+        """An empty index of ``dim``-d descriptors; ``config`` must be ``config.for_dim(dim)``."""
+        trained = not config.needs_training
+        factory = config.factory_string() if trained else "Flat"
+        return cls(config, faiss.index_factory(dim, factory, faiss.METRIC_L2), trained)
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    @property
+    def config(self) -> IndexConfig:
+        return self._config
+
+    @property
+    def is_trained(self) -> bool:
+        """False while a type that needs training still searches its exact flat fallback."""
+        return self._trained
+
+    @property
+    def factory(self) -> str:
+        """The FAISS factory string of the index in use ('Flat' until trained)."""
+        return self._config.factory_string() if self._trained else "Flat"
+
+    @property
+    def faiss_index(self) -> faiss.Index:
+        return self._index
+
+    def _configure(self) -> None:
+        for sub in sub_indexes(self._index):
+            if isinstance(sub, faiss.IndexRefine):
+                sub.k_factor = float(self._config.k_factor)
+            elif isinstance(sub, faiss.IndexHNSW):
+                sub.hnsw.efConstruction = self._config.ef_construction
+                sub.hnsw.efSearch = self._config.ef_search
+            elif isinstance(sub, faiss.IndexIVF):
+                sub.nprobe = self._config.nprobe
+
+    def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None,
+                          k_factor: int | None = None) -> None:
+        """Change speed/recall trade-offs of the index (ConfigError on invalid values)."""
+        changes = {name: value for name, value in (("ef_search", ef_search), ("nprobe", nprobe),
+                                                    ("k_factor", k_factor)) if value is not None}
+        self._config = replace(self._config, **changes)
+        self._configure()
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Add (N, dim) float32 descriptors; the add that reaches ``train_size`` trains the real index."""
+        self._index.add(vectors)
+        if not self._trained and len(self) >= self._config.train_size:
+            self._train()
+
+    def _train(self) -> None:
+        """Replace the exact fallback by the real index, trained on the descriptors held so far."""
+        vectors = self._index.reconstruct_n(0, self._index.ntotal)
+        sample = vectors
+        if len(vectors) > MAX_TRAIN_POINTS:
+            chosen = np.random.default_rng(0).choice(len(vectors), MAX_TRAIN_POINTS, replace=False)
+            sample = vectors[np.sort(chosen)]
+        if self._config.type == "ivfpq" and self._config.nlist is None:
+            nearest_power_of_two = 2 ** max(0, round(math.log2(max(1.0, math.sqrt(len(vectors))))))
+            self._config = replace(self._config, nlist=min(nearest_power_of_two, len(sample) // 39 or 1))
+        index = faiss.index_factory(self._index.d, self._config.factory_string(), faiss.METRIC_L2)
+        self._index = index
+        self._configure()
+        index.train(np.ascontiguousarray(sample))
+        index.add(vectors)
+        self._trained = True
+
+    def _search_parameters(self, selector: faiss.IDSelector) -> tuple[faiss.SearchParameters, list]:
+        """Search parameters for this index chain that search only the ids ``selector`` accepts, with the
+        index's own settings (efSearch, nprobe, k_factor); and the objects they point to (keep them alive)."""
+        params = None
+        alive: list = []
+        for sub in reversed(sub_indexes(self._index)):
+            if params is None:  # the innermost index does the selecting
+                if isinstance(sub, faiss.IndexHNSW):
+                    params = faiss.SearchParametersHNSW()
+                    params.efSearch = self._config.ef_search
+                elif isinstance(sub, faiss.IndexIVF):
+                    params = faiss.SearchParametersIVF()
+                    params.nprobe = self._config.nprobe
+                else:
+                    params = faiss.SearchParameters()
+                params.sel = selector
+            elif isinstance(sub, faiss.IndexPreTransform):
+                params = faiss.SearchParametersPreTransform()
+                params.index_params = alive[-1]
+            elif isinstance(sub, faiss.IndexRefine):
+                params = faiss.IndexRefineSearchParameters()
+                params.k_factor = float(self._config.k_factor)
+                params.base_index_params = alive[-1]
+            alive.append(params)
+        return params, alive
+
+    def search(self, vectors: np.ndarray, k: int, selector: faiss.IDSelector | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search among the ids ``selector`` accepts (all without one); a few queries run on one
+        OpenMP thread.
+
+        Measured here: one query through a PCA index took 8-16 ms with 2 threads on a busy 2-core machine
+        (threads waiting for time slices) and 0.2 ms with one; batches still use every thread. The thread
+        count set here is the calling thread's own (OpenMP's nthreads-var belongs to each thread's data
+        environment, as test_keyframe_map checks), so concurrent queries from other threads are unaffected.
+        """
+        params, _alive = self._search_parameters(selector) if selector is not None else (None, None)
+        vectors = np.ascontiguousarray(vectors)
+        if len(vectors) >= SINGLE_THREAD_BELOW:
+            return self._index.search(vectors, k, params=params)
+        threads = faiss.omp_get_max_threads()
+        if threads != 1:
+            faiss.omp_set_num_threads(1)
+        try:
+            return self._index.search(vectors, k, params=params)
+        finally:
+            if threads != 1:
+                faiss.omp_set_num_threads(threads)
