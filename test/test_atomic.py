@@ -35,3 +35,15 @@ def test_atomic_directory_replaces_a_whole_directory_or_nothing(tmp_path):
         raise KeyboardInterrupt
     assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == ["b", "b/c"]
     assert [p.name for p in tmp_path.iterdir()] == ["map"]
+
+
+def test_what_is_written_is_readable_like_a_plain_file_and_keeps_its_name_while_staged(tmp_path):
+    reference = tmp_path / "plain"
+    reference.write_text("x")
+    with atomic_file(tmp_path / "model.onnx") as temp:
+        temp.write_text("y")
+    assert (tmp_path / "model.onnx").stat().st_mode == reference.stat().st_mode
+    with atomic_directory(tmp_path / "bag") as staging:
+        assert staging.name == "bag"  # rosbag2 names its files after the directory
+        (staging / "bag_0.db3").write_text("z")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bag", "model.onnx", "plain"]

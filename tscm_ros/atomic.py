@@ -2,7 +2,8 @@
 
 Both forms write into a temporary sibling (same directory, so the rename stays on one file system), flush
 it to disk, rename it into place and flush the parent directory, so a power cut leaves either the old or
-the new content. On any error the temporary is removed and an existing target is left as it was.
+the new content. On any error the temporary is removed and an existing target is left as it was. What is
+written gets the permissions of a plainly created file (the process umask applies).
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+_UMASK = os.umask(0o022)  # reading the umask means setting it; put it straight back
+os.umask(_UMASK)
 
 
 def fsync_path(path: Path) -> None:
@@ -36,6 +39,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     temp = Path(name)
     try:
         yield temp
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp creates 0600
         fsync_path(temp)
         os.replace(temp, path)
         fsync_path(path.parent)
@@ -45,12 +49,15 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """An empty temporary directory next to ``path`` to fill; when the block succeeds it replaces ``path``
-    (an existing directory there is moved aside, then deleted). Callers decide beforehand whether an
-    existing ``path`` may be replaced."""
+    """An empty temporary directory to fill, named like ``path`` (writers such as rosbag2 name files after
+    their directory) inside a hidden sibling; when the block succeeds it replaces ``path`` (an existing
+    directory there is moved aside, then deleted). Callers decide beforehand whether an existing ``path``
+    may be replaced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    staging = holder / path.name
+    staging.mkdir()
     try:
         yield staging
         for root, _, files in os.walk(staging):
@@ -58,12 +65,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                 fsync_path(Path(root) / name)
             fsync_path(Path(root))
         if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            os.rename(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, path)
+            os.rename(path, holder / f"{path.name}.old")
+        os.rename(staging, path)
         fsync_path(path.parent)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(holder, ignore_errors=True)
