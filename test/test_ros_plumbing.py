@@ -16,7 +16,8 @@ from rclpy_support import isolated_context, spin_until
 from sensor_msgs.msg import Image
 from tscm_ros.msg import LoopCandidate, LoopCandidates
 
-EXECUTABLES = ["place_recognition_node", "build_map", "extract_dataset", "train", "evaluate", "simulate_route"]
+EXECUTABLES = ["place_recognition_node", "build_map", "extract_dataset", "train", "evaluate", "simulate_route",
+               "export_model"]
 
 
 @pytest.fixture
