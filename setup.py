@@ -16,6 +16,7 @@ EXECUTABLES = [
     "train",
     "evaluate",
     "simulate_route",
+    "export_model",
 ]
 
 setup(

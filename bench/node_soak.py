@@ -149,15 +149,17 @@ def main() -> int:
     after = [rss for t, rss in samples if t >= min(WARM_UP_S, duration / 2)]
     start_rss = after[0]
     print(f"\nplace_recognition_node soak: {args.minutes:g} min, images {args.rate:g} Hz (320x240 rgb8), odometry "
-          f"{args.pose_rate:g} Hz, default student, {args.map_size}-keyframe flat map, exclusion on, {os.cpu_count()} CPUs\n")
+          f"{args.pose_rate:g} Hz, default student, {args.map_size}-keyframe flat map, exclusion on, "
+          f"{os.cpu_count()} CPUs\n")
     print(f"- images sent {i}, answered {len(answers)} ({len(answers) / duration:.1f} Hz), dropped "
-          f"{100.0 * (1 - len(answers) / max(i, 1)):.1f} % (the node keeps only the newest image), odometry sent {poses}")
+          f"{100.0 * (1 - len(answers) / max(i, 1)):.1f} % (the node keeps only the newest image), "
+          f"odometry sent {poses}")
     print(f"- answers with a query pose: {100.0 * np.mean([a[2] for a in answers]):.1f} %; poses held by the node "
           f"(diagnostics): min {min(poses_held, default=0)}, max {max(poses_held, default=0)}")
     print(f"- latency median {np.median(latencies):.1f} ms, p95 {np.percentile(latencies, 95):.1f} ms, "
           f"max {latencies.max():.1f} ms")
-    print(f"- node RSS after the warm-up {start_rss:.0f} MB, peak after it {max(after):.0f} MB, end {samples[-1][1]:.0f} MB "
-          f"(VmHWM {hwm:.0f} MB; {len(samples)} samples every {SAMPLE_S:g} s)")
+    print(f"- node RSS after the warm-up {start_rss:.0f} MB, peak after it {max(after):.0f} MB, "
+          f"end {samples[-1][1]:.0f} MB (VmHWM {hwm:.0f} MB; {len(samples)} samples every {SAMPLE_S:g} s)")
     print(f"- node exit code on SIGINT: {exit_code}\n")
     print("| minute | answers | latency median ms | p95 ms | RSS MB (end of minute) |")
     print("|---|---|---|---|---|")

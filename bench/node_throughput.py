@@ -166,7 +166,8 @@ def main() -> int:
     baseline = results["retrieval only"][0]
     for name, (rows, rss) in results.items():
         for r, base in zip(rows, baseline):
-            print(f"| {name} | {r['rate_hz']:.0f} Hz | {r['sent']} | {r['processed_hz']:.1f} Hz | {r['drop_pct']:.1f} % | "
+            print(f"| {name} | {r['rate_hz']:.0f} Hz | {r['sent']} | {r['processed_hz']:.1f} Hz | "
+                  f"{r['drop_pct']:.1f} % | "
                   f"{r['latency_median_ms']:.1f} ms | {r['latency_p95_ms']:.1f} ms | "
                   f"{r['latency_p95_ms'] / base['latency_p95_ms']:.2f} | {rss:.0f} MB |")
     return 0

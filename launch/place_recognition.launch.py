@@ -25,7 +25,8 @@ COMMON_ARGUMENTS = {
     "image_topic": ("image_topic", str, "camera image topic"),
     "device": ("device", str, "auto, cpu or cuda"),
     "use_compressed": ("use_compressed", bool, "subscribe to sensor_msgs/CompressedImage (true/false)"),
-    "camera_info_topic": ("camera_info_topic", str, "sensor_msgs/CameraInfo topic: verification then gives relative poses"),
+    "camera_info_topic": ("camera_info_topic", str,
+                          "sensor_msgs/CameraInfo topic: verification then gives relative poses"),
     "verify": ("verify", bool, "geometric verification of candidates (true/false)"),
     "temporal_consistency": ("temporal_consistency", bool, "temporal consistency of candidates (true/false)"),
 }

@@ -29,7 +29,8 @@ from tscm_ros.bag import open_frames
 from tscm_ros.cli import build_map
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.loop_detector import DEFAULT_MIN_SCORE
-from tscm_ros.node import OUTPUT_TOPIC, PARAMETERS, PlaceRecognitionNode
+from tscm_ros.node import OUTPUT_TOPIC, PlaceRecognitionNode
+from tscm_ros.node_parameters import PARAMETERS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -433,7 +434,8 @@ def test_wrong_parameter_type_is_one_line_and_exit_code_2(reference_map):
 
 
 def _node_env() -> dict:
-    return {**os.environ, "ROS_DOMAIN_ID": str(1 + (os.getpid() + 50) % 100), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+    return {**os.environ, "ROS_DOMAIN_ID": str(1 + (os.getpid() + 50) % 100),
+            "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
 
 
 def test_repeated_signals_shut_down_cleanly(tmp_path):

@@ -16,7 +16,8 @@ from rclpy_support import isolated_context, spin_until
 from sensor_msgs.msg import Image
 from tscm_ros.msg import LoopCandidate, LoopCandidates
 
-EXECUTABLES = ["place_recognition_node", "build_map", "extract_dataset", "train", "evaluate", "simulate_route"]
+EXECUTABLES = ["place_recognition_node", "build_map", "extract_dataset", "train", "evaluate", "simulate_route",
+               "export_model"]
 
 
 @pytest.fixture
@@ -114,7 +115,8 @@ class BlockRos(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, BlockRos())
 import pkgutil, importlib, tscm_ros
 core = [m.name for m in pkgutil.walk_packages(tscm_ros.__path__, 'tscm_ros.')
-        if not m.name.startswith(('tscm_ros.msg', 'tscm_ros.node', 'tscm_ros.cli.place_recognition_node', 'tscm_ros._', 'tscm_ros.tscm_ros_s'))]
+        if not m.name.startswith(('tscm_ros.msg', 'tscm_ros.node', 'tscm_ros.cli.place_recognition_node',
+                                  'tscm_ros._', 'tscm_ros.tscm_ros_s'))]
 for name in core:
     importlib.import_module(name)
 print(len(core), 'core modules')

@@ -11,7 +11,9 @@ from rosbags.highlevel import AnyReader
 from tscm_ros.bag import open_frames
 from tscm_ros.cli import simulate_route as cli
 from tscm_ros.errors import ConfigError
-from tscm_ros.simulate import BLOCK_M, CONDITIONS, Appearance, Route, _World, simulate_route
+from tscm_ros.simulate import simulate_route
+from tscm_ros.simulation_appearance import CONDITIONS, Appearance
+from tscm_ros.simulation_world import BLOCK_M, Route, World
 
 SMALL = dict(frames=6, width=64, height=48, route_length_m=120.0, progress=False)
 
@@ -172,10 +174,10 @@ def _layout(world, block):
 def test_aliasing_copies_street_blocks_the_same_way_for_every_traversal():
     route = Route(300.0)
     reference = Appearance.for_traversal(0, 0, 0.6)
-    worlds = {"plain": _World(route, 0, 0, reference, 0.0),
-              "aliased": _World(route, 0, 0, reference, 0.4),
-              "again": _World(route, 0, 0, reference, 0.4),
-              "season": _World(route, 0, 2, Appearance.for_traversal(0, 2, 0.6, "season"), 0.4)}
+    worlds = {"plain": World(route, 0, 0, reference, 0.0),
+              "aliased": World(route, 0, 0, reference, 0.4),
+              "again": World(route, 0, 0, reference, 0.4),
+              "season": World(route, 0, 2, Appearance.for_traversal(0, 2, 0.6, "season"), 0.4)}
     try:
         plain, aliased = worlds["plain"], worlds["aliased"]
         assert plain.copies == {} and len(aliased.copies) == round(0.4 * 15)
@@ -201,7 +203,7 @@ def test_aliased_places_look_alike():
     its original (only the clutter, which is placed at random, differs), two original blocks do not."""
     route = Route(1000.0)  # the first straight holds blocks 0 to 8
     look = Appearance.for_traversal(0, 0, 0.6)
-    world = _World(route, 0, 0, look, 0.5)
+    world = World(route, 0, 0, look, 0.5)
     try:
         def view(block):
             centre, heading = route.at((block + 0.5) * BLOCK_M)

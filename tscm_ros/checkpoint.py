@@ -1,4 +1,4 @@
-"""Versioned model checkpoints, model config files, and TorchScript export of the student.
+"""Versioned model checkpoints, model config files, and TorchScript and ONNX export (export_model).
 
 A checkpoint is a ``torch.save`` dict of plain values only (read back with ``weights_only=True``)::
 

@@ -6,8 +6,9 @@ counts the images it never got to, so the node never falls behind and its memory
 input rate. One LoopCandidates message is published per processed image, with an empty candidate list
 when nothing matched (see msg/LoopCandidates.msg).
 
-The matching parameters (``RUNTIME_PARAMETERS``) can be changed while the node runs (``ros2 param set``),
-validated as at start-up and applied from the next image; every other parameter is read-only.
+Parameters are in tscm_ros/node_parameters.py. The matching parameters (``RUNTIME_PARAMETERS``) can be
+changed while the node runs (``ros2 param set``), validated as at start-up and applied from the next image;
+every other parameter is read-only.
 """
 
 from __future__ import annotations
@@ -17,100 +18,44 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rclpy
 import rclpy.executors
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
-from nav_msgs.msg import Odometry
-from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.exceptions import InvalidParameterTypeException
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter as RosParameter
-from rclpy.qos import QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_srvs.srv import Trigger
 
 from tscm_ros.describe import Describer
 from tscm_ros.errors import ConfigError, TscmError
-from tscm_ros.geometry import Pose, PoseInterpolator, pose_from_message
+from tscm_ros.geometry import Pose, PoseInterpolator, pose_from_message, stamp_to_ns
 from tscm_ros.image_messages import ImageDecodeError, image_message_to_rgb
 from tscm_ros.keyframe_map import KeyframeMap
-from tscm_ros.loop_detector import DEFAULT_MIN_SCORE, Detection, KeyframeSelector, LoopDetector, MatchingConfig
+from tscm_ros.loop_detector import Detection, KeyframeSelector, LoopDetector
 from tscm_ros.msg import LoopCandidate, LoopCandidates
-from tscm_ros.temporal import TemporalConfig
-from tscm_ros.verification import DEFAULT_MIN_INLIERS, CameraIntrinsics, VerificationConfig
+from tscm_ros.node_diagnostics import POSE_SILENCE_WARN_S, diagnostic_status, pose_silence_warning
+from tscm_ros.node_parameters import (
+    POSE_QOS,
+    POSE_TYPES,
+    RUNTIME_PARAMETERS,
+    check_runtime_values,
+    declare_parameters,
+    integers_as_numbers,
+    matching_config,
+    min_period,
+    stages,
+    validate,
+)
+from tscm_ros.verification import CameraIntrinsics, VerificationConfig
 
 NODE_NAME = "tscm_place_recognition"
 OUTPUT_TOPIC = "/tscm/loop_candidates"
-POSE_TYPES = {"odometry": Odometry, "pose_stamped": PoseStamped,
-              "pose_with_covariance_stamped": PoseWithCovarianceStamped}
-# Pose subscription QoS. Best effort (sensor_data) also receives from reliable publishers; reliable does not
-# receive from best-effort ones (common on robot bases).
-POSE_QOS = {"sensor_data": QoSProfile(depth=50, reliability=QoSReliabilityPolicy.BEST_EFFORT,
-                                      durability=qos_profile_sensor_data.durability),
-            "reliable": QoSProfile(depth=50)}
-POSE_SILENCE_WARN_S = 3.0  # warn when the pose topic has had publishers this long and no pose arrived
-
-
-@dataclass(frozen=True)
-class Parameter:
-    name: str
-    default: object
-    description: str
-    runtime: bool = False  # changeable while the node runs (ros2 param set); read-only otherwise
-
-
-# Every node parameter: declared with its description, listed by --help, mirrored in config/place_recognition.yaml.
-PARAMETERS = [
-    Parameter("image_topic", "/camera/image_raw", "camera topic: sensor_msgs/Image, or CompressedImage with use_compressed"),
-    Parameter("use_compressed", False, "subscribe to sensor_msgs/CompressedImage (JPEG/PNG) instead of Image"),
-    Parameter("qos", "sensor_data", "image subscription QoS: sensor_data (best effort, depth 1) or reliable (depth 10)"),
-    Parameter("pose_topic", "", "optional pose stream for query poses and spatial exclusion; empty = none"),
-    Parameter("pose_type", "odometry", "type on pose_topic: odometry, pose_stamped or pose_with_covariance_stamped"),
-    Parameter("pose_qos", "sensor_data", "pose subscription QoS: sensor_data (best effort: receives from reliable and "
-              "best-effort publishers) or reliable (receives from reliable publishers only)"),
-    Parameter("pose_max_gap_s", 1.0, "no query pose when the pose stream has a gap longer than this around the image"),
-    Parameter("pose_history_s", 30.0, "poses older than this (behind the newest pose) are forgotten: bounded memory; "
-              "images later than this behind the pose stream get no pose"),
-    Parameter("model_path", "", "student checkpoint (.pt); empty = the offline-pretrained default student"),
-    Parameter("map_path", "", "keyframe map directory from build_map; required unless mapping is true"),
-    Parameter("device", "auto", "inference device: auto (GPU when present), cpu or cuda"),
-    Parameter("k", 5, "at most this many candidates per image", runtime=True),
-    Parameter("min_score", DEFAULT_MIN_SCORE, "publish only candidates scoring >= this, in [0, 1]; with a calibrated "
-              "model (the default, trained checkpoints) the score is the estimated precision, so 0.95 publishes "
-              "candidates that were true loops 95 % of the time on validation", runtime=True),
-    Parameter("exclude_recent_s", 30.0, "ignore keyframes stamped within this many seconds of the image", runtime=True),
-    Parameter("exclude_within_m", 0.0, "ignore keyframes within this path length of the query (needs poses); 0 = off",
-              runtime=True),
-    Parameter("max_rate_hz", 0.0, "process at most this many images per second; 0 = as fast as possible", runtime=True),
-    Parameter("verify", True, "geometric verification: a loop needs min_inliers local-feature matches consistent "
-              "with one two-view geometry (needs a map built by this version's build_map)"),
-    Parameter("min_inliers", DEFAULT_MIN_INLIERS, "verification: RANSAC inliers a candidate needs to be verified",
-              runtime=True),
-    Parameter("camera_info_topic", "", "sensor_msgs/CameraInfo of the camera: verification then fits the essential "
-              "matrix and fills the relative pose; empty = camera_intrinsics or none (fundamental matrix, no pose)"),
-    Parameter("camera_intrinsics", "", "'fx fy cx cy' in pixels, used when camera_info_topic is empty"),
-    Parameter("temporal_consistency", True, "a loop needs the previous temporal_window images to match the map "
-              "along the same stretch (sequence score; see tscm_ros/temporal.py)"),
-    Parameter("temporal_window", 10, "temporal consistency: images in the sequence, the current one included"),
-    Parameter("temporal_tolerance_m", 3.0, "temporal consistency: tolerance along the map's path, metres"),
-    Parameter("temporal_max_step_m", 3.0, "temporal consistency without pose_topic: the most the robot travels "
-              "between two processed images, metres (with poses the travel is measured)"),
-    Parameter("publish_unverified", False, "also publish candidates that failed verification or temporal "
-              "consistency, with their flags (for debugging); normally only accepted loops are published", runtime=True),
-    Parameter("mapping", False, "online mapping: add keyframes while driving; save on shutdown and ~/save_map"),
-    Parameter("keyframe_min_distance_m", 2.0, "mapping: a new keyframe needs this much travel since the last one"),
-    Parameter("keyframe_min_interval_s", 1.0, "mapping: a new keyframe needs this much time since the last one"),
-    Parameter("map_save_path", "", "mapping: where the map is saved; empty = map_path"),
-    Parameter("diagnostics_period_s", 1.0, "period of the /diagnostics status"),
-]
-RUNTIME_PARAMETERS = frozenset(p.name for p in PARAMETERS if p.runtime)
-_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 class _NewestImage:
@@ -145,10 +90,6 @@ class _NewestImage:
             self._condition.notify_all()
 
 
-def _stamp_ns(stamp) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
-
 def _fill_pose(target, pose: Pose) -> None:
     target.position.x, target.position.y, target.position.z = (float(v) for v in pose.position)
     (target.orientation.x, target.orientation.y,
@@ -160,24 +101,24 @@ class PlaceRecognitionNode(Node):
 
     def __init__(self, **node_kwargs) -> None:
         super().__init__(NODE_NAME, **node_kwargs)
-        self._declare_parameters()
-        p = {parameter.name: self.get_parameter(parameter.name).value for parameter in PARAMETERS}
-        self._validate(p)
+        p = declare_parameters(self)
+        validate(p)
         self._mapping = bool(p["mapping"])
         self._save_path = p["map_save_path"] or p["map_path"]
-        self._min_period_s = self._min_period(p["max_rate_hz"])
+        self._min_period_s = min_period(p["max_rate_hz"])
 
         describer = Describer.from_checkpoint(p["model_path"] or None, device=p["device"])
         keyframe_map = self._open_map(p["map_path"], describer)
         selector = (KeyframeSelector(min_interval_s=p["keyframe_min_interval_s"],
                                      min_distance_m=p["keyframe_min_distance_m"]) if self._mapping else None)
-        verification, temporal, intrinsics = self._stages(p)
+        verification, temporal, intrinsics = stages(p)
         self._publish_unverified = bool(p["publish_unverified"])
-        self.detector = LoopDetector(describer, keyframe_map, self._matching_config(p), selector,
+        self.detector = LoopDetector(describer, keyframe_map, matching_config(p), selector,
                                      source=f"live:{self.get_name()}", verification=verification,
                                      temporal=temporal, intrinsics=intrinsics)
         if p["camera_info_topic"]:
-            self.create_subscription(CameraInfo, p["camera_info_topic"], self._on_camera_info, qos_profile_sensor_data)
+            self.create_subscription(CameraInfo, p["camera_info_topic"], self._on_camera_info,
+                                     qos_profile_sensor_data)
 
         self._poses: PoseInterpolator | None = None
         self._pose_frame_id = ""
@@ -205,7 +146,6 @@ class PlaceRecognitionNode(Node):
         self._malformed = 0
         self._latencies_ms: deque[float] = deque(maxlen=1000)
         self._started = time.monotonic()
-        self._map_frame_id = ""
         self._running = True
         self.add_pre_set_parameters_callback(self._before_set_parameters)
         self.add_on_set_parameters_callback(self._check_new_parameters)
@@ -219,32 +159,16 @@ class PlaceRecognitionNode(Node):
 
     # ----- set-up ------------------------------------------------------------------------------------
 
-    def _declare_parameters(self) -> None:
-        """Declare every parameter (read-only unless changeable at run time). An integer given for a number
-        (``min_score: 1`` in YAML, ``-p min_score:=1``) is taken as that number; any other type mismatch is a
-        ConfigError naming the parameter."""
-        overrides = getattr(self, "_parameter_overrides", {})  # rclpy: -p, --params-file and constructor overrides
-        for parameter in PARAMETERS:
-            descriptor = ParameterDescriptor(description=parameter.description, read_only=not parameter.runtime)
-            override = overrides.get(parameter.name)
-            given = None if override is None else override.value
-            try:
-                if isinstance(parameter.default, float) and type(given) is int:
-                    self.declare_parameter(parameter.name, float(given), descriptor, ignore_override=True)
-                else:
-                    self.declare_parameter(parameter.name, parameter.default, descriptor)
-            except InvalidParameterTypeException:
-                raise ConfigError(f"parameter {parameter.name}: expected {_EXPECTED[type(parameter.default)]}, "
-                                  f"got {given!r}") from None
+    def _open_map(self, map_path: str, describer: Describer) -> KeyframeMap:
+        if map_path and Path(map_path).exists():
+            return KeyframeMap.load(map_path, expected_fingerprint=describer.fingerprint,
+                                     expected_model_name=describer.model_name)
+        if map_path and not self._mapping:
+            raise ConfigError(f"map {map_path} does not exist: build one with build_map, or set mapping:=true")
+        return KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),
+                           model_name=describer.model_name)
 
-    @staticmethod
-    def _min_period(max_rate_hz: float) -> float:
-        return 1.0 / max_rate_hz if max_rate_hz > 0 else 0.0
-
-    @staticmethod
-    def _matching_config(p: dict) -> MatchingConfig:
-        return MatchingConfig(k=p["k"], min_score=p["min_score"], exclude_recent_s=p["exclude_recent_s"],
-                              exclude_within_m=p["exclude_within_m"])
+    # ----- parameters at run time ------------------------------------------------------------------
 
     def _runtime_values(self, changes: list[RosParameter]) -> dict:
         """The run-time parameters' values once ``changes`` are applied."""
@@ -252,24 +176,14 @@ class PlaceRecognitionNode(Node):
         values.update({change.name: change.value for change in changes if change.name in RUNTIME_PARAMETERS})
         return values
 
-    @staticmethod
-    def _check_runtime_values(values: dict) -> None:
-        if values["max_rate_hz"] < 0:
-            raise ConfigError(f"parameter max_rate_hz must be >= 0, got {values['max_rate_hz']}")
-        PlaceRecognitionNode._matching_config(values)
-        VerificationConfig(min_inliers=values["min_inliers"])
-
     def _before_set_parameters(self, changes: list[RosParameter]) -> list[RosParameter]:
         """``ros2 param set NODE min_score 1``: an integer for a number parameter is that number."""
-        defaults = {parameter.name: parameter.default for parameter in PARAMETERS}
-        return [RosParameter(change.name, value=float(change.value))
-                if isinstance(defaults.get(change.name), float) and change.type_ == RosParameter.Type.INTEGER
-                else change for change in changes]
+        return integers_as_numbers(changes)
 
     def _check_new_parameters(self, changes: list[RosParameter]) -> SetParametersResult:
         """Refuse run-time values that start-up would refuse (read-only parameters are refused by rclpy)."""
         try:
-            self._check_runtime_values(self._runtime_values(changes))
+            check_runtime_values(self._runtime_values(changes))
         except (ConfigError, TypeError, ValueError) as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         return SetParametersResult(successful=True)
@@ -279,64 +193,14 @@ class PlaceRecognitionNode(Node):
         if not any(change.name in RUNTIME_PARAMETERS for change in changes):
             return
         values = self._runtime_values([])
-        matching = self._matching_config(values)
+        matching = matching_config(values)
         with self._map_lock:
             self.detector.matching = matching
             if self.detector.verification is not None:
                 self.detector.verification = VerificationConfig(min_inliers=values["min_inliers"])
             self._publish_unverified = bool(values["publish_unverified"])
-            self._min_period_s = self._min_period(values["max_rate_hz"])
+            self._min_period_s = min_period(values["max_rate_hz"])
         self.get_logger().info("matching now " + ", ".join(f"{name} {values[name]}" for name in sorted(values)))
-
-    @staticmethod
-    def _validate(p: dict) -> None:
-        if p["device"] not in ("auto", "cpu", "cuda") and not str(p["device"]).startswith("cuda:"):
-            raise ConfigError(f"parameter device: expected auto, cpu or cuda, got {p['device']!r}")
-        if p["qos"] not in ("sensor_data", "reliable"):
-            raise ConfigError(f"parameter qos: expected sensor_data or reliable, got {p['qos']!r}")
-        if p["pose_type"] not in POSE_TYPES:
-            raise ConfigError(f"parameter pose_type: expected one of {', '.join(POSE_TYPES)}, got {p['pose_type']!r}")
-        if p["pose_qos"] not in POSE_QOS:
-            raise ConfigError(f"parameter pose_qos: expected {' or '.join(POSE_QOS)}, got {p['pose_qos']!r}")
-        if not p["image_topic"]:
-            raise ConfigError("parameter image_topic must not be empty")
-        for name in ("pose_max_gap_s", "keyframe_min_distance_m", "keyframe_min_interval_s"):
-            if p[name] < 0:
-                raise ConfigError(f"parameter {name} must be >= 0, got {p[name]}")
-        if p["pose_history_s"] <= p["pose_max_gap_s"]:
-            raise ConfigError(f"parameter pose_history_s ({p['pose_history_s']}) must be greater than pose_max_gap_s "
-                              f"({p['pose_max_gap_s']})")
-        if p["diagnostics_period_s"] <= 0:
-            raise ConfigError(f"parameter diagnostics_period_s must be > 0, got {p['diagnostics_period_s']}")
-        if not p["map_path"] and not p["mapping"]:
-            raise ConfigError("parameter map_path is empty: give a map built by build_map (map:=...), "
-                              "or set mapping:=true to build one while driving")
-        if p["mapping"] and not (p["map_save_path"] or p["map_path"]):
-            raise ConfigError("mapping is on but neither map_save_path nor map_path says where to save the map")
-        PlaceRecognitionNode._check_runtime_values(p)
-        PlaceRecognitionNode._stages(p)
-
-    @staticmethod
-    def _stages(p: dict) -> tuple[VerificationConfig | None, TemporalConfig | None, CameraIntrinsics | None]:
-        verification = VerificationConfig(min_inliers=p["min_inliers"]) if p["verify"] else None
-        temporal = (TemporalConfig(window=p["temporal_window"], tolerance_m=p["temporal_tolerance_m"],
-                                   max_step_m=p["temporal_max_step_m"])
-                    if p["temporal_consistency"] else None)
-        try:
-            intrinsics = CameraIntrinsics.from_values(str(p["camera_intrinsics"]).replace(",", " ").split())
-        except (ValueError, ConfigError) as exc:
-            raise ConfigError(f"parameter camera_intrinsics: expected 'fx fy cx cy' in pixels, "
-                              f"got {p['camera_intrinsics']!r} ({exc})") from exc
-        return verification, temporal, intrinsics
-
-    def _open_map(self, map_path: str, describer: Describer) -> KeyframeMap:
-        if map_path and Path(map_path).exists():
-            return KeyframeMap.load(map_path, expected_fingerprint=describer.fingerprint,
-                                     expected_model_name=describer.model_name)
-        if map_path and not self._mapping:
-            raise ConfigError(f"map {map_path} does not exist: build one with build_map, or set mapping:=true")
-        return KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),
-                           model_name=describer.model_name)
 
     # ----- callbacks ---------------------------------------------------------------------------------
 
@@ -349,7 +213,7 @@ class PlaceRecognitionNode(Node):
             self._pose_frame_id = message.header.frame_id
             if self._mapping and not self.detector.map.frame_id:
                 self.detector.map.frame_id = message.header.frame_id
-            self._poses.add(_stamp_ns(message.header.stamp), pose_from_message(message))
+            self._poses.add(stamp_to_ns(message.header.stamp), pose_from_message(message))
 
     def _on_camera_info(self, message) -> None:
         intrinsics = CameraIntrinsics.from_camera_info(message)
@@ -392,7 +256,7 @@ class PlaceRecognitionNode(Node):
 
     def _process(self, message) -> None:
         image = image_message_to_rgb(message)
-        stamp_ns = _stamp_ns(message.header.stamp)
+        stamp_ns = stamp_to_ns(message.header.stamp)
         with self._lock:
             pose = self._poses.at(stamp_ns) if self._poses is not None else None
             pose_frame_id = self._pose_frame_id
@@ -467,34 +331,14 @@ class PlaceRecognitionNode(Node):
             self._pose_publishers_since = now
         if now - self._pose_publishers_since < POSE_SILENCE_WARN_S:
             return
-        kinds = sorted({f"{info.topic_type}, {info.qos_profile.reliability.name.lower().replace('_', ' ')}"
-                        for info in publishers})
-        hints = []
-        if self._pose_qos == "reliable" and any(
-                info.qos_profile.reliability == QoSReliabilityPolicy.BEST_EFFORT for info in publishers):
-            hints.append("a best-effort publisher needs pose_qos sensor_data")
-        expected = POSE_TYPES[self._pose_type]
-        expected_name = f"{expected.__module__.split('.')[0]}/msg/{expected.__name__}"
-        if any(info.topic_type != expected_name for info in publishers):
-            hints.append(f"pose_type {self._pose_type} expects {expected_name}")
-        self._pose_warning = (f"pose_topic {self._pose_topic} has {len(publishers)} publisher(s) ({'; '.join(kinds)}) "
-                              f"but no pose arrived in {now - self._pose_publishers_since:.0f} s; subscribed as "
-                              f"{expected_name} with pose_qos {self._pose_qos}"
-                              + (f": {'; '.join(hints)}" if hints else ""))
+        self._pose_warning = pose_silence_warning(self._pose_topic, self._pose_type, self._pose_qos, publishers,
+                                                  now - self._pose_publishers_since)
         self.get_logger().warning(self._pose_warning, throttle_duration_sec=10.0)
 
     def _publish_diagnostics(self) -> None:
         self._check_pose_stream()
         stats = self.statistics()
-        status = DiagnosticStatus(name=f"{self.get_name()}: place recognition", hardware_id=stats["device"])
-        status.level = DiagnosticStatus.OK
-        status.message = f"{stats['images processed']} images processed, {stats['images dropped']} dropped"
-        if stats["images received"] and not stats["images processed"]:
-            status.level, status.message = DiagnosticStatus.WARN, "receiving images but none processed yet"
-        elif self._pose_warning:
-            status.level, status.message = DiagnosticStatus.WARN, self._pose_warning
-        status.values = [KeyValue(key=key, value=f"{value:.2f}" if isinstance(value, float) else str(value))
-                         for key, value in stats.items()]
+        status = diagnostic_status(f"{self.get_name()}: place recognition", stats, self._pose_warning)
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self._diagnostics.publish(array)

@@ -18,7 +18,7 @@ parameters (defaults as in config/place_recognition.yaml):
 
 
 def help_text() -> str:
-    from tscm_ros.node import PARAMETERS
+    from tscm_ros.node_parameters import PARAMETERS
 
     width = max(len(p.name) for p in PARAMETERS)
     lines = [f"  {p.name:<{width}}  {p.description} (default: {p.default!r})" for p in PARAMETERS]

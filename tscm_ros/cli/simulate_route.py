@@ -10,7 +10,8 @@ from rosbags.rosbag2 import Reader
 
 from tscm_ros.cli.common import run_main
 from tscm_ros.errors import ConfigError
-from tscm_ros.simulate import CONDITIONS, IMAGE_TOPIC, STORAGES, simulate_route
+from tscm_ros.simulate import IMAGE_TOPIC, STORAGES, simulate_route
+from tscm_ros.simulation_appearance import CONDITIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,8 @@ examples:
     parser.add_argument("--seed", type=int, default=0, help="world seed: same seed, same town (default 0)")
     parser.add_argument("--traversal", type=int, default=0, help="0 = reference appearance, >= 1 changed (default 0)")
     parser.add_argument("--frames", type=int, default=100, help="images per lap (default 100)")
-    parser.add_argument("--route-length", type=float, default=300.0, metavar="M", help="lap length in metres (default 300)")
+    parser.add_argument("--route-length", type=float, default=300.0, metavar="M",
+                        help="lap length in metres (default 300)")
     parser.add_argument("--laps", type=int, default=1, help="laps driven in this bag (2+ = loops within one run)")
     parser.add_argument("--width", type=int, default=320, help="image width (default 320)")
     parser.add_argument("--height", type=int, default=240, help="image height (default 240)")
@@ -56,7 +58,8 @@ examples:
                         help="write no images where the position along the lap, as a fraction in [0, 1], is in "
                         "[START, END), e.g. 0.4,0.5: a reference that never mapped that stretch, so query images "
                         "there have no true match (odometry goes on through the gap)")
-    parser.add_argument("--storage", choices=sorted(STORAGES), default="sqlite3", help="rosbag2 storage (default sqlite3)")
+    parser.add_argument("--storage", choices=sorted(STORAGES), default="sqlite3",
+                        help="rosbag2 storage (default sqlite3)")
     parser.add_argument("--compressed", action="store_true",
                         help="also write JPEG sensor_msgs/CompressedImage on /camera/image_raw/compressed")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
