@@ -85,7 +85,8 @@ def main() -> None:
             config, preprocess = load_model_config(preset)
             model = build_model(config).to(device)
             parameters = sum(p.numel() for p in model.parameters())
-            paths = {"eager": (model, torch.contiguous_format), "fused channels-last": (prepare_for_inference(model), torch.channels_last)}
+            paths = {"eager": (model, torch.contiguous_format),
+                     "fused channels-last": (prepare_for_inference(model), torch.channels_last)}
             if device.type == "cpu" and onnxruntime_available():
                 runner = OnnxRuntimeRunner(model, preprocess, args.threads)
                 paths["onnxruntime"] = (runner, torch.contiguous_format)
@@ -97,7 +98,8 @@ def main() -> None:
                     images = torch.randn(batch, 3, preprocess.height, preprocess.width, device=device)
                     images = images.contiguous(memory_format=layout)
                     with torch.inference_mode():
-                        median, p90 = time_per_image(lambda: network(images), batch, args.repeats, args.warmup, sync, args.max_seconds)
+                        median, p90 = time_per_image(lambda: network(images), batch, args.repeats, args.warmup, sync,
+                                                     args.max_seconds)
                     rows.append(dict(device=device.type, model=label, path=path_name, batch=batch, dim=model.dim,
                                      params=parameters, input=f"{preprocess.height}x{preprocess.width}",
                                      median_ms=median, p90_ms=p90))
@@ -106,9 +108,11 @@ def main() -> None:
                 frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
                 for batch in args.batches:
                     frames = [frame] * batch
-                    median, p90 = time_per_image(lambda: describer.describe(frames), batch, args.repeats, args.warmup, sync, args.max_seconds)
-                    rows.append(dict(device=device.type, model=label, path=f"describe() from 640x480 ({describer.backend})", batch=batch,
-                                     dim=model.dim, params=parameters, input=f"{preprocess.height}x{preprocess.width}",
+                    median, p90 = time_per_image(lambda: describer.describe(frames), batch, args.repeats, args.warmup,
+                                                 sync, args.max_seconds)
+                    describe_path = f"describe() from 640x480 ({describer.backend})"
+                    rows.append(dict(device=device.type, model=label, path=describe_path, batch=batch, dim=model.dim,
+                                     params=parameters, input=f"{preprocess.height}x{preprocess.width}",
                                      median_ms=median, p90_ms=p90))
     load_after = os.getloadavg()
     print(f"torch {torch.__version__}, {args.threads} CPU threads, {os.cpu_count()} cores, "
@@ -120,7 +124,8 @@ def main() -> None:
               f"{r['params'] / 1e6:.2f} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} |")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"threads": args.threads, "load_before": load_before, "load_after": load_after, "rows": rows}, handle, indent=1)
+            json.dump({"threads": args.threads, "load_before": load_before, "load_after": load_after, "rows": rows},
+                      handle, indent=1)
 
 
 if __name__ == "__main__":

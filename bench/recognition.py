@@ -200,8 +200,8 @@ def main() -> int:
                      f"{100 * (metric['r1'] - gem):+.1f} | {100 * metric['max_recall_p100']:.1f} | {at_min} | "
                      f"{metric['ms']:.1f} |")
     any_result = next(iter(results.values()))
-    lines += ["", f"{any_result['queries']} queries per method ({any_result['true_negatives']} in a stretch the map never "
-              "saw: true negatives, counted against precision)."]
+    lines += ["", f"{any_result['queries']} queries per method ({any_result['true_negatives']} in a stretch the map "
+              "never saw: true negatives, counted against precision)."]
     if training:
         teacher, student = results["teacher (site-trained)"]["r1"], results["student (distilled)"]["r1"]
         lines[-1] += (f" Student / teacher R@1: {student / teacher:.2f}. Training (README commands, this machine): "

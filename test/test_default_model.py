@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tscm_ros.bag import FrameSource
 from tscm_ros.describe import DEFAULT_WEIGHTS, Describer, default_student
 from tscm_ros.loop_detector import DEFAULT_MIN_SCORE, LoopDetector, MatchingConfig
-from tscm_ros.loop_evaluation import BagSource, build_descriptor_map, run_queries
+from tscm_ros.loop_evaluation import build_descriptor_map, run_queries
 from tscm_ros.simulate import simulate_route
 
 # Pinned: a changed default model must be a deliberate change (make pretrain, then update this).
@@ -43,8 +44,8 @@ def test_the_default_is_the_shipped_pretrained_student(default: Describer):
 def test_revisited_places_rank_first_and_published_candidates_are_true_loops(default: Describer, held_out_route):
     reference, revisit = held_out_route
     everything = MatchingConfig(k=5, min_score=0.0, exclude_recent_s=0.0)
-    detector = LoopDetector(default, build_descriptor_map(default, BagSource(str(reference)), 2.0), everything)
-    result = run_queries("default", detector, BagSource(str(revisit)), RADIUS_M, (1, 5))
+    detector = LoopDetector(default, build_descriptor_map(default, FrameSource(reference), 2.0), everything)
+    result = run_queries("default", detector, FrameSource(revisit), RADIUS_M, (1, 5))
     precision, recall = result.at_score(DEFAULT_MIN_SCORE)
     print(f"held-out route: R@1 {result.metrics.recall_at[1]:.3f}, R@5 {result.metrics.recall_at[5]:.3f}; "
           f"top-1 scoring >= {DEFAULT_MIN_SCORE}: precision {precision:.3f}, recall {recall:.3f}")

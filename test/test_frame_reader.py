@@ -22,7 +22,8 @@ TYPESTORE = get_typestore(Stores.ROS2_HUMBLE)
 T = TYPESTORE.types
 Header, Time = T["std_msgs/msg/Header"], T["builtin_interfaces/msg/Time"]
 Image, CompressedImage = T["sensor_msgs/msg/Image"], T["sensor_msgs/msg/CompressedImage"]
-Point, Quaternion, PoseMsg = T["geometry_msgs/msg/Point"], T["geometry_msgs/msg/Quaternion"], T["geometry_msgs/msg/Pose"]
+Point, Quaternion, PoseMsg = (T["geometry_msgs/msg/Point"], T["geometry_msgs/msg/Quaternion"],
+                              T["geometry_msgs/msg/Pose"])
 PoseStamped, NavSatFix, NavSatStatus = (T["geometry_msgs/msg/PoseStamped"], T["sensor_msgs/msg/NavSatFix"],
                                          T["sensor_msgs/msg/NavSatStatus"])
 START_NS = 1_700_000_000 * 10**9
@@ -178,9 +179,10 @@ def test_ros1_bag_with_two_publishers_on_one_topic(tmp_path):
             t = START_NS + i * 100_000_000
             stamp = R["builtin_interfaces/msg/Time"](sec=t // 10**9, nanosec=t % 10**9)
             head = R["std_msgs/msg/Header"](seq=i, stamp=stamp, frame_id="odom")
+            position = R["geometry_msgs/msg/Point"](x=float(i), y=0.0, z=0.0)
+            orientation = R["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.0, w=1.0)
             pose = R["geometry_msgs/msg/PoseWithCovariance"](
-                pose=R["geometry_msgs/msg/Pose"](position=R["geometry_msgs/msg/Point"](x=float(i), y=0.0, z=0.0),
-                                                 orientation=R["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.0, w=1.0)),
+                pose=R["geometry_msgs/msg/Pose"](position=position, orientation=orientation),
                 covariance=np.zeros(36))
             zero = R["geometry_msgs/msg/Vector3"](x=0.0, y=0.0, z=0.0)
             twist = R["geometry_msgs/msg/TwistWithCovariance"](

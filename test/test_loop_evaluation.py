@@ -171,8 +171,8 @@ def test_bag_evaluation_reports_every_method_on_the_same_queries(route_reference
 
     from tscm_ros.bag import open_frames
     from tscm_ros.cli import build_map
+    from tscm_ros.cli.evaluate import run_bag_evaluation
     from tscm_ros.keyframe_map import KeyframeMap
-    from tscm_ros.loop_evaluation import run_bag_evaluation
 
     out = tmp_path / "evaluation"
     args = bag_args(route_reference, route_query, out, "--model", f"tiny={tiny_student}", "--baselines", "bow",
@@ -181,7 +181,8 @@ def test_bag_evaluation_reports_every_method_on_the_same_queries(route_reference
     printed = capsys.readouterr().out
     assert "| tiny | tscm_student_tiny |" in printed and "| ORB bag of words |" in printed
 
-    for name in ("loop_closure.md", "pr_curve.png", "trajectories.png", "queries_tiny.csv", "queries_orb_bag_of_words.csv"):
+    for name in ("loop_closure.md", "pr_curve.png", "trajectories.png", "queries_tiny.csv",
+                 "queries_orb_bag_of_words.csv"):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "loop_closure.json").read_text())
     # each descriptor method also with each verification stage the node runs (evaluate --stages all)
@@ -209,8 +210,8 @@ def test_bag_evaluation_reports_every_method_on_the_same_queries(route_reference
 
 
 def test_bag_evaluation_rejects_bad_requests(route_reference, route_query, tmp_path):
+    from tscm_ros.cli.evaluate import run_bag_evaluation
     from tscm_ros.errors import BagError, ConfigError
-    from tscm_ros.loop_evaluation import run_bag_evaluation
 
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConfigError, match="already exists"):

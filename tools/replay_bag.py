@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + args.wait_node_s
         while not (node.publisher.get_subscription_count() and node.subscription.get_publisher_count()):
             if time.monotonic() > deadline:
-                print(f"replay: no node subscribed to {args.image_topic} within {args.wait_node_s:g} s", file=sys.stderr)
+                print(f"replay: no node subscribed to {args.image_topic} within {args.wait_node_s:g} s",
+                      file=sys.stderr)
                 return 1
             executor.spin_once(timeout_sec=0.1)
         spin_for(executor, 1.0)  # let both matched endpoints settle before the first image

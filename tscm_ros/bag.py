@@ -1,9 +1,9 @@
 """Frames from recordings: images with stamps and poses, shared by every offline tool and the live node.
 
-``open_frames(bag)`` opens a rosbag2 directory (sqlite3 or mcap) or a ROS 1 bag with ``rosbags``, picks
-the image topic (sensor_msgs/Image or CompressedImage) and a pose topic (nav_msgs/Odometry,
-geometry_msgs/PoseStamped or PoseWithCovarianceStamped, or sensor_msgs/NavSatFix in a local metric
-frame), reads the pose stream first (it is small) and then streams the images, each with the pose
+``open_frames(bag)``, or ``FrameSource(bag, ...).open()``, opens a rosbag2 directory (sqlite3 or mcap) or
+a ROS 1 bag with ``rosbags``, picks the image topic (sensor_msgs/Image or CompressedImage) and a pose topic
+(nav_msgs/Odometry, geometry_msgs/PoseStamped or PoseWithCovarianceStamped, or sensor_msgs/NavSatFix in a
+local metric frame), reads the pose stream first (it is small) and then streams the images, each with the pose
 interpolated at its stamp by ``PoseInterpolator``: positions linearly, orientations by slerp.
 
 This interpolation replaces message_filters' approximate time synchroniser, which pairs each image with
@@ -198,3 +198,18 @@ def open_frames(bag_path: str | Path, image_topic: str | None = None, pose_topic
     """Open a bag for frame iteration; BagError names the file and the problem."""
     return FrameReader(bag_path, image_topic=image_topic, pose_topic=pose_topic, max_gap_s=max_gap_s,
                        progress=progress)
+
+
+@dataclass(frozen=True)
+class FrameSource:
+    """Where frames come from: a bag and how to read it (topics, None: auto-detect; longest pose gap)."""
+
+    bag: str | Path
+    image_topic: str | None = None
+    pose_topic: str | None = None
+    max_gap_s: float = 1.0
+
+    def open(self, progress: bool = False) -> FrameReader:
+        """A reader of the bag's frames; BagError names the file and the problem."""
+        return FrameReader(self.bag, image_topic=self.image_topic, pose_topic=self.pose_topic,
+                           max_gap_s=self.max_gap_s, progress=progress)

@@ -5,7 +5,8 @@
 (tscm_ros/weights/default_student.pt, pretrained on rendered worlds by ``make pretrain``, loaded offline
 like the ImageNet weights). Without that file (a source tree where it was removed) it is the untrained
 student of config/model_student_offline.yaml, and a warning says so. ``pretrained_baseline()`` is the
-"pretrained backbone + GeM" baseline for evaluation.
+"pretrained backbone + GeM" baseline for evaluation. ``describer_for(model)`` is the one place that resolves
+the model names the command lines take: a checkpoint path, ``pretrained`` or ``default``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ LOG = logging.getLogger(__name__)
 DEFAULT_STUDENT_CONFIG = "student_offline"
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default_student.pt"
 BASELINE_CONFIG = "baseline_offline"
+PRETRAINED = "pretrained"  # model name of the pretrained backbone + GeM baseline
+DEFAULT_MODEL = "default"  # model name of the default student
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -183,3 +186,13 @@ def pretrained_baseline(device: str = "auto", batch_size: int = 16, backend: str
     """Evaluation baseline: the student's ImageNet-pretrained CNN + GeM, no VPR training
     (config/model_baseline_offline.yaml)."""
     return Describer.from_config(BASELINE_CONFIG, device=device, batch_size=batch_size, backend=backend)
+
+
+def describer_for(model: str | Path | None, device: str = "auto", batch_size: int = 16,
+                  backend: str = "auto") -> Describer:
+    """The describer a model name stands for: ``pretrained`` (the baseline), ``default`` or None (the default
+    student), else a checkpoint path."""
+    if model == PRETRAINED:
+        return pretrained_baseline(device=device, batch_size=batch_size, backend=backend)
+    checkpoint = None if model == DEFAULT_MODEL else model
+    return Describer.from_checkpoint(checkpoint, device=device, batch_size=batch_size, backend=backend)

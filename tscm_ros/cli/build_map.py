@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from tscm_ros.bag import Frame, FrameReader, open_frames
-from tscm_ros.cli.common import add_frame_reader_arguments, run_main
+from tscm_ros.bag import Frame, FrameReader
+from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_args, run_main
 from tscm_ros.describe import Describer
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
@@ -121,8 +121,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    readers = [open_frames(bag, image_topic=args.image_topic, pose_topic=args.pose_topic,
-                           max_gap_s=args.max_pose_gap) for bag in args.bag]
+    readers = [frame_source_from_args(args, bag).open() for bag in args.bag]
     describer = Describer.from_checkpoint(args.model, device=args.device, batch_size=args.batch_size)
     keyframe_map = _open_target(args, describer)
     keyframe_map.frame_id = _pose_frame_id(readers, keyframe_map)

@@ -1,4 +1,4 @@
-"""What every command-line tool shares: error reporting and logging set-up."""
+"""What every command-line tool shares: error reporting, logging set-up and the frame-reading options."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tscm_ros.errors import TscmError
+
+if TYPE_CHECKING:
+    from tscm_ros.bag import FrameSource
 
 EXIT_USER_ERROR = 2
 
@@ -28,8 +33,16 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 
 def add_frame_reader_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--image-topic, --pose-topic and --max-pose-gap: how every tool reads frames from bags (tscm_ros.bag)."""
-    parser.add_argument("--image-topic", help="sensor_msgs/Image or CompressedImage topic (default: the bag's only one)")
+    parser.add_argument("--image-topic",
+                        help="sensor_msgs/Image or CompressedImage topic (default: the bag's only one)")
     parser.add_argument("--pose-topic", help="pose topic: Odometry, PoseStamped, PoseWithCovarianceStamped or "
                         "NavSatFix (default: the bag's only one, if any)")
     parser.add_argument("--max-pose-gap", type=float, default=1.0, metavar="S",
                         help="frames across a gap longer than S seconds in the pose stream get no pose (default 1.0)")
+
+
+def frame_source_from_args(args: argparse.Namespace, bag: str | Path) -> FrameSource:
+    """``bag`` read as the options of :func:`add_frame_reader_arguments` say."""
+    from tscm_ros.bag import FrameSource  # rosbags only for the tools that read bags
+
+    return FrameSource(bag, image_topic=args.image_topic, pose_topic=args.pose_topic, max_gap_s=args.max_pose_gap)

@@ -2,23 +2,44 @@
 
 Modes (exactly one): ``--data DIR`` measures place recognition on a dataset split made by
 extract_dataset (queries against the database); ``--bag DIR --query-bag DIR`` measures loop-closure
-detection through the node's own code path (tscm_ros.loop_evaluation).
+detection through the node's own code path (metrics: tscm_ros.loop_evaluation).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tscm_ros.atomic import atomic_directory
-from tscm_ros.cli.common import run_main
-from tscm_ros.errors import ConfigError
-from tscm_ros.loop_evaluation import add_bag_arguments, run_bag_evaluation
+from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_args, run_main
+from tscm_ros.describe import DEFAULT_MODEL, PRETRAINED, describer_for
+from tscm_ros.errors import BagError, ConfigError
+from tscm_ros.loop_detector import LoopDetector, MatchingConfig
+from tscm_ros.loop_evaluation import build_bow_detector, build_descriptor_map, run_queries
+from tscm_ros.reporting import (
+    format_percent,
+    loop_closure_table_markdown,
+    recall_table_markdown,
+    write_loop_closure_report,
+    write_recall_report,
+)
+from tscm_ros.temporal import TemporalConfig
+from tscm_ros.verification import CameraIntrinsics, VerificationConfig
 
-PRETRAINED = "pretrained"
-DEFAULT_STUDENT = "default"
+DATA_RADIUS_M = 25.0  # --radius-m default with --data
+BAG_RADIUS_M = 10.0  # --radius-m default with --bag
+BASELINES = ("gem", "student", "bow")
+BASELINE_NAMES = {"gem": "GeM baseline (pretrained, no training)", "student": "default model (shipped student)",
+                  "bow": "ORB bag of words"}
+BASELINE_MODELS = {"gem": PRETRAINED, "student": DEFAULT_MODEL}
+STAGES = [  # row suffix, verification, temporal consistency
+    ("", None, None),
+    (" + temporal", None, TemporalConfig()),
+    (" + verification", VerificationConfig(), None),
+    (" + verification + temporal", VerificationConfig(), TemporalConfig()),
+]
 
 DESCRIPTION = """\
 Measure recall@N (a query counts as found when one of its top-N database matches lies within
@@ -34,11 +55,12 @@ the per-query latency are written side by side (loop_closure.md/.json, pr_curve.
 trajectories.png), with the built-in baselines (--baselines) next to the given models.
 """
 
-EXAMPLE = """\
-example:
-  evaluate --data data/campus --model runs/teacher/best.pt --model runs/student/best.pt --model pretrained --out eval/campus
-  evaluate --bag routes/t0 --query-bag routes/t1 --model student=runs/student/best.pt --out eval/loops
-"""
+EXAMPLE = (
+    "example:\n"
+    "  evaluate --data data/campus --model runs/teacher/best.pt --model runs/student/best.pt --model pretrained "
+    "--out eval/campus\n"
+    "  evaluate --bag routes/t0 --query-bag routes/t1 --model student=runs/student/best.pt --out eval/loops\n"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,13 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "queries from --query-bag")
     parser.add_argument("--model", action="append", metavar="CKPT",
                         help=f"model checkpoint (NAME=CKPT in bag mode), '{PRETRAINED}' (CNN + GeM baseline) "
-                        f"or '{DEFAULT_STUDENT}' (repeatable; at least one with --data)")
+                        f"or '{DEFAULT_MODEL}' (repeatable; at least one with --data)")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for recall.md, recall.png, recall.json")
-    parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="dataset split (default test)")
+    parser.add_argument("--split", choices=("train", "val", "test"), default="test",
+                        help="dataset split (default test)")
     parser.add_argument("--radius-m", type=float, default=None, metavar="M",
                         help="a retrieved frame is correct within M metres of the query "
                         "(default 25 with --data, 10 with --bag)")
-    parser.add_argument("--ns", type=int, nargs="+", default=[1, 5, 10, 20], metavar="N", help="recall@N values (default 1 5 10 20)")
+    parser.add_argument("--ns", type=int, nargs="+", default=[1, 5, 10, 20], metavar="N",
+                        help="recall@N values (default 1 5 10 20)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -67,12 +91,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _describer(model: str, device: str, batch_size: int):
-    from tscm_ros.describe import Describer, pretrained_baseline
+def add_bag_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options only bag mode has (the shared ones, --bag, --model, --radius-m, ..., are build_parser's)."""
+    group = parser.add_argument_group("loop-closure evaluation on bags (--bag)")
+    group.add_argument("--query-bag", metavar="DIR",
+                       help="with --bag: the traversal whose frames are the queries (revisits the --bag route)")
+    add_frame_reader_arguments(group)
+    group.add_argument("--keyframe-distance", type=float, default=2.0, metavar="M",
+                       help="map keyframe every M metres of travel on the reference, as build_map (default 2.0)")
+    group.add_argument("--baselines", default=",".join(BASELINES), metavar="LIST",
+                       help="comma-separated built-in methods to include: gem (pretrained backbone + GeM), "
+                       "student (the default model: the shipped pretrained student), bow (ORB bag of words); "
+                       f"'none' for none (default {','.join(BASELINES)})")
+    group.add_argument("--bow-words", type=int, default=1000, metavar="K",
+                       help="ORB vocabulary size, trained on the reference keyframes (default 1000)")
+    group.add_argument("--stages", choices=("all", "none"), default="all",
+                       help="all: also run each descriptor method with geometric verification, and with verification "
+                       "and temporal consistency (the node's defaults); none: global retrieval only (default all)")
+    group.add_argument("--intrinsics", metavar="FX,FY,CX,CY", type=lambda text: text.split(","),
+                       help="camera intrinsics in pixels: verification fits the essential matrix (and the relative "
+                       "pose) instead of the fundamental matrix")
 
-    if model == PRETRAINED:
-        return pretrained_baseline(device=device, batch_size=batch_size)
-    return Describer.from_checkpoint(None if model == DEFAULT_STUDENT else model, device=device, batch_size=batch_size)
+
+# ----- --data: recall@N on a dataset split ----------------------------------------------------------
 
 
 def _run_data(args: argparse.Namespace) -> tuple[list, str]:
@@ -81,7 +122,8 @@ def _run_data(args: argparse.Namespace) -> tuple[list, str]:
 
     dataset = load_dataset(args.data)
     database, queries = require_split(dataset, args.split)
-    describers = [(model, _describer(model, args.device, args.batch_size)) for model in args.model]
+    describers = [(model, describer_for(model, device=args.device, batch_size=args.batch_size))
+                  for model in args.model]
     results = [
         (f"{model} ({describer.model_name})", evaluate_split(dataset, args.split, describer, args.radius_m, args.ns))
         for model, describer in describers
@@ -93,23 +135,107 @@ def _run_data(args: argparse.Namespace) -> tuple[list, str]:
     return results, title
 
 
-def _write_report(results: list, title: str, out: Path, overwrite: bool) -> None:
-    from tscm_ros.reporting import plot_recall_curves, recall_table_markdown
+# ----- --bag: loop-closure evaluation -------------------------------------------------------------
 
-    if out.exists() and not overwrite:
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method to evaluate: its row name and model (a checkpoint, 'pretrained' or 'default'; None: ORB bag
+    of words)."""
+
+    name: str
+    model: str | None = None
+
+
+def method_specs(args: argparse.Namespace) -> list[MethodSpec]:
+    """The methods of this run: the chosen built-in baselines, then each --model checkpoint, BoW last."""
+    chosen = [] if args.baselines.strip() == "none" else [b.strip() for b in args.baselines.split(",") if b.strip()]
+    unknown = sorted(set(chosen) - set(BASELINES))
+    if unknown:
+        raise ConfigError(f"--baselines: unknown {', '.join(unknown)} (choose from {', '.join(BASELINES)} or none)")
+    specs = [MethodSpec(BASELINE_NAMES[b], BASELINE_MODELS[b]) for b in ("gem", "student") if b in chosen]
+    baseline_names = {model: BASELINE_NAMES[b] for b, model in BASELINE_MODELS.items()}
+    for entry in args.model or []:
+        name, _, model = entry.rpartition("=")
+        if not model:
+            raise ConfigError(f"--model {entry!r}: expected NAME=CKPT or CKPT")
+        specs.append(MethodSpec(name or baseline_names.get(model) or Path(model).parent.name or Path(model).stem,
+                                model))
+    if "bow" in chosen:
+        specs.append(MethodSpec(BASELINE_NAMES["bow"]))
+    if not specs:
+        raise ConfigError("nothing to evaluate: give --model NAME=CKPT or keep some --baselines")
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"method names must be unique, got {names}")
+    return specs
+
+
+def run_bag_evaluation(args: argparse.Namespace) -> int:
+    """``evaluate --bag``: every method on the same traversals; writes the report and prints the table."""
+    radius_m = BAG_RADIUS_M if args.radius_m is None else float(args.radius_m)
+    ns = sorted({int(n) for n in args.ns})
+    if not args.query_bag:
+        raise ConfigError("--bag needs --query-bag: the traversal to query against the --bag map")
+    if radius_m <= 0 or not ns or ns[0] < 1 or args.batch_size < 1:
+        raise ConfigError("--radius-m, --ns and --batch-size must be positive")
+    if args.keyframe_distance < 0 or args.bow_words < 2:
+        raise ConfigError("--keyframe-distance must be >= 0 and --bow-words >= 2")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
         raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
-    with atomic_directory(out) as staging:
-        (staging / "recall.md").write_text(recall_table_markdown(results, title), encoding="utf-8")
-        plot_recall_curves(results, str(staging / "recall.png"), title)
-        summary = {
-            "title": title,
-            "models": [
-                {"model": name, "recall": {str(n): r for n, r in result.recall.items()}, "queries": result.num_queries,
-                 "queries_without_match": result.num_skipped}
-                for name, result in results
-            ],
-        }
-        (staging / "recall.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    for path in (args.bag, args.query_bag):
+        if not Path(path).exists():
+            raise BagError(f"bag {path} does not exist")
+    specs = method_specs(args)
+    intrinsics = CameraIntrinsics.from_values(args.intrinsics or [])
+    stages = STAGES if args.stages == "all" else STAGES[:1]
+    reference = frame_source_from_args(args, args.bag)
+    queries = frame_source_from_args(args, args.query_bag)
+    # Offline evaluation of two traversals: every keyframe is a valid answer, nothing is excluded.
+    matching = MatchingConfig(k=max(ns), min_score=0.0, exclude_recent_s=0.0, exclude_within_m=0.0)
+
+    runs = []
+    for spec in specs:
+        started = time.perf_counter()
+        if spec.model is None:
+            detectors = [(spec.name, build_bow_detector(reference, args.keyframe_distance, matching, args.bow_words))]
+        else:
+            describer = describer_for(spec.model, device=args.device, batch_size=args.batch_size)
+            keyframe_map = build_descriptor_map(describer, reference, args.keyframe_distance)
+            # The stage rows keep the node's k (5): its latency and what it publishes.
+            staged = replace(matching, k=min(matching.k, MatchingConfig().k))
+            detectors = [(spec.name + suffix, LoopDetector(describer, keyframe_map, staged if suffix else matching,
+                                                           source=reference.bag, verification=verification,
+                                                           temporal=temporal, intrinsics=intrinsics))
+                         for suffix, verification, temporal in stages]
+        mapped = time.perf_counter()
+        for name, detector in detectors:
+            run = run_queries(name, detector, queries, radius_m, ns)
+            runs.append(run)
+            print(f"evaluate: {name}: map of {len(run.map_positions)} keyframes in {mapped - started:.1f} s, "
+                  f"{run.metrics.num_queries} queries in {time.perf_counter() - mapped:.1f} s, "
+                  f"R@{ns[0]} {format_percent(run.metrics.recall_at[ns[0]])} %, "
+                  f"max R @ P=100 % {format_percent(run.metrics.max_recall_at_full_precision)} %, "
+                  f"median {run.median_latency_ms:.1f} ms/query", flush=True)
+            mapped = time.perf_counter()
+
+    first = runs[0].metrics
+    title = (f"Loop closure: {first.num_queries} queries from {Path(args.query_bag).name} "
+             f"({first.num_with_loop} with a true loop) against {Path(args.bag).name}, "
+             f"keyframes every {args.keyframe_distance:g} m, correct within {radius_m:g} m")
+    settings = {"reference_bag": str(args.bag), "query_bag": str(args.query_bag), "radius_m": radius_m,
+                "ns": ns, "keyframe_distance_m": args.keyframe_distance, "bow_words": args.bow_words,
+                "stages": args.stages, "intrinsics": None if intrinsics is None else list(vars(intrinsics).values()),
+                "device": args.device}
+    write_loop_closure_report(runs, title, out, radius_m, args.overwrite, settings)
+    print(loop_closure_table_markdown(runs, title), end="")
+    print(f"wrote {out / 'loop_closure.md'}, {out / 'pr_curve.png'}, {out / 'trajectories.png'} "
+          f"(per-query CSVs and loop_closure.json alongside)")
+    return 0
+
+
+# ----- the command ---------------------------------------------------------------------------------
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -119,7 +245,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if not args.model:
         raise ConfigError("--data needs at least one --model (a checkpoint, 'pretrained' or 'default')")
     if args.radius_m is None:
-        args.radius_m = 25.0
+        args.radius_m = DATA_RADIUS_M
     if args.radius_m <= 0 or any(n < 1 for n in args.ns) or args.batch_size < 1:
         raise ConfigError("--radius-m, --ns and --batch-size must be positive")
     args.ns = sorted(set(args.ns))
@@ -127,9 +253,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if out.exists() and not args.overwrite:
         raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
     results, title = _run_data(args)
-    _write_report(results, title, out, args.overwrite)
-    from tscm_ros.reporting import recall_table_markdown
-
+    write_recall_report(results, title, out, args.overwrite)
     print(recall_table_markdown(results, title), end="")
     print(f"wrote {out / 'recall.md'}, {out / 'recall.png'}")
     return 0

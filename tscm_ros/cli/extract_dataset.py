@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cell-m", type=float, default=None, metavar="M",
                         help="places split: size of the square place cells assigned whole to one split "
                         "(default: an eighth of the site's extent, 5 to 50 m)")
-    parser.add_argument("--val-fraction", type=float, default=0.15, help="share of frames for validation (default 0.15)")
+    parser.add_argument("--val-fraction", type=float, default=0.15,
+                        help="share of frames for validation (default 0.15)")
     parser.add_argument("--test-fraction", type=float, default=0.15, help="share of frames for testing (default 0.15)")
     parser.add_argument("--buffer-m", type=float, default=None, metavar="M",
                         help="places split: drop frames closer than M metres to a place of a later split "
