@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tscm_ros.bag import FrameSource
-from tscm_ros.describe import DEFAULT_WEIGHTS, Describer, default_student
+from tscm_ros.describe import DEFAULT_MODEL, DEFAULT_WEIGHTS, Describer, describer_for
 from tscm_ros.loop_detector import DEFAULT_MIN_SCORE, LoopDetector, MatchingConfig
 from tscm_ros.loop_evaluation import build_descriptor_map, run_queries
 from tscm_ros.simulate import simulate_route
@@ -23,7 +23,7 @@ ROUTE = dict(seed=31, frames=60, width=160, height=120, route_length_m=120.0, al
 
 @pytest.fixture(scope="module")
 def default() -> Describer:
-    return default_student(device="cpu")
+    return describer_for(DEFAULT_MODEL, device="cpu")
 
 
 @pytest.fixture(scope="module")

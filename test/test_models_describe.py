@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from tscm_ros.checkpoint import load_checkpoint, load_model_config, save_checkpoint
-from tscm_ros.describe import DEFAULT_WEIGHTS, Describer, onnxruntime_available, pretrained_baseline, resolve_device
+from tscm_ros.describe import (
+    DEFAULT_WEIGHTS,
+    PRETRAINED,
+    Describer,
+    describer_for,
+    onnxruntime_available,
+    resolve_device,
+)
 from tscm_ros.errors import CheckpointError, ConfigError
 from tscm_ros.models import build_model
 from tscm_ros.preprocess import preprocess
@@ -90,7 +97,7 @@ def test_similar_images_get_closer_descriptors_than_different_ones(default_stude
 
 
 def test_pretrained_baseline():
-    baseline = pretrained_baseline(device="cpu")
+    baseline = describer_for(PRETRAINED, device="cpu")
     descriptors = baseline.describe(random_images(2, seed=7))
     assert descriptors.shape == (2, 112) and baseline.model_name == "gem_baseline_offline"
     assert np.allclose(np.linalg.norm(descriptors, axis=1), 1.0, atol=1e-5)

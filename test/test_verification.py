@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tscm_ros.bag import open_frames
-from tscm_ros.describe import default_student
+from tscm_ros.describe import DEFAULT_MODEL, describer_for
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
 from tscm_ros.temporal import TemporalConfig, TemporalConsistency
@@ -37,7 +37,7 @@ def revisit_pairs(route_reference, tmp_path_factory):
     revisit = simulate_route(tmp_path_factory.mktemp("revisit") / "bag", traversal=1, appearance_change=0.2, **ROUTE)
     reference = list(open_frames(route_reference))
     queries = list(open_frames(revisit))
-    model = default_student(device="cpu")
+    model = describer_for(DEFAULT_MODEL, device="cpu")
     similarity = model.describe([f.image for f in queries]) @ model.describe([f.image for f in reference]).T
     positions = np.array([f.pose.position[:2] for f in reference])
     pairs = []

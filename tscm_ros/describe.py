@@ -1,18 +1,19 @@
 """The one inference path: RGB images -> L2-normalised float32 descriptors, for maps, evaluation and the node.
 
-``Describer.from_checkpoint(path)`` loads a trained student (or any tscm_ros checkpoint);
-``Describer.from_checkpoint(None)`` is the default student: the checkpoint shipped in the package
+``load_named_model(model)`` is the one place that resolves the model names the command lines take:
+``default`` (or None) is the default student, the checkpoint shipped in the package
 (tscm_ros/weights/default_student.pt, pretrained on rendered worlds by ``make pretrain``, loaded offline
-like the ImageNet weights). Without that file (a source tree where it was removed) it is the untrained
-student of config/model_student_offline.yaml, and a warning says so. ``pretrained_baseline()`` is the
-"pretrained backbone + GeM" baseline for evaluation. ``describer_for(model)`` is the one place that resolves
-the model names the command lines take: a checkpoint path, ``pretrained`` or ``default``.
+like the ImageNet weights; without that file, the untrained student of config/model_student_offline.yaml,
+and a warning says so); ``pretrained`` is the "pretrained backbone + GeM" baseline for evaluation;
+anything else is a checkpoint path. ``describer_for(model)`` gives its Describer;
+``Describer.from_checkpoint(path)`` loads a checkpoint (None: the default student).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -133,19 +134,8 @@ class Describer:
     def from_checkpoint(
         cls, path: str | Path | None, device: str = "auto", batch_size: int = 16, backend: str = "auto"
     ) -> Describer:
-        """Load a checkpoint (any kind), or the offline-pretrained default student when ``path`` is None."""
-        if path is None:
-            if not DEFAULT_WEIGHTS.is_file():
-                LOG.warning("the pretrained default student %s is missing: using the untrained student "
-                            "(run `make pretrain` to rebuild it)", DEFAULT_WEIGHTS)
-                return cls.from_config(DEFAULT_STUDENT_CONFIG, device=device, batch_size=batch_size, backend=backend)
-            path = DEFAULT_WEIGHTS
-        loaded = load_checkpoint(path)
-        name = str(loaded.model_config.get("name", loaded.kind))
-        describer = cls(loaded.model, loaded.preprocess, loaded.fingerprint, name, device, batch_size, backend)
-        if "score_calibration" in loaded.extra:
-            describer.calibration = ScoreCalibration.from_dict(loaded.extra["score_calibration"], str(path))
-        return describer
+        """Load a checkpoint (any kind), or the default student when ``path`` is None."""
+        return describer_for(DEFAULT_MODEL if path is None else Path(path), device, batch_size, backend)
 
     @classmethod
     def from_config(
@@ -177,22 +167,48 @@ class Describer:
         return output
 
 
-def default_student(device: str = "auto", batch_size: int = 16, backend: str = "auto") -> Describer:
-    """The default student (same as ``Describer.from_checkpoint(None)``)."""
-    return Describer.from_checkpoint(None, device=device, batch_size=batch_size, backend=backend)
+@dataclass
+class NamedModel:
+    """A network with what describing with it needs: preprocessing, fingerprint, name, score calibration."""
+
+    network: nn.Module
+    preprocess: PreprocessConfig
+    fingerprint: str
+    name: str
+    calibration: ScoreCalibration | None = field(default=None)
 
 
-def pretrained_baseline(device: str = "auto", batch_size: int = 16, backend: str = "auto") -> Describer:
-    """Evaluation baseline: the student's ImageNet-pretrained CNN + GeM, no VPR training
-    (config/model_baseline_offline.yaml)."""
-    return Describer.from_config(BASELINE_CONFIG, device=device, batch_size=batch_size, backend=backend)
+def load_named_model(model: str | Path | None) -> NamedModel:
+    """The network a model name stands for: ``pretrained`` (the baseline), ``default`` or None (the default
+    student), else a checkpoint path (a ``Path`` is always a checkpoint)."""
+    if isinstance(model, str) and model == PRETRAINED:
+        config, preprocess_config = load_model_config(BASELINE_CONFIG)
+        return _untrained(config, preprocess_config)
+    path = model
+    if model is None or (isinstance(model, str) and model == DEFAULT_MODEL):
+        if not DEFAULT_WEIGHTS.is_file():
+            LOG.warning("the pretrained default student %s is missing: using the untrained student "
+                        "(run `make pretrain` to rebuild it)", DEFAULT_WEIGHTS)
+            return _untrained(*load_model_config(DEFAULT_STUDENT_CONFIG))
+        path = DEFAULT_WEIGHTS
+    loaded = load_checkpoint(path)
+    calibration = loaded.extra.get("score_calibration")
+    return NamedModel(loaded.model, loaded.preprocess, loaded.fingerprint,
+                      str(loaded.model_config.get("name", loaded.kind)),
+                      None if calibration is None else ScoreCalibration.from_dict(calibration, str(path)))
+
+
+def _untrained(model_config: dict[str, Any], preprocess_config: PreprocessConfig) -> NamedModel:
+    network = build_model(model_config)
+    fingerprint = model_fingerprint(model_config, preprocess_config, network.state_dict())
+    return NamedModel(network, preprocess_config, fingerprint, str(model_config.get("name", model_config["kind"])))
 
 
 def describer_for(model: str | Path | None, device: str = "auto", batch_size: int = 16,
                   backend: str = "auto") -> Describer:
-    """The describer a model name stands for: ``pretrained`` (the baseline), ``default`` or None (the default
-    student), else a checkpoint path."""
-    if model == PRETRAINED:
-        return pretrained_baseline(device=device, batch_size=batch_size, backend=backend)
-    checkpoint = None if model == DEFAULT_MODEL else model
-    return Describer.from_checkpoint(checkpoint, device=device, batch_size=batch_size, backend=backend)
+    """The Describer of ``load_named_model(model)``."""
+    named = load_named_model(model)
+    describer = Describer(named.network, named.preprocess, named.fingerprint, named.name, device, batch_size,
+                          backend)
+    describer.calibration = named.calibration
+    return describer

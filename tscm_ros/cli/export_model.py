@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tscm_ros.cli.common import run_main
-from tscm_ros.cli.evaluate import DEFAULT_STUDENT, PRETRAINED
+from tscm_ros.describe import DEFAULT_MODEL, DEFAULT_WEIGHTS, PRETRAINED, load_named_model
 from tscm_ros.errors import ConfigError
 
 DESCRIPTION = f"""\
@@ -30,7 +30,7 @@ preprocess (height, width, mean, std, resize), dim, kind and name. ONNX: one met
 per key; TorchScript: the extra file 'tscm_ros.json' in the archive (read it with the extra_files
 argument of torch::jit::load).
 
---model takes a checkpoint (.pt from train), '{DEFAULT_STUDENT}' (the shipped pretrained student that the
+--model takes a checkpoint (.pt from train), '{DEFAULT_MODEL}' (the shipped pretrained student that the
 node uses without model_path; the default) or '{PRETRAINED}' (the ImageNet-pretrained CNN + GeM baseline).
 The file is written atomically: it appears complete or not at all.
 """
@@ -51,30 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     kind = parser.add_mutually_exclusive_group(required=True)
     kind.add_argument("--onnx", action="store_true", help="write an ONNX model (needs the onnx package)")
     kind.add_argument("--torchscript", action="store_true", help="write a TorchScript archive")
-    parser.add_argument("--model", default=DEFAULT_STUDENT, metavar="CKPT",
-                        help=f"checkpoint, '{DEFAULT_STUDENT}' or '{PRETRAINED}' "
-                        f"(default: '{DEFAULT_STUDENT}', the shipped student)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="CKPT",
+                        help=f"checkpoint, '{DEFAULT_MODEL}' or '{PRETRAINED}' "
+                        f"(default: '{DEFAULT_MODEL}', the shipped student)")
     parser.add_argument("--out", required=True, metavar="FILE", help="file to write")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     return parser
-
-
-def load_model(name: str):
-    """``(model, preprocess, fingerprint)`` for a checkpoint path, 'default' or 'pretrained', as the other
-    commands resolve these names."""
-    from tscm_ros.checkpoint import load_checkpoint, load_model_config, model_fingerprint
-    from tscm_ros.describe import BASELINE_CONFIG, DEFAULT_WEIGHTS
-    from tscm_ros.models.nets import build_model
-
-    if name == PRETRAINED:
-        config, preprocess = load_model_config(BASELINE_CONFIG)
-        model = build_model(config).eval()
-        return model, preprocess, model_fingerprint(config, preprocess, model.state_dict())
-    if name == DEFAULT_STUDENT and not DEFAULT_WEIGHTS.is_file():
-        raise ConfigError(f"the pretrained default student {DEFAULT_WEIGHTS} is missing "
-                          "(run `make pretrain` to rebuild it, or give a checkpoint with --model)")
-    loaded = load_checkpoint(DEFAULT_WEIGHTS if name == DEFAULT_STUDENT else name)
-    return loaded.model, loaded.preprocess, loaded.fingerprint
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -92,7 +74,11 @@ def _main(argv: Sequence[str] | None) -> int:
                               "--torchscript needs nothing more") from None
     from tscm_ros.checkpoint import export_onnx, export_torchscript
 
-    model, preprocess, fingerprint = load_model(args.model)
+    if args.model == DEFAULT_MODEL and not DEFAULT_WEIGHTS.is_file():
+        raise ConfigError(f"the pretrained default student {DEFAULT_WEIGHTS} is missing "
+                          "(run `make pretrain` to rebuild it, or give a checkpoint with --model)")
+    named = load_named_model(args.model)
+    model, preprocess, fingerprint = named.network.eval(), named.preprocess, named.fingerprint
     export = export_onnx if args.onnx else export_torchscript
     try:
         export(model, preprocess, out, fingerprint)
