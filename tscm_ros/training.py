@@ -39,10 +39,11 @@ from tscm_ros.atomic import atomic_file
 from tscm_ros.augment import AugmentConfig, augment_image
 from tscm_ros.calibration import ScoreCalibration
 from tscm_ros.checkpoint import load_checkpoint, load_model_config, save_checkpoint
-from tscm_ros.dataset import Dataset, MiningConfig, PlaceGraph, Triplets, load_datasets, mine_triplets, require_split
+from tscm_ros.dataset import Dataset, load_datasets, require_split
 from tscm_ros.describe import resolve_device
 from tscm_ros.errors import CheckpointError, ConfigError, DatasetError
 from tscm_ros.losses import TripletDescriptors, tscm_loss
+from tscm_ros.mining import MiningConfig, PlaceGraph, Triplets, mine_triplets
 from tscm_ros.models import build_model
 from tscm_ros.models.backbones import Backbone
 from tscm_ros.preprocess import PreprocessConfig, preprocess
