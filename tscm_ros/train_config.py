@@ -186,10 +186,7 @@ def resolve_model_config(config: TrainConfig, kind: str) -> tuple[dict, Preproce
             f"train {kind}: the model config describes a {model_config.get('kind')!r} model, not a {kind}"
         )
     if model_config.get("projection_dim"):
-        raise ConfigError(
-            f"train {kind}: set projection_dim to null for training; the deployment projection is fitted afterwards "
-            "(tscm_ros.models.add_pca_projection)"
-        )
+        raise ConfigError(f"train {kind}: set projection_dim to null for training (descriptors of the native size)")
     return model_config, preprocess_config
 
 
