@@ -21,6 +21,7 @@ from tscm_ros.cli import evaluate, extract_dataset, train
 from tscm_ros.dataset import load_dataset
 from tscm_ros.describe import Describer
 from tscm_ros.errors import ConfigError
+from tscm_ros.mining import MiningConfig
 from tscm_ros.models import build_model
 from tscm_ros.recall import evaluate_split
 from tscm_ros.simulate import simulate_route
@@ -221,3 +222,19 @@ def test_shipped_training_configs_parse_and_name_models_of_their_kind():
         load_train_config(TINY, ["epochs=0"])
     with pytest.raises(ConfigError, match="wrong type"):
         load_train_config(TINY, ["batch_size=many"])
+
+
+def test_mining_settings_are_flat_keys_in_the_files_and_one_value_in_the_config(tmp_path: Path):
+    config = load_train_config(TINY, ["positive_radius_m=5", "negative_radius_m=12", "heading_deg=30"])
+    assert config.mining == MiningConfig(5.0, 12.0, 30, config.mining.negatives_per_triplet,
+                                         config.mining.negative_candidates)
+    flat = config.to_dict()
+    assert "mining" not in flat and (flat["positive_radius_m"], flat["heading_deg"]) == (5.0, 30)
+    written = tmp_path / "config.yaml"
+    written.write_text(yaml.safe_dump(flat, sort_keys=False))
+    assert load_train_config(written) == config
+    assert load_train_config(default_config_path("teacher")).mining.positive_radius_m == "auto"
+    with pytest.raises(ConfigError, match="positive_radius_m <= negative_radius_m"):
+        load_train_config(TINY, ["positive_radius_m=30", "negative_radius_m=25"])
+    with pytest.raises(ConfigError, match="unknown training setting"):
+        load_train_config(TINY, ["mining={}"])
