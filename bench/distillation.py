@@ -104,7 +104,8 @@ def main() -> int:
         gap = descriptor_gap(path, teacher, queries)
         lines.append(f"| {name} | {100 * metric['r1']:.1f} | {metric['r1'] / teacher_r1:.2f} | "
                      f"{100 * (metric['r1'] - gem_r1):+.1f} | {100 * metric['max_recall_p100']:.1f} | {gap:.3f} |")
-    lines += ["", f"Teacher R@1 {100 * teacher_r1:.1f} %, max R @ P=100 % {100 * results['teacher']['max_recall_p100']:.1f} %; "
+    teacher_p100 = results["teacher"]["max_recall_p100"]
+    lines += ["", f"Teacher R@1 {100 * teacher_r1:.1f} %, max R @ P=100 % {100 * teacher_p100:.1f} %; "
               f"GeM baseline R@1 {100 * gem_r1:.1f} %. {results['teacher']['queries']} queries per method."]
     report = "\n".join(lines) + "\n"
     (out / "distillation.md").write_text(report, encoding="utf-8")

@@ -11,18 +11,11 @@ import numpy as np
 import pytest
 
 from tscm_ros.cli import extract_dataset
-from tscm_ros.dataset import (
-    FRAME_COLUMNS,
-    MiningConfig,
-    PlaceGraph,
-    SplitConfig,
-    assign_splits,
-    buffer_mask,
-    load_dataset,
-    mine_triplets,
-)
+from tscm_ros.dataset import FRAME_COLUMNS, load_dataset
+from tscm_ros.dataset_extraction import SplitConfig, assign_splits, buffer_mask
 from tscm_ros.errors import ConfigError, DatasetError
 from tscm_ros.geometry import yaw_from_quaternion
+from tscm_ros.mining import MiningConfig, PlaceGraph, mine_triplets
 from tscm_ros.recall import evaluate_descriptors, recall_at_n, retrieve
 
 
@@ -75,7 +68,8 @@ def test_place_split_keeps_whole_cells_together_and_is_seeded():
     for cell in set(cells):
         assert len({s for s, c in zip(splits, cells) if c == cell}) == 1
     assert (assign_splits(positions, cfg) == splits).all()
-    assert not (assign_splits(positions, SplitConfig(cell_m=40, val_fraction=0.2, test_fraction=0.2, seed=4)) == splits).all()
+    reseeded = SplitConfig(cell_m=40, val_fraction=0.2, test_fraction=0.2, seed=4)
+    assert not (assign_splits(positions, reseeded) == splits).all()
     assert 0.4 < (splits == "train").mean() < 0.8
 
 
@@ -119,7 +113,8 @@ def test_positives_are_near_and_from_another_traversal_negatives_are_far():
 def test_mining_picks_the_nearest_positive_and_the_hardest_negatives_in_embedding_space():
     positions = np.r_[_loop(40), _loop(40)]
     sequences = np.r_[np.zeros(40, int), np.ones(40, int)]
-    graph = PlaceGraph(positions, sequences, np.zeros(80), MiningConfig(negatives_per_triplet=3, negative_candidates=1000))
+    mining = MiningConfig(negatives_per_triplet=3, negative_candidates=1000)
+    graph = PlaceGraph(positions, sequences, np.zeros(80), mining)
     embeddings = np.eye(80, dtype=np.float32)
     hard = [20, 21, 22]  # far from frame 0 on the loop; make them look like it
     embeddings[hard] = 0.9 * embeddings[0] + 0.1 * embeddings[hard]
@@ -173,7 +168,8 @@ def _write_image_bag(path: Path, frames: int = 5, encoding: str = "rgb8") -> Pat
     from rosbags.typesys import Stores, get_typestore
 
     store = get_typestore(Stores.ROS2_KILTED)
-    Image, Header, Time = (store.types[name] for name in ("sensor_msgs/msg/Image", "std_msgs/msg/Header", "builtin_interfaces/msg/Time"))
+    names = ("sensor_msgs/msg/Image", "std_msgs/msg/Header", "builtin_interfaces/msg/Time")
+    Image, Header, Time = (store.types[name] for name in names)
     with Writer(path, version=9) as writer:
         connection = writer.add_connection("/camera/image_raw", Image.__msgtype__, typestore=store)
         for i in range(frames):
@@ -196,7 +192,8 @@ def _leftovers(directory: Path, name: str) -> list[Path]:
 @pytest.fixture(scope="module")
 def extracted(route_reference, route_query, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("extract") / "dataset"
-    assert _extract([route_reference, route_query], out, "--cell-m", "20", "--val-fraction", "0.2", "--test-fraction", "0.2") == 0
+    split = ("--cell-m", "20", "--val-fraction", "0.2", "--test-fraction", "0.2")
+    assert _extract([route_reference, route_query], out, *split) == 0
     return out
 
 
@@ -251,7 +248,9 @@ def test_extract_refuses_an_unknown_image_encoding(tmp_path: Path, capsys):
     assert not (tmp_path / "dataset").exists() and not _leftovers(tmp_path, "dataset")
 
 
-def test_extract_refuses_a_truncated_bag_and_leaves_no_partial_output(route_reference: Path, route_query: Path, tmp_path: Path, capsys):
+def test_extract_refuses_a_truncated_bag_and_leaves_no_partial_output(
+    route_reference: Path, route_query: Path, tmp_path: Path, capsys
+):
     truncated = tmp_path / "truncated"
     shutil.copytree(route_query, truncated)
     storage = max((p for p in truncated.iterdir() if p.suffix in (".db3", ".mcap")), key=lambda p: p.stat().st_size)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,7 +15,6 @@ from tscm_ros.models import (
     GeM,
     InterTransformer,
     NetVLADLoupe,
-    add_pca_projection,
     build_backbone,
     build_model,
     freeze,
@@ -24,7 +22,6 @@ from tscm_ros.models import (
 )
 from tscm_ros.models.backbones import efficientnet_lite_weight_file
 from tscm_ros.models.blocks import CrossAttentionBlock
-from tscm_ros.models.nets import OutputProjection
 
 
 def torchvision_or_none():
@@ -198,7 +195,8 @@ def test_inter_transformer_fuses_both_directions():
 
 @pytest.mark.parametrize(
     ("name", "stage", "blocks", "channels", "stride"),
-    [("efficientnet_lite0", 5, 11, 112, 16), ("efficientnet_lite1", 7, 21, 320, 32), ("efficientnet_lite2", 5, 15, 120, 16)],
+    [("efficientnet_lite0", 5, 11, 112, 16), ("efficientnet_lite1", 7, 21, 320, 32),
+     ("efficientnet_lite2", 5, 15, 120, 16)],
 )
 def test_truncated_efficientnet_loads_the_packaged_imagenet_weights(name, stage, blocks, channels, stride):
     backbone = build_backbone({"name": name, "stage": stage, "pretrained": True})
@@ -207,7 +205,9 @@ def test_truncated_efficientnet_loads_the_packaged_imagenet_weights(name, stage,
     packaged = torch.load(efficientnet_lite_weight_file(variant), map_location="cpu", weights_only=True)
     own = backbone.state_dict()
     last = blocks - 1
-    for key in ["_conv_stem.weight", "_bn0.running_var", f"_blocks.{last}._project_conv.weight", f"_blocks.{last}._bn2.bias"]:
+    keys = ["_conv_stem.weight", "_bn0.running_var", f"_blocks.{last}._project_conv.weight",
+            f"_blocks.{last}._bn2.bias"]
+    for key in keys:
         assert torch.equal(own[key], packaged[key]), key
     assert not any(key.startswith(f"_blocks.{blocks}.") or key.startswith("_conv_head") for key in own)
     features = backbone.eval()(torch.zeros(1, 3, 192, 256))
@@ -239,22 +239,15 @@ def test_bad_model_configs_raise_config_error():
         build_model({**config, "vlad_branch": {"dim": 8, "output_dim": 8}})
 
 
-def test_pca_projection_whitens_and_shrinks_the_descriptor():
+def test_projection_dim_shrinks_the_descriptor_to_unit_vectors():
     config, preprocess = load_model_config("tiny", "student")
-    model = build_model(config)
+    model = build_model({**config, "projection_dim": 8})
     with torch.no_grad():
-        native = model(images_for(preprocess, 40, seed=3)).numpy()
-    new_config = add_pca_projection(model, config, native, dim=8)
-    assert new_config["projection_dim"] == 8 and config["projection_dim"] is None
-    with torch.no_grad():
-        projected = model.projection.linear(torch.from_numpy(native)).numpy()
         descriptors = model(images_for(preprocess, 3, seed=4))
-    assert np.allclose(projected.mean(axis=0), 0.0, atol=1e-4)
-    assert np.allclose(np.cov(projected, rowvar=False), np.eye(8), atol=1e-3)
     assert descriptors.shape == (3, 8) and model.dim == 8
     assert torch.allclose(descriptors.norm(dim=1), torch.ones(3), atol=1e-5)
-    with pytest.raises(ConfigError, match="at least 8"):
-        OutputProjection(64, 8).fit_pca(torch.randn(5, 64))
+    with pytest.raises(ConfigError, match="projection_dim"):
+        build_model({**config, "projection_dim": 10_000})
 
 
 @pytest.mark.skipif(torchvision_or_none() is not None, reason="torchvision imports here")

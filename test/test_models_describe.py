@@ -71,7 +71,8 @@ def test_onnxruntime_and_torch_backends_agree(default_student):
 
 def test_saving_the_default_student_keeps_its_fingerprint(tmp_path, default_student):
     shipped = load_checkpoint(DEFAULT_WEIGHTS)  # half precision on disk, float32 once loaded
-    fingerprint = save_checkpoint(tmp_path / "default.pt", shipped.model.half(), shipped.model_config, shipped.preprocess)
+    fingerprint = save_checkpoint(tmp_path / "default.pt", shipped.model.half(), shipped.model_config,
+                                  shipped.preprocess)
     assert fingerprint == default_student.fingerprint
     assert Describer.from_checkpoint(tmp_path / "default.pt", device="cpu").fingerprint == fingerprint
 

@@ -23,7 +23,8 @@ def normalised(rgb):
 def test_stretch_resizes_any_size_and_normalises_per_channel():
     cfg = PreprocessConfig(height=48, width=64)
     colours = [(255, 0, 0), (10, 200, 30), (128, 128, 128)]
-    batch = preprocess([solid(120, 160, colours[0]), solid(31, 17, colours[1]), solid(480, 640, colours[2])], cfg, "cpu")
+    images = [solid(120, 160, colours[0]), solid(31, 17, colours[1]), solid(480, 640, colours[2])]
+    batch = preprocess(images, cfg, "cpu")
     assert batch.shape == (3, 3, 48, 64) and batch.dtype == torch.float32
     for i, rgb in enumerate(colours):
         assert torch.allclose(batch[i], normalised(rgb).view(3, 1, 1).expand(3, 48, 64), atol=1e-5)

@@ -68,7 +68,8 @@ def test_one_traversal_cannot_train_and_the_error_says_what_to_record(site: Path
     assert extract_dataset.main(["--bag", str(site / "run1"), "--out", str(data), "--every-m", "2", "--no-progress",
                                  "--val-fraction", "0.3", "--test-fraction", "0"]) == 0
     with pytest.raises(DatasetError, match="record the route again"):
-        from tscm_ros.training import default_config_path, load_train_config
+        from tscm_ros.train_config import default_config_path, load_train_config
         from tscm_ros.training import train as train_model
 
-        train_model("teacher", data, tmp_path / "run", load_train_config(default_config_path("teacher")), progress=False)
+        config = load_train_config(default_config_path("teacher"))
+        train_model("teacher", data, tmp_path / "run", config, progress=False)

@@ -21,10 +21,11 @@ from tscm_ros.cli import evaluate, extract_dataset, train
 from tscm_ros.dataset import load_dataset
 from tscm_ros.describe import Describer
 from tscm_ros.errors import ConfigError
+from tscm_ros.mining import MiningConfig
 from tscm_ros.models import build_model
 from tscm_ros.recall import evaluate_split
 from tscm_ros.simulate import simulate_route
-from tscm_ros.training import default_config_path, load_train_config, resolve_model_config
+from tscm_ros.train_config import default_config_path, load_train_config, resolve_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "config" / "train_tiny.yaml")
@@ -60,7 +61,8 @@ def dataset_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def teacher_run(dataset_dir: Path) -> Path:
     run = dataset_dir.parent / "teacher"
-    argv = ["teacher", "--data", str(dataset_dir), "--out", str(run), "--config", TINY, "--set", "epochs=6", "--no-progress"]
+    argv = ["teacher", "--data", str(dataset_dir), "--out", str(run), "--config", TINY, "--set", "epochs=6",
+            "--no-progress"]
     assert train.main(argv) == 0
     return run
 
@@ -102,14 +104,18 @@ def test_run_directories_hold_config_metrics_curves_and_checkpoints(teacher_run:
         state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
         assert state["epoch"] == config["epochs"] and state["progress"]["epoch"] == config["epochs"]
     student_rows = _metrics(student_run)
-    assert float(student_rows[-1]["loss_soft"]) < float(student_rows[0]["loss_soft"])  # the student moves to the teacher
+    # the student moves to the teacher
+    assert float(student_rows[-1]["loss_soft"]) < float(student_rows[0]["loss_soft"])
     student = load_checkpoint(student_run / "best.pt")
     assert student.extra["teacher_fingerprint"] == load_checkpoint(teacher_run / "best.pt").fingerprint
 
 
-def test_evaluate_puts_models_side_by_side(dataset_dir: Path, teacher_run: Path, student_run: Path, tmp_path: Path, capsys):
+def test_evaluate_puts_models_side_by_side(
+    dataset_dir: Path, teacher_run: Path, student_run: Path, tmp_path: Path, capsys
+):
     out = tmp_path / "eval"
-    argv = ["--data", str(dataset_dir), "--model", str(teacher_run / "best.pt"), "--model", str(student_run / "best.pt"),
+    argv = ["--data", str(dataset_dir), "--model", str(teacher_run / "best.pt"),
+            "--model", str(student_run / "best.pt"),
             "--model", "pretrained", "--out", str(out), "--device", "cpu", "--radius-m", str(RADIUS_M)]
     assert evaluate.main(argv) == 0
     table = (out / "recall.md").read_text()
@@ -117,8 +123,8 @@ def test_evaluate_puts_models_side_by_side(dataset_dir: Path, teacher_run: Path,
     assert "tscm_teacher_tiny" in table and "tscm_student_tiny" in table and "gem_baseline_offline" in table
     assert (out / "recall.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "recall.json").read_text())
-    expected = evaluate_split(load_dataset(dataset_dir), "test", Describer.from_checkpoint(student_run / "best.pt", device="cpu"),
-                              RADIUS_M, (1, 5, 10, 20))
+    student = Describer.from_checkpoint(student_run / "best.pt", device="cpu")
+    expected = evaluate_split(load_dataset(dataset_dir), "test", student, RADIUS_M, (1, 5, 10, 20))
     assert summary["models"][1]["recall"]["1"] == pytest.approx(expected.recall[1])
     assert evaluate.main(argv) == 2  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err
@@ -178,13 +184,16 @@ def test_a_student_checkpoint_is_refused_as_teacher_and_nothing_is_written(datas
     assert not run.exists()
 
 
-def test_bad_settings_datasets_and_run_directories_are_refused(dataset_dir: Path, teacher_run: Path, tmp_path: Path, capsys):
+def test_bad_settings_datasets_and_run_directories_are_refused(
+    dataset_dir: Path, teacher_run: Path, tmp_path: Path, capsys
+):
     base = ["teacher", "--data", str(dataset_dir), "--config", TINY, "--no-progress"]
     assert train.main([*base, "--out", str(tmp_path / "a"), "--set", "learning_rate=1"]) == 2
     assert "learning_rate" in capsys.readouterr().err
     assert train.main([*base, "--out", str(teacher_run)]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert train.main(["teacher", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "b"), "--config", TINY]) == 2
+    nothing = ["teacher", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "b"), "--config", TINY]
+    assert train.main(nothing) == 2
     assert "nothing" in capsys.readouterr().err
     single = tmp_path / "single"  # one traversal only: no query frames to validate with
     (single / "images").mkdir(parents=True)
@@ -208,8 +217,24 @@ def test_shipped_training_configs_parse_and_name_models_of_their_kind():
         model_config, preprocess = resolve_model_config(config, kind)
         assert model_config["kind"] == kind and preprocess.height > 0
     config = load_train_config(TINY, ["lr=1e-4", "heading_deg=45", "epochs=2"])
-    assert (config.lr, config.heading_deg, config.epochs) == (1e-4, 45, 2)
+    assert (config.lr, config.mining.heading_deg, config.epochs) == (1e-4, 45, 2)
     with pytest.raises(ConfigError, match="epochs"):
         load_train_config(TINY, ["epochs=0"])
     with pytest.raises(ConfigError, match="wrong type"):
         load_train_config(TINY, ["batch_size=many"])
+
+
+def test_mining_settings_are_flat_keys_in_the_files_and_one_value_in_the_config(tmp_path: Path):
+    config = load_train_config(TINY, ["positive_radius_m=5", "negative_radius_m=12", "heading_deg=30"])
+    assert config.mining == MiningConfig(5.0, 12.0, 30, config.mining.negatives_per_triplet,
+                                         config.mining.negative_candidates)
+    flat = config.to_dict()
+    assert "mining" not in flat and (flat["positive_radius_m"], flat["heading_deg"]) == (5.0, 30)
+    written = tmp_path / "config.yaml"
+    written.write_text(yaml.safe_dump(flat, sort_keys=False))
+    assert load_train_config(written) == config
+    assert load_train_config(default_config_path("teacher")).mining.positive_radius_m == "auto"
+    with pytest.raises(ConfigError, match="positive_radius_m <= negative_radius_m"):
+        load_train_config(TINY, ["positive_radius_m=30", "negative_radius_m=25"])
+    with pytest.raises(ConfigError, match="unknown training setting"):
+        load_train_config(TINY, ["mining={}"])

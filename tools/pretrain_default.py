@@ -42,11 +42,13 @@ def run(argv: list[str]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default=str(REPO / ".cache" / "pretrain"), help="working directory (bags, datasets, runs)")
+    parser.add_argument("--work", default=str(REPO / ".cache" / "pretrain"),
+                        help="working directory (bags, datasets, runs)")
     parser.add_argument("--reuse-teacher", action="store_true",
                         help="keep WORK/runs/teacher when it has a best.pt (re-distil the student only)")
     parser.add_argument("--package-only", action="store_true",
-                        help="no training: write the default from WORK/runs/student/best.pt (half precision, calibrated)")
+                        help="no training: write the default from WORK/runs/student/best.pt "
+                        "(half precision, calibrated)")
     args = parser.parse_args()
     work = Path(args.work)
     started = time.monotonic()
@@ -81,7 +83,7 @@ def main() -> int:
 
     from tscm_ros.checkpoint import load_checkpoint, save_checkpoint
     from tscm_ros.describe import DEFAULT_WEIGHTS
-    from tscm_ros.training import calibrate_checkpoint
+    from tscm_ros.validation import calibrate_checkpoint
 
     student = load_checkpoint(runs / "student" / "best.pt")
     extra = {key: value for key, value in student.extra.items() if key != "score_calibration"}

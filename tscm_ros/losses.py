@@ -48,10 +48,6 @@ class LossTerms:
     soft: torch.Tensor
     cross_metric: torch.Tensor
 
-    def as_floats(self) -> dict[str, float]:
-        """The terms as plain floats, for logging."""
-        return {name: float(value.detach()) for name, value in vars(self).items()}
-
 
 def squared_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distance along the last axis (broadcasting)."""

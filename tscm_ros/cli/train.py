@@ -33,18 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train", description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="{teacher,student}")
-    for kind, help_text in (("teacher", "train the teacher (triplet loss)"), ("student", "distil the student from a teacher")):
+    kinds_help = (("teacher", "train the teacher (triplet loss)"), ("student", "distil the student from a teacher"))
+    for kind, help_text in kinds_help:
         sub = kinds.add_parser(kind, help=help_text, description=help_text)
         sub.add_argument("--data", required=True, action="append", metavar="DIR",
                          help="dataset directory made by extract_dataset; repeat to train on several sites at once")
         if kind == "student":
-            sub.add_argument("--teacher", required=True, metavar="CKPT", help="trained teacher checkpoint (its best.pt)")
-        sub.add_argument("--out", required=True, metavar="RUN", help="run directory (created; must be new unless --resume)")
+            sub.add_argument("--teacher", required=True, metavar="CKPT",
+                             help="trained teacher checkpoint (its best.pt)")
+        sub.add_argument("--out", required=True, metavar="RUN",
+                         help="run directory (created; must be new unless --resume)")
         sub.add_argument("--config", metavar="YAML", help=f"training config (default: config/train_{kind}.yaml)")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config setting, e.g. --set epochs=10 --set lr=3e-4 --set device=cpu (repeatable)")
+                         help="override a config setting, e.g. --set epochs=10 --set lr=3e-4 --set device=cpu "
+                         "(repeatable)")
         sub.add_argument("--resume", action="store_true",
-                         help="continue RUN after its last completed epoch (settings from RUN/config.yaml plus any --set)")
+                         help="continue RUN after its last completed epoch "
+                         "(settings from RUN/config.yaml plus any --set)")
         sub.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -53,7 +58,9 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from pathlib import Path
 
-    from tscm_ros.training import MAX_RECALL_KEY, default_config_path, load_train_config, train
+    from tscm_ros.train_config import default_config_path, load_train_config
+    from tscm_ros.training import train
+    from tscm_ros.validation import MAX_RECALL_KEY
 
     run_config = Path(args.out) / "config.yaml"
     if args.resume and run_config.is_file():

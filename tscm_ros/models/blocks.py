@@ -51,8 +51,8 @@ class ContextGating(nn.Module):
 class NetVLADLoupe(nn.Module):
     """NetVLAD with a learned projection and context gating, as in PointNetVLAD / TSCM.
 
-    Tokens (N, T, D), L2-normalised, are soft-assigned to K clusters (linear + batch norm + softmax); the residuals to the
-    learned cluster centres are summed per cluster, intra-normalised per cluster, flattened (K*D),
+    Tokens (N, T, D), L2-normalised, are soft-assigned to K clusters (linear + batch norm + softmax); the residuals
+    to the learned cluster centres are summed per cluster, intra-normalised per cluster, flattened (K*D),
     globally L2-normalised, projected to ``output_dim`` with batch norm, then context-gated.
     """
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -106,11 +105,8 @@ class TokenProjection(nn.Linear):
 
 
 class OutputProjection(nn.Module):
-    """Affine map of the descriptor to a smaller deployment dimension, then L2 normalisation.
-
-    Fit it from descriptors with :meth:`fit_pca` (PCA, optionally whitened) or train it; it starts as
-    "keep the first ``out_dim`` dimensions".
-    """
+    """Affine map of the descriptor to a smaller deployment dimension (``projection_dim``), then L2
+    normalisation; it starts as "keep the first ``out_dim`` dimensions", its weights come from a checkpoint."""
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
@@ -120,26 +116,6 @@ class OutputProjection(nn.Module):
         with torch.no_grad():
             self.linear.weight.copy_(torch.eye(out_dim, in_dim))
             self.linear.bias.zero_()
-
-    @torch.no_grad()
-    def fit_pca(self, descriptors: torch.Tensor, whiten: bool = True) -> None:
-        """Set the map to PCA (whitened if asked) of ``descriptors`` (M, in_dim), M >= out_dim."""
-        out_dim = self.linear.out_features
-        if descriptors.ndim != 2 or descriptors.shape[1] != self.linear.in_features:
-            raise ConfigError(
-                f"PCA needs descriptors of shape (M, {self.linear.in_features}), got {tuple(descriptors.shape)}"
-            )
-        if descriptors.shape[0] < out_dim:
-            raise ConfigError(
-                f"PCA to {out_dim} dimensions needs at least {out_dim} descriptors, got {descriptors.shape[0]}"
-            )
-        mean, singular, components = principal_components(descriptors)
-        weight = components[:out_dim]
-        if whiten:
-            scale = singular[:out_dim] / max(descriptors.shape[0] - 1, 1) ** 0.5
-            weight = weight / (scale + 1e-6 * scale[0] + 1e-12)[:, None]
-        self.linear.weight.copy_(weight.to(self.linear.weight.dtype))
-        self.linear.bias.copy_((-weight @ mean).to(self.linear.bias.dtype))
 
     def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
         return l2_normalize(self.linear(descriptors))
@@ -342,21 +318,3 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
             module.fuse_batch_norms()
     return fast.to(memory_format=torch.channels_last)
 
-
-def add_pca_projection(
-    model: StudentNet, model_config: dict[str, Any], native_descriptors: np.ndarray | torch.Tensor, dim: int,
-    whiten: bool = True,
-) -> dict[str, Any]:
-    """Give ``model`` a deployment projection to ``dim`` fitted by PCA on its native descriptors.
-
-    Modifies ``model`` in place and returns the matching model config (save both with save_checkpoint).
-    """
-    if not isinstance(model, StudentNet):
-        raise ConfigError("a deployment projection is only defined for the student")
-    projection = OutputProjection(model.native_dim, int(dim))
-    projection.fit_pca(torch.as_tensor(np.asarray(native_descriptors), dtype=torch.float32), whiten=whiten)
-    model.projection = projection.to(next(model.parameters()).device)
-    model.dim = int(dim)
-    new_config = copy.deepcopy(model_config)
-    new_config["projection_dim"] = int(dim)
-    return new_config
