@@ -8,7 +8,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 
 help:
 	@echo "make setup       create .venv (pinned deps) and colcon-build the package into install/"
-	@echo "make test        setup, then run the test suite"
+	@echo "make test        setup, lint (ruff), then run the test suite"
 	@echo "make demo        setup, render a route, build a map, run the node over DDS, evaluate"
 	@echo "make demo-train  setup, then the whole TSCM pipeline: dataset, teacher, student, evaluation"
 	@echo "make bench       benchmarks (minutes; see bench/)"
@@ -19,7 +19,7 @@ setup:
 	@bash tools/setup.sh
 
 test: setup
-	. ./env.sh && pytest
+	. ./env.sh && ruff check . && pytest
 
 demo: setup
 	. ./env.sh && bash tools/demo.sh

@@ -101,7 +101,8 @@ def render(cache: Path, seed: int, length: float, traversal: int, condition: str
 
 def simulator_cache() -> Path:
     """Where rendered routes are kept: one folder per version of the simulator."""
-    simulator = hashlib.sha256((REPO / "tscm_ros" / "simulate.py").read_bytes()).hexdigest()[:12]
+    sources = sorted((REPO / "tscm_ros").glob("simulat*.py"))
+    simulator = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:12]
     return REPO / ".cache" / "bench" / simulator
 
 

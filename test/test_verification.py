@@ -127,8 +127,9 @@ def test_a_gap_in_the_images_restarts_the_sequence():
 def _map_with_features(images) -> KeyframeMap:
     keyframe_map = KeyframeMap(4, "f" * 16, {})
     vectors = np.eye(4, dtype=np.float32)[: len(images)]
-    keyframe_map.add(vectors, [KeyframeMeta(stamp_ns=i, pose=None, bag="b", local_features=extract_local_features(image))
-                               for i, image in enumerate(images)])
+    metas = [KeyframeMeta(stamp_ns=i, pose=None, bag="b", local_features=extract_local_features(image))
+             for i, image in enumerate(images)]
+    keyframe_map.add(vectors, metas)
     return keyframe_map
 
 
@@ -137,7 +138,8 @@ def test_the_map_stores_local_features_compactly(revisit_pairs, tmp_path):
     built = _map_with_features(images)
     built.save(tmp_path / "map")
     loaded = KeyframeMap.load(tmp_path / "map")
-    assert loaded.has_local_features and json.loads((tmp_path / "map" / "manifest.json").read_text())["format_version"] == 2
+    assert loaded.has_local_features
+    assert json.loads((tmp_path / "map" / "manifest.json").read_text())["format_version"] == 2
     for i, image in enumerate(images):
         expected, got = extract_local_features(image), loaded.local_features(i)
         np.testing.assert_array_equal(got.descriptors, expected.descriptors)

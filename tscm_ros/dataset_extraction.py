@@ -25,7 +25,7 @@ from scipy.spatial import cKDTree
 
 from tscm_ros import __version__
 from tscm_ros.atomic import atomic_directory
-from tscm_ros.bag import open_frames
+from tscm_ros.bag import FrameSource
 from tscm_ros.dataset import DATASET_FORMAT, DATASET_VERSION, FRAME_COLUMNS, ROLES, SPLITS
 from tscm_ros.errors import BagError, ConfigError, DatasetError, TscmError
 
@@ -181,10 +181,10 @@ def _write_image(path: Path, rgb: np.ndarray) -> None:
 
 
 def _sample_bag(
-    bag: Path, sequence: int, image_dir: Path, image_format: str, sampling: SamplingConfig, reader_args: dict,
-    progress: bool,
+    source: FrameSource, sequence: int, image_dir: Path, image_format: str, sampling: SamplingConfig, progress: bool,
 ) -> tuple[list[dict], _BagReport]:
-    reader = open_frames(bag, progress=progress, **reader_args)
+    bag = Path(source.bag)
+    reader = source.open(progress=progress)
     if not reader.pose_topic:
         raise BagError(
             f"bag {bag}: no pose topic (Odometry, PoseStamped, PoseWithCovarianceStamped or NavSatFix); "
@@ -237,7 +237,7 @@ def _sample_bag(
     if not rows:
         raise BagError(
             f"bag {bag}: none of its {reader.frames_read} images has a pose from {reader.pose_topic} "
-            f"(poses are interpolated only between pose messages at most {reader_args['max_gap_s']} s apart)"
+            f"(poses are interpolated only between pose messages at most {source.max_gap_s} s apart)"
         )
     LOG.info("%s", reader.summary())
     return rows, report
@@ -268,54 +268,49 @@ def _traversal_split(rows: list[dict], bags: int, database_bags: int) -> list[di
 
 
 def extract_dataset(
-    bags: Sequence[str | Path],
+    sources: Sequence[FrameSource],
     out: str | Path,
-    image_topic: str | None = None,
-    pose_topic: str | None = None,
     sampling: SamplingConfig = SamplingConfig(),
     split: SplitConfig = SplitConfig(),
     image_format: str = "png",
-    max_gap_s: float = 1.0,
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict:
-    """Extract frames with poses from ``bags`` (one sequence each) into a dataset at ``out``.
+    """Extract frames with poses from the bags of ``sources`` (one sequence each) into a dataset at ``out``.
 
     Written in a temporary directory next to ``out`` and renamed into place when complete;
     on any error nothing is left behind. Returns the manifest.
     """
-    if not bags:
+    if not sources:
         raise ConfigError("no input bag given")
     if image_format not in ("png", "jpg"):
         raise ConfigError(f"image format must be 'png' or 'jpg', got {image_format!r}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
-    bag_paths = [Path(bag) for bag in bags]
-    for bag in bag_paths:
-        if not bag.exists():
-            raise BagError(f"bag {bag} does not exist")
+    for source in sources:
+        if not Path(source.bag).exists():
+            raise BagError(f"bag {source.bag} does not exist")
     with atomic_directory(out) as staging:
         image_dir = staging / "images"
         image_dir.mkdir()
         rows: list[dict] = []
         reports = []
-        reader_args = {"image_topic": image_topic, "pose_topic": pose_topic, "max_gap_s": max_gap_s}
-        for sequence, bag in enumerate(bag_paths):
+        for sequence, source in enumerate(sources):
             try:
-                bag_rows, report = _sample_bag(bag, sequence, image_dir, image_format, sampling, reader_args, progress)
+                bag_rows, report = _sample_bag(source, sequence, image_dir, image_format, sampling, progress)
             except TscmError as exc:
-                if str(bag) in str(exc):
+                if str(Path(source.bag)) in str(exc):
                     raise
-                raise type(exc)(f"bag {bag}: {exc}") from exc
+                raise type(exc)(f"bag {Path(source.bag)}: {exc}") from exc
             rows.extend(bag_rows)
             reports.append(report)
         positions = np.array([[row["x"], row["y"]] for row in rows])
-        split, split_reason = resolve_split(split, positions, len(bag_paths))
+        split, split_reason = resolve_split(split, positions, len(sources))
         LOG.info("split: %s", split_reason)
         if split.mode == "traversal":
             keep = np.ones(len(rows), dtype=bool)
-            kept_rows = _traversal_split(rows, len(bag_paths), split.database_bags)
+            kept_rows = _traversal_split(rows, len(sources), split.database_bags)
         else:
             splits = assign_splits(positions, split)
             keep = buffer_mask(positions, splits, split.buffer_m)
@@ -341,7 +336,7 @@ def extract_dataset(
             "sampling": asdict(sampling),
             "split": {**asdict(split), "reason": split_reason},
             "image_format": image_format,
-            "max_gap_s": max_gap_s,
+            "max_gap_s": max(source.max_gap_s for source in sources),
             "counts": {"frames": len(kept_rows), "dropped_by_buffer": int((~keep).sum()), "splits": counts},
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from tscm_ros.cli.common import add_frame_reader_arguments, run_main
+from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_args, run_main
 from tscm_ros.dataset_extraction import SPLIT_MODES, SamplingConfig, SplitConfig, extract_dataset
 
 DESCRIPTION = """\
@@ -65,10 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     manifest = extract_dataset(
-        bags=args.bag,
+        sources=[frame_source_from_args(args, bag) for bag in args.bag],
         out=args.out,
-        image_topic=args.image_topic,
-        pose_topic=args.pose_topic,
         sampling=SamplingConfig(every_m=args.every_m, every_s=args.every_s),
         split=SplitConfig(
             mode=args.split_mode,
@@ -80,7 +78,6 @@ def _main(argv: Sequence[str] | None) -> int:
             seed=args.seed,
         ),
         image_format=args.image_format,
-        max_gap_s=args.max_pose_gap,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
