@@ -27,12 +27,11 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from nav_msgs.msg import Odometry
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from node_throughput import peak_rss_mb, route_and_map  # noqa: E402
+from node_throughput import join_loopback_domain, peak_rss_mb, route_and_map  # noqa: E402
 from tscm_ros.msg import LoopCandidates  # noqa: E402
 
 SAMPLE_S = 10.0
@@ -62,17 +61,11 @@ def main() -> int:
     frames, map_dir, images = route_and_map(work, args.map_size)
     path = np.array([f.pose.position for f in frames])
 
-    domain = str(10 + os.getpid() % 90)
-    env = dict(os.environ, ROS_DOMAIN_ID=domain, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    env, node, executor = join_loopback_domain("tscm_soak")
     node_process = subprocess.Popen(
         [shutil.which("place_recognition_node"), "--ros-args", "-p", f"map_path:={map_dir}",
          "-p", "min_score:=0.0", "-p", "pose_topic:=/odom", "-p", "exclude_within_m:=5.0"],
         env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    os.environ.update(ROS_DOMAIN_ID=domain, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
-    rclpy.init()
-    node = rclpy.create_node("tscm_soak")
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
     image_publisher = node.create_publisher(Image, "/camera/image_raw", qos_profile_sensor_data)
     pose_publisher = node.create_publisher(Odometry, "/odom", qos_profile_sensor_data)
     sent: dict[tuple[int, int], float] = {}

@@ -73,6 +73,18 @@ def route_and_map(work: Path, map_size: int) -> tuple[list, Path, list[Image]]:
     return frames, map_dir, images
 
 
+def join_loopback_domain(node_name: str):
+    """A DDS domain of this process's own, discovery on loopback: the environment for the node's process, and
+    an rclpy node of ours in that domain with its executor."""
+    domain = str(10 + os.getpid() % 90)
+    os.environ.update(ROS_DOMAIN_ID=domain, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    rclpy.init()
+    node = rclpy.create_node(node_name)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    return dict(os.environ), node, executor
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -125,15 +137,10 @@ def main() -> int:
     parser.add_argument("--map-size", type=int, default=10_000)
     args = parser.parse_args()
 
-    _, map_dir, images = route_and_map(Path(tempfile.mkdtemp(prefix="tscm_bench_node_")), args.map_size)
+    work = Path(tempfile.mkdtemp(prefix="tscm_bench_node_"))
+    _, map_dir, images = route_and_map(work, args.map_size)
 
-    domain = str(10 + os.getpid() % 90)
-    env = dict(os.environ, ROS_DOMAIN_ID=domain, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
-    os.environ.update(ROS_DOMAIN_ID=domain, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
-    rclpy.init()
-    node = rclpy.create_node("tscm_bench")
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
+    env, node, executor = join_loopback_domain("tscm_bench")
     publisher = node.create_publisher(Image, "/camera/image_raw", qos_profile_sensor_data)
     results: dict[str, tuple[list[dict], float]] = {}
     try:
@@ -157,6 +164,7 @@ def main() -> int:
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
+        shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nplace_recognition_node, default student, {args.map_size}-keyframe flat map, "
           f"320x240 rgb8, {args.duration:.0f} s per rate, {os.cpu_count()} CPUs\n")

@@ -181,11 +181,11 @@ class NamedModel:
 def load_named_model(model: str | Path | None) -> NamedModel:
     """The network a model name stands for: ``pretrained`` (the baseline), ``default`` or None (the default
     student), else a checkpoint path (a ``Path`` is always a checkpoint)."""
-    if isinstance(model, str) and model == PRETRAINED:
+    if model == PRETRAINED:
         config, preprocess_config = load_model_config(BASELINE_CONFIG)
         return _untrained(config, preprocess_config)
     path = model
-    if model is None or (isinstance(model, str) and model == DEFAULT_MODEL):
+    if model is None or model == DEFAULT_MODEL:
         if not DEFAULT_WEIGHTS.is_file():
             LOG.warning("the pretrained default student %s is missing: using the untrained student "
                         "(run `make pretrain` to rebuild it)", DEFAULT_WEIGHTS)

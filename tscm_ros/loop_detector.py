@@ -176,8 +176,9 @@ class LoopDetector:
         return candidates
 
     def _verify(self, image: np.ndarray, candidates: list[Candidate]):
-        """Geometric verification of each candidate; the query's local features (None when off)."""
-        if self.verification is None:
+        """Geometric verification of each candidate; the query's local features (None when off or when there
+        is no candidate to verify)."""
+        if self.verification is None or not candidates:
             return None
         features = extract_local_features(image)
         config, intrinsics = self.verification, self.intrinsics
@@ -196,7 +197,7 @@ class LoopDetector:
                 and (self.temporal is None or candidate.consistent))
 
     def process(self, image: np.ndarray, stamp_ns: int, pose=None) -> Detection:
-        """Candidates for one HxWx3 uint8 RGB image taken at ``stamp_ns`` (pose: ``bag.Pose`` or None)."""
+        """Candidates for one HxWx3 uint8 RGB image taken at ``stamp_ns`` (pose: ``geometry.Pose`` or None)."""
         descriptor = self.describer.describe([image])[0]
         position = None if pose is None else pose.position
         exclusion = Exclusion(min_time_gap_s=self.matching.exclude_recent_s,
