@@ -161,7 +161,7 @@ class Garden(Scene):
         parked = np.random.default_rng([seed, traversal, 8])
         for _ in range(int(route.length_m / 10 * look.parked_per_10m)):
             s, side = parked.uniform(0, route.length_m), parked.choice([-1, 1])
-            xy, heading = route.beside(s, side * (PATH_HALF_WIDTH_M + parked.uniform(0.4, 1.0)))
+            xy, heading = route.beside(s, side * (PATH_HALF_WIDTH_M + parked.uniform(0.8, 1.4)))  # clear of the drive
             if parked.random() < 0.6:  # a picnic table
                 top = moved(box((0.9, 0.4, 0.04), 0.6), 0, 0, 0.74)
                 legs = [moved(box((0.04, 0.35, 0.37), 0.6), x, 0, 0.37) for x in (-0.7, 0.7)]
