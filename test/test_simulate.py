@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,9 +14,12 @@ from tscm_ros.cli import simulate_route as cli
 from tscm_ros.errors import ConfigError
 from tscm_ros.simulate import simulate_route
 from tscm_ros.simulation_appearance import CONDITIONS, Appearance
+from tscm_ros.simulation_garden import Garden
+from tscm_ros.simulation_garden_layout import layout
 from tscm_ros.simulation_world import BLOCK_M, Route, World
 
 SMALL = dict(frames=6, width=64, height=48, route_length_m=120.0, progress=False)
+GARDEN = {**SMALL, "world": "garden"}
 
 
 def _messages(bag):
@@ -247,6 +251,7 @@ def test_skip_arc_leaves_out_the_images_of_a_stretch(tmp_path):
     ({"skip_arc": (-0.1, 0.2)}, "skip_arc must be"),
     ({"skip_arc": (0.2, 1.5)}, "skip_arc must be"),
     ({"skip_arc": (0.0, 1.0)}, "leaves no image"),
+    ({"world": "forest"}, "world must be one of town, garden, got 'forest'"),
 ])
 def test_bad_new_options_are_refused(tmp_path, options, message):
     with pytest.raises(ConfigError, match=message):
@@ -265,4 +270,84 @@ def test_command_line_takes_the_new_options(tmp_path, capsys):
     assert "--skip-arc must be START,END" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--out", str(tmp_path / "x"), "--condition", "fog"])
+    assert not (tmp_path / "x").exists()
+
+
+def _histogram(image):
+    """The image's colours: an 8 x 8 x 8 RGB histogram, summing to 1."""
+    counts = np.histogramdd(image.reshape(-1, 3), bins=8, range=[(0, 256)] * 3)[0].ravel()
+    return counts / counts.sum()
+
+
+def test_the_garden_is_deterministic_and_unlike_the_town(tmp_path):
+    garden = simulate_route(tmp_path / "garden", seed=3, traversal=1, **GARDEN)
+    town = simulate_route(tmp_path / "town", seed=3, traversal=1, **SMALL)
+    assert _bag_bytes(garden) == _bag_bytes(simulate_route(tmp_path / "again", seed=3, traversal=1, **GARDEN))
+    garden_frames, town_frames = _frames(garden), _frames(town)
+    # the same route and drive, other things to see
+    np.testing.assert_array_equal([f.pose.position for f in garden_frames], [f.pose.position for f in town_frames])
+    for g, t in zip(garden_frames, town_frames):
+        assert np.abs(_histogram(g.image) - _histogram(t.image)).sum() > 0.5  # a quarter of the pixels in other colours
+    assert layout(Route(120.0), 3) != layout(Route(120.0), 4)  # another seed, another garden
+
+
+def test_a_day_revisit_of_the_garden_looks_like_its_own_place(tmp_path):
+    """Each image of a day revisit (1-2 m to the side, turned a few degrees, between the reference's
+    images) has colours closer to the nearest reference image than to the one half a lap away."""
+    reference = _frames(simulate_route(tmp_path / "reference", condition="day", **{**GARDEN, "frames": 48}))
+    revisit = _frames(simulate_route(tmp_path / "revisit", traversal=1, condition="day", **GARDEN))
+    positions = np.array([f.pose.position[:2] for f in reference])
+    for frame in revisit:
+        distance = np.linalg.norm(positions - frame.pose.position[:2], axis=1)
+        assert distance.min() < 3.0 and distance.max() > 30.0
+        own, far = _histogram(reference[distance.argmin()].image), _histogram(reference[distance.argmax()].image)
+        query = _histogram(frame.image)
+        assert np.abs(query - own).sum() < np.abs(query - far).sum()
+
+
+def test_the_conditions_change_the_garden(tmp_path):
+    small = {**GARDEN, "frames": 4}
+    images = {condition: np.array([f.image for f in _frames(simulate_route(tmp_path / condition, traversal=1,
+                                                                            condition=condition, **small))],
+                                  np.float32)
+              for condition in ("day", "night", "haze", "season", "clutter")}
+    day, night, haze = images["day"], images["night"], images["haze"]
+    assert night.mean() < 0.5 * day.mean() and night[..., 2].mean() > night[..., 0].mean()  # dark and bluish
+    assert haze.mean() > day.mean() and haze.std() < 0.8 * day.std()  # fading to a light grey
+
+    def green(images):  # how much greener than red the lower half (lawn, path, hedges) is
+        lower = images[:, images.shape[1] // 2:]
+        return (lower[..., 1] - lower[..., 0]).mean()
+
+    assert green(images["season"]) < green(day) - 10  # the lawn browned or under snow
+    assert all(not np.array_equal(c, d) for c, d in zip(images["clutter"], day))  # other things by the path
+
+
+def _features(garden, block):
+    """The garden's features in one block, placed relative to the block's start."""
+    return [replace(f, s=round(f.s - block * BLOCK_M, 9)) for f in garden.features if f.s // BLOCK_M == block]
+
+
+def test_aliasing_copies_the_gardens_blocks():
+    route = Route(200.0)
+    look = Appearance.for_traversal(0, 0, 0.6)
+    plain, aliased = Garden(route, 0, 0, look, 0.0), Garden(route, 0, 0, look, 0.4)
+    try:
+        assert plain.copies == {} and len(aliased.copies) == round(0.4 * 10)
+        for block in range(10):
+            assert _features(aliased, block) == _features(plain, aliased.copies.get(block, block))
+        assert any(_features(aliased, block) != _features(plain, block) for block in aliased.copies)
+    finally:
+        plain.close()
+        aliased.close()
+
+
+def test_command_line_renders_the_garden_and_refuses_an_unknown_world(tmp_path, capsys):
+    out = tmp_path / "bag"
+    argv = ["--out", str(out), "--frames", "10", "--width", "32", "--height", "24", "--route-length", "100",
+            "--world", "garden", "--traversal", "1", "--condition", "night", "--skip-arc", "0.25,0.55"]
+    assert cli.main(argv) == 0
+    assert "wrote 7 frames (32x24) of traversal 1, seed 0, 1 x 100 m, world garden" in capsys.readouterr().out
+    assert cli.main(["--out", str(tmp_path / "x"), "--world", "forest"]) == 2
+    assert "error: simulate_route: world must be one of town, garden, got 'forest'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -1,4 +1,5 @@
-"""Rendered test routes: a camera driving a closed loop through a textured town, written as a rosbag2.
+"""Rendered test routes: a camera driving a closed loop through a textured town (or garden), written as a
+rosbag2.
 
 The world (grass, an asphalt road, pavements in blocks of colour, road-side buildings with procedural
 facades, poles) depends only on ``seed`` and ``aliasing``; ``traversal`` 0 is the reference drive, and
@@ -19,6 +20,12 @@ distinct places look alike; ``skip_arc`` leaves out the images of a stretch of t
 that never mapped it). Rendering is pybullet's CPU TinyRenderer (offscreen), so the same arguments
 give byte-identical images. The town and its rendering are in tscm_ros/simulation_world.py, the
 conditions and the drive in tscm_ros/simulation_appearance.py; this module writes the bag.
+
+``world`` "garden" (tscm_ros/simulation_garden.py) replaces the town by a world unlike it, for
+benchmarks held out from everything tuned in the town: a gravel path through a park of hedges, trees,
+walls, benches and sculptures around a temple, in photographic textures, under a low warm sun and a
+cloudy sky. Route, drive, odometry, conditions, ``aliasing`` (of its 20 m blocks by the path) and
+``skip_arc`` work as in the town.
 
 Topics: ``/camera/image_raw`` (sensor_msgs/Image, rgb8, frame ``camera``), optionally
 ``/camera/image_raw/compressed`` (JPEG), and ``/odom`` (nav_msgs/Odometry, the exact pose of
@@ -41,7 +48,8 @@ from tqdm import tqdm
 from tscm_ros.atomic import atomic_directory
 from tscm_ros.errors import ConfigError
 from tscm_ros.simulation_appearance import CONDITIONS, Appearance
-from tscm_ros.simulation_world import Route, World
+from tscm_ros.simulation_garden import Garden
+from tscm_ros.simulation_world import Route, Scene, World
 
 IMAGE_TOPIC = "/camera/image_raw"
 COMPRESSED_TOPIC = "/camera/image_raw/compressed"
@@ -51,6 +59,7 @@ MIN_ODOM_PER_IMAGE = 3
 MAX_ODOM_PERIOD_NS = 100_000_000  # odometry at 10 Hz or faster, so sparse images still get poses
 START_SEC = 1_700_000_000
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
+WORLDS: dict[str, type[Scene]] = {"town": World, "garden": Garden}  # each with a one-line ``summary``
 
 
 def _odometry(typestore, stamp_ns: int, xy: np.ndarray, heading: float):
@@ -71,7 +80,7 @@ def simulate_route(out: str | Path, seed: int = 0, traversal: int = 0, frames: i
                    height: int = 240, laps: int = 1, storage: str = "sqlite3", compressed: bool = False,
                    appearance_change: float = 0.6, route_length_m: float = 300.0, force: bool = False,
                    progress: bool = True, condition: str = "auto", aliasing: float = 0.0,
-                   skip_arc: tuple[float, float] | None = None) -> Path:
+                   skip_arc: tuple[float, float] | None = None, world: str = "town") -> Path:
     """Render one traversal into a rosbag2 directory at ``out`` and return its path.
 
     ``frames`` images per lap, evenly spaced along a closed route of ``route_length_m`` metres driven
@@ -86,7 +95,8 @@ def simulate_route(out: str | Path, seed: int = 0, traversal: int = 0, frames: i
     makes that fraction of the 20 m street blocks copies of earlier ones (the same for every traversal
     of ``seed``). ``skip_arc=(start, end)``, fractions of the lap with 0 <= start < end <= 1, leaves out
     the images taken where the lap position is in [start, end); odometry goes on through the gap, and
-    the other images are the same as without ``skip_arc``.
+    the other images are the same as without ``skip_arc``. ``world`` (a key of ``WORLDS``) is the scene:
+    "town" (the default) or "garden", a world unlike the town for benchmarks held out from it.
     """
     out = Path(out)
     if frames < 2 or width < 16 or height < 16 or laps < 1 or route_length_m < 50:
@@ -97,6 +107,8 @@ def simulate_route(out: str | Path, seed: int = 0, traversal: int = 0, frames: i
         raise ConfigError(f"simulate_route: appearance change must be in [0, 1], got {appearance_change}")
     if traversal < 0:
         raise ConfigError(f"simulate_route: traversal must be >= 0, got {traversal}")
+    if world not in WORLDS:
+        raise ConfigError(f"simulate_route: world must be one of {', '.join(WORLDS)}, got {world!r}")
     if condition not in CONDITIONS:
         raise ConfigError(f"simulate_route: condition must be one of {', '.join(CONDITIONS)}, got {condition!r}")
     if not 0.0 <= aliasing <= 1.0:
@@ -132,7 +144,7 @@ def simulate_route(out: str | Path, seed: int = 0, traversal: int = 0, frames: i
     typestore = get_typestore(Stores.ROS2_HUMBLE)
     T = typestore.types
 
-    world = World(route, seed, traversal, look, aliasing)
+    scene = WORLDS[world](route, seed, traversal, look, aliasing)
     try:
         with atomic_directory(out) as bag_dir:
             bag_dir.rmdir()  # the rosbag2 writer creates its directory itself
@@ -157,9 +169,9 @@ def simulate_route(out: str | Path, seed: int = 0, traversal: int = 0, frames: i
                     xy, yaw = pose_at(stamp_ns)
                     eye = [xy[0], xy[1], look.height_m]
                     target = [xy[0] + 10 * math.cos(yaw), xy[1] + 10 * math.sin(yaw), look.height_m + 0.5]  # 3 deg up
-                    rgb, sky, depth = world.render(eye, target, width, height, look.light_direction, look.light_color,
+                    rgb, sky, depth = scene.render(eye, target, width, height, look.light_direction, look.light_color,
                                                    look.ambient)
-                    rgb = look.grade(rgb, sky, depth, noise)
+                    rgb = look.grade(rgb, sky, depth, noise, scene.clouds(eye, target, width, height))
                     header = T["std_msgs/msg/Header"](
                         stamp=T["builtin_interfaces/msg/Time"](sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9),
                         frame_id="camera")
@@ -173,5 +185,5 @@ def simulate_route(out: str | Path, seed: int = 0, traversal: int = 0, frames: i
                         writer.write(jpeg_conn, stamp_ns,
                                      typestore.serialize_cdr(message, "sensor_msgs/msg/CompressedImage"))
     finally:
-        world.close()
+        scene.close()
     return out

@@ -28,6 +28,7 @@ NIGHT_SKY = ((10.0, 14.0, 40.0), (35.0, 42.0, 80.0))
 OVERCAST_SKY = ((165.0, 170.0, 180.0), (215.0, 218.0, 222.0))
 FOG = (215.0, 218.0, 222.0)
 GRASS = (0.33, 0.45, 0.28)
+CLOUD_WHITENESS = 0.8  # how far a cloud is lit from the horizon colour towards white, in full daylight
 
 
 @dataclass(frozen=True)
@@ -141,13 +142,18 @@ class Appearance:
         hsv[:, :, 1] *= self.saturation
         return np.clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB), 0, 1).reshape(np.shape(rgb))
 
-    def grade(self, rgb: np.ndarray, sky_mask: np.ndarray, depth_m: np.ndarray,
-              noise: np.random.Generator) -> np.ndarray:
-        """Paint the sky, fog, apply tint, gain and sensor noise: the final uint8 image."""
+    def grade(self, rgb: np.ndarray, sky_mask: np.ndarray, depth_m: np.ndarray, noise: np.random.Generator,
+              clouds: np.ndarray | None = None) -> np.ndarray:
+        """Paint the sky (with ``clouds``, a cover (H, W) in [0, 1], if given), fog, apply tint, gain and
+        sensor noise: the final uint8 image."""
         image = rgb.astype(np.float32)
         # zenith colour at the top row, horizon colour a little above the image centre and below
         rows = np.clip(np.arange(rgb.shape[0], dtype=np.float32) / (0.45 * rgb.shape[0]), 0, 1)[:, None, None]
         gradient = (1 - rows) * np.float32(self.sky[0]) + rows * np.float32(self.sky[1])
+        if clouds is not None:  # lit like the horizon: white by day, a faint glow at night
+            horizon = np.float32(self.sky[1])
+            cloud = horizon + CLOUD_WHITENESS * (255 - horizon) * horizon.mean() / 255
+            gradient = gradient + np.float32(clouds)[:, :, None] * (cloud - gradient)
         image = np.where(sky_mask[:, :, None], gradient, image)
         if self.fog_m > 0:  # haze: fading to the fog colour with depth, the sky all fog
             fog = np.where(sky_mask, 1.0, 1.0 - np.exp(-depth_m / self.fog_m))[:, :, None]

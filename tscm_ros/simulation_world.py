@@ -1,5 +1,6 @@
-"""The simulated town in pybullet: the route, the street (road, pavements, buildings, poles, clutter) and
-its offscreen rendering.
+"""The simulated town in pybullet: the route, the street (road, pavements, buildings, poles, clutter), and
+what every world shares: the ``Scene`` base class with its offscreen rendering, and the street blocks that
+aliasing copies.
 
 The street depends only on ``seed`` and ``aliasing``; surface colours and clutter come from the
 traversal's ``Appearance``. Rendering is pybullet's CPU TinyRenderer, so the same arguments give
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from tscm_ros.simulation_meshes import Mesh
+
 if TYPE_CHECKING:
     from tscm_ros.simulation_appearance import Appearance
 
@@ -25,6 +28,7 @@ ROAD_WIDTH_M = 7.0
 ROAD_SEGMENT_M = 4.0
 PAVEMENT_WIDTH_M = 2.0
 NEAR_M, FAR_M = 0.1, 150.0  # camera clipping planes
+FOV_DEG = 70.0  # the camera's vertical field of view
 BLOCK_M = 20.0  # the street blocks that aliasing copies; a multiple of ROAD_SEGMENT_M
 
 
@@ -63,6 +67,12 @@ class Route:
             if s <= 0:
                 break
         return np.array([x, y]), heading
+
+    def beside(self, s: float, offset_m: float) -> tuple[np.ndarray, float]:
+        """The point ``offset_m`` to the left of the centre line (negative: to the right) after ``s`` metres,
+        and the route's heading there."""
+        centre, heading = self.at(s)
+        return centre + offset_m * np.array([-math.sin(heading), math.cos(heading)]), heading
 
 
 def _textures(rng: np.random.Generator, directory: Path, count: int, recolour) -> list[Path]:
@@ -113,7 +123,7 @@ class _Piece:
     texture: int | None
 
 
-def _copied_blocks(length_m: float, seed: int, aliasing: float) -> dict[int, int]:
+def copied_blocks(length_m: float, seed: int, aliasing: float) -> dict[int, int]:
     """Perceptual aliasing: which street blocks (``BLOCK_M`` long, numbered from the start of the lap)
     copy which earlier original block; ``aliasing`` of all blocks (rounded), chosen from ``seed``."""
     blocks = math.ceil(length_m / BLOCK_M)
@@ -123,13 +133,24 @@ def _copied_blocks(length_m: float, seed: int, aliasing: float) -> dict[int, int
     return {int(block): int(rng.choice([b for b in originals if b < block])) for block in sorted(copies)}
 
 
-class World:
-    """The pybullet scene: ground, road-side buildings and poles from ``seed`` and ``aliasing``; surface
-    colours and clutter from the traversal's ``Appearance``.
+def copy_blocks(pieces: list, copies: dict[int, int], length_m: float) -> list:
+    """The layout along a lap of ``length_m`` with aliasing: each street block keeps its own ``pieces``
+    (dataclasses placed ``s`` metres along the route) or takes those of the block it copies, shifted."""
+    placed = []
+    for block in range(math.ceil(length_m / BLOCK_M)):
+        source = copies.get(block, block)
+        shift = BLOCK_M * (block - source)
+        placed += [replace(piece, s=piece.s + shift) for piece in pieces
+                   if piece.s // BLOCK_M == source and piece.s + shift < length_m]
+    return placed
 
-    ``copies`` maps each copied street block to the block it copies; ``pieces`` (buildings and poles) and
-    ``paint`` (the right and left pavement colours of each road segment) are the layout as built.
-    """
+
+class Scene:
+    """A pybullet scene built from a route, ``seed``, the traversal's ``Appearance`` and ``aliasing``, rendered
+    offscreen. Subclasses build their content in ``_build``; textures they write go to a temporary folder
+    that ``close`` removes."""
+
+    summary = ""  # what the world is, in a line (the command line's --help)
 
     def __init__(self, route: Route, seed: int, traversal: int, look: Appearance, aliasing: float = 0.0) -> None:
         import pybullet
@@ -143,6 +164,9 @@ class World:
             self.close()
             raise
 
+    def _build(self, route: Route, seed: int, traversal: int, look: Appearance, aliasing: float) -> None:
+        raise NotImplementedError
+
     def _box(self, position, half_extents, yaw, rgba, texture=None) -> None:
         p, c = self.p, self.client
         visual = p.createVisualShape(p.GEOM_BOX, halfExtents=half_extents, rgbaColor=rgba, physicsClientId=c)
@@ -151,12 +175,65 @@ class World:
         if texture is not None:
             p.changeVisualShape(body, -1, textureUniqueId=texture, rgbaColor=[1, 1, 1, 1], physicsClientId=c)
 
+    def _mesh(self, mesh: Mesh, position, yaw: float, rgba, texture: int | None = None) -> None:
+        """A body of ``mesh`` at ``position`` turned by ``yaw``; textured (then ``rgba`` is ignored) or flat."""
+        p, c = self.p, self.client
+        visual = p.createVisualShape(p.GEOM_MESH, vertices=mesh.vertices.tolist(), indices=mesh.faces.ravel().tolist(),
+                                     uvs=mesh.uvs.tolist(), normals=mesh.normals.tolist(),
+                                     rgbaColor=[1, 1, 1, 1] if texture is not None else rgba, physicsClientId=c)
+        body = p.createMultiBody(0, -1, visual, basePosition=position,
+                                 baseOrientation=p.getQuaternionFromEuler([0, 0, yaw]), physicsClientId=c)
+        if texture is not None:
+            p.changeVisualShape(body, -1, textureUniqueId=texture, rgbaColor=[1, 1, 1, 1], physicsClientId=c)
+
+    def _texture(self, image: np.ndarray, name: str) -> int:
+        """An RGB uint8 image loaded as a pybullet texture."""
+        path = self._texture_dir / f"{name}.png"
+        cv2.imwrite(str(path), image[:, :, ::-1])
+        return self.p.loadTexture(str(path), physicsClientId=self.client)
+
+    def render(self, eye, target, width: int, height: int, light_direction, light_color,
+               ambient) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """RGB (H, W, 3) uint8, the sky mask (H, W) bool (pixels that hit no object) and the depth (H, W)
+        float32 in metres along the viewing axis."""
+        p = self.p
+        view = p.computeViewMatrix(eye, target, [0, 0, 1], physicsClientId=self.client)
+        projection = p.computeProjectionMatrixFOV(FOV_DEG, width / height, NEAR_M, FAR_M, physicsClientId=self.client)
+        _, _, rgba, depth_buffer, segmentation = p.getCameraImage(
+            width, height, view, projection, renderer=p.ER_TINY_RENDERER, lightDirection=light_direction,
+            lightColor=light_color, lightAmbientCoeff=ambient, lightDiffuseCoeff=0.6, lightSpecularCoeff=0.05,
+            shadow=0, physicsClientId=self.client)
+        rgb = np.asarray(rgba, dtype=np.uint8).reshape(height, width, 4)[:, :, :3]
+        depth_buffer = np.asarray(depth_buffer, dtype=np.float32).reshape(height, width)
+        depth_m = FAR_M * NEAR_M / (FAR_M - (FAR_M - NEAR_M) * depth_buffer)  # the OpenGL depth buffer, linearised
+        return rgb, np.asarray(segmentation).reshape(height, width) < 0, depth_m
+
+    def clouds(self, eye, target, width: int, height: int) -> np.ndarray | None:
+        """Cloud cover (H, W) in [0, 1] over the sky of a view, for ``Appearance.grade``; None: a clear sky."""
+        return None
+
+    def close(self) -> None:
+        self.p.disconnect(physicsClientId=self.client)
+        shutil.rmtree(self._texture_dir, ignore_errors=True)
+
+
+class World(Scene):
+    """The town: ground, road-side buildings and poles from ``seed`` and ``aliasing``; surface colours and
+    clutter from the traversal's ``Appearance``.
+
+    ``copies`` maps each copied street block to the block it copies; ``pieces`` (buildings and poles) and
+    ``paint`` (the right and left pavement colours of each road segment) are the layout as built.
+    """
+
+    summary = ("a street of flat-shaded buildings with procedural facades, poles and pavements in blocks of "
+               "colour on an asphalt road")
+
     def _build(self, route: Route, seed: int, traversal: int, look: Appearance, aliasing: float) -> None:
         p, c = self.p, self.client
         long_side, short_side, radius = route.sides
         self._box([0.0, 0.0, -0.05], [long_side / 2 + radius + 60, short_side / 2 + radius + 60, 0.05], 0.0,
                   [*look.grass, 1])  # grass
-        self.copies = _copied_blocks(route.length_m, seed, aliasing)
+        self.copies = copied_blocks(route.length_m, seed, aliasing)
         pavement = np.random.default_rng([seed, 5])
 
         def paving() -> np.ndarray:  # painted, so that blocks of the street differ
@@ -203,12 +280,7 @@ class World:
                 colour = tuple(world.uniform(0.0, 1.0, 3))
                 pieces.append(_Piece(s, side, distance, (0.15, 0.15, 2.0), None, colour, None))
             s += world.uniform(3.0, 6.0)
-        self.pieces = []
-        for block in range(math.ceil(route.length_m / BLOCK_M)):  # each block its own pieces or a copy's
-            source = self.copies.get(block, block)
-            shift = BLOCK_M * (block - source)
-            self.pieces += [replace(piece, s=piece.s + shift) for piece in pieces
-                            if piece.s // BLOCK_M == source and piece.s + shift < route.length_m]
+        self.pieces = copy_blocks(pieces, self.copies, route.length_m)
         for piece in self.pieces:
             centre, heading = route.at(piece.s)
             normal = np.array([-math.sin(heading), math.cos(heading)])
@@ -237,23 +309,3 @@ class World:
                 distance, yaw = ROAD_WIDTH_M / 2 + parked.uniform(0.5, 1.5), heading + parked.uniform(-0.5, 0.5)
             xy = centre + side * normal * distance
             self._box([*xy, half[2]], half, yaw, [*parked.uniform(0, 1, 3), 1])
-
-    def render(self, eye, target, width: int, height: int, light_direction, light_color,
-               ambient) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """RGB (H, W, 3) uint8, the sky mask (H, W) bool (pixels that hit no object) and the depth (H, W)
-        float32 in metres along the viewing axis."""
-        p = self.p
-        view = p.computeViewMatrix(eye, target, [0, 0, 1], physicsClientId=self.client)
-        projection = p.computeProjectionMatrixFOV(70.0, width / height, NEAR_M, FAR_M, physicsClientId=self.client)
-        _, _, rgba, depth_buffer, segmentation = p.getCameraImage(
-            width, height, view, projection, renderer=p.ER_TINY_RENDERER, lightDirection=light_direction,
-            lightColor=light_color, lightAmbientCoeff=ambient, lightDiffuseCoeff=0.6, lightSpecularCoeff=0.05,
-            shadow=0, physicsClientId=self.client)
-        rgb = np.asarray(rgba, dtype=np.uint8).reshape(height, width, 4)[:, :, :3]
-        depth_buffer = np.asarray(depth_buffer, dtype=np.float32).reshape(height, width)
-        depth_m = FAR_M * NEAR_M / (FAR_M - (FAR_M - NEAR_M) * depth_buffer)  # the OpenGL depth buffer, linearised
-        return rgb, np.asarray(segmentation).reshape(height, width) < 0, depth_m
-
-    def close(self) -> None:
-        self.p.disconnect(physicsClientId=self.client)
-        shutil.rmtree(self._texture_dir, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""simulate_route: render a camera route through a textured 3D town into a rosbag2 (test and demo data)."""
+"""simulate_route: render a camera route through a textured 3D town or garden into a rosbag2 (test and demo data)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rosbags.rosbag2 import Reader
 
 from tscm_ros.cli.common import run_main
 from tscm_ros.errors import ConfigError
-from tscm_ros.simulate import IMAGE_TOPIC, STORAGES, simulate_route
+from tscm_ros.simulate import IMAGE_TOPIC, STORAGES, WORLDS, simulate_route
 from tscm_ros.simulation_appearance import CONDITIONS
 
 
@@ -27,17 +27,27 @@ Traversal 0 is the reference; traversals 1, 2, ... revisit the same places (same
 hard changes for benchmarks; with them, traversals >= 1 also drive 1-2 m off the centre line with a
 slow weave, a heading wobble of 3-5 degrees, the camera up to 0.3 m higher or lower, and take images at
 other points along the route (all of it in the /odom ground truth). --traversal 0 with a condition
-is a reference under that condition, driven on the centre line.""",
+is a reference under that condition, driven on the centre line.
+
+--world garden swaps the town for a world unlike it (other content, photographic textures, another
+sun and sky), to test recognition on a rendered world nobody tuned on; route, drive, conditions,
+--aliasing and --skip-arc work the same there.""",
         epilog="""\
 examples:
   simulate_route --out routes/t0 --traversal 0 && simulate_route --out routes/t1 --traversal 1
   a hard benchmark (perceptual aliasing, a stretch the map never saw, a night-time query):
     simulate_route --out routes/ref --aliasing 0.3 --skip-arc 0.4,0.5
-    simulate_route --out routes/night --aliasing 0.3 --traversal 1 --condition night""",
+    simulate_route --out routes/night --aliasing 0.3 --traversal 1 --condition night
+  the same in the held-out garden world:
+    simulate_route --out garden/ref --world garden && simulate_route --out garden/night --world garden \\
+      --traversal 1 --condition night""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, metavar="BAG", help="rosbag2 directory to write")
-    parser.add_argument("--seed", type=int, default=0, help="world seed: same seed, same town (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="world seed: same seed and --world, same place (default 0)")
+    parser.add_argument("--world", default="town", metavar="NAME",
+                        help="the scene (default town): " + "; ".join(f"{name}: {scene.summary}"
+                                                                     for name, scene in WORLDS.items()))
     parser.add_argument("--traversal", type=int, default=0, help="0 = reference appearance, >= 1 changed (default 0)")
     parser.add_argument("--frames", type=int, default=100, help="images per lap (default 100)")
     parser.add_argument("--route-length", type=float, default=300.0, metavar="M",
@@ -84,12 +94,12 @@ def _main(argv: Sequence[str] | None) -> int:
                          height=args.height, laps=args.laps, storage=args.storage, compressed=args.compressed,
                          appearance_change=args.appearance_change, route_length_m=args.route_length,
                          force=args.force, condition=args.condition, aliasing=args.aliasing,
-                         skip_arc=_interval(args.skip_arc))
+                         skip_arc=_interval(args.skip_arc), world=args.world)
     elapsed = time.perf_counter() - started
     with Reader(out) as reader:
         count = sum(c.msgcount for c in reader.connections if c.topic == IMAGE_TOPIC)
     print(f"simulate_route: wrote {count} frames ({args.width}x{args.height}) of traversal {args.traversal}, "
-          f"seed {args.seed}, {args.laps} x {args.route_length:.0f} m, condition {args.condition}, "
+          f"seed {args.seed}, {args.laps} x {args.route_length:.0f} m, world {args.world}, condition {args.condition}, "
           f"aliasing {args.aliasing:g}, to {out} ({args.storage}) in {elapsed:.1f} s "
           f"({count / elapsed:.1f} frames/s)")
     return 0
