@@ -20,6 +20,29 @@ def feature_map_to_tokens(feature_map: torch.Tensor) -> torch.Tensor:
     return feature_map.flatten(2).transpose(1, 2)
 
 
+def spherical_kmeans(samples: torch.Tensor, clusters: int, iterations: int = 20, seed: int = 0) -> torch.Tensor:
+    """k-means by cosine similarity of unit-norm ``samples`` (M, D), M >= clusters: (clusters, D) unit-norm
+    centres, seeded by ``seed`` (the same centres on any machine). A cluster left empty keeps its centre."""
+    if len(samples) < clusters:
+        raise ValueError(f"k-means with {clusters} clusters needs at least {clusters} tokens, got {len(samples)}")
+    generator = torch.Generator().manual_seed(seed)
+    centres = samples[torch.randperm(len(samples), generator=generator)[:clusters]].clone()
+    for _ in range(iterations):
+        nearest = (samples @ centres.T).argmax(dim=1)
+        sums = torch.zeros_like(centres).index_add_(0, nearest, samples)
+        filled = torch.bincount(nearest, minlength=clusters) > 0
+        centres[filled] = l2_normalize(sums[filled])
+    return centres
+
+
+def principal_components(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PCA of the rows of ``data`` (M, D), in float64 on the CPU: (mean, singular values, components as rows)."""
+    data = data.detach().to(torch.float64).cpu()
+    mean = data.mean(dim=0)
+    _, singular, components = torch.linalg.svd(data - mean, full_matrices=False)
+    return mean, singular, components
+
+
 class GeM(nn.Module):
     """Generalised-mean pooling of a feature map, with a learnable exponent p.
 
@@ -75,15 +98,7 @@ class NetVLADLoupe(nn.Module):
         token's weight on its nearest centre. The assignment batch norm starts as the identity on these
         logits (its running statistics and affine parameters agree), in training and in eval mode."""
         samples = l2_normalize(tokens.detach().reshape(-1, self.feature_dim).float())
-        if len(samples) < self.clusters:
-            raise ValueError(f"NetVLAD initialisation needs at least {self.clusters} tokens, got {len(samples)}")
-        generator = torch.Generator().manual_seed(seed)
-        centres = samples[torch.randperm(len(samples), generator=generator)[: self.clusters]].clone()
-        for _ in range(iterations):
-            nearest = (samples @ centres.T).argmax(dim=1)
-            sums = torch.zeros_like(centres).index_add_(0, nearest, samples)
-            filled = torch.bincount(nearest, minlength=self.clusters) > 0
-            centres[filled] = l2_normalize(sums[filled])
+        centres = spherical_kmeans(samples, self.clusters, iterations, seed)
         similarity = (samples @ centres.T).topk(2, dim=1).values
         gap = (similarity[:, 0] - similarity[:, 1]).mean().clamp(min=1e-3)
         alpha = float(torch.log(torch.tensor(100.0)) / (2 * gap))

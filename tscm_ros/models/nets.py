@@ -1,4 +1,5 @@
-"""TSCM's teacher and student networks (and a pretrained-backbone + GeM baseline), built from config dicts.
+"""TSCM's teacher and student networks (and a pretrained-backbone + GeM baseline), built from config dicts;
+the training-free VLAD default is in tscm_ros/models/vlad.py.
 
 Every network maps (N, 3, H, W) normalised images to (N, dim) L2-normalised descriptors. A descriptor is
 two halves, each L2-normalised before the whole is normalised again, so both carry equal weight and the
@@ -21,35 +22,16 @@ from torch import nn
 
 from tscm_ros.errors import ConfigError
 from tscm_ros.models.backbones import Backbone, build_backbone
-from tscm_ros.models.blocks import GeM, InterTransformer, NetVLADLoupe, feature_map_to_tokens, l2_normalize
-
-_REQUIRED = object()
-
-
-def config_section(config: dict[str, Any], key: str, defaults: dict[str, Any], where: str) -> dict[str, Any]:
-    """Return ``config[key]`` merged over ``defaults``; ConfigError on unknown or missing options.
-
-    A default of ``_REQUIRED`` marks a required option.
-    """
-    section = config.get(key, {})
-    if section is None:
-        section = {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{where}: '{key}' must be a mapping, got {section!r}")
-    unknown = set(section) - set(defaults)
-    if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {sorted(unknown)} in '{key}'; allowed: {sorted(defaults)}")
-    merged = {**defaults, **section}
-    missing = [name for name, value in merged.items() if value is _REQUIRED]
-    if missing:
-        raise ConfigError(f"{where}: '{key}' lacks required option(s) {missing}")
-    return merged
-
-
-def _check_keys(config: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = set(config) - allowed
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+from tscm_ros.models.blocks import (
+    GeM,
+    InterTransformer,
+    NetVLADLoupe,
+    feature_map_to_tokens,
+    l2_normalize,
+    principal_components,
+)
+from tscm_ros.models.options import REQUIRED, check_keys, config_section
+from tscm_ros.models.vlad import VladNet
 
 
 class GeMHead(nn.Module):
@@ -74,14 +56,6 @@ class GeMHead(nn.Module):
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         pooled = self.gem(feature_map)
         return self.projection(pooled) if self.projection is not None else pooled
-
-
-def principal_components(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PCA of the rows of ``data`` (M, D), in float64 on the CPU: (mean, singular values, components as rows)."""
-    data = data.detach().to(torch.float64).cpu()
-    mean = data.mean(dim=0)
-    _, singular, components = torch.linalg.svd(data - mean, full_matrices=False)
-    return mean, singular, components
 
 
 class TokenProjection(nn.Linear):
@@ -140,10 +114,10 @@ class StudentNet(nn.Module):
     def __init__(self, config: dict[str, Any], load_pretrained: bool = True) -> None:
         super().__init__()
         where = f"student config {config.get('name', '')!r}"
-        _check_keys(config, {"kind", "name", "seed", "backbone", "gem", "vlad_branch", "projection_dim"}, where)
+        check_keys(config, {"kind", "name", "seed", "backbone", "gem", "vlad_branch", "projection_dim"}, where)
         gem = config_section(config, "gem", {"p": 3.0, "dim": None}, where)
         vlad = config_section(
-            config, "vlad_branch", {"dim": _REQUIRED, "clusters": _REQUIRED, "output_dim": _REQUIRED, "gating": True},
+            config, "vlad_branch", {"dim": REQUIRED, "clusters": REQUIRED, "output_dim": REQUIRED, "gating": True},
             where,
         )
         self.name = str(config.get("name", "student"))
@@ -188,7 +162,7 @@ class TeacherNet(nn.Module):
     def __init__(self, config: dict[str, Any], load_pretrained: bool = True) -> None:
         super().__init__()
         where = f"teacher config {config.get('name', '')!r}"
-        _check_keys(
+        check_keys(
             config,
             {"kind", "name", "seed", "cnn_backbone", "vit_backbone", "gem", "token_dim", "transformer", "netvlad"},
             where,
@@ -197,7 +171,7 @@ class TeacherNet(nn.Module):
         transformer = config_section(config, "transformer", {"heads": 4, "ffn_dim": None, "dropout": 0.0}, where)
         vlad = config_section(
             config, "netvlad",
-            {"clusters": 64, "fused_dim": _REQUIRED, "cnn_dim": _REQUIRED, "vit_dim": _REQUIRED, "gating": True},
+            {"clusters": 64, "fused_dim": REQUIRED, "cnn_dim": REQUIRED, "vit_dim": REQUIRED, "gating": True},
             where,
         )
         if "token_dim" not in config:
@@ -258,7 +232,7 @@ class GeMNet(nn.Module):
     def __init__(self, config: dict[str, Any], load_pretrained: bool = True) -> None:
         super().__init__()
         where = f"baseline config {config.get('name', '')!r}"
-        _check_keys(config, {"kind", "name", "seed", "backbone", "gem"}, where)
+        check_keys(config, {"kind", "name", "seed", "backbone", "gem"}, where)
         gem = config_section(config, "gem", {"p": 3.0}, where)
         self.name = str(config.get("name", "baseline"))
         self.backbone = build_backbone(config.get("backbone"), load_pretrained=load_pretrained)
@@ -275,13 +249,14 @@ class GeMNet(nn.Module):
         return self.head(*self.trunk(images))
 
 
-MODEL_KINDS: dict[str, type[nn.Module]] = {"student": StudentNet, "teacher": TeacherNet, "baseline": GeMNet}
+MODEL_KINDS: dict[str, type[nn.Module]] = {"student": StudentNet, "teacher": TeacherNet, "baseline": GeMNet,
+                                           "vlad": VladNet}
 
 
 def build_model(model_config: dict[str, Any], load_pretrained: bool = True) -> nn.Module:
     """Build the network a model config describes, on CPU, deterministically from ``model_config['seed']``.
 
-    ``model_config['kind']`` is 'student', 'teacher' or 'baseline'. ``load_pretrained=False`` skips reading
+    ``model_config['kind']`` is 'student', 'teacher', 'baseline' or 'vlad'. ``load_pretrained=False`` skips reading
     pretrained backbone weights (for a model whose weights come from a checkpoint). The global RNG state
     is left untouched.
     """
