@@ -1,10 +1,11 @@
-"""Descriptor latency benchmark: student, teacher and a pretrained-backbone + GeM baseline, same run, same input.
+"""Descriptor latency benchmark: the default (VLAD), the TSCM student and teacher, and a pretrained-backbone +
+GeM baseline, same run, same input.
 
 Reports median and p90 latency per image at batch 1 and batch 16, and parameter counts, on the CPU (and
 the GPU when one is usable), for each execution path: the plain eager network, the Describer's torch path
 (batch norms folded into convolutions, channels-last), ONNX Runtime (the Describer's CPU default when
-installed), a frozen TorchScript trace (student), and describe() end to end from a 640x480 RGB image
-(preprocessing included, the Describer's default backend).
+installed), a frozen TorchScript trace (the default), and describe() end to end from a 640x480 RGB image
+(preprocessing included, the Describer's default backend) for the default and the student.
 
     python bench/descriptor_latency.py                 # 2 threads, CPU (+ GPU if present)
     python bench/descriptor_latency.py --threads 1 --repeats 50 --json out.json
@@ -27,10 +28,12 @@ import numpy as np
 import torch
 
 from tscm_ros.checkpoint import load_model_config
-from tscm_ros.describe import Describer, OnnxRuntimeRunner, onnxruntime_available
+from tscm_ros.describe import DEFAULT_MODEL, Describer, OnnxRuntimeRunner, load_named_model, onnxruntime_available
 from tscm_ros.models import build_model, prepare_for_inference
 
-MODELS = {"student": "student_offline", "teacher": "teacher_offline", "baseline (GeM)": "baseline_offline"}
+MODELS = {"default (VLAD)": DEFAULT_MODEL, "student": "student_offline", "teacher": "teacher_offline",
+          "baseline (GeM)": "baseline_offline"}
+END_TO_END = ("default (VLAD)", "student")
 
 
 def time_per_image(
@@ -82,15 +85,20 @@ def main() -> None:
         for label, preset in MODELS.items():
             if label not in args.models:
                 continue
-            config, preprocess = load_model_config(preset)
-            model = build_model(config).to(device)
+            if preset == DEFAULT_MODEL:
+                named = load_named_model(DEFAULT_MODEL)
+                model, preprocess = named.network.to(device), named.preprocess
+                name, vocabulary = named.name, named.vocabulary
+            else:
+                config, preprocess = load_model_config(preset)
+                model, name, vocabulary = build_model(config).to(device), config["name"], None
             parameters = sum(p.numel() for p in model.parameters())
             paths = {"eager": (model, torch.contiguous_format),
                      "fused channels-last": (prepare_for_inference(model), torch.channels_last)}
             if device.type == "cpu" and onnxruntime_available():
                 runner = OnnxRuntimeRunner(model, preprocess, args.threads)
                 paths["onnxruntime"] = (runner, torch.contiguous_format)
-            if label == "student" and device.type == "cpu":
+            if label == "default (VLAD)" and device.type == "cpu":
                 example = torch.zeros(1, 3, preprocess.height, preprocess.width)
                 paths["TorchScript frozen"] = (torchscript_frozen(model, example), torch.contiguous_format)
             for path_name, (network, layout) in paths.items():
@@ -103,8 +111,9 @@ def main() -> None:
                     rows.append(dict(device=device.type, model=label, path=path_name, batch=batch, dim=model.dim,
                                      params=parameters, input=f"{preprocess.height}x{preprocess.width}",
                                      median_ms=median, p90_ms=p90))
-            if label == "student":
-                describer = Describer(model, preprocess, "bench", config["name"], device=device, batch_size=16)
+            if label in END_TO_END:
+                describer = Describer(model, preprocess, "bench", name, device=device, batch_size=16,
+                                      vocabulary=vocabulary)
                 frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
                 for batch in args.batches:
                     frames = [frame] * batch

@@ -1,4 +1,4 @@
-"""The describe() inference path: default student, saved checkpoints, the baseline, devices."""
+"""The describe() inference path: the default (VLAD with a vocabulary), saved checkpoints, the baseline, devices."""
 
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from tscm_ros.checkpoint import load_checkpoint, load_model_config, save_checkpoint
+from tscm_ros.checkpoint import load_model_config, save_checkpoint
 from tscm_ros.describe import (
-    DEFAULT_WEIGHTS,
+    DEFAULT_MODEL,
     PRETRAINED,
     Describer,
     describer_for,
+    generic_vocabulary,
     onnxruntime_available,
     resolve_device,
 )
 from tscm_ros.errors import CheckpointError, ConfigError
 from tscm_ros.models import build_model
+from tscm_ros.models.vlad import Vocabulary
 from tscm_ros.preprocess import preprocess
 
 
@@ -29,52 +31,67 @@ def random_images(count, seed=0, size=(120, 160)):
 
 
 @pytest.fixture(scope="module")
-def default_student():
-    return Describer.from_checkpoint(None, device="cpu", batch_size=4)
+def default():
+    return describer_for(DEFAULT_MODEL, device="cpu", batch_size=4)
 
 
-def test_default_student_descriptors(default_student):
-    assert (default_student.dim, default_student.model_name) == (512, "tscm_student_offline")
-    assert default_student.device == torch.device("cpu")
+def test_default_descriptors(default):
+    assert (default.dim, default.model_name) == (4096, "tscm_vlad_default")
+    assert default.device == torch.device("cpu") and default.vocabulary.source == "generic"
     images = random_images(5) + random_images(1, seed=1, size=(480, 640))
-    descriptors = default_student.describe(images)
-    assert descriptors.shape == (6, 512) and descriptors.dtype == np.float32
+    descriptors = default.describe(images)
+    assert descriptors.shape == (6, 4096) and descriptors.dtype == np.float32
     assert np.allclose(np.linalg.norm(descriptors, axis=1), 1.0, atol=1e-5)
-    one_by_one = np.concatenate([default_student.describe([image]) for image in images])
+    one_by_one = np.concatenate([default.describe([image]) for image in images])
     assert np.allclose(descriptors, one_by_one, atol=1e-5)
-    assert default_student.describe([]).shape == (0, 512)
+    assert default.describe([]).shape == (0, 4096)
 
 
-def test_default_student_matches_the_plain_network(default_student):
-    shipped = load_checkpoint(DEFAULT_WEIGHTS)
-    model, preprocess_config = shipped.model, shipped.preprocess
+def test_default_is_the_plain_network_with_the_generic_vocabulary(default):
+    config, preprocess_config = load_model_config("vlad_default")
+    model = build_model(config)
+    model.set_vocabulary(generic_vocabulary())
     images = random_images(3, seed=2)
     with torch.no_grad():
         expected = model(preprocess(images, preprocess_config)).numpy()
-    assert np.allclose(default_student.describe(images), expected, atol=1e-5)
+    assert np.allclose(default.describe(images), expected, atol=1e-5)
 
 
-def test_default_student_is_the_same_in_a_new_process(default_student):
-    code = "from tscm_ros.describe import Describer; print(Describer.from_checkpoint(None, device='cpu').fingerprint)"
+def test_default_is_the_same_in_a_new_process(default):
+    code = "from tscm_ros.describe import describer_for; print(describer_for('default', device='cpu').fingerprint)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
-    assert result.stdout.strip() == default_student.fingerprint
+    assert result.stdout.strip() == default.fingerprint
 
 
 @pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime or onnx is not installed")
-def test_onnxruntime_and_torch_backends_agree(default_student):
-    assert default_student.backend == "onnxruntime"  # 'auto' picks it on the CPU
-    torch_backend = Describer.from_checkpoint(None, device="cpu", batch_size=3, backend="torch")
-    assert torch_backend.backend == "torch" and torch_backend.fingerprint == default_student.fingerprint
+def test_onnxruntime_and_torch_backends_agree(default):
+    assert default.backend == "onnxruntime"  # 'auto' picks it on the CPU
+    torch_backend = describer_for(DEFAULT_MODEL, device="cpu", batch_size=3, backend="torch")
+    assert torch_backend.backend == "torch" and torch_backend.fingerprint == default.fingerprint
     images = random_images(7, seed=8)
-    assert np.allclose(default_student.describe(images), torch_backend.describe(images), atol=1e-5)
+    assert np.allclose(default.describe(images), torch_backend.describe(images), atol=1e-5)
 
 
-def test_saving_the_default_student_keeps_its_fingerprint(tmp_path, default_student):
-    shipped = load_checkpoint(DEFAULT_WEIGHTS)  # half precision on disk, float32 once loaded
-    fingerprint = save_checkpoint(tmp_path / "default.pt", shipped.model.half(), shipped.model_config,
-                                  shipped.preprocess)
-    assert fingerprint == default_student.fingerprint
-    assert Describer.from_checkpoint(tmp_path / "default.pt", device="cpu").fingerprint == fingerprint
+def test_a_vocabulary_fitted_on_images_replaces_the_generic_one_in_both_backends(default):
+    images = random_images(6, seed=9, size=(96, 128))
+    descriptors, maps = default.describe_with_maps(images)
+    assert np.array_equal(descriptors, default.describe(images))
+    assert maps[0][0].shape == (120, 12, 16) and np.allclose(default.aggregate(maps), descriptors, atol=1e-6)
+    fitted = default.fit_vocabulary([m[0] for m in maps])
+    assert fitted.source == "map" and fitted.images == 6 and fitted.shapes == default.vocabulary.shapes
+    adapted = default.with_vocabulary(fitted)
+    assert adapted.vocabulary is fitted and adapted.base_fingerprint == default.fingerprint != adapted.fingerprint
+    assert default.with_vocabulary(default.vocabulary).fingerprint == default.fingerprint
+    others = random_images(4, seed=10)
+    torch_adapted = describer_for(DEFAULT_MODEL, device="cpu", backend="torch").with_vocabulary(fitted)
+    # Hard assignment: a token on a cluster border may fall either way with another backend's rounding.
+    similarity = (adapted.describe(others) * torch_adapted.describe(others)).sum(axis=1)
+    assert similarity.min() > 0.95
+    assert not np.allclose(adapted.describe(others), default.describe(others), atol=1e-2)
+    with pytest.raises(ConfigError, match="does not fit"):
+        default.with_vocabulary(Vocabulary(np.eye(4, dtype=np.float32), images=1, source="map"))
+    with pytest.raises(ConfigError, match="no VLAD vocabulary"):
+        describer_for(PRETRAINED, device="cpu").with_vocabulary(fitted)
 
 
 def test_describer_from_a_saved_tiny_checkpoint(tmp_path):
@@ -89,11 +106,11 @@ def test_describer_from_a_saved_tiny_checkpoint(tmp_path):
     assert np.allclose(describer.describe(images), expected, atol=1e-5)
 
 
-def test_similar_images_get_closer_descriptors_than_different_ones(default_student):
+def test_similar_images_get_closer_descriptors_than_different_ones(default):
     base = random_images(1, seed=4)[0]
     noisy = np.clip(base.astype(int) + np.random.default_rng(5).integers(-10, 11, base.shape), 0, 255).astype(np.uint8)
     other = random_images(1, seed=6)[0]
-    a, b, c = default_student.describe([base, noisy, other])
+    a, b, c = default.describe([base, noisy, other])
     assert float(a @ b) > float(a @ c)
 
 

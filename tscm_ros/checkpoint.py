@@ -263,20 +263,24 @@ def export_torchscript(model: nn.Module, preprocess: PreprocessConfig, path: str
         torch.jit.save(traced, str(temp), _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
 
 
-def onnx_model_bytes(model: nn.Module, preprocess: PreprocessConfig, metadata: dict[str, Any] | None = None) -> bytes:
+def onnx_model_bytes(model: nn.Module, preprocess: PreprocessConfig, metadata: dict[str, Any] | None = None,
+                     outputs: tuple[str, ...] = ("descriptors",), extra_inputs: dict[str, torch.Tensor] | None = None
+                     ) -> bytes:
     """``model`` (CPU, eval) exported to ONNX with a dynamic batch axis: input ``images`` (N, 3, H, W) at
-    the preprocessing's size, output ``descriptors`` (N, dim). ``metadata`` goes into the model's
-    metadata_props. Needs the ``onnx`` package."""
+    the preprocessing's size (then ``extra_inputs``, name: example tensor, without a batch axis), outputs named
+    ``outputs`` (by default ``descriptors`` (N, dim)). ``metadata`` goes into the model's metadata_props.
+    Needs the ``onnx`` package."""
     import onnx
 
     model = copy.deepcopy(model).eval().cpu()
+    extra_inputs = extra_inputs or {}
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant-folding notes from the exporter
         torch.onnx.export(
-            model, (torch.zeros(1, 3, preprocess.height, preprocess.width),), buffer, dynamo=False,
-            input_names=["images"], output_names=["descriptors"],
-            dynamic_axes={"images": {0: "batch"}, "descriptors": {0: "batch"}},
+            model, (torch.zeros(1, 3, preprocess.height, preprocess.width), *extra_inputs.values()), buffer,
+            dynamo=False, input_names=["images", *extra_inputs], output_names=list(outputs),
+            dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
         )
     if not metadata:
         return buffer.getvalue()

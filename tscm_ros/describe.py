@@ -1,16 +1,18 @@
 """The one inference path: RGB images -> L2-normalised float32 descriptors, for maps, evaluation and the node.
 
 ``load_named_model(model)`` is the one place that resolves the model names the command lines take:
-``default`` (or None) is the default student, the checkpoint shipped in the package
-(tscm_ros/weights/default_student.pt, pretrained on rendered worlds by ``make pretrain``, loaded offline
-like the ImageNet weights; without that file, the untrained student of config/model_student_offline.yaml,
-and a warning says so); ``pretrained`` is the "pretrained backbone + GeM" baseline for evaluation;
+``default`` (or None) is the training-free default, VLAD over pretrained EfficientNet-Lite tokens
+(config/model_vlad_default.yaml, tscm_ros/models/vlad.py) with the generic vocabulary shipped in the package
+(tscm_ros/weights/generic_vocabulary.npz); a map replaces that vocabulary with one fitted on its own images
+(``Describer.with_vocabulary``). ``pretrained`` is the "pretrained backbone + GeM" baseline for evaluation;
 anything else is a checkpoint path. ``describer_for(model)`` gives its Describer;
-``Describer.from_checkpoint(path)`` loads a checkpoint (None: the default student).
+``Describer.from_checkpoint(path)`` loads a checkpoint (None: the default model).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,15 +27,16 @@ from tscm_ros.calibration import ScoreCalibration
 from tscm_ros.checkpoint import load_checkpoint, load_model_config, model_fingerprint, onnx_model_bytes
 from tscm_ros.errors import ConfigError
 from tscm_ros.models.nets import build_model, prepare_for_inference
+from tscm_ros.models.vlad import VladNet, Vocabulary
 from tscm_ros.preprocess import PreprocessConfig, preprocess
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_STUDENT_CONFIG = "student_offline"
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default_student.pt"
+DEFAULT_CONFIG = "vlad_default"
+GENERIC_VOCABULARY = Path(__file__).resolve().parent / "weights" / "generic_vocabulary.npz"
 BASELINE_CONFIG = "baseline_offline"
 PRETRAINED = "pretrained"  # model name of the pretrained backbone + GeM baseline
-DEFAULT_MODEL = "default"  # model name of the default student
+DEFAULT_MODEL = "default"  # model name of the training-free default
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -50,6 +53,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 BACKENDS = ("auto", "torch", "onnxruntime")
+VOCABULARY_INPUTS = ("centres", "token_mean", "token_basis")  # the exported graph's inputs after the images
 
 
 def onnxruntime_available() -> bool:
@@ -62,8 +66,22 @@ def onnxruntime_available() -> bool:
     return True
 
 
+class DescriberGraph(nn.Module):
+    """A network as the Describer runs it: ``(descriptors, *feature_maps)`` from images, the feature maps being
+    its ``trunk()`` outputs; a VLAD network takes its vocabulary's tensors as further inputs, so a map's own
+    vocabulary needs no other graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, *vocabulary: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps = self.model.trunk(images)
+        return (self.model.head(*maps, *vocabulary), *maps)
+
+
 class OnnxRuntimeRunner:
-    """A network exported to ONNX in memory and run by ONNX Runtime on the CPU.
+    """A network's :class:`DescriberGraph` exported to ONNX in memory and run by ONNX Runtime on the CPU.
 
     Worker threads sleep instead of spinning between operators: on a robot's CPU shared with other
     processes, spinning threads (and torch's OpenMP threads) lose whole time slices to each other.
@@ -76,21 +94,46 @@ class OnnxRuntimeRunner:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(
-            onnx_model_bytes(model, preprocess_config), options, providers=["CPUExecutionProvider"]
-        )
+        graph = DescriberGraph(model)
+        vocabulary = ({name: t.clone() for name, t in zip(VOCABULARY_INPUTS, model.vlad.vocabulary_tensors())}
+                      if isinstance(model, VladNet) else {})
+        with torch.no_grad():
+            images = torch.zeros(1, 3, preprocess_config.height, preprocess_config.width)
+            maps = len(graph(images, *vocabulary.values())) - 1
+        self.outputs = ("descriptors", *(f"feature_map_{i}" for i in range(maps)))
+        self.inputs = ("images", *vocabulary)
+        exported = onnx_model_bytes(graph, preprocess_config, outputs=self.outputs, extra_inputs=vocabulary)
+        self.session = onnxruntime.InferenceSession(exported, options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        (descriptors,) = self.session.run(None, {"images": images.contiguous().numpy()})
-        return torch.from_numpy(descriptors)
+    def __call__(self, images: torch.Tensor, *vocabulary: torch.Tensor, maps: bool = True) -> tuple[torch.Tensor, ...]:
+        """``(descriptors, *feature_maps)``, or ``(descriptors,)`` without ``maps``."""
+        inputs = dict(zip(self.inputs, (x.contiguous().numpy() for x in (images, *vocabulary))))
+        wanted = list(self.outputs if maps else self.outputs[:1])
+        return tuple(torch.from_numpy(x) for x in self.session.run(wanted, inputs))
+
+
+def adapted_fingerprint(base_fingerprint: str, own: Vocabulary, vocabulary: Vocabulary) -> str:
+    """The fingerprint of a model (``base_fingerprint``, with its ``own`` vocabulary) that describes with
+    ``vocabulary`` instead (a map's own): the model's when it is the same vocabulary."""
+    if vocabulary.fingerprint() == own.fingerprint():
+        return base_fingerprint
+    return hashlib.sha256(f"{base_fingerprint}|{vocabulary.fingerprint()}".encode()).hexdigest()[:16]
 
 
 class Describer:
     """Computes descriptors with a model in inference mode, in batches, on CPU or GPU.
 
-    Attributes: ``fingerprint`` (the model's hash, recorded by maps), ``dim``, ``preprocess_config``,
-    ``device``, ``model_name``, ``backend`` ('torch' or 'onnxruntime'), ``calibration`` (the checkpoint's
-    :class:`~tscm_ros.calibration.ScoreCalibration`, or None).
+    Attributes: ``fingerprint`` (the hash maps record: the model's own, ``base_fingerprint``, combined with
+    the vocabulary when a map's vocabulary replaced the model's), ``dim``, ``preprocess_config``, ``device``,
+    ``model_name``, ``backend`` ('torch' or 'onnxruntime'), ``calibration`` (the checkpoint's
+    :class:`~tscm_ros.calibration.ScoreCalibration`, or None) and ``vocabulary`` (the VLAD vocabulary in use,
+    None for models without one).
+
+    A descriptor is the network's ``head`` applied to its ``trunk`` outputs (the backbone's feature maps):
+    ``describe`` computes descriptors, ``describe_with_maps`` also returns the feature maps, ``aggregate``
+    computes descriptors from kept feature maps. A model with a vocabulary (``adapts_to_map``) fits one on
+    a map's images (``fit_vocabulary``), and ``with_vocabulary`` gives the describer that uses it, sharing
+    this one's network.
 
     Backends (bench/descriptor_latency.py measures them): 'onnxruntime' runs the network exported to ONNX,
     the fastest CPU path here (about 2x the torch path, and it stays fast when other processes load the
@@ -102,39 +145,43 @@ class Describer:
     def __init__(
         self, model: nn.Module, preprocess_config: PreprocessConfig, fingerprint: str, model_name: str,
         device: str | torch.device = "auto", batch_size: int = 16, backend: str = "auto",
+        vocabulary: Vocabulary | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(model, VladNet) and vocabulary is None:
+            raise ConfigError(f"{model_name} describes with a VLAD vocabulary: give one (the generic one, or a map's)")
         self.device = resolve_device(device)
         self.preprocess_config = preprocess_config
-        self.fingerprint = fingerprint
+        self.base_fingerprint = self.fingerprint = fingerprint
         self.model_name = model_name
         self.dim = int(model.dim)
         self.batch_size = int(batch_size)
         self.calibration: ScoreCalibration | None = None  # from the checkpoint; None: scores are raw similarity
-        self._network: Any = None
+        self.vocabulary = self._own_vocabulary = vocabulary if isinstance(model, VladNet) else None
+        self._network = prepare_for_inference(model).to(self.device)
+        self._vocabulary_tensors = self._tensors(self.vocabulary)
+        self._runner: Any = None
         if backend == "onnxruntime":
             if self.device.type != "cpu":
                 raise ConfigError(f"the onnxruntime backend runs on the CPU only, not on {self.device}")
             if not onnxruntime_available():
                 raise ConfigError("backend 'onnxruntime' needs the PyPI packages onnxruntime and onnx")
-            self._network = OnnxRuntimeRunner(model, preprocess_config, torch.get_num_threads())
+            self._runner = OnnxRuntimeRunner(model, preprocess_config, torch.get_num_threads())
         elif backend == "auto" and self.device.type == "cpu" and onnxruntime_available():
             try:
-                self._network = OnnxRuntimeRunner(model, preprocess_config, torch.get_num_threads())
+                self._runner = OnnxRuntimeRunner(model, preprocess_config, torch.get_num_threads())
             except Exception as exc:  # an operator the exporter or runtime lacks: the torch path still works
                 LOG.warning("ONNX Runtime cannot run %s (%s); using the torch backend", model_name, exc)
-        self.backend = "onnxruntime" if self._network is not None else "torch"
-        if self._network is None:
-            self._network = prepare_for_inference(model).to(self.device)
+        self.backend = "onnxruntime" if self._runner is not None else "torch"
 
     @classmethod
     def from_checkpoint(
         cls, path: str | Path | None, device: str = "auto", batch_size: int = 16, backend: str = "auto"
     ) -> Describer:
-        """Load a checkpoint (any kind), or the default student when ``path`` is None."""
+        """Load a checkpoint (any kind), or the default model when ``path`` is None."""
         return describer_for(DEFAULT_MODEL if path is None else Path(path), device, batch_size, backend)
 
     @classmethod
@@ -155,47 +202,126 @@ class Describer:
         name = str(model_config.get("name", model_config["kind"]))
         return cls(model, preprocess_config, fingerprint, name, device, batch_size, backend)
 
-    def describe(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Descriptors (N, dim) float32 with unit-norm rows for HxWx3 uint8 RGB images of any size."""
-        output = np.empty((len(images), self.dim), dtype=np.float32)
+    @property
+    def adapts_to_map(self) -> bool:
+        """Whether a map fits this model's vocabulary from its own images."""
+        return self.vocabulary is not None
+
+    def with_vocabulary(self, vocabulary: Vocabulary) -> Describer:
+        """This model with ``vocabulary`` in place of its own (sharing the network); its fingerprint combines
+        the model's and the vocabulary's. ConfigError for a model without a vocabulary or of another shape."""
+        if not self.adapts_to_map:
+            raise ConfigError(f"{self.model_name} has no VLAD vocabulary to replace")
+        if vocabulary.shapes != self.vocabulary.shapes:
+            raise ConfigError(f"a vocabulary of shapes {vocabulary.shapes} does not fit {self.model_name}, "
+                              f"which needs {self.vocabulary.shapes}")
+        adapted = copy.copy(self)
+        adapted.vocabulary = vocabulary
+        adapted._vocabulary_tensors = self._tensors(vocabulary)
+        adapted.fingerprint = adapted_fingerprint(self.base_fingerprint, self._own_vocabulary, vocabulary)
+        return adapted
+
+    def _tensors(self, vocabulary: Vocabulary | None) -> tuple[torch.Tensor, ...]:
+        return () if vocabulary is None else tuple(t.to(self.device) for t in vocabulary.tensors())
+
+    def fit_vocabulary(self, feature_maps: Sequence[np.ndarray]) -> Vocabulary:
+        """A vocabulary fitted on the feature maps of a map's images (``feature_maps``, one per image)."""
+        if not self.adapts_to_map:
+            raise ConfigError(f"{self.model_name} has no VLAD vocabulary to fit")
+        return self._network.fit_vocabulary(np.stack([np.asarray(m, dtype=np.float32) for m in feature_maps]))
+
+    def _batches(self, images: Sequence[np.ndarray], maps: bool):
+        """``(descriptors, *feature_maps)`` as float32 arrays for each batch of ``images``."""
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 batch = preprocess(images[start : start + self.batch_size], self.preprocess_config, self.device)
-                if self.backend == "torch":
-                    batch = batch.contiguous(memory_format=torch.channels_last)
-                output[start : start + len(batch)] = self._network(batch).float().cpu().numpy()
+                if self.backend == "onnxruntime":
+                    outputs = self._runner(batch, *self._vocabulary_tensors, maps=maps)
+                else:
+                    outputs = DescriberGraph(self._network)(batch.contiguous(memory_format=torch.channels_last),
+                                                            *self._vocabulary_tensors)
+                    outputs = outputs if maps else outputs[:1]
+                yield [x.float().cpu().numpy() for x in outputs]
+
+    def describe(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Descriptors (N, dim) float32 with unit-norm rows for HxWx3 uint8 RGB images of any size."""
+        output = np.empty((len(images), self.dim), dtype=np.float32)
+        start = 0
+        for descriptors, *_ in self._batches(images, maps=False):
+            output[start : start + len(descriptors)] = descriptors
+            start += len(descriptors)
+        return output
+
+    def describe_with_maps(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[tuple[np.ndarray, ...]]]:
+        """``describe(images)`` and, per image, the trunk's feature maps (without the batch axis), which
+        ``aggregate`` and ``fit_vocabulary`` take."""
+        output = np.empty((len(images), self.dim), dtype=np.float32)
+        maps: list[tuple[np.ndarray, ...]] = []
+        for descriptors, *feature_maps in self._batches(images, maps=True):
+            output[len(maps) : len(maps) + len(descriptors)] = descriptors
+            maps += [tuple(x[i] for x in feature_maps) for i in range(len(descriptors))]
+        return output, maps
+
+    def aggregate(self, feature_maps: Sequence[tuple[np.ndarray, ...]]) -> np.ndarray:
+        """Descriptors (N, dim) float32 with unit-norm rows from kept feature maps (``describe_with_maps``)."""
+        output = np.empty((len(feature_maps), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(feature_maps), self.batch_size):
+                chunk = feature_maps[start : start + self.batch_size]
+                inputs = [torch.from_numpy(np.stack([np.asarray(maps[i], dtype=np.float32) for maps in chunk]))
+                          .to(self.device) for i in range(len(chunk[0]))]
+                descriptors = self._network.head(*inputs, *self._vocabulary_tensors)
+                output[start : start + len(chunk)] = descriptors.float().cpu().numpy()
         return output
 
 
 @dataclass
 class NamedModel:
-    """A network with what describing with it needs: preprocessing, fingerprint, name, score calibration."""
+    """A network with what describing with it needs: preprocessing, fingerprint, name, score calibration and,
+    for a VLAD model, its vocabulary."""
 
     network: nn.Module
     preprocess: PreprocessConfig
     fingerprint: str
     name: str
     calibration: ScoreCalibration | None = field(default=None)
+    vocabulary: Vocabulary | None = field(default=None)
 
 
 def load_named_model(model: str | Path | None) -> NamedModel:
-    """The network a model name stands for: ``pretrained`` (the baseline), ``default`` or None (the default
-    student), else a checkpoint path (a ``Path`` is always a checkpoint)."""
+    """The network a model name stands for: ``default`` or None (the training-free VLAD with the generic
+    vocabulary), ``pretrained`` (the GeM baseline), else a checkpoint path (a ``Path`` is always one)."""
     if model == PRETRAINED:
-        config, preprocess_config = load_model_config(BASELINE_CONFIG)
-        return _untrained(config, preprocess_config)
-    path = model
+        return _untrained(*load_model_config(BASELINE_CONFIG))
     if model is None or model == DEFAULT_MODEL:
-        if not DEFAULT_WEIGHTS.is_file():
-            LOG.warning("the pretrained default student %s is missing: using the untrained student "
-                        "(run `make pretrain` to rebuild it)", DEFAULT_WEIGHTS)
-            return _untrained(*load_model_config(DEFAULT_STUDENT_CONFIG))
-        path = DEFAULT_WEIGHTS
-    loaded = load_checkpoint(path)
+        config, preprocess_config = load_model_config(DEFAULT_CONFIG)
+        network = build_model(config)
+        vocabulary = generic_vocabulary()
+        network.set_vocabulary(vocabulary)
+        fingerprint = model_fingerprint(config, preprocess_config, network.state_dict())
+        return NamedModel(network, preprocess_config, fingerprint, str(config.get("name", config["kind"])),
+                          vocabulary=vocabulary)
+    loaded = load_checkpoint(model)
     calibration = loaded.extra.get("score_calibration")
+    vocabulary = None
+    if isinstance(loaded.model, VladNet):
+        arrays = dict(zip(VOCABULARY_INPUTS, (t.numpy() for t in loaded.model.vlad.vocabulary_tensors())))
+        vocabulary = Vocabulary(**arrays, images=0, source="generic")
     return NamedModel(loaded.model, loaded.preprocess, loaded.fingerprint,
                       str(loaded.model_config.get("name", loaded.kind)),
-                      None if calibration is None else ScoreCalibration.from_dict(calibration, str(path)))
+                      None if calibration is None else ScoreCalibration.from_dict(calibration, str(model)), vocabulary)
+
+
+def generic_vocabulary(path: Path = GENERIC_VOCABULARY) -> Vocabulary:
+    """The vocabulary shipped with the package (tools/fit_generic_vocabulary.py fits it), for maps too small to
+    fit their own; ConfigError naming the file when it is missing or damaged."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in VOCABULARY_INPUTS if name in data.files}
+            return Vocabulary(**arrays, images=int(data["images"]), source="generic")
+    except (OSError, KeyError, ValueError, ConfigError) as exc:
+        raise ConfigError(f"the generic vocabulary {path} is missing or damaged ({exc}): reinstall tscm_ros, or "
+                          "rebuild it with tools/fit_generic_vocabulary.py") from exc
 
 
 def _untrained(model_config: dict[str, Any], preprocess_config: PreprocessConfig) -> NamedModel:
@@ -209,6 +335,6 @@ def describer_for(model: str | Path | None, device: str = "auto", batch_size: in
     """The Describer of ``load_named_model(model)``."""
     named = load_named_model(model)
     describer = Describer(named.network, named.preprocess, named.fingerprint, named.name, device, batch_size,
-                          backend)
+                          backend, named.vocabulary)
     describer.calibration = named.calibration
     return describer
