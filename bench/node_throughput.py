@@ -51,8 +51,7 @@ def make_map(frames, describer: Describer, size: int, out: Path) -> Path:
     filler = real[rng.integers(len(real), size=size - len(real))]
     filler = filler + rng.normal(0, 0.05, filler.shape).astype(np.float32)
     filler /= np.linalg.norm(filler, axis=1, keepdims=True)
-    keyframe_map = KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),
-                               model_name=describer.model_name)
+    keyframe_map = KeyframeMap.for_describer(describer)  # the generic vocabulary: no refit of the filler
     features = [extract_local_features(f.image) for f in frames]
     keyframe_map.add(real, [KeyframeMeta(stamp_ns=f.stamp_ns, pose=f.pose, bag="bench", local_features=lf)
                             for f, lf in zip(frames, features)])

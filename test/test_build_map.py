@@ -10,6 +10,7 @@ import pytest
 from tscm_ros.cli import build_map
 from tscm_ros.describe import Describer
 from tscm_ros.keyframe_map import KeyframeMap
+from tscm_ros.map_building import describer_for_map
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,26 @@ def test_map_holds_spaced_keyframes_with_poses_and_the_model(built_map, route_re
     assert keyframe_map.keyframe(0).thumbnail.shape[1] == build_map.THUMBNAIL_WIDTH
     assert set(keyframe_map.bags) == {str(route_reference)}
     assert keyframe_map.frame_id == "odom"  # the recording's odometry frame, for the candidates' poses
+
+
+def test_the_map_fits_its_own_vocabulary_and_keeps_it(tmp_path, route_reference, capsys):
+    out = tmp_path / "map"
+    assert build_map.main(["--bag", str(route_reference), "--out", str(out), "--min-distance", "0",
+                           "--vocabulary-keyframes", "25"]) == 0
+    assert "vocabulary of 64 words (fitted on 25 images of the map)" in capsys.readouterr().out
+    default = Describer.from_checkpoint(None, device="cpu")
+    keyframe_map = KeyframeMap.load(out, expected_fingerprint=default.fingerprint)
+    assert len(keyframe_map) == 40 and keyframe_map.vocabulary.images == 25
+    assert keyframe_map.model_fingerprint == describer_for_map(default, keyframe_map).fingerprint != default.fingerprint
+    # The named baseline builds too; a map small enough keeps the generic vocabulary (fewer than 20 keyframes).
+    assert build_map.main(["--bag", str(route_reference), "--out", str(tmp_path / "gem"), "--model", "pretrained"]) == 0
+    assert KeyframeMap.load(tmp_path / "gem").vocabulary is None
+    small = ["--bag", str(route_reference), "--out", str(tmp_path / "small"), "--min-distance", "30"]
+    assert build_map.main(small) == 0
+    assert KeyframeMap.load(tmp_path / "small").vocabulary.source == "generic"
+    assert build_map.main(["--bag", str(route_reference), "--out", str(tmp_path / "x"), "--vocabulary-keyframes",
+                           "5"]) == 2
+    assert "at least 20 keyframes" in capsys.readouterr().err
 
 
 def test_existing_map_is_refused_unless_force_or_append(built_map, route_query, tmp_path, capsys):
@@ -57,7 +78,7 @@ def test_append_with_another_model_is_refused(built_map, tmp_path, capsys, route
     target = tmp_path / "map"
     shutil.copytree(built_map, target)
     assert build_map.main(["--bag", str(route_query), "--out", str(target), "--append", "--model", str(tiny)]) == 2
-    assert "tscm_student_offline" in capsys.readouterr().err  # says which model the map needs
+    assert "tscm_vlad_default" in capsys.readouterr().err  # says which model the map needs
 
 
 def test_bad_bags_and_damaged_maps(built_map, tmp_path, capsys):

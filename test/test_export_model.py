@@ -87,3 +87,35 @@ def test_bad_input_is_one_error_line(tmp_path, tiny_checkpoint, capsys, monkeypa
     assert export_model.main(["--onnx", "--model", checkpoint, "--out", str(tmp_path / "x.onnx")]) == 2
     assert "needs the Python package onnx" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.ts").exists()
+
+
+@pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime or onnx is not installed")
+def test_the_default_exported_for_a_map_describes_with_the_maps_vocabulary(tmp_path, route_reference, capsys):
+    """What a C++ front end needs for a map: the network with that map's vocabulary and fingerprint."""
+    import onnx
+    import onnxruntime
+
+    from tscm_ros.cli import build_map
+    from tscm_ros.describe import DEFAULT_MODEL, describer_for
+    from tscm_ros.keyframe_map import KeyframeMap
+    from tscm_ros.map_building import describer_for_map
+    from tscm_ros.preprocess import preprocess as preprocess_images
+
+    assert build_map.main(["--bag", str(route_reference), "--out", str(tmp_path / "map"), "--min-distance", "0"]) == 0
+    keyframe_map = KeyframeMap.load(tmp_path / "map")
+    assert keyframe_map.vocabulary.source == "map"
+    out = tmp_path / "site.onnx"
+    assert export_model.main(["--onnx", "--map", str(tmp_path / "map"), "--out", str(out)]) == 0
+    assert f"fingerprint {keyframe_map.model_fingerprint}" in capsys.readouterr().out
+    metadata = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
+    assert metadata["fingerprint"] == keyframe_map.model_fingerprint and metadata["kind"] == "vlad"
+    describer = describer_for_map(describer_for(DEFAULT_MODEL, device="cpu"), keyframe_map)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (120, 160, 3), dtype=np.uint8) for _ in range(2)]
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": preprocess_images(frames, describer.preprocess_config).numpy()})
+    assert ((got * describer.describe(frames)).sum(axis=1) > 0.95).all()
+    other = tmp_path / "other_map"
+    assert build_map.main(["--bag", str(route_reference), "--out", str(other), "--model", "pretrained"]) == 0
+    assert export_model.main(["--onnx", "--map", str(other), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "built with model gem_baseline_offline" in capsys.readouterr().err

@@ -16,7 +16,8 @@ from tscm_ros.geometry import Pose
 from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
 from tscm_ros.map_exclusion import Exclusion
 from tscm_ros.map_index import IndexConfig
-from tscm_ros.map_storage import FORMAT_VERSION, INDEX_FILE, KEYFRAMES_FILE, MANIFEST_FILE
+from tscm_ros.map_storage import FORMAT_VERSION, INDEX_FILE, KEYFRAMES_FILE, MANIFEST_FILE, VOCABULARY_FILE
+from tscm_ros.models.vlad import Vocabulary
 
 DIM = 64
 PREPROCESS = {"height": 120, "width": 160, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
@@ -452,6 +453,60 @@ def test_save_load_round_trip_keeps_everything(tmp_path):
     exclusion = Exclusion(min_distance_m=2.5, query_position=np.array([50.0, 0.0, 0.0]))
     returned = {c.keyframe_id for c in loaded.query(query, 50, exclusion)}
     assert returned == set(range(48))  # 48 and 49 are within 2.5 m of path
+
+
+def vocabulary(seed: int = 0, source: str = "map") -> Vocabulary:
+    return Vocabulary(unit(np.random.default_rng(seed).standard_normal((4, 16))), images=30, source=source)
+
+
+def test_a_vocabulary_round_trips_through_the_map_with_both_fingerprints(tmp_path):
+    fitted = vocabulary()
+    original = KeyframeMap(DIM, "fp-adapted", PREPROCESS, model_name="vlad", base_fingerprint="fp-vlad",
+                           vocabulary=fitted)
+    original.add(clustered(30, seed=3), metas(30))
+    original.save(tmp_path / "map")
+    manifest = json.loads((tmp_path / "map" / MANIFEST_FILE).read_text())
+    assert manifest["model_fingerprint"] == "fp-adapted" and manifest["base_model_fingerprint"] == "fp-vlad"
+    assert manifest["vocabulary"] == {"shapes": {"centres": [4, 16]}, "images": 30, "source": "map",
+                                      "fingerprint": fitted.fingerprint()}
+    assert VOCABULARY_FILE in manifest["files"]
+    # The node loads the model by name: the map checks the model's own fingerprint, not the adapted one.
+    loaded = KeyframeMap.load(tmp_path / "map", expected_fingerprint="fp-vlad")
+    assert (loaded.model_fingerprint, loaded.base_fingerprint) == ("fp-adapted", "fp-vlad")
+    np.testing.assert_array_equal(loaded.vocabulary.centres, fitted.centres)
+    assert (loaded.vocabulary.images, loaded.vocabulary.source) == (30, "map")
+    with pytest.raises(MapError, match="built with model vlad"):
+        KeyframeMap.load(tmp_path / "map", expected_fingerprint="fp-adapted")
+
+
+def test_a_damaged_vocabulary_is_refused_naming_the_file(tmp_path):
+    keyframe_map = KeyframeMap(DIM, "fp-adapted", PREPROCESS, base_fingerprint="fp-vlad", vocabulary=vocabulary())
+    keyframe_map.add(clustered(10), metas(10))
+    keyframe_map.save(tmp_path / "map")
+    np.savez(tmp_path / "map" / VOCABULARY_FILE, centres=vocabulary(seed=1).centres)
+    rehash(tmp_path / "map")  # consistent checksums, but not the vocabulary the manifest describes
+    with pytest.raises(MapError, match=f"{VOCABULARY_FILE} does not match the vocabulary"):
+        KeyframeMap.load(tmp_path / "map")
+
+
+def test_a_map_of_an_older_format_is_refused_with_a_message_to_rebuild_it(tmp_path):
+    _, directory = saved_map(tmp_path)
+    edit_manifest(directory, format_version=2, tscm_ros_version="0.6.0")
+    with pytest.raises(MapError, match="format_version 2.*before maps fitted their own vocabulary.*rebuild the map "
+                                       "with build_map"):
+        KeyframeMap.load(directory)
+
+
+def test_replacing_every_descriptor_rebuilds_the_index_and_keeps_the_keyframes(tmp_path):
+    keyframe_map, _ = saved_map(tmp_path)
+    replacement = clustered(50, seed=21)
+    keyframe_map.replace_descriptors(replacement, "fp-refit", vocabulary())
+    assert keyframe_map.model_fingerprint == "fp-refit" and keyframe_map.vocabulary.source == "map"
+    best = keyframe_map.query(replacement[17], 1)[0]
+    assert best.keyframe_id == 17 and best.distance < 1e-5
+    assert keyframe_map.keyframe(4).bag == "other.bag" and len(keyframe_map) == 50
+    with pytest.raises(MapError, match="49 descriptors for 50 keyframes"):
+        keyframe_map.replace_descriptors(replacement[:49], "fp-refit", None)
 
 
 def test_manifest_index_entry_keeps_its_layout_and_refuses_unknown_settings(tmp_path):

@@ -239,6 +239,28 @@ def test_online_mapping_finds_a_loop_and_saves(tmp_path, reference_frames):
     assert len(saved) == 5 and saved.has_local_features
 
 
+def test_online_mapping_fits_the_maps_own_vocabulary_once_it_has_enough_keyframes(tmp_path, reference_frames):
+    map_dir = tmp_path / "refit_map"
+    h = Harness({"mapping": True, "map_path": str(map_dir), "keyframe_min_distance_m": 0.0,
+                 "keyframe_min_interval_s": 0.0, "exclude_recent_s": 0.0, "min_score": 0.0,
+                 "vocabulary_keyframes": 20, **RETRIEVAL_ONLY})
+    try:
+        answers = [h.send(image_message(frame.image, frame.stamp_ns)) for frame in reference_frames[:22]]
+        generic, fitted = answers[0].model_fingerprint, answers[-1].model_fingerprint
+        assert {a.model_fingerprint for a in answers[:20]} == {generic} != {fitted}  # the 20th keyframe fits it
+        first = reference_frames[0]
+        again = h.send(image_message(first.image, first.stamp_ns + 1))  # described with the map's vocabulary
+        assert again.model_fingerprint == fitted and again.candidates[0].keyframe_id == 0
+        assert again.candidates[0].distance < 1e-4
+    finally:
+        h.close()
+    from tscm_ros.keyframe_map import KeyframeMap
+
+    saved = KeyframeMap.load(map_dir)
+    assert len(saved) == 23 and saved.vocabulary.source == "map" and saved.vocabulary.images == 20
+    assert saved.model_fingerprint == fitted
+
+
 def test_published_loops_are_verified_and_consistent_over_dds(reference_map, revisit_frames):
     """Both stages on (the defaults): every published candidate is verified and consistent, and carries its
     inliers, sequence score and relative pose; publish_unverified shows what the stages held back."""
@@ -270,16 +292,24 @@ def test_published_loops_are_verified_and_consistent_over_dds(reference_map, rev
     assert any(not c.consistent for c in flagged)  # the first images, published only because it was asked
 
 
-def test_map_without_local_features_needs_a_rebuild_for_verification(tmp_path, reference_map, reference_frames):
-    """A map of format_version 1 (before verification) is refused with verification on, and works without."""
+def test_old_maps_and_maps_without_local_features_are_refused_with_a_rebuild_message(tmp_path, reference_map,
+                                                                                      reference_frames):
+    """A map of an older format (before maps fitted their vocabulary) is refused; one without local features
+    is refused with verification on, and works without."""
     import json
     import shutil
 
+    from tscm_ros.errors import MapError
+
+    older = tmp_path / "older_map"
+    shutil.copytree(reference_map, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    (older / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(MapError, match="format_version 2.*rebuild the map with build_map"):
+        Harness({"map_path": str(older)})
     old = tmp_path / "old_map"
     shutil.copytree(reference_map, old)
     (old / "local_features.npz").unlink()
-    manifest = json.loads((old / "manifest.json").read_text())
-    manifest["format_version"] = 1
     del manifest["files"]["local_features.npz"]
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="no local features .* rebuild it with build_map"):

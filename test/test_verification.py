@@ -12,6 +12,7 @@ from tscm_ros.bag import open_frames
 from tscm_ros.describe import DEFAULT_MODEL, describer_for
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
+from tscm_ros.map_storage import FORMAT_VERSION
 from tscm_ros.temporal import TemporalConfig, TemporalConsistency
 from tscm_ros.verification import (
     CameraIntrinsics,
@@ -139,7 +140,7 @@ def test_the_map_stores_local_features_compactly(revisit_pairs, tmp_path):
     built.save(tmp_path / "map")
     loaded = KeyframeMap.load(tmp_path / "map")
     assert loaded.has_local_features
-    assert json.loads((tmp_path / "map" / "manifest.json").read_text())["format_version"] == 2
+    assert json.loads((tmp_path / "map" / "manifest.json").read_text())["format_version"] == FORMAT_VERSION
     for i, image in enumerate(images):
         expected, got = extract_local_features(image), loaded.local_features(i)
         np.testing.assert_array_equal(got.descriptors, expected.descriptors)

@@ -2,10 +2,11 @@
 # The end-to-end demo, run by `make demo` (and `make demo-train` with --train) after `make setup` and
 # `. ./env.sh`:
 #   1. render two traversals of a small simulated route (cached in .cache/demo/, rendered once);
-#   2. build a keyframe map from traversal 1 with the default (offline-pretrained) student;
+#   2. build a keyframe map from traversal 1 with the default model (training-free VLAD, which fits its
+#      vocabulary on the map's own images);
 #   3. start the real place_recognition_node, replay traversal 2 to it over DDS and print the loop
 #      candidates as they arrive; stop the node;
-#   4. evaluate every method on the same traversals (pretrained GeM baseline, student, ORB bag of
+#   4. evaluate every method on the same traversals (pretrained GeM baseline, the default model, ORB bag of
 #      words, plus the trained teacher and student with --train) and print the table.
 # --train first renders two more traversals of the demo town and runs the README's training commands on
 # them and the reference (teacher, then the distilled student, on the CPU); the season revisit that is
@@ -62,6 +63,7 @@ QUERY="$CACHE/world0_t1_season"
 
 STUDENT_ARGS=()
 EVAL_MODELS=()
+MAP_MODEL="default model"
 if [ "$TRAIN" = 1 ]; then
   say "render two more traversals of the demo town for site training (a dusk drive and a day drive); the season revisit stays held out"
   render 0 2 auto
@@ -77,10 +79,11 @@ if [ "$TRAIN" = 1 ]; then
   train student --data "$OUT/dataset" --teacher "$OUT/runs/teacher/best.pt" --out "$OUT/runs/student" \
     --set epochs=6 --no-progress
   STUDENT_ARGS=(--model "$OUT/runs/student/best.pt")
+  MAP_MODEL="distilled student"
   EVAL_MODELS=(--model "teacher (trained)=$OUT/runs/teacher/best.pt" --model "student (distilled)=$OUT/runs/student/best.pt")
 fi
 
-say "build a keyframe map from traversal 1 with the ${STUDENT_ARGS[*]:+distilled }student"
+say "build a keyframe map from traversal 1 with the $MAP_MODEL"
 build_map --bag "$REFERENCE" --out "$OUT/map" --force --device cpu "${STUDENT_ARGS[@]}"
 
 say "start place_recognition_node (ROS_DOMAIN_ID=$ROS_DOMAIN_ID) and replay traversal 2 to it over DDS"

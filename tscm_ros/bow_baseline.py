@@ -163,7 +163,7 @@ class BowLoopDetector:
         """Candidates for one HxWx3 uint8 RGB image, best first (no keyframe is added)."""
         vector = self.vocabulary.bow_vector(orb_descriptors(image, self.max_features))
         if not self._vectors:
-            return Detection(descriptor=vector, candidates=[], accepted=[])
+            return Detection(descriptor=vector, fingerprint=self.fingerprint, candidates=[], accepted=[])
         scores = l1_scores(vector, self._keyframe_matrix())
         keep = scores >= self.matching.min_score
         if self.matching.exclude_recent_s > 0:
@@ -175,5 +175,5 @@ class BowLoopDetector:
         candidates = [Candidate(keyframe_id=int(i), stamp_ns=self._stamps[i], pose=self._poses[i],
                                 distance=float(2.0 * (1.0 - scores[i])), score=float(scores[i]))
                       for i in chosen]
-        return Detection(descriptor=vector, candidates=candidates, accepted=candidates)
+        return Detection(descriptor=vector, fingerprint=self.fingerprint, candidates=candidates, accepted=candidates)
 

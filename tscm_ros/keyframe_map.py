@@ -27,6 +27,7 @@ from tscm_ros.growing_array import GrowingArray
 from tscm_ros.map_exclusion import ExcludedIds, Exclusion, KeyframeTrack
 from tscm_ros.map_index import DescriptorIndex, IndexConfig
 from tscm_ros.map_storage import KeyframeTable, MapContents, read_map, write_map
+from tscm_ros.models.vlad import Vocabulary
 from tscm_ros.verification import LocalFeatures, Verification
 
 
@@ -79,15 +80,22 @@ class KeyframeMap:
     """
 
     def __init__(self, dim: int, model_fingerprint: str, preprocess: dict, index_config: IndexConfig | None = None,
-                 *, model_name: str = "", frame_id: str = "") -> None:
+                 *, model_name: str = "", frame_id: str = "", base_fingerprint: str | None = None,
+                 vocabulary: Vocabulary | None = None) -> None:
         """An empty map for ``dim``-d descriptors of the model with ``model_fingerprint``, in the index
         ``index_config`` describes (default: exact flat search). Raises ConfigError on invalid settings.
+
+        ``vocabulary`` is the VLAD vocabulary the descriptors were computed with (None for models without
+        one), ``base_fingerprint`` the model's own fingerprint before that vocabulary replaced its own
+        (default ``model_fingerprint``).
         """
         dim = int(dim) if isinstance(dim, np.integer) else dim
         if not isinstance(dim, int) or dim < 1:
             raise ConfigError(f"keyframe map: descriptor dimension must be a positive integer, got {dim!r}")
         self.dim = dim
         self.model_fingerprint = str(model_fingerprint)
+        self.base_fingerprint = str(base_fingerprint or model_fingerprint)
+        self.vocabulary = vocabulary
         self.model_name = str(model_name)
         self.frame_id = str(frame_id)  # frame of the keyframe poses (the recording's odometry/map frame)
         self.preprocess = dict(preprocess)
@@ -102,10 +110,18 @@ class KeyframeMap:
         self._local_features: dict[int, LocalFeatures] = {}
 
     @classmethod
+    def for_describer(cls, describer, index_config: IndexConfig | None = None) -> KeyframeMap:
+        """An empty map for the descriptors of ``describer`` (a :class:`~tscm_ros.describe.Describer`)."""
+        return cls(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(), index_config,
+                   model_name=describer.model_name, base_fingerprint=describer.base_fingerprint,
+                   vocabulary=describer.vocabulary)
+
+    @classmethod
     def from_contents(cls, contents: MapContents, source: str) -> KeyframeMap:
         """The map holding ``contents`` (what tscm_ros/map_storage.py read from ``source``)."""
         keyframe_map = cls(contents.dim, contents.model_fingerprint, contents.preprocess, contents.index.config,
-                           model_name=contents.model_name, frame_id=contents.frame_id)
+                           model_name=contents.model_name, frame_id=contents.frame_id,
+                           base_fingerprint=contents.base_fingerprint, vocabulary=contents.vocabulary)
         keyframe_map._index = contents.index
         keyframe_map._source = source
         keyframes = contents.keyframes
@@ -124,7 +140,7 @@ class KeyframeMap:
                                   local_features=dict(self._local_features))
         return MapContents(dim=self.dim, model_fingerprint=self.model_fingerprint, model_name=self.model_name,
                            frame_id=self.frame_id, preprocess=self.preprocess, index=self._index,
-                           keyframes=keyframes)
+                           keyframes=keyframes, base_fingerprint=self.base_fingerprint, vocabulary=self.vocabulary)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the map to ``directory`` atomically, replacing a map already there only once complete."""
@@ -264,6 +280,18 @@ class KeyframeMap:
         self._local_features.update({first_id + row: meta.local_features for row, meta in enumerate(metas)
                                      if meta.local_features is not None})
         return np.arange(first_id, first_id + len(vectors), dtype=np.int64)
+
+    def replace_descriptors(self, descriptors: np.ndarray, model_fingerprint: str,
+                            vocabulary: Vocabulary | None) -> None:
+        """Every keyframe's descriptor, by id, recomputed with another vocabulary (a refit): the index is
+        rebuilt from them; the keyframes' metadata stay."""
+        vectors = self._check_descriptors(descriptors, "replacement descriptors")
+        if len(vectors) != len(self):
+            raise MapError(f"replace_descriptors: {len(vectors)} descriptors for {len(self)} keyframes")
+        self._index = DescriptorIndex.empty(self.dim, self._index.config)
+        self._index.add(vectors)
+        self.model_fingerprint = str(model_fingerprint)
+        self.vocabulary = vocabulary
 
     def _append(self, stamps: np.ndarray, positions: np.ndarray, orientations: np.ndarray,
                 bag_index: np.ndarray) -> None:

@@ -1,11 +1,12 @@
 """The per-image step of loop-closure detection, shared by the live node, build_map and evaluation.
 
-``LoopDetector.process`` describes one RGB image with the student, queries the keyframe map with the
+``LoopDetector.process`` describes one RGB image with the map's describer, queries the keyframe map with the
 exclusion rules, scores the candidates along the recent images (temporal consistency,
 tscm_ros/temporal.py), checks the best ``k`` geometrically (tscm_ros/verification.py), and in mapping
-mode adds the image as a keyframe when ``KeyframeSelector`` accepts it. A candidate is *accepted* (the
-node publishes it as a loop) when it passes every stage that is on. No ROS here: the node converts
-messages and publishes, everything else happens in this module.
+mode adds the image as a keyframe when ``KeyframeSelector`` accepts it (through tscm_ros/map_building.py,
+which also fits the map's own vocabulary once it has enough keyframes). A candidate is *accepted* (the node
+publishes it as a loop) when it passes every stage that is on. No ROS here: the node converts messages and
+publishes, everything else happens in this module.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from tscm_ros.errors import ConfigError
 from tscm_ros.keyframe_map import Candidate, KeyframeMap, KeyframeMeta
+from tscm_ros.map_building import MAPPING_FIT_KEYFRAMES, KeyframeBuilder
 from tscm_ros.map_exclusion import Exclusion
 from tscm_ros.temporal import TemporalConfig, TemporalConsistency
 from tscm_ros.verification import CameraIntrinsics, VerificationConfig, extract_local_features, verify
@@ -96,10 +98,12 @@ class MatchingConfig:
 
 @dataclass
 class Detection:
-    """What one processed image gave: its descriptor, the candidates (best first), which of them passed every
-    stage that is on (``accepted``: the loops to publish), and its keyframe id if added."""
+    """What one processed image gave: its descriptor and the ``fingerprint`` of the model that computed it, the
+    candidates (best first), which of them passed every stage that is on (``accepted``: the loops to publish),
+    and its keyframe id if added."""
 
     descriptor: np.ndarray
+    fingerprint: str
     candidates: list[Candidate]
     accepted: list[Candidate]
     added_keyframe_id: int | None = None
@@ -111,10 +115,12 @@ class LoopDetector:
     def __init__(self, describer, keyframe_map: KeyframeMap, matching: MatchingConfig,
                  mapping: KeyframeSelector | None = None, source: str = "live", *,
                  verification: VerificationConfig | None = None, temporal: TemporalConfig | None = None,
-                 intrinsics: CameraIntrinsics | None = None) -> None:
-        """``verification`` / ``temporal`` None turn that stage off. Verification needs a map whose keyframes
-        carry local features (ConfigError otherwise); ``intrinsics`` (settable later, e.g. from CameraInfo)
-        give it the essential matrix and the relative pose."""
+                 intrinsics: CameraIntrinsics | None = None, vocabulary_keyframes: int = MAPPING_FIT_KEYFRAMES) -> None:
+        """``describer`` is the map's (``map_building.describer_for_map``). ``verification`` / ``temporal`` None
+        turn that stage off. Verification needs a map whose keyframes carry local features (ConfigError
+        otherwise); ``intrinsics`` (settable later, e.g. from CameraInfo) give it the essential matrix and the
+        relative pose. In mapping mode, a map started empty fits its own vocabulary once it has
+        ``vocabulary_keyframes`` keyframes."""
         if keyframe_map.model_fingerprint != describer.fingerprint:
             raise ConfigError(
                 f"the map was built with model {keyframe_map.model_name or '?'} "
@@ -124,7 +130,7 @@ class LoopDetector:
             raise ConfigError(
                 f"{keyframe_map.source} has no local features for geometric verification (a map of format_version 1, "
                 f"built before verification existed): rebuild it with build_map, or turn verification off")
-        self.describer = describer
+        self._builder = KeyframeBuilder(describer, keyframe_map, vocabulary_keyframes)
         self.map = keyframe_map
         self.matching = matching
         self.mapping = mapping
@@ -134,6 +140,11 @@ class LoopDetector:
         self.temporal = None if temporal is None else TemporalConsistency(temporal)
         self._verifiers = (None if verification is None
                            else ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="tscm_verify"))
+
+    @property
+    def describer(self):
+        """The describer of the map's descriptors (it changes when mapping mode fits the map's vocabulary)."""
+        return self._builder.describer
 
     @property
     def matching(self) -> MatchingConfig:
@@ -198,18 +209,25 @@ class LoopDetector:
 
     def process(self, image: np.ndarray, stamp_ns: int, pose=None) -> Detection:
         """Candidates for one HxWx3 uint8 RGB image taken at ``stamp_ns`` (pose: ``geometry.Pose`` or None)."""
-        descriptor = self.describer.describe([image])[0]
+        describer = self.describer
+        if self.mapping is not None:
+            descriptors, feature_maps = self._builder.describe([image])
+        else:
+            descriptors, feature_maps = describer.describe([image]), [()]
+        descriptor = descriptors[0]
         position = None if pose is None else pose.position
         exclusion = Exclusion(min_time_gap_s=self.matching.exclude_recent_s,
                               min_distance_m=self.matching.exclude_within_m,
                               query_stamp_ns=stamp_ns, query_position=position)
         candidates = self._match(descriptor, exclusion, stamp_ns, position)
         features = self._verify(image, candidates)
-        detection = Detection(descriptor=descriptor, candidates=candidates,
+        detection = Detection(descriptor=descriptor, fingerprint=describer.fingerprint, candidates=candidates,
                               accepted=[c for c in candidates if self.accepts(c)])
         if self.mapping is not None and self.mapping.accept(stamp_ns, position, descriptor):
             meta = KeyframeMeta(stamp_ns=stamp_ns, pose=pose, bag=self.source,
                                 local_features=features if features is not None else extract_local_features(image))
-            ids = self.map.add(descriptor[None, :], [meta])
+            ids = self._builder.add_described(descriptor[None, :], feature_maps, [meta])
             detection.added_keyframe_id = int(ids[0])
+            if self._builder.describer is not describer:  # the map fitted its own vocabulary
+                self.matching = self.matching
         return detection

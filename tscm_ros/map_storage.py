@@ -7,8 +7,13 @@ the new one is complete, then deleted): ``manifest.json`` (``format_version``, m
 ``keyframes.npz`` (stamps, positions, orientations with NaN for unknown poses, source bags), when any
 keyframe has one, ``thumbnails.npz``, and when keyframes have them, ``local_features.npz``: the local
 features geometric verification needs (tscm_ros/verification.py; per keyframe at most 500 ORB features
-of 36 bytes: 18 kB). Nothing is pickled. ``read_map`` checks all of it. Maps of format_version 1
-(before geometric verification) load without local features.
+of 36 bytes: 18 kB), and for a model that describes with a VLAD vocabulary (tscm_ros/models/vlad.py),
+``vocabulary.npz``: the cluster centres the map fitted on its own images (or the generic ones it fell back
+to), which the describer must use for queries. The manifest records ``model_fingerprint`` (the model with
+that vocabulary: what the descriptors in the index were computed with), ``base_model_fingerprint`` (the
+model as loaded by name or checkpoint, which a node must load) and the vocabulary's size, source and
+fingerprint. Nothing is pickled. ``read_map`` checks all of it. Maps of an older format_version (before
+maps carried their own vocabulary) are refused with a message to rebuild them.
 """
 
 from __future__ import annotations
@@ -27,14 +32,17 @@ from tscm_ros import __version__
 from tscm_ros.atomic import atomic_directory
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.map_index import INDEX_TYPES, DescriptorIndex, IndexConfig, sub_indexes
+from tscm_ros.models.vlad import VOCABULARY_SOURCES, Vocabulary
 from tscm_ros.verification import LocalFeatures
 
-FORMAT_VERSION = 2  # 2: local features for geometric verification
+FORMAT_VERSION = 3  # 2: local features for geometric verification; 3: the map's own vocabulary
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 KEYFRAMES_FILE = "keyframes.npz"
 THUMBNAILS_FILE = "thumbnails.npz"
 LOCAL_FEATURES_FILE = "local_features.npz"
+VOCABULARY_FILE = "vocabulary.npz"
+MAP_FILES = (INDEX_FILE, KEYFRAMES_FILE, THUMBNAILS_FILE, LOCAL_FEATURES_FILE, VOCABULARY_FILE)
 
 
 @dataclass
@@ -61,6 +69,8 @@ class MapContents:
     preprocess: dict
     index: DescriptorIndex
     keyframes: KeyframeTable
+    base_fingerprint: str
+    vocabulary: Vocabulary | None
 
 
 def _sha256(path: Path) -> str:
@@ -107,11 +117,19 @@ def _write_files(contents: MapContents, directory: Path) -> None:
                  keypoints=np.concatenate([f.packed_keypoints() for f in features]),
                  descriptors=np.concatenate([f.descriptors for f in features]))
         files.append(LOCAL_FEATURES_FILE)
+    vocabulary = contents.vocabulary
+    if vocabulary is not None:
+        np.savez(directory / VOCABULARY_FILE, **vocabulary.arrays())
+        files.append(VOCABULARY_FILE)
     settings = contents.index.config.to_dict()
     manifest = {
         "format_version": FORMAT_VERSION,
         "model_fingerprint": contents.model_fingerprint,
+        "base_model_fingerprint": contents.base_fingerprint,
         "model_name": contents.model_name,
+        "vocabulary": None if vocabulary is None else {
+            "shapes": {name: list(shape) for name, shape in vocabulary.shapes.items()}, "images": vocabulary.images,
+            "source": vocabulary.source, "fingerprint": vocabulary.fingerprint()},
         "frame_id": contents.frame_id,
         "dim": contents.dim,
         "preprocess": contents.preprocess,
@@ -133,8 +151,9 @@ def read_map(directory: str | os.PathLike, expected_fingerprint: str | None = No
              expected_model_name: str | None = None) -> MapContents:
     """Read a map written by ``write_map``, checking every file; MapError if anything is wrong.
 
-    With ``expected_fingerprint`` (the loaded model's), a map built with another model is refused with
-    a message naming the model it needs (``expected_model_name`` names the loaded one in that message).
+    With ``expected_fingerprint`` (the loaded model's own, before any vocabulary of the map replaces its), a
+    map built with another model is refused with a message naming the model it needs (``expected_model_name``
+    names the loaded one in that message).
     """
     root = Path(directory)
     if not root.is_dir():
@@ -142,7 +161,7 @@ def read_map(directory: str | os.PathLike, expected_fingerprint: str | None = No
         hint = f"; an interrupted save left the previous map at {leftovers[0]}" if leftovers else ""
         raise MapError(f"map {root} does not exist or is not a directory{hint}")
     manifest = _read_manifest(root)
-    if expected_fingerprint is not None and expected_fingerprint != manifest["model_fingerprint"]:
+    if expected_fingerprint is not None and expected_fingerprint != manifest["base_model_fingerprint"]:
         _refuse_other_model(root, manifest, expected_fingerprint, expected_model_name)
     for name, expected in manifest["files"].items():
         path = root / name
@@ -164,7 +183,8 @@ def read_map(directory: str | os.PathLike, expected_fingerprint: str | None = No
     return MapContents(dim=manifest["dim"], model_fingerprint=manifest["model_fingerprint"],
                        model_name=manifest["model_name"], frame_id=str(manifest.get("frame_id", "")),
                        preprocess=manifest["preprocess"], index=index,
-                       keyframes=_read_keyframes(root, manifest["count"]))
+                       keyframes=_read_keyframes(root, manifest["count"]),
+                       base_fingerprint=manifest["base_model_fingerprint"], vocabulary=_read_vocabulary(root, manifest))
 
 
 def _refuse_other_model(root: Path, manifest: dict, expected_fingerprint: str,
@@ -174,11 +194,11 @@ def _refuse_other_model(root: Path, manifest: dict, expected_fingerprint: str,
     if expected_model_name and expected_model_name == manifest["model_name"]:
         raise MapError(
             f"map {root} was built with an earlier version of {built_with} (fingerprint "
-            f"{manifest['model_fingerprint']}; the loaded one is {expected_fingerprint}), for example the "
+            f"{manifest['base_model_fingerprint']}; the loaded one is {expected_fingerprint}), for example the "
             f"previous default model: rebuild the map with build_map, or use --model with the checkpoint it "
             f"was built with")
     raise MapError(
-        f"map {root} was built with model {built_with} (fingerprint {manifest['model_fingerprint']}); "
+        f"map {root} was built with model {built_with} (fingerprint {manifest['base_model_fingerprint']}); "
         f"the loaded model {loaded}has fingerprint {expected_fingerprint}. Use --model with the checkpoint "
         f"the map was built with ({built_with}), or rebuild the map with this model (build_map)")
 
@@ -196,12 +216,17 @@ def _read_manifest(root: Path) -> dict:
     version = manifest.get("format_version")
     if not isinstance(version, int) or version < 1:
         raise MapError(f"{path} has no valid format_version")
+    if version < FORMAT_VERSION:
+        raise MapError(f"map {root} has format_version {version}, written by tscm_ros "
+                       f"{manifest.get('tscm_ros_version', '?')} before maps fitted their own vocabulary; this "
+                       f"tscm_ros ({__version__}) needs format_version {FORMAT_VERSION}: rebuild the map with "
+                       "build_map")
     if version > FORMAT_VERSION:
         raise MapError(f"{path} has format_version {version}, written by tscm_ros "
                        f"{manifest.get('tscm_ros_version', '?')}; this tscm_ros ({__version__}) reads up to "
                        f"format_version {FORMAT_VERSION}: upgrade tscm_ros to load this map")
-    expected_types = {"model_fingerprint": str, "model_name": str, "dim": int, "preprocess": dict,
-                      "index": dict, "count": int, "files": dict}
+    expected_types = {"model_fingerprint": str, "base_model_fingerprint": str, "model_name": str, "dim": int,
+                      "preprocess": dict, "index": dict, "count": int, "files": dict}
     for key, kind in expected_types.items():
         if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
             raise MapError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
@@ -213,7 +238,7 @@ def _read_manifest(root: Path) -> dict:
     for name in (INDEX_FILE, KEYFRAMES_FILE):
         if name not in manifest["files"]:
             raise MapError(f"{path} does not list {name}")
-    if not set(manifest["files"]) <= {INDEX_FILE, KEYFRAMES_FILE, THUMBNAILS_FILE, LOCAL_FEATURES_FILE} or \
+    if not set(manifest["files"]) <= set(MAP_FILES) or \
             not all(isinstance(entry, dict) for entry in manifest["files"].values()):
         raise MapError(f"{path}: field 'files' lists unexpected entries")
     return manifest
@@ -300,3 +325,25 @@ def _read_local_features(path: Path, count: int) -> dict[int, LocalFeatures]:
     return {int(keyframe_id): LocalFeatures.unpack(keypoints[starts[i]:starts[i + 1]],
                                                    descriptors[starts[i]:starts[i + 1]])
             for i, keyframe_id in enumerate(ids)}
+
+
+def _read_vocabulary(root: Path, manifest: dict) -> Vocabulary | None:
+    entry = manifest.get("vocabulary")
+    listed = VOCABULARY_FILE in manifest["files"]
+    if entry is None and not listed:
+        return None
+    path = root / VOCABULARY_FILE
+    if not (isinstance(entry, dict) and listed and entry.get("source") in VOCABULARY_SOURCES
+            and isinstance(entry.get("images"), int)):
+        raise MapError(f"{root / MANIFEST_FILE}: the vocabulary entry and {VOCABULARY_FILE} do not go together "
+                       "(need both, with source and images)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in ("centres", "token_mean", "token_basis") if name in data.files}
+        vocabulary = Vocabulary(**arrays, images=entry["images"], source=entry["source"])
+    except (OSError, ValueError, KeyError, EOFError, TypeError, ConfigError) as exc:
+        raise MapError(f"{path} is not a valid vocabulary: {exc}") from exc
+    shapes = {name: list(shape) for name, shape in vocabulary.shapes.items()}
+    if shapes != entry.get("shapes") or vocabulary.fingerprint() != entry.get("fingerprint"):
+        raise MapError(f"{path} does not match the vocabulary {root / MANIFEST_FILE} describes")
+    return vocabulary

@@ -32,12 +32,13 @@ from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_srvs.srv import Trigger
 
-from tscm_ros.describe import Describer
+from tscm_ros.describe import DEFAULT_MODEL, Describer, describer_for
 from tscm_ros.errors import ConfigError, TscmError
 from tscm_ros.geometry import Pose, PoseInterpolator, pose_from_message, stamp_to_ns
 from tscm_ros.image_messages import ImageDecodeError, image_message_to_rgb
 from tscm_ros.keyframe_map import KeyframeMap
 from tscm_ros.loop_detector import Detection, KeyframeSelector, LoopDetector
+from tscm_ros.map_building import describer_for_map
 from tscm_ros.msg import LoopCandidate, LoopCandidates
 from tscm_ros.node_diagnostics import POSE_SILENCE_WARN_S, diagnostic_status, pose_silence_warning
 from tscm_ros.node_parameters import (
@@ -107,15 +108,16 @@ class PlaceRecognitionNode(Node):
         self._save_path = p["map_save_path"] or p["map_path"]
         self._min_period_s = min_period(p["max_rate_hz"])
 
-        describer = Describer.from_checkpoint(p["model_path"] or None, device=p["device"])
-        keyframe_map = self._open_map(p["map_path"], describer)
+        keyframe_map, describer = self._open_map(p["map_path"], describer_for(p["model_path"] or DEFAULT_MODEL,
+                                                                              device=p["device"]))
         selector = (KeyframeSelector(min_interval_s=p["keyframe_min_interval_s"],
                                      min_distance_m=p["keyframe_min_distance_m"]) if self._mapping else None)
         verification, temporal, intrinsics = stages(p)
         self._publish_unverified = bool(p["publish_unverified"])
         self.detector = LoopDetector(describer, keyframe_map, matching_config(p), selector,
                                      source=f"live:{self.get_name()}", verification=verification,
-                                     temporal=temporal, intrinsics=intrinsics)
+                                     temporal=temporal, intrinsics=intrinsics,
+                                     vocabulary_keyframes=p["vocabulary_keyframes"])
         if p["camera_info_topic"]:
             self.create_subscription(CameraInfo, p["camera_info_topic"], self._on_camera_info,
                                      qos_profile_sensor_data)
@@ -159,14 +161,15 @@ class PlaceRecognitionNode(Node):
 
     # ----- set-up ------------------------------------------------------------------------------------
 
-    def _open_map(self, map_path: str, describer: Describer) -> KeyframeMap:
+    def _open_map(self, map_path: str, describer: Describer) -> tuple[KeyframeMap, Describer]:
+        """The map and the describer of its descriptors (the model with the map's own vocabulary)."""
         if map_path and Path(map_path).exists():
-            return KeyframeMap.load(map_path, expected_fingerprint=describer.fingerprint,
-                                     expected_model_name=describer.model_name)
+            keyframe_map = KeyframeMap.load(map_path, expected_fingerprint=describer.fingerprint,
+                                            expected_model_name=describer.model_name)
+            return keyframe_map, describer_for_map(describer, keyframe_map)
         if map_path and not self._mapping:
             raise ConfigError(f"map {map_path} does not exist: build one with build_map, or set mapping:=true")
-        return KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),
-                           model_name=describer.model_name)
+        return KeyframeMap.for_describer(describer), describer
 
     # ----- parameters at run time ------------------------------------------------------------------
 
@@ -276,7 +279,7 @@ class PlaceRecognitionNode(Node):
             _fill_pose(out.query_pose, pose)
             out.query_pose_frame_id = pose_frame_id
         out.map_frame_id = self.detector.map.frame_id
-        out.model_fingerprint = self.detector.describer.fingerprint
+        out.model_fingerprint = detection.fingerprint
         for candidate in detection.candidates if self._publish_unverified else detection.accepted:
             item = LoopCandidate(keyframe_id=candidate.keyframe_id, distance=candidate.distance,
                                  score=candidate.score, consistent=candidate.consistent)

@@ -19,6 +19,7 @@ from rclpy.qos import QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
 
 from tscm_ros.errors import ConfigError
 from tscm_ros.loop_detector import DEFAULT_MIN_SCORE, MatchingConfig
+from tscm_ros.map_building import MAPPING_FIT_KEYFRAMES, MIN_FIT_KEYFRAMES
 from tscm_ros.temporal import TemporalConfig
 from tscm_ros.verification import DEFAULT_MIN_INLIERS, CameraIntrinsics, VerificationConfig
 
@@ -52,7 +53,8 @@ PARAMETERS = [
     Parameter("pose_max_gap_s", 1.0, "no query pose when the pose stream has a gap longer than this around the image"),
     Parameter("pose_history_s", 30.0, "poses older than this (behind the newest pose) are forgotten: bounded memory; "
               "images later than this behind the pose stream get no pose"),
-    Parameter("model_path", "", "student checkpoint (.pt); empty = the offline-pretrained default student"),
+    Parameter("model_path", "", "model: a checkpoint (.pt) from train, 'pretrained' (GeM baseline); empty = the "
+              "training-free default, which describes with the map's own vocabulary"),
     Parameter("map_path", "", "keyframe map directory from build_map; required unless mapping is true"),
     Parameter("device", "auto", "inference device: auto (GPU when present), cpu or cuda"),
     Parameter("k", 5, "at most this many candidates per image", runtime=True),
@@ -83,6 +85,8 @@ PARAMETERS = [
     Parameter("keyframe_min_distance_m", 2.0, "mapping: a new keyframe needs this much travel since the last one"),
     Parameter("keyframe_min_interval_s", 1.0, "mapping: a new keyframe needs this much time since the last one"),
     Parameter("map_save_path", "", "mapping: where the map is saved; empty = map_path"),
+    Parameter("vocabulary_keyframes", MAPPING_FIT_KEYFRAMES, "mapping from an empty map: the map fits its own "
+              "vocabulary once it has this many keyframes (the generic one until then)"),
     Parameter("diagnostics_period_s", 1.0, "period of the /diagnostics status"),
 ]
 RUNTIME_PARAMETERS = frozenset(p.name for p in PARAMETERS if p.runtime)
@@ -174,6 +178,9 @@ def validate(p: dict) -> None:
     if not p["map_path"] and not p["mapping"]:
         raise ConfigError("parameter map_path is empty: give a map built by build_map (map:=...), "
                           "or set mapping:=true to build one while driving")
+    if p["vocabulary_keyframes"] < MIN_FIT_KEYFRAMES:
+        raise ConfigError(f"parameter vocabulary_keyframes must be >= {MIN_FIT_KEYFRAMES}, "
+                          f"got {p['vocabulary_keyframes']}")
     if p["mapping"] and not (p["map_save_path"] or p["map_path"]):
         raise ConfigError("mapping is on but neither map_save_path nor map_path says where to save the map")
     check_runtime_values(p)

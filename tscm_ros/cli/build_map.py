@@ -15,10 +15,11 @@ from tqdm import tqdm
 
 from tscm_ros.bag import Frame, FrameReader
 from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_args, run_main
-from tscm_ros.describe import Describer
+from tscm_ros.describe import DEFAULT_MODEL, PRETRAINED, Describer, describer_for
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
 from tscm_ros.loop_detector import KeyframeSelector
+from tscm_ros.map_building import BUILD_FIT_KEYFRAMES, MIN_FIT_KEYFRAMES, KeyframeBuilder, describer_for_map
 from tscm_ros.map_index import INDEX_TYPES, IndexConfig
 from tscm_ros.verification import extract_local_features
 
@@ -30,15 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="build_map",
         description="Build a keyframe map for place recognition from rosbag2 recordings: frames with poses "
         "interpolated from the odometry, keyframes selected by travel/time (and optionally appearance), "
-        "described by the student network, stored in a FAISS index with their stamps and poses, and with the local "
-        "features geometric verification needs (at most 18 kB per keyframe).",
+        "described by the model, stored in a FAISS index with their stamps and poses, and with the local "
+        "features geometric verification needs (at most 18 kB per keyframe). The default model fits its VLAD "
+        "vocabulary on the map's own keyframes (on the first --vocabulary-keyframes of them) and the map keeps "
+        "it: the node describes its queries with it.",
         epilog="example: build_map --bag run1 --out maps/site --min-distance 2.0",
     )
     parser.add_argument("--bag", action="append", required=True, metavar="DIR",
                         help="rosbag2 directory (sqlite3 or mcap) or ROS 1 bag; repeat for several")
     parser.add_argument("--out", required=True, metavar="MAP", help="map directory to write")
-    parser.add_argument("--model", metavar="CKPT",
-                        help="student checkpoint (default: the offline-pretrained student, no VPR training)")
+    parser.add_argument("--model", metavar="MODEL", default=DEFAULT_MODEL,
+                        help=f"'{DEFAULT_MODEL}' (the training-free VLAD that fits its vocabulary on this map; the "
+                        f"default), '{PRETRAINED}' (the GeM baseline) or a checkpoint from train")
     add_frame_reader_arguments(parser)
     parser.add_argument("--min-distance", type=float, default=2.0, metavar="M",
                         help="a keyframe needs this much travel since the previous one (default 2.0; 0 = off)")
@@ -49,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--index", choices=INDEX_TYPES, default="flat", help="FAISS index type (default flat: exact)")
     parser.add_argument("--pca-dim", type=int, help="reduce descriptors with PCA learned from the map (large maps)")
     parser.add_argument("--thumbnails", action="store_true", help=f"store {THUMBNAIL_WIDTH}-px wide thumbnails")
+    parser.add_argument("--vocabulary-keyframes", type=int, default=BUILD_FIT_KEYFRAMES, metavar="N",
+                        help="fit the vocabulary on the first N keyframes (default %(default)s; a map of fewer than "
+                        f"{MIN_FIT_KEYFRAMES} keeps the generic vocabulary; maps appended to keep theirs)")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default 16)")
     group = parser.add_mutually_exclusive_group()
@@ -95,17 +102,19 @@ def _frames_in_background(readers: Sequence[FrameReader], batch_size: int, motio
         yield item
 
 
-def _open_target(args, describer: Describer) -> KeyframeMap:
+def _open_target(args, describer: Describer) -> KeyframeBuilder:
     out = Path(args.out)
     if out.exists() and not (args.force or args.append):
         raise MapError(f"{out} already exists: pass --force to replace it or --append to add to it")
     if args.append:
         if not out.exists():
             raise MapError(f"--append: {out} does not exist")
-        return KeyframeMap.load(out, expected_fingerprint=describer.fingerprint,
-                                expected_model_name=describer.model_name)
-    return KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),
-                       IndexConfig(type=args.index, pca_dim=args.pca_dim), model_name=describer.model_name)
+        keyframe_map = KeyframeMap.load(out, expected_fingerprint=describer.fingerprint,
+                                        expected_model_name=describer.model_name)
+        describer = describer_for_map(describer, keyframe_map)
+    else:
+        keyframe_map = KeyframeMap.for_describer(describer, IndexConfig(type=args.index, pca_dim=args.pca_dim))
+    return KeyframeBuilder(describer, keyframe_map, args.vocabulary_keyframes)
 
 
 def _thumbnail(image: np.ndarray) -> np.ndarray:
@@ -122,8 +131,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     readers = [frame_source_from_args(args, bag).open() for bag in args.bag]
-    describer = Describer.from_checkpoint(args.model, device=args.device, batch_size=args.batch_size)
-    keyframe_map = _open_target(args, describer)
+    builder = _open_target(args, describer_for(args.model, device=args.device, batch_size=args.batch_size))
+    keyframe_map = builder.map
     keyframe_map.frame_id = _pose_frame_id(readers, keyframe_map)
     # Travel and time pick candidate keyframes while reading; the appearance test, which needs their
     # descriptors, then drops candidates too similar to the previous keyframe.
@@ -136,15 +145,15 @@ def _main(argv: Sequence[str] | None) -> int:
     batch: list[Frame] = []
 
     def describe_and_add(frames: list[Frame]) -> None:
-        descriptors = describer.describe([f.image for f in frames])
-        for frame, descriptor in zip(frames, descriptors):
+        descriptors, maps = builder.describe([f.image for f in frames])
+        for frame, descriptor, frame_maps in zip(frames, descriptors, maps):
             position = frame.pose.position if frame.pose is not None else None
             if not appearance.accept(frame.stamp_ns, position, descriptor):
                 continue
             meta = KeyframeMeta(stamp_ns=frame.stamp_ns, pose=frame.pose, bag=frame.bag,
                                 thumbnail=_thumbnail(frame.image) if args.thumbnails else None,
                                 local_features=extract_local_features(frame.image))
-            keyframe_map.add(descriptor[None, :], [meta])
+            builder.add_described(descriptor[None, :], [frame_maps], [meta])
 
     for frame in _frames_in_background(readers, args.batch_size, motion, counts):
         batch.append(frame)
@@ -153,6 +162,7 @@ def _main(argv: Sequence[str] | None) -> int:
             batch = []
     if batch:
         describe_and_add(batch)
+    builder.finish()
 
     added = len(keyframe_map) - kept_before
     if added == 0:
@@ -163,7 +173,8 @@ def _main(argv: Sequence[str] | None) -> int:
         print(reader.summary())
     print(f"build_map: read {counts['read']} frames, kept {added} keyframes "
           f"({len(keyframe_map)} in the map) in {elapsed:.1f} s = {counts['read'] / elapsed:.1f} frames/s; "
-          f"map {args.out}: {_directory_size(Path(args.out)) / 1e6:.2f} MB, model {describer.model_name}")
+          f"map {args.out}: {_directory_size(Path(args.out)) / 1e6:.2f} MB, model {builder.describer.model_name}"
+          + (f", {keyframe_map.vocabulary.describe()}" if keyframe_map.vocabulary is not None else ""))
     return 0
 
 

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tscm_ros.cli.common import run_main
-from tscm_ros.describe import DEFAULT_MODEL, DEFAULT_WEIGHTS, PRETRAINED, load_named_model
+from tscm_ros.describe import DEFAULT_MODEL, PRETRAINED, adapted_fingerprint, load_named_model
 from tscm_ros.errors import ConfigError
+from tscm_ros.keyframe_map import KeyframeMap
 
 DESCRIPTION = f"""\
 Export a place-recognition network for use outside Python, e.g. in the loop-closure front end of an
@@ -30,14 +31,17 @@ preprocess (height, width, mean, std, resize), dim, kind and name. ONNX: one met
 per key; TorchScript: the extra file 'tscm_ros.json' in the archive (read it with the extra_files
 argument of torch::jit::load).
 
---model takes a checkpoint (.pt from train), '{DEFAULT_MODEL}' (the shipped pretrained student that the
-node uses without model_path; the default) or '{PRETRAINED}' (the ImageNet-pretrained CNN + GeM baseline).
+--model takes a checkpoint (.pt from train), '{DEFAULT_MODEL}' (the training-free VLAD that the node uses
+without model_path; the default) or '{PRETRAINED}' (the ImageNet-pretrained CNN + GeM baseline).
+The default model describes with the vocabulary of the map it queries: give that map with --map, and the
+exported network carries the map's vocabulary and fingerprint (without --map: the generic vocabulary,
+which matches only maps too small to fit their own).
 The file is written atomically: it appears complete or not at all.
 """
 
 EXAMPLE = """\
 examples:
-  export_model --onnx --out student.onnx
+  export_model --onnx --map maps/site --out site.onnx
   export_model --torchscript --model runs/student/best.pt --out student.ts
 """
 
@@ -53,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--torchscript", action="store_true", help="write a TorchScript archive")
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="CKPT",
                         help=f"checkpoint, '{DEFAULT_MODEL}' or '{PRETRAINED}' "
-                        f"(default: '{DEFAULT_MODEL}', the shipped student)")
+                        f"(default: '{DEFAULT_MODEL}', the training-free VLAD)")
+    parser.add_argument("--map", metavar="MAP", help="the keyframe map the front end will query: the network then "
+                        "describes with the map's own vocabulary (the map's fingerprint)")
     parser.add_argument("--out", required=True, metavar="FILE", help="file to write")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     return parser
@@ -74,11 +80,16 @@ def _main(argv: Sequence[str] | None) -> int:
                               "--torchscript needs nothing more") from None
     from tscm_ros.checkpoint import export_onnx, export_torchscript
 
-    if args.model == DEFAULT_MODEL and not DEFAULT_WEIGHTS.is_file():
-        raise ConfigError(f"the pretrained default student {DEFAULT_WEIGHTS} is missing "
-                          "(run `make pretrain` to rebuild it, or give a checkpoint with --model)")
     named = load_named_model(args.model)
     model, preprocess, fingerprint = named.network.eval(), named.preprocess, named.fingerprint
+    if args.map:
+        keyframe_map = KeyframeMap.load(args.map, expected_fingerprint=fingerprint, expected_model_name=named.name)
+        if keyframe_map.vocabulary is not None and named.vocabulary is not None:
+            model.set_vocabulary(keyframe_map.vocabulary)
+            fingerprint = adapted_fingerprint(fingerprint, named.vocabulary, keyframe_map.vocabulary)
+        if fingerprint != keyframe_map.model_fingerprint:
+            raise ConfigError(f"{args.model} with the vocabulary of {args.map} gives fingerprint {fingerprint}, "
+                              f"but the map records {keyframe_map.model_fingerprint}: rebuild the map with build_map")
     export = export_onnx if args.onnx else export_torchscript
     try:
         export(model, preprocess, out, fingerprint)
