@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
 
-from tscm_ros.bag import FrameSource
+from tscm_ros.bag import Frame, FrameSource
 from tscm_ros.errors import BagError
 from tscm_ros.recall import ground_truth_within, recall_at_n
 
@@ -204,7 +204,7 @@ class MethodRun:
         return float(np.median(self.latencies_ms)) if len(self.latencies_ms) else math.nan
 
 
-def reference_keyframes(reference: FrameSource, keyframe_distance_m: float) -> Iterator:
+def reference_keyframes(reference: FrameSource, keyframe_distance_m: float) -> Iterator[Frame]:
     """The reference frames that become map keyframes: one per ``keyframe_distance_m`` of travel,
     chosen by build_map's travel test (``KeyframeSelector``)."""
     from tscm_ros.loop_detector import KeyframeSelector
@@ -215,40 +215,40 @@ def reference_keyframes(reference: FrameSource, keyframe_distance_m: float) -> I
             yield frame
 
 
-def build_descriptor_map(describer, reference: FrameSource, keyframe_distance_m: float):
-    """A flat ``KeyframeMap`` of the reference keyframes described by ``describer``, with local features."""
+def build_descriptor_map(describer, keyframes: Iterable[Frame]):
+    """A flat ``KeyframeMap`` of ``keyframes`` with local features, built as build_map builds one (a map of
+    its own vocabulary for the default model); (the map, the describer for its queries)."""
     from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
+    from tscm_ros.map_building import KeyframeBuilder
     from tscm_ros.verification import extract_local_features
 
-    keyframe_map = KeyframeMap(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(),
-                               model_name=describer.model_name)
-    batch: list = []
+    builder = KeyframeBuilder(describer, KeyframeMap.for_describer(describer))
+    batch: list[Frame] = []
 
-    def add(frames: list) -> None:
-        descriptors = describer.describe([f.image for f in frames])
-        keyframe_map.add(descriptors, [KeyframeMeta(stamp_ns=f.stamp_ns, pose=f.pose, bag=f.bag,
-                                                    local_features=extract_local_features(f.image)) for f in frames])
+    def add(frames: list[Frame]) -> None:
+        builder.add([f.image for f in frames], [KeyframeMeta(stamp_ns=f.stamp_ns, pose=f.pose, bag=f.bag,
+                                                             local_features=extract_local_features(f.image))
+                                                for f in frames])
 
-    for frame in reference_keyframes(reference, keyframe_distance_m):
+    for frame in keyframes:
         batch.append(frame)
         if len(batch) == describer.batch_size:
             add(batch)
             batch = []
     if batch:
         add(batch)
-    return keyframe_map
+    builder.finish()
+    return builder.map, builder.describer
 
 
-def build_bow_detector(reference: FrameSource, keyframe_distance_m: float, matching, num_words: int,
-                       max_features: int = 500):
-    """The ORB bag-of-words detector: vocabulary trained on the reference keyframes, which it then indexes."""
+def build_bow_detector(keyframes: Iterable[Frame], matching, num_words: int, max_features: int = 500):
+    """The ORB bag-of-words detector: vocabulary trained on the ``keyframes``, which it then indexes."""
     from tscm_ros.bow_baseline import BowLoopDetector, OrbVocabulary, orb_descriptors
 
-    keyframes = [(frame.stamp_ns, frame.pose, orb_descriptors(frame.image, max_features))
-                 for frame in reference_keyframes(reference, keyframe_distance_m)]
-    vocabulary = OrbVocabulary.train([descriptors for _, _, descriptors in keyframes], num_words=num_words)
+    described = [(frame.stamp_ns, frame.pose, orb_descriptors(frame.image, max_features)) for frame in keyframes]
+    vocabulary = OrbVocabulary.train([descriptors for _, _, descriptors in described], num_words=num_words)
     detector = BowLoopDetector(vocabulary, matching, max_features=max_features)
-    for stamp_ns, pose, descriptors in keyframes:
+    for stamp_ns, pose, descriptors in described:
         detector.add_keyframe(descriptors, stamp_ns, pose)
     return detector
 
@@ -259,33 +259,51 @@ def map_positions(detector) -> np.ndarray:
     return np.asarray(keyframes.positions, dtype=np.float64).reshape(-1, 3)
 
 
-def run_queries(name: str, detector, queries: FrameSource, radius_m: float, ns: Sequence[int]) -> MethodRun:
-    """Every posed query frame through ``detector.process`` (the node's path), timed, then scored."""
+def _run(name: str, detector, frames: Iterable[Frame], total: int | None) -> dict:
+    """Every frame through ``detector.process`` (the node's path), timed: per query its stamp, position (NaN
+    without pose), accepted candidates and latency."""
     stamps, positions, ranked_ids, ranked_scores, latencies = [], [], [], [], []
-    reader = queries.open()
-    for frame in tqdm(reader, total=len(reader), desc=name, unit="query", leave=False):
-        if frame.pose is None:
-            continue  # no ground truth: cannot be scored
+    for frame in tqdm(frames, total=total, desc=name, unit="query", leave=False):
         if not stamps:  # untimed warm-up: the first call at batch size 1 pays one-off set-up costs
             detector.process(frame.image, frame.stamp_ns, frame.pose)
         started = time.perf_counter()
         detection = detector.process(frame.image, frame.stamp_ns, frame.pose)
         latencies.append(1000.0 * (time.perf_counter() - started))
         stamps.append(frame.stamp_ns)
-        positions.append(frame.pose.position)
+        positions.append(np.full(3, np.nan) if frame.pose is None else frame.pose.position)
         ranked_ids.append(np.array([c.keyframe_id for c in detection.accepted], dtype=np.int64))
         ranked_scores.append(np.array([c.score for c in detection.accepted], dtype=np.float64))
-    if not stamps:
-        raise BagError(f"query bag {queries.bag} has no frames with a pose: nothing to evaluate "
-                       f"(give --pose-topic, or check that the pose stream covers the images)")
-    query_positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
-    keyframe_positions = map_positions(detector)
-    within = within_radius(query_positions, keyframe_positions, radius_m)
+    return {"query_stamps": np.asarray(stamps, dtype=np.int64),
+            "query_positions": np.asarray(positions, dtype=np.float64).reshape(-1, 3),
+            "ranked_ids": ranked_ids, "ranked_scores": ranked_scores, "latencies_ms": np.asarray(latencies)}
+
+
+def _method_run(name: str, detector, run: dict, within: np.ndarray, ns: Sequence[int]) -> MethodRun:
     describer = getattr(detector, "describer", detector)
     return MethodRun(
         name=name, model_name=describer.model_name, fingerprint=describer.fingerprint, dim=int(describer.dim),
-        map_positions=keyframe_positions, query_stamps=np.asarray(stamps, dtype=np.int64),
-        query_positions=query_positions, ranked_ids=ranked_ids, ranked_scores=ranked_scores,
-        latencies_ms=np.asarray(latencies), metrics=evaluate_loop_closures(ranked_ids, ranked_scores, within, ns),
-        within=within, calibrated=getattr(describer, "calibration", None) is not None,
-    )
+        map_positions=map_positions(detector), metrics=evaluate_loop_closures(run["ranked_ids"], run["ranked_scores"],
+                                                                             within, ns),
+        within=within, calibrated=getattr(describer, "calibration", None) is not None, **run)
+
+
+def run_queries(name: str, detector, queries: FrameSource, radius_m: float, ns: Sequence[int]) -> MethodRun:
+    """Every posed query frame of a bag through ``detector.process``, timed, then scored: a candidate is right
+    within ``radius_m`` of the query's position."""
+    reader = queries.open()
+    run = _run(name, detector, (frame for frame in reader if frame.pose is not None), len(reader))
+    if not len(run["query_stamps"]):
+        raise BagError(f"query bag {queries.bag} has no frames with a pose: nothing to evaluate "
+                       f"(give --pose-topic, or check that the pose stream covers the images)")
+    within = within_radius(run["query_positions"], map_positions(detector), radius_m)
+    return _method_run(name, detector, run, within, ns)
+
+
+def run_revisit_set(name: str, detector, revisit_set, ns: Sequence[int]) -> MethodRun:
+    """Every query of a :class:`~tscm_ros.revisit_set.RevisitSet` through ``detector.process``, timed, then
+    scored by the set's ground truth; ``detector``'s map must hold the set's references, in order."""
+    if len(map_positions(detector)) != len(revisit_set.references):
+        raise ValueError(f"the map holds {len(map_positions(detector))} keyframes, {revisit_set.name} has "
+                         f"{len(revisit_set.references)} references")
+    run = _run(name, detector, revisit_set.query_frames(), len(revisit_set.queries))
+    return _method_run(name, detector, run, revisit_set.ground_truth(), ns)

@@ -244,14 +244,15 @@ def _nan_to_none(value: float) -> float | None:
 
 def write_loop_closure_report(runs: Sequence[MethodRun], title: str, out: Path, radius_m: float, overwrite: bool,
                               settings: dict) -> None:
-    """Write loop_closure.md/.json, pr_curve.png, trajectories.png and queries_<method>.csv into ``out``
-    atomically (a temp dir next to it, renamed into place)."""
+    """Write loop_closure.md/.json, pr_curve.png, trajectories.png (when the queries have positions) and
+    queries_<method>.csv into ``out`` atomically (a temp dir next to it, renamed into place)."""
     if out.exists() and not overwrite:
         raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
     with atomic_directory(out) as staging:
         (staging / "loop_closure.md").write_text(loop_closure_table_markdown(runs, title), encoding="utf-8")
         _plot_pr_curves(runs, staging / "pr_curve.png", title)
-        _plot_trajectories(runs, staging / "trajectories.png", radius_m)
+        if not np.isnan(runs[0].query_positions).all():
+            _plot_trajectories(runs, staging / "trajectories.png", radius_m)
         summary = {"title": title, "settings": settings, "methods": []}
         for run in runs:
             m = run.metrics

@@ -2,22 +2,33 @@
 
 Modes (exactly one): ``--data DIR`` measures place recognition on a dataset split made by
 extract_dataset (queries against the database); ``--bag DIR --query-bag DIR`` measures loop-closure
-detection through the node's own code path (metrics: tscm_ros.loop_evaluation).
+detection through the node's own code path (metrics: tscm_ros.loop_evaluation); ``--revisit-set DIR`` does
+the same on photographs without poses: a map of the set's reference images, queried with its query images,
+judged by its ground-truth file (tscm_ros/revisit_set.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tscm_ros.bag import Frame
 from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_args, run_main
 from tscm_ros.describe import DEFAULT_MODEL, PRETRAINED, describer_for
 from tscm_ros.errors import BagError, ConfigError
 from tscm_ros.loop_detector import LoopDetector, MatchingConfig
-from tscm_ros.loop_evaluation import build_bow_detector, build_descriptor_map, run_queries
+from tscm_ros.loop_evaluation import (
+    MethodRun,
+    build_bow_detector,
+    build_descriptor_map,
+    reference_keyframes,
+    run_queries,
+    run_revisit_set,
+)
 from tscm_ros.reporting import (
     format_percent,
     loop_closure_table_markdown,
@@ -25,15 +36,16 @@ from tscm_ros.reporting import (
     write_loop_closure_report,
     write_recall_report,
 )
+from tscm_ros.revisit_set import RevisitSet
 from tscm_ros.temporal import TemporalConfig
 from tscm_ros.verification import CameraIntrinsics, VerificationConfig
 
 DATA_RADIUS_M = 25.0  # --radius-m default with --data
 BAG_RADIUS_M = 10.0  # --radius-m default with --bag
-BASELINES = ("gem", "student", "bow")
-BASELINE_NAMES = {"gem": "GeM baseline (pretrained, no training)", "student": "default model (shipped student)",
+BASELINES = ("gem", "default", "bow")
+BASELINE_NAMES = {"gem": "GeM baseline (pretrained, no training)", "default": "default model (training-free VLAD)",
                   "bow": "ORB bag of words"}
-BASELINE_MODELS = {"gem": PRETRAINED, "student": DEFAULT_MODEL}
+BASELINE_MODELS = {"gem": PRETRAINED, "default": DEFAULT_MODEL}
 STAGES = [  # row suffix, verification, temporal consistency
     ("", None, None),
     (" + temporal", None, TemporalConfig()),
@@ -53,6 +65,11 @@ method from the reference traversal, every query frame runs through the node's c
 recall@N, the top-1 precision-recall curve, average precision, maximum recall at 100 % precision and
 the per-query latency are written side by side (loop_closure.md/.json, pr_curve.png,
 trajectories.png), with the built-in baselines (--baselines) next to the given models.
+
+With --revisit-set SET instead: the same on a folder of photographs without poses (SET/ref/ the map, in
+order; SET/query/ the revisit; SET/gt.csv with columns query,matching_refs naming the references each query
+should match). Every reference becomes a keyframe; a candidate is right when the ground truth lists it.
+Retrieval only: the stages need poses along the map.
 """
 
 EXAMPLE = (
@@ -60,6 +77,7 @@ EXAMPLE = (
     "  evaluate --data data/campus --model runs/teacher/best.pt --model runs/student/best.pt --model pretrained "
     "--out eval/campus\n"
     "  evaluate --bag routes/t0 --query-bag routes/t1 --model student=runs/student/best.pt --out eval/loops\n"
+    "  evaluate --revisit-set photos/campus --out eval/campus\n"
 )
 
 
@@ -73,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--bag", metavar="DIR",
                       help="reference traversal (rosbag2): loop-closure evaluation against a map of it; "
                       "queries from --query-bag")
+    mode.add_argument("--revisit-set", metavar="DIR",
+                      help="folder of photographs with ref/, query/ and gt.csv: loop-closure evaluation against a "
+                      "map of its references")
     parser.add_argument("--model", action="append", metavar="CKPT",
                         help=f"model checkpoint (NAME=CKPT in bag mode), '{PRETRAINED}' (CNN + GeM baseline) "
                         f"or '{DEFAULT_MODEL}' (repeatable; at least one with --data)")
@@ -101,7 +122,8 @@ def add_bag_arguments(parser: argparse.ArgumentParser) -> None:
                        help="map keyframe every M metres of travel on the reference, as build_map (default 2.0)")
     group.add_argument("--baselines", default=",".join(BASELINES), metavar="LIST",
                        help="comma-separated built-in methods to include: gem (pretrained backbone + GeM), "
-                       "student (the default model: the shipped pretrained student), bow (ORB bag of words); "
+                       "default (the default model: the training-free VLAD with the map's own vocabulary), "
+                       "bow (ORB bag of words); "
                        f"'none' for none (default {','.join(BASELINES)})")
     group.add_argument("--bow-words", type=int, default=1000, metavar="K",
                        help="ORB vocabulary size, trained on the reference keyframes (default 1000)")
@@ -153,7 +175,7 @@ def method_specs(args: argparse.Namespace) -> list[MethodSpec]:
     unknown = sorted(set(chosen) - set(BASELINES))
     if unknown:
         raise ConfigError(f"--baselines: unknown {', '.join(unknown)} (choose from {', '.join(BASELINES)} or none)")
-    specs = [MethodSpec(BASELINE_NAMES[b], BASELINE_MODELS[b]) for b in ("gem", "student") if b in chosen]
+    specs = [MethodSpec(BASELINE_NAMES[b], BASELINE_MODELS[b]) for b in ("gem", "default") if b in chosen]
     baseline_names = {model: BASELINE_NAMES[b] for b, model in BASELINE_MODELS.items()}
     for entry in args.model or []:
         name, _, model = entry.rpartition("=")
@@ -171,55 +193,76 @@ def method_specs(args: argparse.Namespace) -> list[MethodSpec]:
     return specs
 
 
-def run_bag_evaluation(args: argparse.Namespace) -> int:
-    """``evaluate --bag``: every method on the same traversals; writes the report and prints the table."""
-    radius_m = BAG_RADIUS_M if args.radius_m is None else float(args.radius_m)
+def _check_common(args: argparse.Namespace) -> tuple[list[int], Path]:
     ns = sorted({int(n) for n in args.ns})
-    if not args.query_bag:
-        raise ConfigError("--bag needs --query-bag: the traversal to query against the --bag map")
-    if radius_m <= 0 or not ns or ns[0] < 1 or args.batch_size < 1:
-        raise ConfigError("--radius-m, --ns and --batch-size must be positive")
+    if not ns or ns[0] < 1 or args.batch_size < 1:
+        raise ConfigError("--ns and --batch-size must be positive")
     if args.keyframe_distance < 0 or args.bow_words < 2:
         raise ConfigError("--keyframe-distance must be >= 0 and --bow-words >= 2")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
-    for path in (args.bag, args.query_bag):
-        if not Path(path).exists():
-            raise BagError(f"bag {path} does not exist")
-    specs = method_specs(args)
-    intrinsics = CameraIntrinsics.from_values(args.intrinsics or [])
-    stages = STAGES if args.stages == "all" else STAGES[:1]
-    reference = frame_source_from_args(args, args.bag)
-    queries = frame_source_from_args(args, args.query_bag)
+    return ns, out
+
+
+def _run_methods(args: argparse.Namespace, keyframes: Callable[[], Iterable[Frame]], stages: list,
+                 run: Callable[[str, object], MethodRun], ns: list[int], source: str,
+                 intrinsics: CameraIntrinsics | None) -> list[MethodRun]:
+    """Every method of ``method_specs(args)``: a map of ``keyframes()``, a detector per stage, each ``run``."""
     # Offline evaluation of two traversals: every keyframe is a valid answer, nothing is excluded.
     matching = MatchingConfig(k=max(ns), min_score=0.0, exclude_recent_s=0.0, exclude_within_m=0.0)
-
     runs = []
-    for spec in specs:
+    for spec in method_specs(args):
         started = time.perf_counter()
         if spec.model is None:
-            detectors = [(spec.name, build_bow_detector(reference, args.keyframe_distance, matching, args.bow_words))]
+            detectors = [(spec.name, build_bow_detector(keyframes(), matching, args.bow_words))]
         else:
             describer = describer_for(spec.model, device=args.device, batch_size=args.batch_size)
-            keyframe_map = build_descriptor_map(describer, reference, args.keyframe_distance)
+            keyframe_map, describer = build_descriptor_map(describer, keyframes())
             # The stage rows keep the node's k (5): its latency and what it publishes.
             staged = replace(matching, k=min(matching.k, MatchingConfig().k))
             detectors = [(spec.name + suffix, LoopDetector(describer, keyframe_map, staged if suffix else matching,
-                                                           source=reference.bag, verification=verification,
+                                                           source=source, verification=verification,
                                                            temporal=temporal, intrinsics=intrinsics))
                          for suffix, verification, temporal in stages]
         mapped = time.perf_counter()
         for name, detector in detectors:
-            run = run_queries(name, detector, queries, radius_m, ns)
-            runs.append(run)
-            print(f"evaluate: {name}: map of {len(run.map_positions)} keyframes in {mapped - started:.1f} s, "
-                  f"{run.metrics.num_queries} queries in {time.perf_counter() - mapped:.1f} s, "
-                  f"R@{ns[0]} {format_percent(run.metrics.recall_at[ns[0]])} %, "
-                  f"max R @ P=100 % {format_percent(run.metrics.max_recall_at_full_precision)} %, "
-                  f"median {run.median_latency_ms:.1f} ms/query", flush=True)
+            result = run(name, detector)
+            runs.append(result)
+            print(f"evaluate: {name}: map of {len(result.map_positions)} keyframes in {mapped - started:.1f} s, "
+                  f"{result.metrics.num_queries} queries in {time.perf_counter() - mapped:.1f} s, "
+                  f"R@{ns[0]} {format_percent(result.metrics.recall_at[ns[0]])} %, "
+                  f"max R @ P=100 % {format_percent(result.metrics.max_recall_at_full_precision)} %, "
+                  f"median {result.median_latency_ms:.1f} ms/query", flush=True)
             mapped = time.perf_counter()
+    return runs
 
+
+def _report(runs: list[MethodRun], title: str, out: Path, radius_m: float, overwrite: bool, settings: dict) -> None:
+    write_loop_closure_report(runs, title, out, radius_m, overwrite, settings)
+    print(loop_closure_table_markdown(runs, title), end="")
+    plots = ", ".join(str(out / name) for name in ("pr_curve.png", "trajectories.png") if (out / name).exists())
+    print(f"wrote {out / 'loop_closure.md'}, {plots} (per-query CSVs and loop_closure.json alongside)")
+
+
+def run_bag_evaluation(args: argparse.Namespace) -> int:
+    """``evaluate --bag``: every method on the same traversals; writes the report and prints the table."""
+    radius_m = BAG_RADIUS_M if args.radius_m is None else float(args.radius_m)
+    if not args.query_bag:
+        raise ConfigError("--bag needs --query-bag: the traversal to query against the --bag map")
+    if radius_m <= 0:
+        raise ConfigError("--radius-m must be positive")
+    ns, out = _check_common(args)
+    for path in (args.bag, args.query_bag):
+        if not Path(path).exists():
+            raise BagError(f"bag {path} does not exist")
+    intrinsics = CameraIntrinsics.from_values(args.intrinsics or [])
+    reference = frame_source_from_args(args, args.bag)
+    queries = frame_source_from_args(args, args.query_bag)
+    runs = _run_methods(args, lambda: reference_keyframes(reference, args.keyframe_distance),
+                        STAGES if args.stages == "all" else STAGES[:1],
+                        lambda name, detector: run_queries(name, detector, queries, radius_m, ns), ns,
+                        reference.bag, intrinsics)
     first = runs[0].metrics
     title = (f"Loop closure: {first.num_queries} queries from {Path(args.query_bag).name} "
              f"({first.num_with_loop} with a true loop) against {Path(args.bag).name}, "
@@ -228,10 +271,23 @@ def run_bag_evaluation(args: argparse.Namespace) -> int:
                 "ns": ns, "keyframe_distance_m": args.keyframe_distance, "bow_words": args.bow_words,
                 "stages": args.stages, "intrinsics": None if intrinsics is None else list(vars(intrinsics).values()),
                 "device": args.device}
-    write_loop_closure_report(runs, title, out, radius_m, args.overwrite, settings)
-    print(loop_closure_table_markdown(runs, title), end="")
-    print(f"wrote {out / 'loop_closure.md'}, {out / 'pr_curve.png'}, {out / 'trajectories.png'} "
-          f"(per-query CSVs and loop_closure.json alongside)")
+    _report(runs, title, out, radius_m, args.overwrite, settings)
+    return 0
+
+
+def run_revisit_evaluation(args: argparse.Namespace) -> int:
+    """``evaluate --revisit-set``: every method on a set of photographs; writes the report, prints the table."""
+    ns, out = _check_common(args)
+    revisit_set = RevisitSet.load(args.revisit_set)
+    runs = _run_methods(args, revisit_set.reference_frames, STAGES[:1],
+                        lambda name, detector: run_revisit_set(name, detector, revisit_set, ns), ns,
+                        revisit_set.name, None)
+    first = runs[0].metrics
+    title = (f"Loop closure: {first.num_queries} queries of {revisit_set.name} ({first.num_with_loop} with a "
+             f"true loop) against its {len(revisit_set.references)} references, correct as its ground truth says")
+    settings = {"revisit_set": str(args.revisit_set), "ns": ns, "bow_words": args.bow_words, "stages": "none",
+                "device": args.device}
+    _report(runs, title, out, math.nan, args.overwrite, settings)
     return 0
 
 
@@ -242,6 +298,8 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.bag:
         return run_bag_evaluation(args)
+    if args.revisit_set:
+        return run_revisit_evaluation(args)
     if not args.model:
         raise ConfigError("--data needs at least one --model (a checkpoint, 'pretrained' or 'default')")
     if args.radius_m is None:
