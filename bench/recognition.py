@@ -1,29 +1,29 @@
-"""Recognition benchmark: site training and every method on held-out traversals under hard changes.
+"""Recognition benchmark: real photographs first, then rendered worlds, every method in the same run.
 
-Each *site* is a rendered town (its own seed) with perceptual aliasing (a share of its 20 m street
-blocks are exact copies of others). Per site:
+Real track (``--real DIR``): every revisit set under DIR (folders with ref/, query/ and gt.csv, as in
+tscm_ros/revisit_set.py) goes through ``evaluate --revisit-set``: a map of the set's references built the
+node's way (the default model fits its vocabulary on them), every query through the node's code path,
+judged by the set's ground truth. Per set: R@1, R@1 on the report half (the second half of the queries:
+bench/descriptor_selection.py chose the default's settings on the first half only), R@5, maximum recall at
+100 % precision and median ms per query.
 
-- reference traversal 0 (day) becomes the map; it skips a stretch of the loop, so queries there have
-  no true loop (a detour through places never mapped: a detector must reject them);
-- traversals 1 and 2 (a dusk drive and a day drive with other offsets) are the site's training data:
-  the README's commands, unchanged, extract a dataset from traversals 0-2, train a teacher and distil
-  the student;
-- held-out query traversals, never trained on: night (low light, sensor noise), haze, season
-  (recoloured surfaces) and clutter (moved and added objects), each driven 1-2 m to the side, with
-  camera height and heading changes.
+Rendered track: sites of two worlds, each with a day reference traversal (the map, which skips a stretch of
+the loop, so queries there must be rejected), two traversals for site training (the README's commands,
+unchanged: extract a dataset, train a teacher, distil the student) and four held-out query traversals nobody
+trains on: night, haze, season and clutter, each driven 1-2 m to the side with other camera height and
+heading. The box town (``--sites`` of them) has look-alike street blocks; the garden (``--garden``) is a
+world of another kind (photographic textures, meshes, other light) that nothing was designed or tuned on.
+Every method runs through ``evaluate --bag``: R@1 within 5 m per condition and pooled per world, maximum
+recall at 100 % precision of the top-1 score, the precision and recall of what the node publishes with its
+default min_score (calibrated models), median ms per query.
 
-Every method runs through ``evaluate --bag`` (the node's code path): ORB bag of words, the pretrained
-GeM baseline, the default model, the site-trained teacher and the distilled student, each descriptor
-method also with geometric verification, and with verification and temporal consistency (the node's
-defaults; camera intrinsics of the simulator given, so verification fits the essential matrix). One table pools
-the queries of all sites and conditions: R@1 within 5 m per condition and overall, maximum recall at
-100 % precision of the top-1 score (one threshold for all queries of a method), median ms per query
-(describe + search, this machine, all methods in the same run). Training time and peak memory are
-measured per run. Rendered routes are cached in .cache/bench/ per version of the simulator.
+Methods everywhere: ORB bag of words, the pretrained GeM baseline, the default model (training-free VLAD
+with the map's own vocabulary), the teacher and student trained on the first site of the box town (on that
+world's sites each site's own), and any ``--model NAME=CKPT``. Rendered routes are cached in .cache/bench/
+per version of the simulator.
 
-    python bench/recognition.py                 # 2 sites, about 15-20 minutes on 2 CPU cores
-    python bench/recognition.py --sites 1       # one site
-    python bench/recognition.py --no-training   # only the methods nobody trains here: ORB, GeM, default (minutes)
+    python bench/recognition.py --real ../shared/realdata      # 2 town sites + the garden: about 40 minutes
+    python bench/recognition.py --real DIR --no-training       # the methods nobody trains here (minutes)
 """
 
 from __future__ import annotations
@@ -51,27 +51,23 @@ from tscm_ros.loop_evaluation import (  # noqa: E402
     max_recall_at_full_precision,
     precision_recall_curve,
 )
+from tscm_ros.revisit_set import find_revisit_sets  # noqa: E402
 
-SITES = [  # seed, lap length (m)
-    (11, 120.0),
-    (12, 200.0),
-    (13, 160.0),
-]
+TOWN_SITES = [(11, 120.0), (12, 200.0), (13, 160.0)]  # seed, lap length (m)
+GARDEN_SITE = (21, 160.0)
 ALIASING = 0.3
 SPACING_M = 2.0
 SKIP_ARC = (0.80, 0.92)
 TRAINING = [(1, "auto"), (2, "day")]
 QUERIES = [(3, "night"), (4, "haze"), (5, "season"), (6, "clutter")]
 RADIUS_M = 5.0
-DESCRIPTOR_METHODS = {  # row name in the report -> name in evaluate's output
+BASELINES = {  # row name in the report -> name in evaluate's output
+    "ORB bag of words": "ORB bag of words",
     "GeM baseline (pretrained)": "GeM baseline (pretrained, no training)",
-    "default model": "default model (shipped student)",
-    "teacher (site-trained)": "teacher (site-trained)",
-    "student (distilled)": "student (distilled)",
+    "default model": "default model (training-free VLAD)",
 }
+TRAINED = ("teacher (site-trained)", "student (distilled)")
 STAGES = ("", " + temporal", " + verification", " + verification + temporal")  # evaluate's row suffixes
-METHODS = {"ORB bag of words": "ORB bag of words"} | {
-    row + stage: name + stage for row, name in DESCRIPTOR_METHODS.items() for stage in STAGES}
 FOCAL_PX = 120.0 / math.tan(math.radians(35.0))  # the simulator's camera: 70 degree vertical field of view, 320x240
 
 
@@ -86,19 +82,6 @@ def run(argv: list[str], what: str) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024.0
 
 
-def render(cache: Path, seed: int, length: float, traversal: int, condition: str, skip: bool) -> Path:
-    out = cache / f"site{seed}_t{traversal}_{condition}"
-    if not out.exists():
-        frames = int(round(length / SPACING_M))
-        argv = ["tscm_ros.cli.simulate_route", "--out", str(out), "--seed", str(seed), "--traversal", str(traversal),
-                "--frames", str(frames), "--route-length", str(length), "--condition", condition,
-                "--aliasing", str(ALIASING)]
-        if skip:
-            argv += ["--skip-arc", f"{SKIP_ARC[0]},{SKIP_ARC[1]}"]
-        run(argv, f"rendering {out.name}")
-    return out
-
-
 def simulator_cache() -> Path:
     """Where rendered routes are kept: one folder per version of the simulator."""
     sources = sorted((REPO / "tscm_ros").glob("simulat*.py"))
@@ -106,15 +89,16 @@ def simulator_cache() -> Path:
     return REPO / ".cache" / "bench" / simulator
 
 
-def prepare_site(cache: Path, site: Path, seed: int, length: float) -> tuple[Path, Path, Path]:
-    """Render a site's reference and training traversals and extract its dataset with the README's command;
-    (reference bag, dataset, runs directory)."""
-    reference = render(cache, seed, length, 0, "day", skip=True)
-    bags = [reference] + [render(cache, seed, length, t, c, skip=False) for t, c in TRAINING]
-    data = site / "data"
-    run(["tscm_ros.cli.extract_dataset", *[a for bag in bags for a in ("--bag", str(bag))], "--out", str(data),
-         "--every-m", "2", "--overwrite", "--no-progress"], "extract_dataset")
-    return reference, data, site / "runs"
+def render(cache: Path, world: str, seed: int, length: float, traversal: int, condition: str, skip: bool) -> Path:
+    out = cache / f"{world}{seed}_t{traversal}_{condition}"
+    if not out.exists():
+        argv = ["tscm_ros.cli.simulate_route", "--out", str(out), "--world", world, "--seed", str(seed),
+                "--traversal", str(traversal), "--frames", str(round(length / SPACING_M)), "--route-length",
+                str(length), "--condition", condition, "--aliasing", str(ALIASING)]
+        if skip:
+            argv += ["--skip-arc", f"{SKIP_ARC[0]},{SKIP_ARC[1]}"]
+        run(argv, f"rendering {out.name}")
+    return out
 
 
 def read_queries(csv_path: Path) -> list[dict]:
@@ -123,96 +107,163 @@ def read_queries(csv_path: Path) -> list[dict]:
 
 
 def pooled_metrics(rows: list[dict]) -> dict:
-    """R@1 and max recall at 100 % precision over pooled per-query rows of evaluate's queries_*.csv."""
+    """R@1, max recall at 100 % precision and what the default min_score publishes, over pooled per-query rows
+    of evaluate's queries_*.csv."""
     has_loop = np.array([row["has_true_loop"] == "1" for row in rows])
     correct = np.array([row["top1_correct"] == "1" for row in rows])
     scores = np.array([float(row["top1_score"]) if row["top1_score"] else math.nan for row in rows])
-    recall1 = correct[has_loop].mean() if has_loop.any() else math.nan
     curve = precision_recall_curve(scores, correct & has_loop, has_loop)
     max_recall, threshold = max_recall_at_full_precision(curve)
     precision, recall = at_threshold(curve, DEFAULT_MIN_SCORE)
-    latency = float(np.median([float(row["latency_ms"]) for row in rows]))
-    return {"r1": float(recall1), "max_recall_p100": max_recall, "threshold": threshold, "ms": latency,
-            "queries": len(rows), "true_negatives": int((~has_loop).sum()),
-            "precision_at_min_score": precision, "recall_at_min_score": recall}
+    return {"r1": float(correct[has_loop].mean()) if has_loop.any() else math.nan,
+            "max_recall_p100": max_recall, "threshold": threshold,
+            "ms": float(np.median([float(row["latency_ms"]) for row in rows])), "queries": len(rows),
+            "true_negatives": int((~has_loop).sum()), "precision_at_min_score": precision,
+            "recall_at_min_score": recall}
+
+
+def train_site(data: Path, runs: Path) -> list[dict]:
+    """The README's training commands on a site's dataset: teacher, then the distilled student."""
+    measured = []
+    for kind in ("teacher", "student"):
+        run_dir = runs / kind
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        extra = ["--teacher", str(runs / "teacher" / "best.pt")] if kind == "student" else []
+        seconds, peak_mb = run(["tscm_ros.cli.train", kind, "--data", str(data), *extra, "--out", str(run_dir),
+                                "--no-progress"], f"train {kind}")
+        measured.append({"site": data.parent.name, "kind": kind, "seconds": seconds, "peak_mb": peak_mb})
+    return measured
+
+
+def rendered_site(cache: Path, out: Path, world: str, seed: int, length: float, training: bool,
+                  models: list[str]) -> tuple[dict, list[dict]]:
+    """A site's held-out queries through evaluate --bag for every method: {(row, condition): per-query rows}."""
+    site = out / f"{world}{seed}"
+    reference = render(cache, world, seed, length, 0, "day", skip=True)
+    measured = []
+    own = []
+    if training:
+        bags = [reference] + [render(cache, world, seed, length, t, c, skip=False) for t, c in TRAINING]
+        data = site / "data"
+        run(["tscm_ros.cli.extract_dataset", *[a for bag in bags for a in ("--bag", str(bag))], "--out", str(data),
+             "--every-m", "2", "--overwrite", "--no-progress"], "extract_dataset")
+        measured = train_site(data, site / "runs")
+        own = [f"{TRAINED[0]}={site / 'runs' / 'teacher' / 'best.pt'}",
+               f"{TRAINED[1]}={site / 'runs' / 'student' / 'best.pt'}"]
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for traversal, condition in QUERIES:
+        query = render(cache, world, seed, length, traversal, condition, skip=False)
+        evaluation = site / f"eval_{condition}"
+        run(["tscm_ros.cli.evaluate", "--bag", str(reference), "--query-bag", str(query), "--out", str(evaluation),
+             "--overwrite", "--radius-m", str(RADIUS_M), "--device", "cpu",
+             "--intrinsics", f"{FOCAL_PX},{FOCAL_PX},160,120", *[a for m in own + models for a in ("--model", m)]],
+            f"evaluate {world}{seed} {condition}")
+        summary = json.loads((evaluation / "loop_closure.json").read_text())
+        for method in summary["methods"]:
+            rows.setdefault((row_name(method["name"]), condition), []).extend(
+                dict(r, calibrated=method["calibrated"]) for r in read_queries(evaluation / method["queries_csv"]))
+    return rows, measured
+
+
+def row_name(evaluate_name: str) -> str:
+    for row, name in BASELINES.items():
+        if evaluate_name.startswith(name):
+            return row + evaluate_name[len(name):]
+    return evaluate_name
+
+
+def rendered_table(title: str, rows: dict[tuple[str, str], list[dict]]) -> list[str]:
+    conditions = [c for _, c in QUERIES]
+    methods = list(dict.fromkeys(name for name, _ in rows))
+    pooled = {name: pooled_metrics([r for c in conditions for r in rows.get((name, c), [])]) for name in methods}
+    gem = pooled["GeM baseline (pretrained)"]["r1"]
+    lines = [f"### {title}", "",
+             "| method | " + " | ".join(f"R@1 {c} %" for c in conditions)
+             + f" | R@1 all % | vs GeM (points) | max R @ P=100 % | P / R % at score >= {DEFAULT_MIN_SCORE:g} | "
+             "median ms/query |", "|---|" + "---:|" * (len(conditions) + 5)]
+    for name in methods:
+        metric = pooled[name]
+        cells = [f"{100 * pooled_metrics(rows[(name, c)])['r1']:.1f}" for c in conditions]
+        calibrated = rows[(name, conditions[0])][0]["calibrated"]
+        at_min = (f"{100 * metric['precision_at_min_score']:.1f} / {100 * metric['recall_at_min_score']:.1f}"
+                  if calibrated else "(uncalibrated)")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * metric['r1']:.1f} | "
+                     f"{100 * (metric['r1'] - gem):+.1f} | {100 * metric['max_recall_p100']:.1f} | {at_min} | "
+                     f"{metric['ms']:.1f} |")
+    any_metric = next(iter(pooled.values()))
+    return lines + ["", f"{any_metric['queries']} queries per method ({any_metric['true_negatives']} in a stretch the "
+                    "map never saw: true negatives, counted against precision).", ""]
+
+
+def real_track(real: Path, out: Path, models: list[str]) -> list[str]:
+    """Every revisit set under ``real`` through evaluate --revisit-set; the table rows."""
+    lines = ["### Real photographs (" + str(real.name) + ")", "",
+             "| set | method | R@1 % | R@1 report half % | vs GeM (points) | R@5 % | max R @ P=100 % | "
+             "median ms/query |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for revisit_set in find_revisit_sets(real):
+        evaluation = out / "real" / revisit_set.name
+        run(["tscm_ros.cli.evaluate", "--revisit-set", str(revisit_set.root), "--out", str(evaluation), "--overwrite",
+             "--device", "cpu", "--ns", "1", "5", *[a for m in models for a in ("--model", m)]],
+            f"evaluate {revisit_set.name}")
+        summary = json.loads((evaluation / "loop_closure.json").read_text())
+        report_half = slice(len(revisit_set.queries) // 2, None)
+        gem = next(m for m in summary["methods"] if m["name"] == BASELINES["GeM baseline (pretrained)"])
+        for method in summary["methods"]:
+            rows = read_queries(evaluation / method["queries_csv"])[report_half]
+            half = np.mean([r["top1_correct"] == "1" for r in rows if r["has_true_loop"] == "1"])
+            r1, r5 = method["recall_at"]["1"], method["recall_at"]["5"]
+            lines.append(f"| {revisit_set.name} | {row_name(method['name'])} | {100 * r1:.1f} | {100 * half:.1f} | "
+                         f"{100 * (r1 - gem['recall_at']['1']):+.1f} | {100 * r5:.1f} | "
+                         f"{100 * method['max_recall_at_full_precision']:.1f} | {method['latency_ms']['median']:.1f} |")
+    return lines + [""]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sites", type=int, default=2, help=f"number of sites, 1-{len(SITES)} (default 2)")
-    parser.add_argument("--out", default=str(REPO / "bench_output" / "recognition"), help="output directory")
+    parser.add_argument("--real", metavar="DIR", help="folder of real revisit sets (e.g. ../shared/realdata)")
+    parser.add_argument("--sites", type=int, default=2, help=f"box-town sites, 0-{len(TOWN_SITES)} (default 2)")
+    parser.add_argument("--no-garden", action="store_true", help="leave out the garden world")
     parser.add_argument("--no-training", action="store_true",
-                        help="skip site training: only ORB bag of words, GeM and the default model (with their stages)")
+                        help="skip site training: only ORB bag of words, GeM, the default and --model")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=CKPT",
+                        help="another model to evaluate everywhere (repeatable)")
+    parser.add_argument("--out", default=str(REPO / "bench_output" / "recognition"), help="output directory")
     args = parser.parse_args()
-    if not 1 <= args.sites <= len(SITES):
-        parser.error(f"--sites must be in 1..{len(SITES)}")
-    cache = simulator_cache()
-    out = Path(args.out)
+    if not 0 <= args.sites <= len(TOWN_SITES):
+        parser.error(f"--sites must be in 0..{len(TOWN_SITES)}")
+    cache, out = simulator_cache(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pooled: dict[str, list[dict]] = {name: [] for name in METHODS}
-    by_condition: dict[tuple[str, str], list[dict]] = {}
-    calibrated: dict[str, bool] = {}
-    training = []
-    for seed, length in SITES[: args.sites]:
-        site = out / f"site{seed}"
-        reference, data, runs = prepare_site(cache, site, seed, length)
-        for kind in () if args.no_training else ("teacher", "student"):
-            run_dir = runs / kind
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            extra = ["--teacher", str(runs / "teacher" / "best.pt")] if kind == "student" else []
-            seconds, peak_mb = run(["tscm_ros.cli.train", kind, "--data", str(data), *extra, "--out", str(run_dir),
-                                    "--no-progress"], f"train {kind}")
-            training.append({"site": seed, "kind": kind, "seconds": seconds, "peak_mb": peak_mb})
-        for traversal, condition in QUERIES:
-            query = render(cache, seed, length, traversal, condition, skip=False)
-            evaluation = site / f"eval_{condition}"
-            models = [] if args.no_training else [
-                "--model", f"teacher (site-trained)={runs / 'teacher' / 'best.pt'}",
-                "--model", f"student (distilled)={runs / 'student' / 'best.pt'}"]
-            run(["tscm_ros.cli.evaluate", "--bag", str(reference), "--query-bag", str(query), "--out", str(evaluation),
-                 "--overwrite", "--radius-m", str(RADIUS_M), "--device", "cpu",
-                 "--intrinsics", f"{FOCAL_PX},{FOCAL_PX},160,120", *models], f"evaluate {condition}")
-            summary = json.loads((evaluation / "loop_closure.json").read_text())
-            for method in summary["methods"]:
-                row_name = next(k for k, v in METHODS.items() if v == method["name"])
-                calibrated[row_name] = method["calibrated"]
-                rows = read_queries(evaluation / method["queries_csv"])
-                pooled[row_name] += rows
-                by_condition.setdefault((row_name, condition), []).extend(rows)
-
-    conditions = [c for _, c in QUERIES]
-    results = {name: pooled_metrics(rows) for name, rows in pooled.items() if rows}
-    per_condition = {key: pooled_metrics(rows) for key, rows in by_condition.items()}
-    gem = results["GeM baseline (pretrained)"]["r1"]
-    lines = [
-        f"## Recognition benchmark: {args.sites} site(s), held-out traversals, R@1 within {RADIUS_M:g} m",
-        "",
-        "| method | " + " | ".join(f"R@1 {c} %" for c in conditions)
-        + f" | R@1 all % | vs GeM (points) | max R @ P=100 % | P / R % at score >= {DEFAULT_MIN_SCORE:g}"
-        + " | median ms/query |",
-        "|---|" + "---:|" * (len(conditions) + 5),
-    ]
-    for name, metric in results.items():
-        cells = [f"{100 * per_condition[(name, c)]['r1']:.1f}" for c in conditions]
-        at_min = (f"{100 * metric['precision_at_min_score']:.1f} / {100 * metric['recall_at_min_score']:.1f}"
-                  if calibrated.get(name) else "(uncalibrated)")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * metric['r1']:.1f} | "
-                     f"{100 * (metric['r1'] - gem):+.1f} | {100 * metric['max_recall_p100']:.1f} | {at_min} | "
-                     f"{metric['ms']:.1f} |")
-    any_result = next(iter(results.values()))
-    lines += ["", f"{any_result['queries']} queries per method ({any_result['true_negatives']} in a stretch the map "
-              "never saw: true negatives, counted against precision)."]
+    started, load_before = time.monotonic(), os.getloadavg()[0]
+    training: list[dict] = []
+    town: dict[tuple[str, str], list[dict]] = {}
+    trained_models: list[str] = []
+    for index, (seed, length) in enumerate(TOWN_SITES[: args.sites]):
+        rows, measured = rendered_site(cache, out, "town", seed, length, not args.no_training, args.model)
+        training += measured
+        for key, value in rows.items():
+            town.setdefault(key, []).extend(value)
+        if index == 0 and measured:
+            trained_models = [f"{name} (town {seed})={out / f'town{seed}' / 'runs' / kind / 'best.pt'}"
+                              for name, kind in zip(TRAINED, ("teacher", "student"))]
+    lines = [f"## Recognition benchmark ({time.strftime('%Y-%m-%d')}, load average {load_before:.2f} at the start)",
+             ""]
+    if args.real:
+        lines += real_track(Path(args.real), out, trained_models + args.model)
+    if not args.no_garden:
+        garden, measured = rendered_site(cache, out, "garden", *GARDEN_SITE, False, trained_models + args.model)
+        lines += rendered_table(f"Rendered: the garden (seed {GARDEN_SITE[0]}), held-out traversals, R@1 within "
+                                f"{RADIUS_M:g} m", garden)
+    if town:
+        lines += rendered_table(f"Rendered: {args.sites} box-town site(s), held-out traversals, R@1 within "
+                                f"{RADIUS_M:g} m", town)
     if training:
-        teacher, student = results["teacher (site-trained)"]["r1"], results["student (distilled)"]["r1"]
-        lines[-1] += (f" Student / teacher R@1: {student / teacher:.2f}. Training (README commands, this machine): "
-                      + "; ".join(f"site {t['site']} {t['kind']} {t['seconds']:.0f} s, peak {t['peak_mb']:.0f} MB"
-                                  for t in training))
+        lines += ["Training (README commands, this machine): " + "; ".join(
+            f"{t['site']} {t['kind']} {t['seconds']:.0f} s, peak {t['peak_mb']:.0f} MB" for t in training), ""]
+    lines.append(f"Whole run {(time.monotonic() - started) / 60:.0f} min.")
     report = "\n".join(lines) + "\n"
     (out / "recognition.md").write_text(report, encoding="utf-8")
-    (out / "recognition.json").write_text(json.dumps(
-        {"methods": results, "per_condition": {f"{n} / {c}": m for (n, c), m in per_condition.items()},
-         "training": training}, indent=2) + "\n", encoding="utf-8")
     print(report)
     return 0
 
