@@ -37,7 +37,7 @@ def test_the_map_fits_its_own_vocabulary_and_keeps_it(tmp_path, route_reference,
     out = tmp_path / "map"
     assert build_map.main(["--bag", str(route_reference), "--out", str(out), "--min-distance", "0",
                            "--vocabulary-keyframes", "25"]) == 0
-    assert "vocabulary of 64 words (fitted on 25 images of the map)" in capsys.readouterr().out
+    assert "vocabulary of 32 words (fitted on 25 images of the map)" in capsys.readouterr().out
     default = Describer.from_checkpoint(None, device="cpu")
     keyframe_map = KeyframeMap.load(out, expected_fingerprint=default.fingerprint)
     assert len(keyframe_map) == 40 and keyframe_map.vocabulary.images == 25

@@ -36,15 +36,15 @@ def default():
 
 
 def test_default_descriptors(default):
-    assert (default.dim, default.model_name) == (4096, "tscm_vlad_default")
+    assert (default.dim, default.model_name) == (3840, "tscm_vlad_default")
     assert default.device == torch.device("cpu") and default.vocabulary.source == "generic"
     images = random_images(5) + random_images(1, seed=1, size=(480, 640))
     descriptors = default.describe(images)
-    assert descriptors.shape == (6, 4096) and descriptors.dtype == np.float32
+    assert descriptors.shape == (6, 3840) and descriptors.dtype == np.float32
     assert np.allclose(np.linalg.norm(descriptors, axis=1), 1.0, atol=1e-5)
     one_by_one = np.concatenate([default.describe([image]) for image in images])
     assert np.allclose(descriptors, one_by_one, atol=1e-5)
-    assert default.describe([]).shape == (0, 4096)
+    assert default.describe([]).shape == (0, 3840)
 
 
 def test_default_is_the_plain_network_with_the_generic_vocabulary(default):

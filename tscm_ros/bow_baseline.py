@@ -34,9 +34,16 @@ DESCRIPTOR_BYTES = 32  # ORB: 256 bits
 MAX_TRAINING_DESCRIPTORS = 200_000
 
 
+MIN_SIDE_PX = 240  # smaller images are enlarged first: ORB needs 31-pixel patches away from the border
+
+
 def orb_descriptors(image: np.ndarray, max_features: int = 500) -> np.ndarray:
-    """ORB descriptors (n, 32) uint8 of an HxWx3 uint8 RGB image (n may be 0)."""
+    """ORB descriptors (n, 32) uint8 of an HxWx3 uint8 RGB image (n may be 0); an image whose short side is
+    under ``MIN_SIDE_PX`` (a thumbnail) is enlarged to it first."""
     grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    scale = MIN_SIDE_PX / min(grey.shape)
+    if scale > 1:
+        grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
     orb = cv2.ORB_create(nfeatures=max_features)
     _, descriptors = orb.detectAndCompute(grey, None)
     if descriptors is None:
