@@ -90,6 +90,9 @@ class FrameReader:
         self._reset_counts()
         if not self.path.exists():
             raise BagError(f"{self.path}: no such bag")
+        if self.path.is_dir() and not (self.path / "metadata.yaml").is_file():
+            what = "an empty directory" if not any(self.path.iterdir()) else "a directory without metadata.yaml"
+            raise BagError(f"{self.path}: not a rosbag2 recording ({what})")
         with self._open() as reader:
             image = _pick_topic(reader.connections, IMAGE_TYPES, image_topic, "image", self.path, required=True)
             pose = _pick_topic(reader.connections, POSE_TYPES, pose_topic, "pose", self.path,
@@ -102,8 +105,8 @@ class FrameReader:
 
     @contextmanager
     def _open(self) -> Iterator[AnyReader]:
-        reader = AnyReader([self.path], default_typestore=get_typestore(Stores.ROS2_HUMBLE))
-        try:
+        try:  # the constructor already reads rosbag2 metadata: an empty directory fails here
+            reader = AnyReader([self.path], default_typestore=get_typestore(Stores.ROS2_HUMBLE))
             reader.open()
         except Exception as exc:  # rosbags raises several types for missing, foreign and damaged files
             raise BagError(f"{self.path}: cannot open the bag: {exc}") from exc

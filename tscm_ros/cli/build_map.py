@@ -180,3 +180,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
