@@ -15,7 +15,7 @@ import torch.distributed as dist
 import yaml
 
 from tscm_ros.atomic import atomic_file
-from tscm_ros.checkpoint import save_checkpoint
+from tscm_ros.checkpoint import save_checkpoint, torch_load_problem
 from tscm_ros.errors import CheckpointError, ConfigError
 from tscm_ros.train_config import TrainConfig
 from tscm_ros.validation import MAX_RECALL_KEY
@@ -104,7 +104,7 @@ def start_run(run_dir: Path, resume: bool, config: TrainConfig, kind: str, teach
     try:
         state = torch.load(last, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointError(f"cannot resume from {last}: not a readable training state ({exc})") from exc
+        raise CheckpointError(f"cannot resume from {last}: {torch_load_problem(exc)}") from exc
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"cannot resume from {last}: not a tscm_ros training state")
     if int(state.get("version", -1)) > STATE_VERSION:
