@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
-from tqdm import tqdm
 
 from tscm_ros.errors import BagError, TscmError
 from tscm_ros.geometry import NavSatFixToLocal, Pose, PoseInterpolator, pose_from_message, stamp_to_ns
 from tscm_ros.image_messages import ImageDecodeError, image_message_to_rgb
+from tscm_ros.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class FrameReader:
         with self._open() as reader:
             messages = self._messages(reader, self.image_topic)
             if self.progress:
-                messages = tqdm(messages, total=len(self), unit="frame", desc=self.path.name)
+                messages = progress(messages, total=len(self), unit="frame", desc=self.path.name)
             for index, (log_time, msg) in enumerate(messages):
                 if msg is None:
                     self.frames_malformed += 1

@@ -45,10 +45,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from tscm_ros.bag import Frame, FrameSource
 from tscm_ros.errors import BagError
+from tscm_ros.progress import progress
 from tscm_ros.recall import ground_truth_within, recall_at_n
 
 DEFAULT_NS = (1, 5, 10)
@@ -263,7 +263,7 @@ def _run(name: str, detector, frames: Iterable[Frame], total: int | None) -> dic
     """Every frame through ``detector.process`` (the node's path), timed: per query its stamp, position (NaN
     without pose), accepted candidates and latency."""
     stamps, positions, ranked_ids, ranked_scores, latencies = [], [], [], [], []
-    for frame in tqdm(frames, total=total, desc=name, unit="query", leave=False):
+    for frame in progress(frames, total=total, desc=name, unit="query", leave=False):
         if not stamps:  # untimed warm-up: the first call at batch size 1 pays one-off set-up costs
             detector.process(frame.image, frame.stamp_ns, frame.pose)
         started = time.perf_counter()

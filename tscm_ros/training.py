@@ -42,6 +42,7 @@ from tscm_ros.losses import TripletDescriptors, tscm_loss
 from tscm_ros.mining import PlaceGraph, Triplets, mine_triplets
 from tscm_ros.models import build_model
 from tscm_ros.preprocess import PreprocessConfig, preprocess
+from tscm_ros.progress import progress as progress_bar
 from tscm_ros.reporting import plot_learning_curves, write_metrics_csv
 from tscm_ros.train_config import KINDS, TrainConfig, resolve_model_config, resolve_radii
 from tscm_ros.training_run import (
@@ -303,15 +304,14 @@ class _EpochData:
 
 def _train_epoch(optimisation: _Optimisation, data: _EpochData, description: str | None) -> dict[str, float]:
     """One pass over the epoch's triplets, each image in a randomly chosen cached view; mean losses."""
-    from tqdm import tqdm
-
     heads, device, config = optimisation.heads, optimisation.device, optimisation.config
     heads.train()
     (heads.module if isinstance(heads, torch.nn.parallel.DistributedDataParallel) else heads).freeze()
     triplets = data.triplets
     sums = dict.fromkeys(LOSS_NAMES, 0.0)
     steps = math.ceil(len(triplets) / config.batch_size)
-    bar = tqdm(range(steps), desc=description, unit="step", disable=description is None, leave=False)
+    bar = progress_bar(range(steps), desc=description or "", unit="step", enabled=description is not None,
+                       leave=False)
     for step in bar:
         batch = slice(step * config.batch_size, (step + 1) * config.batch_size)
         anchors, positives, negatives = triplets.anchors[batch], triplets.positives[batch], triplets.negatives[batch]
