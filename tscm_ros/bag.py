@@ -184,6 +184,25 @@ class FrameReader:
                             self.frames_outside_poses += 1
                 yield Frame(stamp_ns=stamp_ns, image=image, pose=pose, bag=str(self.path), index=index)
 
+    def images_at(self, stamps_ns) -> dict[int, np.ndarray]:
+        """The RGB images stamped ``stamps_ns`` (the frames' ``stamp_ns``), decoding only those: a few frames of a
+        long bag at bounded memory. Stamps the bag lacks, or whose image is malformed, are left out."""
+        wanted = {int(stamp) for stamp in stamps_ns}
+        images: dict[int, np.ndarray] = {}
+        with self._open() as reader:
+            for log_time, msg in self._messages(reader, self.image_topic):
+                if msg is None:
+                    continue
+                stamp_ns = stamp_to_ns(msg.header.stamp) or log_time
+                if stamp_ns in wanted and stamp_ns not in images:
+                    try:
+                        images[stamp_ns] = image_message_to_rgb(msg)
+                    except ImageDecodeError:
+                        continue
+                    if len(images) == len(wanted):
+                        break
+        return images
+
     def summary(self) -> str:
         """One line: what was read, and what was skipped or has no pose."""
         if self.pose_topic:
