@@ -120,7 +120,8 @@ def measure_node(size: str, rate: float, count: int, reliable: bool, env: dict, 
     node_process = subprocess.Popen(node_command, env={**env, **subscriber_env}, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
     context = rclpy.Context()
-    rclpy.init(context=context)
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = env["ROS_AUTOMATIC_DISCOVERY_RANGE"]
+    rclpy.init(context=context, domain_id=int(env["ROS_DOMAIN_ID"]))
     received = {}
     try:
         listener = rclpy.create_node("image_transport_listener", context=context)
