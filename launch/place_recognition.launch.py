@@ -7,12 +7,18 @@ Launch arguments override the common parameters; everything else comes from the 
 
 The launch ends with the node: when it exits, everything launched shuts down, and when it failed (a bad
 parameter, a missing map: exit code 2; a crash) `ros2 launch` itself exits non-zero, so scripts and CI see it.
+
+Camera-sized images: Fast DDS's shared-memory segment (512 kB by default) cannot hold a 640x480 image, and
+best-effort fragments sent instead are lost. The launch sets FASTDDS_DEFAULT_PROFILES_FILE to
+config/fastdds_large_images.xml (a 32 MB segment) for what it starts and what a launch including it starts
+afterwards, unless the environment names a profile already (dds_profile:=none leaves it alone). The camera
+driver, which writes the images, needs it too: launch it after this, or export the variable (README).
 """
 
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument, OpaqueFunction, Shutdown
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable, Shutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -51,6 +57,17 @@ def _on_node_exit(event, context):
     return [Shutdown(reason=f"{event.action.name} exited")]
 
 
+PROFILE_VARIABLE = "FASTDDS_DEFAULT_PROFILES_FILE"
+
+
+def _dds_profile(context):
+    chosen = LaunchConfiguration("dds_profile").perform(context)
+    if chosen == "none" or (chosen == "" and os.environ.get(PROFILE_VARIABLE)):
+        return []
+    default = os.path.join(get_package_share_directory("tscm_ros"), "config", "fastdds_large_images.xml")
+    return [SetEnvironmentVariable(PROFILE_VARIABLE, chosen or default)]
+
+
 def _node(context):
     overrides = {}
     for argument, (parameter, kind, _) in COMMON_ARGUMENTS.items():
@@ -73,7 +90,11 @@ def _node(context):
 def generate_launch_description():
     default_params = os.path.join(get_package_share_directory("tscm_ros"), "config", "place_recognition.yaml")
     arguments = [DeclareLaunchArgument("params_file", default_value=default_params,
-                                       description="ROS parameter file for the node")]
+                                       description="ROS parameter file for the node"),
+                 DeclareLaunchArgument("dds_profile", default_value="",
+                                       description="Fast DDS XML profile (FASTDDS_DEFAULT_PROFILES_FILE) for what this "
+                                       "launch starts; empty: config/fastdds_large_images.xml unless the environment "
+                                       "names one; none: leave the environment alone")]
     arguments += [DeclareLaunchArgument(name, default_value="", description=description)
                   for name, (_, _, description) in COMMON_ARGUMENTS.items()]
-    return LaunchDescription(arguments + [OpaqueFunction(function=_node)])
+    return LaunchDescription(arguments + [OpaqueFunction(function=_dds_profile), OpaqueFunction(function=_node)])

@@ -92,3 +92,53 @@ def test_bad_bags_and_damaged_maps(built_map, tmp_path, capsys):
     index.write_bytes(index.read_bytes()[:100])
     with pytest.raises(Exception, match="index.faiss"):
         KeyframeMap.load(damaged)
+
+
+# build_map --force in another process, stopped inside the map's staging directory or once the new map is in
+# place, where the test kills it.
+FORCE_KILLED = """
+import sys, time
+from tscm_ros import atomic, map_storage
+from tscm_ros.cli import build_map
+
+def announce_and_wait(*args, **kwargs):
+    print("ready", flush=True)
+    time.sleep(600)
+
+write_files = map_storage._write_files
+if sys.argv[1] == "staging":
+    map_storage._write_files = lambda contents, directory: (write_files(contents, directory), announce_and_wait())
+else:
+    atomic._remove_stale = announce_and_wait
+build_map.main(sys.argv[2:])
+"""
+
+
+def test_force_killed_while_writing_leaves_a_whole_map_and_the_next_run_cleans_up(built_map, route_reference,
+                                                                                  tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "map"
+    shutil.copytree(built_map, target)
+    old_count = len(KeyframeMap.load(target))
+    argv = ["--bag", str(route_reference), "--out", str(target), "--force", "--min-distance", "30"]
+    counts = []
+    for where in ("staging", "in place"):
+        process = subprocess.Popen([sys.executable, "-c", FORCE_KILLED, where, *argv], stdout=subprocess.PIPE,
+                                   text=True)
+        try:
+            assert process.stdout.readline() == "ready\n"
+            process.send_signal(signal.SIGKILL)  # kill -9 mid-write
+        finally:
+            process.wait()
+        counts.append(len(KeyframeMap.load(target)))  # a whole map at the path, every time
+    assert counts[0] == old_count  # killed while staging: the old map
+    assert counts[1] < old_count  # killed once the new map (fewer keyframes, 30 m apart) was in place
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".map.tmp-")]
+    assert len(leftovers) == 2  # each as large as a map
+
+    assert build_map.main(["--bag", str(route_reference), "--out", str(target), "--force", "--min-distance", "20"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map"]
+    assert counts[1] < len(KeyframeMap.load(target)) < old_count

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from tscm_ros.checkpoint import (
 from tscm_ros.describe import onnxruntime_available
 from tscm_ros.errors import CheckpointError, ConfigError
 from tscm_ros.models import build_model
+
+REPO_CONFIG = Path(__file__).resolve().parents[1] / "config"
 
 
 def tiny(kind: str):
@@ -101,6 +104,54 @@ def test_a_pickled_object_is_refused_not_unpickled(tmp_path):
     torch.save({"format": "tscm_ros.checkpoint", "payload": Payload()}, path)
     with pytest.raises(CheckpointError, match="evil.pt"):
         load_checkpoint(path)
+
+
+class RunsACommand:
+    """Unpickling this would run ``os.system``: the file a hostile user hands in."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this must never run",))
+
+
+def test_refused_files_are_one_line_that_names_the_file_and_the_problem(tmp_path, capsys):
+    """PyTorch's own text spans lines and suggests weights_only=False, i.e. running the refused file."""
+    from tscm_ros.cli import export_model
+    from tscm_ros.train_config import load_train_config
+    from tscm_ros.training_run import Distributed, start_run
+
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"format": "tscm_ros.checkpoint", "payload": RunsACommand()}, hostile)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    truncated = tmp_path / "truncated.pt"
+    model, config, preprocess = tiny("student")
+    save_checkpoint(truncated, model, config, preprocess)
+    truncated.write_bytes(truncated.read_bytes()[:3000])
+    problems = {hostile: "it holds a Python object (posix.system)", garbage: "not a PyTorch file",
+                truncated: "corrupt or truncated"}
+    for path, problem in problems.items():
+        with pytest.raises(CheckpointError) as raised:
+            load_checkpoint(path)
+        message = str(raised.value)
+        assert message.startswith(f"cannot read checkpoint {path}: {problem}") and "\n" not in message, message
+        assert "weights_only" not in message and len(message) < 300, message
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(hostile.read_bytes())
+    with pytest.raises(CheckpointError) as raised:
+        start_run(run, True, load_train_config(REPO_CONFIG / "train_tiny.yaml", []), "teacher", None,
+                  Distributed(0, 1, 0))
+    last = run / "last.pt"
+    assert str(raised.value).startswith(f"cannot resume from {last}: it holds a Python object (posix.system)")
+    assert "\n" not in str(raised.value) and "weights_only" not in str(raised.value)
+
+    assert export_model.main(["--onnx", "--model", str(hostile), "--out", str(tmp_path / "model.onnx")]) == 2
+    assert capsys.readouterr().err == (f"error: cannot read checkpoint {hostile}: it holds a Python object "
+                                       "(posix.system) besides tensors and plain values: refused without loading it "
+                                       "(tscm_ros never unpickles objects)\n")
 
 
 def rewrite(path, change):

@@ -344,3 +344,18 @@ def test_live_rclpy_messages_convert_like_bag_messages():
     live.step = 20
     with pytest.raises(ImageDecodeError, match="step 20 is smaller"):
         image_message_to_rgb(live)
+
+
+def test_an_empty_directory_given_as_a_bag_is_one_error_line_in_every_tool(tmp_path, capsys):
+    from tscm_ros.cli import build_map, evaluate, extract_dataset
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    for tool, argv in ((build_map, ["--bag", str(empty), "--out", str(out)]),
+                       (extract_dataset, ["--bag", str(empty), "--out", str(out), "--no-progress"]),
+                       (evaluate, ["--bag", str(empty), "--query-bag", str(empty), "--out", str(out)])):
+        assert tool.main(argv) == 2, tool.__name__
+        error = capsys.readouterr().err
+        assert error == f"error: {empty}: not a rosbag2 recording (an empty directory)\n", (tool.__name__, error)
+        assert not out.exists()

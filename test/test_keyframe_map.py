@@ -620,6 +620,8 @@ def test_load_of_a_missing_map_mentions_an_interrupted_save(tmp_path):
     with pytest.raises(MapError, match="does not exist"):
         KeyframeMap.load(tmp_path / "nothing")
     _, directory = saved_map(tmp_path)
-    directory.rename(tmp_path / ".map.old-1234abcd")  # what a crash between the two renames leaves
-    with pytest.raises(MapError, match=r"previous map at .*\.map\.old-1234abcd"):
+    # what a crash between the two renames leaves where the file system refuses an atomic exchange
+    (tmp_path / ".map.tmp-1234abcd").mkdir()
+    directory.rename(tmp_path / ".map.tmp-1234abcd" / "map.old")
+    with pytest.raises(MapError, match=r"interrupted save left a map at .*\.map\.tmp-1234abcd/map\.old"):
         KeyframeMap.load(directory)

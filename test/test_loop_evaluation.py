@@ -182,9 +182,10 @@ def test_bag_evaluation_reports_every_method_on_the_same_queries(route_reference
     assert "| tiny | tscm_student_tiny |" in printed and "| ORB bag of words |" in printed
 
     for name in ("loop_closure.md", "pr_curve.png", "trajectories.png", "queries_tiny.csv",
-                 "queries_orb_bag_of_words.csv"):
+                 "queries_orb_bag_of_words.csv", "matches.png"):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "loop_closure.json").read_text())
+    assert summary["settings"]["matches_png"] == "tiny"  # the given model's matches, not the baseline's
     # each descriptor method also with each verification stage the node runs (evaluate --stages all)
     assert [m["name"] for m in summary["methods"]] == ["tiny", "tiny + temporal", "tiny + verification",
                                                        "tiny + verification + temporal", "ORB bag of words"]
@@ -225,3 +226,41 @@ def test_bag_evaluation_rejects_bad_requests(route_reference, route_query, tmp_p
     with pytest.raises(ConfigError, match="--query-bag"):
         run_bag_evaluation(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_matches_png_shows_the_highest_scored_false_matches_then_true_ones(route_reference, route_query, tmp_path):
+    """Query image next to keyframe image, read back from the bags: the false loops a threshold lets through
+    first, and a sample of true ones."""
+    import matplotlib.image
+
+    from tscm_ros.bag import FrameSource, open_frames
+    from tscm_ros.loop_evaluation import LoopMetrics, MethodRun, PRCurve
+    from tscm_ros.match_figure import chosen_queries, write_matches_figure
+
+    queries, keyframes = list(open_frames(route_query))[:8], list(open_frames(route_reference))[:8]
+    # query q's top-1 is keyframe q (right) for even q, keyframe 7 - q (wrong) for odd q; query 6 has none
+    top = [q if q % 2 == 0 else 7 - q for q in range(8)]
+    within = np.eye(8, dtype=bool)
+    scores = [0.9, 0.5, 0.8, 0.95, 0.7, 0.6, 0.0, 0.99]
+    run = MethodRun(
+        name="synthetic", model_name="m", fingerprint="f", dim=4,
+        map_positions=np.array([k.pose.position for k in keyframes]),
+        query_stamps=np.array([f.stamp_ns for f in queries]),
+        query_positions=np.array([f.pose.position for f in queries]),
+        ranked_ids=[np.array([] if q == 6 else [top[q]]) for q in range(8)],
+        ranked_scores=[np.array([] if q == 6 else [scores[q]]) for q in range(8)], latencies_ms=np.ones(8),
+        metrics=LoopMetrics({}, PRCurve(np.zeros(0), np.zeros(0), np.zeros(0)), 0, 0, 0, 8, 8, 1),
+        top1_distance=2 * (1 - np.array(scores)), top1_stamp_ns=np.array([keyframes[t].stamp_ns for t in top]),
+        within=within)
+    # wrong: 1, 3, 5, 7 by score 0.99 (7), 0.95 (3), 0.6 (5), 0.5 (1); right: 0, 2, 4 spread over the traversal
+    assert chosen_queries(run, worst_false=3, true_sample=2) == [(7, False), (3, False), (5, False), (0, True),
+                                                                (4, True)]
+    reader = FrameSource(route_query).open()
+    images = reader.images_at([queries[7].stamp_ns, queries[3].stamp_ns, 123])
+    assert sorted(images) == sorted([queries[7].stamp_ns, queries[3].stamp_ns])  # only those, none made up
+    np.testing.assert_array_equal(images[queries[3].stamp_ns], queries[3].image)
+
+    path = tmp_path / "matches.png"
+    assert write_matches_figure(run, FrameSource(route_query), FrameSource(route_reference), path, 10.0)
+    picture = matplotlib.image.imread(path)
+    assert picture.shape[0] > picture.shape[1]  # seven rows of two images

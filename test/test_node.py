@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import math
-import os
 import re
 import signal
 import subprocess
@@ -13,23 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rclpy
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from nav_msgs.msg import Odometry
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.parameter import Parameter
+from node_support import RETRIEVAL_ONLY, Harness, image_message, node_command, node_env, odometry
 from rclpy.qos import qos_profile_sensor_data
-from rclpy_support import isolated_context, spin_until
+from rclpy_support import spin_until
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
-from tscm_ros.msg import LoopCandidates
 
 from tscm_ros.bag import open_frames
 from tscm_ros.cli import build_map
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.loop_detector import DEFAULT_MIN_SCORE
-from tscm_ros.node import OUTPUT_TOPIC, PlaceRecognitionNode
 from tscm_ros.node_parameters import PARAMETERS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,67 +58,6 @@ def revisit_frames(tmp_path_factory):
 
     bag = simulate_route(tmp_path_factory.mktemp("revisit") / "bag", traversal=1, appearance_change=0.2, **ROUTE)
     return list(open_frames(bag))
-
-
-class Harness:
-    """The node under test plus a test node that publishes images and collects LoopCandidates."""
-
-    def __init__(self, overrides: dict, image_type=Image, cli_args: list[str] | None = None):
-        self.context = isolated_context()
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.node = PlaceRecognitionNode(
-            context=self.context, cli_args=cli_args,
-            parameter_overrides=[Parameter(name, value=value) for name, value in overrides.items()])
-        self.tester = rclpy.create_node("tscm_tester", context=self.context)
-        self.results: list[LoopCandidates] = []
-        self.tester.create_subscription(LoopCandidates, OUTPUT_TOPIC, self.results.append, 100)
-        self.publisher = self.tester.create_publisher(image_type, "/camera/image_raw", 10)
-        self.executor.add_node(self.node)
-        self.executor.add_node(self.tester)
-        assert spin_until(self.executor, lambda: self.publisher.get_subscription_count() > 0
-                          and self.tester.count_publishers(OUTPUT_TOPIC) > 0)
-
-    def send(self, message, wait: bool = True) -> LoopCandidates | None:
-        """Publish one image; with ``wait``, spin until the answer for its stamp arrives."""
-        self.publisher.publish(message)
-        if not wait:
-            return None
-        stamp = (message.header.stamp.sec, message.header.stamp.nanosec)
-
-        def answered() -> bool:
-            return any((r.header.stamp.sec, r.header.stamp.nanosec) == stamp for r in self.results)
-
-        assert spin_until(self.executor, answered, timeout_s=60), f"no answer for image stamped {stamp}"
-        return next(r for r in self.results if (r.header.stamp.sec, r.header.stamp.nanosec) == stamp)
-
-    def set_parameters(self, **values) -> list:
-        """Set the node's parameters through its parameter service over DDS, as `ros2 param set` does."""
-        from rclpy.parameter_client import AsyncParameterClient
-
-        client = AsyncParameterClient(self.tester, self.node.get_fully_qualified_name())
-        assert spin_until(self.executor, lambda: client.services_are_ready())
-        future = client.set_parameters([Parameter(name, value=value) for name, value in values.items()])
-        assert spin_until(self.executor, future.done)
-        return future.result().results
-
-    def close(self):
-        self.node.shutdown()
-        self.executor.shutdown()
-        self.node.destroy_node()
-        self.tester.destroy_node()
-        self.context.try_shutdown()
-
-
-def image_message(rgb: np.ndarray, stamp_ns: int) -> Image:
-    message = Image(height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8", step=rgb.shape[1] * 3,
-                    data=rgb.tobytes())
-    message.header.stamp.sec, message.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
-    message.header.frame_id = "camera"
-    return message
-
-
-# Global retrieval alone: one image, one answer (verification and temporal consistency have their own tests).
-RETRIEVAL_ONLY = {"verify": False, "temporal_consistency": False}
 
 
 @pytest.fixture
@@ -179,21 +113,41 @@ def test_flood_keeps_memory_bounded_and_keeps_answering(harness, query_frames):
     assert last.candidates
 
 
-MALFORMED = {
-    "wrong step": dict(height=4, width=4, encoding="rgb8", step=5, data=bytes(4 * 5)),
-    "truncated data": dict(height=4, width=4, encoding="rgb8", step=12, data=bytes(20)),
-    "unknown encoding": dict(height=4, width=4, encoding="yuv_fancy9", step=12, data=bytes(48)),
-    "zero size": dict(height=0, width=0, encoding="rgb8", step=0, data=b""),
+MALFORMED = {  # kind -> (fields, how many are sent)
+    "wrong step": (dict(height=4, width=4, encoding="rgb8", step=5, data=bytes(4 * 5)), 1),
+    "truncated data": (dict(height=4, width=4, encoding="rgb8", step=12, data=bytes(20)), 3),
+    "unknown encoding": (dict(height=4, width=4, encoding="yuv_fancy9", step=12, data=bytes(48)), 2),
+    "zero size": (dict(height=0, width=0, encoding="rgb8", step=0, data=b""), 1),
 }
 
 
-def test_malformed_images_are_skipped(harness, query_frames):
-    for i, fields in enumerate(MALFORMED.values()):
-        message = Image(**fields)
-        message.header.stamp.sec = 1000 + i
-        harness.send(message, wait=False)
-        spin_until(harness.executor, lambda: harness.node.statistics()["images malformed"] > i, timeout_s=30)
-    assert harness.node.statistics()["images malformed"] == len(MALFORMED)
+def test_malformed_images_are_skipped_counted_by_kind_and_summarised(harness, query_frames, capfd):
+    sent = 0
+    for fields, count in MALFORMED.values():
+        for _ in range(count):
+            message = Image(**fields)
+            message.header.stamp.sec = 1000 + sent
+            harness.send(message, wait=False)
+            sent += 1
+            spin_until(harness.executor, lambda: harness.node.statistics()["images malformed"] >= sent, timeout_s=30)
+    stats = harness.node.statistics()
+    assert stats["images malformed"] == sent == 7
+    assert {kind: stats[f"images malformed: {kind}"] for kind in MALFORMED} == {
+        kind: count for kind, (_, count) in MALFORMED.items()}
+
+    logged = []
+
+    def summarised() -> bool:
+        logged.append(capfd.readouterr().err)
+        return "(7 in all)" in "".join(logged)
+
+    assert spin_until(harness.executor, summarised, timeout_s=30)  # the rate limit (5 s) passes, then the summary
+    lines = [line for line in "".join(logged).splitlines() if "malformed image" in line]
+    assert len(lines) == 2, lines  # the first image at once, the six others in one line
+    assert "skipped 1 malformed image (1 in all): 1 wrong step (e.g. image step 5 is smaller than width 4" in lines[0]
+    assert "skipped 6 malformed images (7 in all): 3 truncated data (e.g. image data has 20 bytes, expected step " \
+           "12 x height 4 = 48); 2 unknown encoding (e.g. unknown image encoding 'yuv_fancy9'); 1 zero size (e.g. " \
+           "image has zero size (0x0))" in lines[1], lines[1]
     frame = query_frames[1]
     answer = harness.send(image_message(frame.image, frame.stamp_ns))
     assert answer.candidates
@@ -448,31 +402,19 @@ def test_integers_are_accepted_for_number_parameters(tmp_path, reference_map, re
         Harness({"map_path": str(reference_map), "k": 2.5})
 
 
-def _node_command(*ros_args: str) -> list[str]:
-    """The installed executable, as `ros2 run tscm_ros place_recognition_node` starts it."""
-    prefix = next(p for p in os.environ["AMENT_PREFIX_PATH"].split(os.pathsep)
-                  if (Path(p) / "lib/tscm_ros/place_recognition_node").exists())
-    return [str(Path(prefix) / "lib/tscm_ros/place_recognition_node"), "--ros-args", *ros_args]
-
-
 def test_wrong_parameter_type_is_one_line_and_exit_code_2(reference_map):
-    result = subprocess.run(_node_command("-p", f"map_path:={reference_map}", "-p", "min_score:=high"),
-                            capture_output=True, text=True, timeout=120, env=_node_env())
+    result = subprocess.run(node_command("-p", f"map_path:={reference_map}", "-p", "min_score:=high"),
+                            capture_output=True, text=True, timeout=120, env=node_env())
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "parameter min_score: expected a number, got 'high'" in lines[0], result.stderr
 
 
-def _node_env() -> dict:
-    return {**os.environ, "ROS_DOMAIN_ID": str(1 + (os.getpid() + 50) % 100),
-            "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
-
-
 def test_repeated_signals_shut_down_cleanly(tmp_path):
     """ros2 launch sends a second SIGINT (then SIGTERM) while the node shuts down: still a clean exit 0."""
     map_dir = tmp_path / "signal_map"
-    process = subprocess.Popen(_node_command("-p", "mapping:=true", "-p", f"map_path:={map_dir}"),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_node_env(),
+    process = subprocess.Popen(node_command("-p", "mapping:=true", "-p", f"map_path:={map_dir}"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=node_env(),
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
@@ -495,15 +437,6 @@ def test_repeated_signals_shut_down_cleanly(tmp_path):
 
 # ----- poses, max_rate_hz, ~/save_map ------------------------------------------------------------------
 
-def _odometry(stamp_ns: int, x: float) -> Odometry:
-    message = Odometry()
-    message.header.stamp.sec, message.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
-    message.header.frame_id = "odom"
-    message.pose.pose.position.x = x
-    message.pose.pose.orientation.w = 1.0
-    return message
-
-
 def test_pose_topic_gives_query_poses_with_a_bounded_history(reference_map, reference_frames):
     h = Harness({"map_path": str(reference_map), "pose_topic": "/odom", "pose_history_s": 1.0, "pose_max_gap_s": 0.5,
                  "exclude_recent_s": 0.0, "min_score": 0.0})
@@ -513,7 +446,7 @@ def test_pose_topic_gives_query_poses_with_a_bounded_history(reference_map, refe
         assert spin_until(h.executor, lambda: poses.get_subscription_count() > 0)
         start = 50 * 10**9
         for i in range(300):  # 3 s of poses, x = 1 m per second
-            poses.publish(_odometry(start + i * 10**7, i / 100.0))
+            poses.publish(odometry(start + i * 10**7, i / 100.0))
             h.executor.spin_once(timeout_sec=0.005)  # best effort: let the node take them as they come
         assert spin_until(h.executor, lambda: h.node.statistics()["poses received"] >= 200, timeout_s=30)
         stats = h.node.statistics()
@@ -540,7 +473,7 @@ def test_pose_publishers_without_poses_are_reported(reference_map):
         best_effort = h.tester.create_publisher(Odometry, "/odom", qos_profile_sensor_data)
         # a reliable subscription never matches a best-effort publisher: no pose arrives, the node says why
         for i in range(200):
-            best_effort.publish(_odometry(i * 10**7, 0.0))
+            best_effort.publish(odometry(i * 10**7, 0.0))
             h.executor.spin_once(timeout_sec=0.02)
             if warnings:
                 break
@@ -607,7 +540,7 @@ sys.exit(service.run())
 def test_launch_fails_when_the_node_dies(tmp_path):
     pytest.importorskip("launch_ros", reason="launch / launch_ros are not installable here (no PyPI wheels)")
     result = subprocess.run([sys.executable, "-c", LAUNCH_MISSING_MAP, str(REPO / "launch/place_recognition.launch.py"),
-                             str(tmp_path / "no_map")], capture_output=True, text=True, timeout=180, env=_node_env())
+                             str(tmp_path / "no_map")], capture_output=True, text=True, timeout=180, env=node_env())
     output = result.stdout + result.stderr
     assert "does not exist" in output, output  # the node's own error line
     assert result.returncode != 0, output

@@ -157,6 +157,32 @@ def test_resume_after_kill_9_continues_exactly_where_it_stopped(dataset_dir: Pat
             assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-6), key
 
 
+def test_a_run_directory_in_use_is_refused_to_a_second_trainer(dataset_dir: Path, tmp_path: Path, capsys):
+    """Two trainers in one run folder would both write last.pt, best.pt and metrics.csv."""
+    run = tmp_path / "busy"
+    argv = ["teacher", "--data", str(dataset_dir), "--out", str(run), "--config", TINY, "--set", "epochs=50",
+            "--set", "triplets_per_epoch=16", "--no-progress"]
+    process = subprocess.Popen([sys.executable, "-m", "tscm_ros.cli.train", *argv], env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (run / "metrics.csv").exists() and process.poll() is None:
+            time.sleep(0.05)
+        assert process.poll() is None, "the first trainer ended before the second one started"
+        assert train.main([*argv, "--resume"]) == 2
+        error = capsys.readouterr().err
+        assert error == (f"error: run directory {run} is in use: train process {process.pid} on {os.uname().nodename} "
+                         "is training in it (wait for it to end, or stop it, before resuming)\n"), error
+        assert train.main(argv) == 2  # nor can a new run start there
+        assert "already exists" in capsys.readouterr().err
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    done = len(_metrics(run))
+    # kill -9 released the lock with the process: the run resumes (no epoch left to train at epochs=1)
+    assert train.main([*argv, "--resume", "--set", "epochs=1"]) == 0
+    assert len(_metrics(run)) == done
+
+
 def test_two_process_ddp_run_trains_and_writes_a_checkpoint(dataset_dir: Path, tmp_path: Path):
     run = tmp_path / "ddp"
     command = [

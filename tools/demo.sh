@@ -121,5 +121,6 @@ echo "  node.log                    the node's log"
 echo "  evaluation/loop_closure.md  the table above; loop_closure.json, queries_*.csv per query"
 echo "  evaluation/pr_curve.png     top-1 precision-recall curves"
 echo "  evaluation/trajectories.png trajectories with true (green) and false (red) loop closures"
+echo "  evaluation/matches.png      the worst false matches and a few true ones, query next to keyframe"
 [ "$TRAIN" = 1 ] && echo "  dataset/, runs/teacher/, runs/student/  training data, checkpoints, learning curves"
 exit 0

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
-from tqdm import tqdm
 
 from tscm_ros.errors import BagError, TscmError
 from tscm_ros.geometry import NavSatFixToLocal, Pose, PoseInterpolator, pose_from_message, stamp_to_ns
 from tscm_ros.image_messages import ImageDecodeError, image_message_to_rgb
+from tscm_ros.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ class FrameReader:
         self._reset_counts()
         if not self.path.exists():
             raise BagError(f"{self.path}: no such bag")
+        if self.path.is_dir() and not (self.path / "metadata.yaml").is_file():
+            what = "an empty directory" if not any(self.path.iterdir()) else "a directory without metadata.yaml"
+            raise BagError(f"{self.path}: not a rosbag2 recording ({what})")
         with self._open() as reader:
             image = _pick_topic(reader.connections, IMAGE_TYPES, image_topic, "image", self.path, required=True)
             pose = _pick_topic(reader.connections, POSE_TYPES, pose_topic, "pose", self.path,
@@ -102,8 +105,8 @@ class FrameReader:
 
     @contextmanager
     def _open(self) -> Iterator[AnyReader]:
-        reader = AnyReader([self.path], default_typestore=get_typestore(Stores.ROS2_HUMBLE))
-        try:
+        try:  # the constructor already reads rosbag2 metadata: an empty directory fails here
+            reader = AnyReader([self.path], default_typestore=get_typestore(Stores.ROS2_HUMBLE))
             reader.open()
         except Exception as exc:  # rosbags raises several types for missing, foreign and damaged files
             raise BagError(f"{self.path}: cannot open the bag: {exc}") from exc
@@ -156,7 +159,7 @@ class FrameReader:
         with self._open() as reader:
             messages = self._messages(reader, self.image_topic)
             if self.progress:
-                messages = tqdm(messages, total=len(self), unit="frame", desc=self.path.name)
+                messages = progress(messages, total=len(self), unit="frame", desc=self.path.name)
             for index, (log_time, msg) in enumerate(messages):
                 if msg is None:
                     self.frames_malformed += 1
@@ -180,6 +183,25 @@ class FrameReader:
                         else:
                             self.frames_outside_poses += 1
                 yield Frame(stamp_ns=stamp_ns, image=image, pose=pose, bag=str(self.path), index=index)
+
+    def images_at(self, stamps_ns) -> dict[int, np.ndarray]:
+        """The RGB images stamped ``stamps_ns`` (the frames' ``stamp_ns``), decoding only those: a few frames of a
+        long bag at bounded memory. Stamps the bag lacks, or whose image is malformed, are left out."""
+        wanted = {int(stamp) for stamp in stamps_ns}
+        images: dict[int, np.ndarray] = {}
+        with self._open() as reader:
+            for log_time, msg in self._messages(reader, self.image_topic):
+                if msg is None:
+                    continue
+                stamp_ns = stamp_to_ns(msg.header.stamp) or log_time
+                if stamp_ns in wanted and stamp_ns not in images:
+                    try:
+                        images[stamp_ns] = image_message_to_rgb(msg)
+                    except ImageDecodeError:
+                        continue
+                    if len(images) == len(wanted):
+                        break
+        return images
 
     def summary(self) -> str:
         """One line: what was read, and what was skipped or has no pose."""

@@ -20,6 +20,8 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -93,6 +95,22 @@ def _check_state_matches(model_config: dict[str, Any], state_dict: dict[str, tor
     return model
 
 
+def torch_load_problem(exc: Exception) -> str:
+    """What is wrong with a file ``torch.load(..., weights_only=True)`` refused, in a few words on one line
+    (PyTorch's own text spans lines and suggests loading the file unsafely)."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError):
+        refused = re.search(r"GLOBAL ([\w.]+)", text)
+        if refused:
+            return (f"it holds a Python object ({refused.group(1)}) besides tensors and plain values: refused "
+                    "without loading it (tscm_ros never unpickles objects)")
+        return "not a PyTorch file of tensors and plain values (corrupt, or not made by tscm_ros)"
+    if "zip archive" in text or "central directory" in text:
+        return "corrupt or truncated (not a readable PyTorch zip archive)"
+    first_line = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return first_line[:200]
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     with atomic_file(path) as temp:
         torch.save(obj, temp)
@@ -150,7 +168,7 @@ def load_checkpoint(path: str | Path, expected_kind: str | None = None) -> Loade
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, random bytes: torch raises several types
-        raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a tscm_ros checkpoint ({exc})") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {torch_load_problem(exc)}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a tscm_ros checkpoint (no '{CHECKPOINT_FORMAT}' format marker)")
     version = payload.get("version")
@@ -311,5 +329,5 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
         metadata = json.loads(files[TORCHSCRIPT_METADATA])
     except Exception as exc:
-        raise CheckpointError(f"cannot read TorchScript model {path}: {exc}") from exc
+        raise CheckpointError(f"cannot read TorchScript model {path}: {torch_load_problem(exc)}") from exc
     return module.eval(), metadata

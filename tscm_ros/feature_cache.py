@@ -44,13 +44,13 @@ class FeatureCache:
     def __init__(self, trunk, dataset: Dataset, preprocess_config: PreprocessConfig, device: torch.device,
                  batch_size: int, views: int = 1, augment: AugmentConfig | None = None, seed: int = 0,
                  progress: bool = False, description: str = "caching backbone features", amp: bool = False) -> None:
-        from tqdm import tqdm
+        from tscm_ros.progress import progress as progress_bar
 
         self.views = views
         outputs: list[list[torch.Tensor]] | None = None
         batches = [(view, start) for view in range(views) for start in range(0, len(dataset), batch_size)]
         with torch.no_grad():
-            for view, start in tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False):
+            for view, start in progress_bar(batches, desc=description, unit="batch", enabled=progress, leave=False):
                 indices = range(start, min(start + batch_size, len(dataset)))
                 images = dataset.load_images(indices)
                 if view > 0 and augment is not None:

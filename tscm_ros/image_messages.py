@@ -14,7 +14,12 @@ from tscm_ros.errors import TscmError
 
 
 class ImageDecodeError(TscmError):
-    """One image message cannot be converted (bad size, step, data length, encoding or compression)."""
+    """One image message cannot be converted (bad size, step, data length, encoding or compression); ``kind``
+    names the problem in a few words (``zero size``, ``wrong step``, ...) for counting."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def image_message_to_rgb(msg) -> np.ndarray:
@@ -26,28 +31,32 @@ def image_message_to_rgb(msg) -> np.ndarray:
     if hasattr(msg, "format"):
         data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
         if data.size == 0:
-            raise ImageDecodeError(f"compressed image ({msg.format or 'no format'}) has no data")
+            raise ImageDecodeError(f"compressed image ({msg.format or 'no format'}) has no data",
+                                   "empty compressed data")
         image = cv2.imdecode(data, cv2.IMREAD_COLOR)
         if image is None:
-            raise ImageDecodeError(f"compressed image ({msg.format or 'no format'}, {data.size} bytes) does not decode")
+            raise ImageDecodeError(f"compressed image ({msg.format or 'no format'}, {data.size} bytes) does not decode",
+                                   "undecodable compressed image")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     height, width, step, encoding = int(msg.height), int(msg.width), int(msg.step), str(msg.encoding)
     if height <= 0 or width <= 0:
-        raise ImageDecodeError(f"image has zero size ({width}x{height})")
+        raise ImageDecodeError(f"image has zero size ({width}x{height})", "zero size")
     try:
         depth_bits, _, _, channels = to_cvtype(encoding)
     except ImageError:
-        raise ImageDecodeError(f"unknown image encoding {encoding!r}") from None
+        raise ImageDecodeError(f"unknown image encoding {encoding!r}", "unknown encoding") from None
     row_bytes = width * channels * depth_bits // 8
     if encoding in ("nv12", "nv21"):
-        raise ImageDecodeError(f"image encoding {encoding!r} is not supported")
+        raise ImageDecodeError(f"image encoding {encoding!r} is not supported", "unsupported encoding")
     if step < row_bytes:
-        raise ImageDecodeError(f"image step {step} is smaller than width {width} x {channels * depth_bits // 8} bytes")
+        raise ImageDecodeError(f"image step {step} is smaller than width {width} x {channels * depth_bits // 8} bytes",
+                               "wrong step")
     data = bytes(msg.data)
     if len(data) < step * height:
         raise ImageDecodeError(
-            f"image data has {len(data)} bytes, expected step {step} x height {height} = {step * height}")
+            f"image data has {len(data)} bytes, expected step {step} x height {height} = {step * height}",
+            "truncated data")
     if step != row_bytes or len(data) != step * height:  # padded rows: repack to what the converter expects
         rows = np.frombuffer(data, dtype=np.uint8, count=step * height).reshape(height, step)
         data = rows[:, :row_bytes].tobytes()
@@ -56,5 +65,5 @@ def image_message_to_rgb(msg) -> np.ndarray:
     try:
         rgb = message_to_cvimage(packed, "rgb8")
     except ImageError as exc:
-        raise ImageDecodeError(f"cannot convert {encoding!r} to RGB: {exc}") from None
+        raise ImageDecodeError(f"cannot convert {encoding!r} to RGB: {exc}", "conversion failed") from None
     return np.ascontiguousarray(rgb, dtype=np.uint8)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +141,16 @@ class KeyframeMap:
         return MapContents(dim=self.dim, model_fingerprint=self.model_fingerprint, model_name=self.model_name,
                            frame_id=self.frame_id, preprocess=self.preprocess, index=self._index,
                            keyframes=keyframes, base_fingerprint=self.base_fingerprint, vocabulary=self.vocabulary)
+
+    def snapshot(self) -> MapContents:
+        """Everything the map holds, copied: it can be written while the map grows."""
+        contents = self.contents()
+        keyframes = contents.keyframes
+        copied = KeyframeTable(stamp_ns=keyframes.stamp_ns.copy(), position=keyframes.position.copy(),
+                               orientation=keyframes.orientation.copy(), bag_index=keyframes.bag_index.copy(),
+                               bag_names=keyframes.bag_names, thumbnails=keyframes.thumbnails,
+                               local_features=keyframes.local_features)
+        return replace(contents, index=self._index.copy(), keyframes=copied, preprocess=dict(self.preprocess))
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the map to ``directory`` atomically, replacing a map already there only once complete."""

@@ -45,10 +45,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from tscm_ros.bag import Frame, FrameSource
 from tscm_ros.errors import BagError
+from tscm_ros.progress import progress
 from tscm_ros.recall import ground_truth_within, recall_at_n
 
 DEFAULT_NS = (1, 5, 10)
@@ -191,6 +191,8 @@ class MethodRun:
     ranked_scores: list[np.ndarray]
     latencies_ms: np.ndarray
     metrics: LoopMetrics
+    top1_distance: np.ndarray  # the top candidate's descriptor distance, NaN without one
+    top1_stamp_ns: np.ndarray  # the top candidate's keyframe stamp, -1 without one
     within: np.ndarray = field(repr=False)
     calibrated: bool = False
 
@@ -261,9 +263,10 @@ def map_positions(detector) -> np.ndarray:
 
 def _run(name: str, detector, frames: Iterable[Frame], total: int | None) -> dict:
     """Every frame through ``detector.process`` (the node's path), timed: per query its stamp, position (NaN
-    without pose), accepted candidates and latency."""
+    without pose), accepted candidates, the top one's descriptor distance and keyframe stamp, and latency."""
     stamps, positions, ranked_ids, ranked_scores, latencies = [], [], [], [], []
-    for frame in tqdm(frames, total=total, desc=name, unit="query", leave=False):
+    top1_distances, top1_stamps = [], []
+    for frame in progress(frames, total=total, desc=name, unit="query", leave=False):
         if not stamps:  # untimed warm-up: the first call at batch size 1 pays one-off set-up costs
             detector.process(frame.image, frame.stamp_ns, frame.pose)
         started = time.perf_counter()
@@ -273,9 +276,14 @@ def _run(name: str, detector, frames: Iterable[Frame], total: int | None) -> dic
         positions.append(np.full(3, np.nan) if frame.pose is None else frame.pose.position)
         ranked_ids.append(np.array([c.keyframe_id for c in detection.accepted], dtype=np.int64))
         ranked_scores.append(np.array([c.score for c in detection.accepted], dtype=np.float64))
+        top = detection.accepted[0] if detection.accepted else None
+        top1_distances.append(math.nan if top is None else top.distance)
+        top1_stamps.append(-1 if top is None else top.stamp_ns)
     return {"query_stamps": np.asarray(stamps, dtype=np.int64),
             "query_positions": np.asarray(positions, dtype=np.float64).reshape(-1, 3),
-            "ranked_ids": ranked_ids, "ranked_scores": ranked_scores, "latencies_ms": np.asarray(latencies)}
+            "ranked_ids": ranked_ids, "ranked_scores": ranked_scores, "latencies_ms": np.asarray(latencies),
+            "top1_distance": np.asarray(top1_distances, dtype=np.float64),
+            "top1_stamp_ns": np.asarray(top1_stamps, dtype=np.int64)}
 
 
 def _method_run(name: str, detector, run: dict, within: np.ndarray, ns: Sequence[int]) -> MethodRun:

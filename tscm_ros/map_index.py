@@ -215,6 +215,10 @@ class DescriptorIndex:
     def faiss_index(self) -> faiss.Index:
         return self._index
 
+    def copy(self) -> DescriptorIndex:
+        """An independent copy (the map's autosave writes it while keyframes keep coming)."""
+        return DescriptorIndex(self._config, faiss.clone_index(self._index), self._trained)
+
     def _configure(self) -> None:
         for sub in sub_indexes(self._index):
             if isinstance(sub, faiss.IndexRefine):

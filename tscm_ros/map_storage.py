@@ -1,7 +1,7 @@
 """A keyframe map on disk: writing its directory atomically, and reading it back with every file checked.
 
-A map is a directory written atomically (temp dir, then rename; an existing map is moved aside only once
-the new one is complete, then deleted): ``manifest.json`` (``format_version``, model fingerprint and name,
+A map is a directory written atomically (tscm_ros/atomic.py: a temp dir, then an existing map is exchanged with
+it in one step, then deleted): ``manifest.json`` (``format_version``, model fingerprint and name,
 ``dim``, ``preprocess``, ``index`` type, parameters and FAISS factory string, ``count``, ``created``,
 ``tscm_ros_version``, size and SHA-256 of every file), ``index.faiss`` (FAISS's own format),
 ``keyframes.npz`` (stamps, positions, orientations with NaN for unknown poses, source bags), when any
@@ -18,6 +18,7 @@ maps carried their own vocabulary) are refused with a message to rebuild them.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -157,8 +158,9 @@ def read_map(directory: str | os.PathLike, expected_fingerprint: str | None = No
     """
     root = Path(directory)
     if not root.is_dir():
-        leftovers = sorted(root.parent.glob(f".{root.name}.old-*"))
-        hint = f"; an interrupted save left the previous map at {leftovers[0]}" if leftovers else ""
+        name = glob.escape(root.name)
+        leftovers = sorted(root.parent.glob(f".{name}.tmp-*/{name}*/{MANIFEST_FILE}"))
+        hint = f"; an interrupted save left a map at {leftovers[0].parent}" if leftovers else ""
         raise MapError(f"map {root} does not exist or is not a directory{hint}")
     manifest = _read_manifest(root)
     if expected_fingerprint is not None and expected_fingerprint != manifest["base_model_fingerprint"]:

@@ -13,7 +13,6 @@ every other parameter is read-only.
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import time
@@ -34,13 +33,17 @@ from std_srvs.srv import Trigger
 
 from tscm_ros.describe import DEFAULT_MODEL, Describer, describer_for
 from tscm_ros.errors import ConfigError, TscmError
-from tscm_ros.geometry import Pose, PoseInterpolator, pose_from_message, stamp_to_ns
+from tscm_ros.geometry import PoseInterpolator, pose_from_message, stamp_to_ns
 from tscm_ros.image_messages import ImageDecodeError, image_message_to_rgb
 from tscm_ros.keyframe_map import KeyframeMap
-from tscm_ros.loop_detector import Detection, KeyframeSelector, LoopDetector
+from tscm_ros.loop_detector import KeyframeSelector, LoopDetector
+from tscm_ros.map_autosave import MapSaver
 from tscm_ros.map_building import describer_for_map
-from tscm_ros.msg import LoopCandidate, LoopCandidates
+from tscm_ros.msg import LoopCandidates
 from tscm_ros.node_diagnostics import POSE_SILENCE_WARN_S, diagnostic_status, pose_silence_warning
+from tscm_ros.node_inputs import MalformedImages, NewestImage, StampGaps
+from tscm_ros.node_markers import LoopMarkerPublisher
+from tscm_ros.node_messages import loop_candidates_message
 from tscm_ros.node_parameters import (
     POSE_QOS,
     POSE_TYPES,
@@ -57,44 +60,6 @@ from tscm_ros.verification import CameraIntrinsics, VerificationConfig
 
 NODE_NAME = "tscm_place_recognition"
 OUTPUT_TOPIC = "/tscm/loop_candidates"
-
-
-class _NewestImage:
-    """A one-slot mailbox: putting replaces an unprocessed image (counted as dropped)."""
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._message = None
-        self._closed = False
-        self.received = 0
-        self.dropped = 0
-
-    def put(self, message) -> None:
-        with self._condition:
-            self.received += 1
-            if self._message is not None:
-                self.dropped += 1
-            self._message = message
-            self._condition.notify()
-
-    def take(self, timeout_s: float):
-        """The newest message (clearing the slot), or None on timeout or when closed."""
-        with self._condition:
-            if self._message is None and not self._closed:
-                self._condition.wait(timeout_s)
-            message, self._message = self._message, None
-            return message
-
-    def close(self) -> None:
-        with self._condition:
-            self._closed = True
-            self._condition.notify_all()
-
-
-def _fill_pose(target, pose: Pose) -> None:
-    target.position.x, target.position.y, target.position.z = (float(v) for v in pose.position)
-    (target.orientation.x, target.orientation.y,
-     target.orientation.z, target.orientation.w) = (float(v) for v in pose.orientation)
 
 
 class PlaceRecognitionNode(Node):
@@ -138,14 +103,22 @@ class PlaceRecognitionNode(Node):
         self._publisher = self.create_publisher(LoopCandidates, OUTPUT_TOPIC, 10)
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(p["diagnostics_period_s"], self._publish_diagnostics)
+        self._inbox = NewestImage()
+        self._lock = threading.Lock()  # counters and the pose stream
+        self._map_lock = threading.Lock()  # the map: the worker adds keyframes, saves copy it
+        self._saver: MapSaver | None = None
         if self._mapping:
             self.create_service(Trigger, "~/save_map", self._on_save_map)
-
-        self._inbox = _NewestImage()
-        self._lock = threading.Lock()  # counters and the pose stream
-        self._map_lock = threading.Lock()  # the map: the worker adds keyframes, ~/save_map saves
+            self._saver = MapSaver(self._map_snapshot, self._save_path, p["autosave_keyframes"],
+                                   p["autosave_period_s"])
+            self._saver.start(len(keyframe_map))
+        self._markers = (LoopMarkerPublisher(self, lambda: self.detector.map, self._map_lock)
+                         if p["loop_markers"] else None)
+        if self._markers is not None:
+            self._markers.refresh()
         self._processed = 0
-        self._malformed = 0
+        self._malformed = MalformedImages()
+        self._gaps = StampGaps()
         self._latencies_ms: deque[float] = deque(maxlen=1000)
         self._started = time.monotonic()
         self._running = True
@@ -208,6 +181,8 @@ class PlaceRecognitionNode(Node):
     # ----- callbacks ---------------------------------------------------------------------------------
 
     def _on_image(self, message) -> None:
+        with self._lock:
+            self._gaps.add(stamp_to_ns(message.header.stamp))
         self._inbox.put(message)
 
     def _on_pose(self, message) -> None:
@@ -228,10 +203,9 @@ class PlaceRecognitionNode(Node):
 
     def _on_save_map(self, request, response):
         try:
-            self.save_map()
+            response.message = f"saved {self.save_map()} keyframes to {self._save_path}"
             response.success = True
-            response.message = f"saved {len(self.detector.map)} keyframes to {self._save_path}"
-        except TscmError as exc:
+        except (TscmError, OSError) as exc:
             response.success = False
             response.message = str(exc)
         return response
@@ -252,8 +226,9 @@ class PlaceRecognitionNode(Node):
                 self._process(message)
             except ImageDecodeError as exc:
                 with self._lock:
-                    self._malformed += 1
-                self.get_logger().warning(f"skipped a malformed image: {exc}", throttle_duration_sec=5.0)
+                    summary = self._malformed.add(exc.kind, str(exc), time.monotonic())
+                if summary:
+                    self.get_logger().warning(summary)
             except Exception as exc:  # the worker must survive anything one image does
                 self.get_logger().error(f"failed to process an image: {exc!r}", throttle_duration_sec=5.0)
 
@@ -265,38 +240,18 @@ class PlaceRecognitionNode(Node):
             pose_frame_id = self._pose_frame_id
         with self._map_lock:
             detection = self.detector.process(image, stamp_ns, pose)
-        self._publisher.publish(self._to_message(message.header, pose, pose_frame_id, detection))
+            keyframes, map_frame_id = len(self.detector.map), self.detector.map.frame_id
+        published = detection.candidates if self._publish_unverified else detection.accepted
+        self._publisher.publish(loop_candidates_message(message.header, pose, pose_frame_id, map_frame_id,
+                                                        detection.fingerprint, published))
+        if self._saver is not None and detection.added_keyframe_id is not None:
+            self._saver.keyframes_added(keyframes)
+        if self._markers is not None:
+            self._markers.loops(published, pose, pose_frame_id, map_frame_id, message.header.stamp)
         latency_ms = (self.get_clock().now().nanoseconds - stamp_ns) / 1e6
         with self._lock:
             self._processed += 1
             self._latencies_ms.append(latency_ms)
-
-    def _to_message(self, header, pose: Pose | None, pose_frame_id: str, detection: Detection) -> LoopCandidates:
-        out = LoopCandidates()
-        out.header = header
-        out.query_pose_valid = pose is not None
-        if pose is not None:
-            _fill_pose(out.query_pose, pose)
-            out.query_pose_frame_id = pose_frame_id
-        out.map_frame_id = self.detector.map.frame_id
-        out.model_fingerprint = detection.fingerprint
-        for candidate in detection.candidates if self._publish_unverified else detection.accepted:
-            item = LoopCandidate(keyframe_id=candidate.keyframe_id, distance=candidate.distance,
-                                 score=candidate.score, consistent=candidate.consistent)
-            item.keyframe_stamp.sec, item.keyframe_stamp.nanosec = divmod(candidate.stamp_ns, 1_000_000_000)
-            item.keyframe_pose_valid = candidate.pose is not None
-            if candidate.pose is not None:
-                _fill_pose(item.keyframe_pose, candidate.pose)
-            if not math.isnan(candidate.sequence_score):
-                item.sequence_score = candidate.sequence_score
-            check = candidate.verification
-            if check is not None:
-                item.verified, item.inliers = check.verified, check.inliers
-                item.relative_pose_valid = check.rotation is not None
-                if check.rotation is not None:
-                    _fill_pose(item.relative_pose, Pose(position=check.translation, orientation=check.rotation))
-            out.candidates.append(item)
-        return out
 
     # ----- diagnostics and shutdown ------------------------------------------------------------------
 
@@ -309,7 +264,11 @@ class PlaceRecognitionNode(Node):
                 "images received": self._inbox.received,
                 "images processed": self._processed,
                 "images dropped": self._inbox.dropped,
-                "images malformed": self._malformed,
+                "images malformed": self._malformed.total,
+                **{f"images malformed: {kind}": n for kind, n in sorted(self._malformed.by_kind.items())},
+                "images lost (input stamp gaps)": self._gaps.lost,
+                "images lost recently (%)": 100.0 * self._gaps.recent_loss,
+                "input stamp rate (Hz)": self._gaps.rate_hz,
                 "input rate (Hz)": self._inbox.received / elapsed,
                 "processed rate (Hz)": self._processed / elapsed,
                 "latency median (ms)": float(np.median(latencies)) if len(latencies) else float("nan"),
@@ -318,6 +277,7 @@ class PlaceRecognitionNode(Node):
                 "poses received": self._poses_received,
                 "poses held": len(self._poses) if self._poses is not None else 0,
                 "device": str(self.detector.describer.device),
+                **(self._saver.status() if self._saver is not None else {}),
             }
 
     def _check_pose_stream(self) -> None:
@@ -340,24 +300,36 @@ class PlaceRecognitionNode(Node):
 
     def _publish_diagnostics(self) -> None:
         self._check_pose_stream()
+        with self._lock:
+            summary = self._malformed.due(time.monotonic())
+        if summary:
+            self.get_logger().warning(summary)
+        if self._markers is not None:
+            self._markers.refresh()
         stats = self.statistics()
-        status = diagnostic_status(f"{self.get_name()}: place recognition", stats, self._pose_warning)
+        status = diagnostic_status(f"{self.get_name()}: place recognition", stats, self._pose_warning,
+                                   self._saver.last_error if self._saver is not None else "")
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self._diagnostics.publish(array)
 
-    def save_map(self) -> None:
-        """Save the map atomically to map_save_path (mapping mode)."""
+    def _map_snapshot(self):
         with self._map_lock:
-            self.detector.map.save(self._save_path)
-        self.get_logger().info(f"saved {len(self.detector.map)} keyframes to {self._save_path}")
+            return self.detector.map.snapshot(), len(self.detector.map)
+
+    def save_map(self) -> int:
+        """Save the map atomically to map_save_path (mapping mode); the keyframes saved."""
+        count = self._saver.save()
+        self.get_logger().info(f"saved {count} keyframes to {self._save_path}")
+        return count
 
     def shutdown(self) -> None:
-        """Stop the worker; in mapping mode, save the map."""
+        """Stop the worker; in mapping mode, stop autosaving and save the map."""
         self._running = False
         self._inbox.close()
         self._worker.join(timeout=30.0)
-        if self._mapping:
+        if self._saver is not None:
+            self._saver.stop()
             self.save_map()
 
 

@@ -30,16 +30,29 @@ def pose_silence_warning(topic: str, pose_type: str, pose_qos: str, publishers: 
             + (f": {'; '.join(hints)}" if hints else ""))
 
 
-def diagnostic_status(name: str, stats: dict, pose_warning: str) -> DiagnosticStatus:
-    """The node's status from its ``statistics()``: OK, or WARN when images arrive but none is processed
-    or when ``pose_warning`` says the pose topic is silent."""
+LOSS_WARN = 0.05  # warn when more than this share of the recent images never arrived
+
+
+def diagnostic_status(name: str, stats: dict, pose_warning: str, autosave_error: str = "") -> DiagnosticStatus:
+    """The node's status from its ``statistics()``: OK, or WARN when images arrive but none is processed,
+    when the input stamps show images lost on the way, when ``pose_warning`` says the pose topic is silent,
+    or when the last autosave failed."""
     status = DiagnosticStatus(name=name, hardware_id=stats["device"])
     status.level = DiagnosticStatus.OK
     status.message = f"{stats['images processed']} images processed, {stats['images dropped']} dropped"
+    lost_share = stats["images lost recently (%)"] / 100.0
     if stats["images received"] and not stats["images processed"]:
         status.level, status.message = DiagnosticStatus.WARN, "receiving images but none processed yet"
+    elif lost_share > LOSS_WARN:
+        status.level = DiagnosticStatus.WARN
+        status.message = (f"images lost before reaching the node: {100 * lost_share:.0f} % of the recent ones "
+                          f"(gaps in the input stamps at {stats['input stamp rate (Hz)']:.1f} Hz; "
+                          f"{stats['images lost (input stamp gaps)']} in all); large best-effort images need the "
+                          "Fast DDS profile config/fastdds_large_images.xml on the publisher too, or qos reliable")
     elif pose_warning:
         status.level, status.message = DiagnosticStatus.WARN, pose_warning
+    elif autosave_error:
+        status.level, status.message = DiagnosticStatus.WARN, f"the last map autosave failed: {autosave_error}"
     status.values = [KeyValue(key=key, value=f"{value:.2f}" if isinstance(value, float) else str(value))
                      for key, value in stats.items()]
     return status

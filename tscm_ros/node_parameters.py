@@ -81,12 +81,19 @@ PARAMETERS = [
     Parameter("publish_unverified", False, "also publish candidates that failed verification or temporal "
               "consistency, with their flags (for debugging); normally only accepted loops are published",
               runtime=True),
-    Parameter("mapping", False, "online mapping: add keyframes while driving; save on shutdown and ~/save_map"),
+    Parameter("mapping", False, "online mapping: add keyframes while driving; save on shutdown, on ~/save_map and "
+              "by autosave"),
     Parameter("keyframe_min_distance_m", 2.0, "mapping: a new keyframe needs this much travel since the last one"),
     Parameter("keyframe_min_interval_s", 1.0, "mapping: a new keyframe needs this much time since the last one"),
     Parameter("map_save_path", "", "mapping: where the map is saved; empty = map_path"),
     Parameter("vocabulary_keyframes", MAPPING_FIT_KEYFRAMES, "mapping from an empty map: the map fits its own "
               "vocabulary once it has this many keyframes (the generic one until then)"),
+    Parameter("autosave_keyframes", 50, "mapping: save the map (atomically, in the background) once this many "
+              "keyframes were added since the last save; 0 = off"),
+    Parameter("autosave_period_s", 60.0, "mapping: save the map this many seconds after the first unsaved "
+              "keyframe, if autosave_keyframes did not come first; 0 = off"),
+    Parameter("loop_markers", True, "publish visualization_msgs/MarkerArray on ~/loop_markers: the map's keyframe "
+              "trajectory and a line per published loop closure, coloured by score (RViz: config/loop_markers.rviz)"),
     Parameter("diagnostics_period_s", 1.0, "period of the /diagnostics status"),
 ]
 RUNTIME_PARAMETERS = frozenset(p.name for p in PARAMETERS if p.runtime)
@@ -167,7 +174,8 @@ def validate(p: dict) -> None:
         raise ConfigError(f"parameter pose_qos: expected {' or '.join(POSE_QOS)}, got {p['pose_qos']!r}")
     if not p["image_topic"]:
         raise ConfigError("parameter image_topic must not be empty")
-    for name in ("pose_max_gap_s", "keyframe_min_distance_m", "keyframe_min_interval_s"):
+    for name in ("pose_max_gap_s", "keyframe_min_distance_m", "keyframe_min_interval_s", "autosave_keyframes",
+                 "autosave_period_s"):
         if p[name] < 0:
             raise ConfigError(f"parameter {name} must be >= 0, got {p[name]}")
     if p["pose_history_s"] <= p["pose_max_gap_s"]:

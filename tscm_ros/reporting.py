@@ -10,7 +10,7 @@ import csv
 import json
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -243,9 +243,10 @@ def _nan_to_none(value: float) -> float | None:
 
 
 def write_loop_closure_report(runs: Sequence[MethodRun], title: str, out: Path, radius_m: float, overwrite: bool,
-                              settings: dict) -> None:
+                              settings: dict, extra: Callable[[Path], None] | None = None) -> None:
     """Write loop_closure.md/.json, pr_curve.png, trajectories.png (when the queries have positions) and
-    queries_<method>.csv into ``out`` atomically (a temp dir next to it, renamed into place)."""
+    queries_<method>.csv into ``out`` atomically (a temp dir next to it, renamed into place); ``extra`` writes
+    more into that temp dir."""
     if out.exists() and not overwrite:
         raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
     with atomic_directory(out) as staging:
@@ -276,3 +277,5 @@ def write_loop_closure_report(runs: Sequence[MethodRun], title: str, out: Path, 
                 "queries_csv": f"queries_{_slug(run.name)}.csv",
             })
         (staging / "loop_closure.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        if extra is not None:
+            extra(staging)

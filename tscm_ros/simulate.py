@@ -43,10 +43,10 @@ import cv2
 import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
-from tqdm import tqdm
 
 from tscm_ros.atomic import atomic_directory
 from tscm_ros.errors import ConfigError
+from tscm_ros.progress import progress as progress_bar
 from tscm_ros.simulation_appearance import CONDITIONS, Appearance
 from tscm_ros.simulation_garden import Garden
 from tscm_ros.simulation_world import Route, Scene, World
@@ -154,7 +154,7 @@ def simulate_route(out: str | Path, seed: int = 0, traversal: int = 0, frames: i
                 jpeg_conn = (writer.add_connection(COMPRESSED_TOPIC, "sensor_msgs/msg/CompressedImage",
                                                    typestore=typestore)
                              if compressed else None)
-                for i in tqdm(range(total), desc=f"rendering {out.name}", unit="frame", disable=not progress):
+                for i in progress_bar(range(total), desc=f"rendering {out.name}", unit="frame", enabled=progress):
                     stamp_ns = start_ns + i * image_period_ns
                     # Odometry at even steps, the first half a step before the image: no stamp coincides with
                     # an image stamp, so every image pose is interpolated.

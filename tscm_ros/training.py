@@ -42,6 +42,7 @@ from tscm_ros.losses import TripletDescriptors, tscm_loss
 from tscm_ros.mining import PlaceGraph, Triplets, mine_triplets
 from tscm_ros.models import build_model
 from tscm_ros.preprocess import PreprocessConfig, preprocess
+from tscm_ros.progress import progress as progress_bar
 from tscm_ros.reporting import plot_learning_curves, write_metrics_csv
 from tscm_ros.train_config import KINDS, TrainConfig, resolve_model_config, resolve_radii
 from tscm_ros.training_run import (
@@ -176,82 +177,87 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     teacher_fingerprint = teacher.fingerprint if teacher is not None else None
 
-    saved = start_run(run_dir, resume, used_config, kind, teacher_fingerprint, distributed)
-    show = progress and distributed.is_main
-    if distributed.is_main:
-        LOG.info("train %s: %d training frames in %d traversals, %d usable anchors; %s; %d val queries against "
-                 "%d val database frames", kind, len(train_set), len(np.unique(train_set.sequences)),
-                 len(checked.graph.usable_anchors()), checked.radii_reason, len(checked.val_queries),
-                 len(checked.val_database))
-    started = time.monotonic()
-    augment = config.augmentation()
-    views = config.augment_views if augment.enabled else 1
-    train_cache = FeatureCache(heads.trunk, train_set, preprocess_config, device, config.cache_batch_size, views,
-                               augment, config.seed, show, f"{kind}: backbone features, {views} view(s)", use_amp)
-    val_caches = [FeatureCache(heads.trunk, part, preprocess_config, device, config.cache_batch_size, amp=use_amp)
-                  for part in (checked.val_database, checked.val_queries)]
-    val = ValSplit(heads, *val_caches, checked.val_database.positions, checked.val_queries.positions,
-                   config.eval_radius_m, device, config.cache_batch_size, use_amp)
-    run = Progress()
-    if saved is not None:
-        run = restore_state(saved, model, optimizer, scaler, run_dir / "last.pt")
-    elif config.init_heads:
-        sample = np.random.default_rng(config.seed).permutation(len(train_set))[:256]
-        heads.init_aggregation(train_cache.get(sample, None, device))
-    teacher_descriptors = None
-    if teacher is not None:
-        # The teacher is frozen and sees the frames as recorded: its descriptors are computed once.
-        teacher_descriptors = torch.from_numpy(
-            describe_frames(teacher.model, train_set, teacher.preprocess, device, config.cache_batch_size, use_amp)
-        ).to(device)
-        teacher = None  # frees the teacher network
-    if distributed.is_main:
-        LOG.info("cached %d x %d backbone outputs (%.0f MB) in %.0f s", views, len(train_set),
-                 train_cache.nbytes / 1e6, time.monotonic() - started)
-    trained: nn.Module = heads
-    if distributed.world_size > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        trained = torch.nn.parallel.DistributedDataParallel(heads, device_ids=device_ids)
-    optimisation = _Optimisation(trained, optimizer, scaler, device, use_amp, config)
-
-    while run.epoch < config.epochs and not run.stopped_early:
-        epoch = run.epoch + 1
-        started = time.monotonic()
-        rng = np.random.default_rng([config.seed, epoch])
-        embeddings = describe_cached(heads, train_cache, device, config.cache_batch_size, use_amp)
-        triplets = _epoch_triplets(mine_triplets(embeddings, checked.graph, rng), rng, config, distributed)
-        losses = _train_epoch(optimisation, _EpochData(train_cache, triplets, teacher_descriptors, rng),
-                              f"{kind} epoch {epoch}/{config.epochs}" if show else None)
-        if distributed.world_size > 1:
-            losses = _average_over_processes(losses)
-        recall = val.recall()
-        row = {"epoch": epoch, "triplets": len(triplets) * distributed.world_size, "loss": losses["loss"],
-               "loss_hard": losses["loss_hard"]}
-        if kind == "student":
-            row.update(loss_soft=losses["loss_soft"], loss_cm=losses["loss_cm"])
-        row.update({f"val_recall@{n}": recall[n] for n in VAL_NS})
-        row[f"val_{MAX_RECALL_KEY}"] = recall[MAX_RECALL_KEY]
-        row.update(lr=config.lr, seconds=round(time.monotonic() - started, 3))
-        improved = run.record(row, recall, config.patience)
+    saved, lock = start_run(run_dir, resume, used_config, kind, teacher_fingerprint, distributed)
+    try:
+        show = progress and distributed.is_main
         if distributed.is_main:
-            if improved:
-                save_best(run_dir / "best.pt", model, model_config, preprocess_config, epoch, recall, label, kind,
-                          teacher_fingerprint)
-            save_state(run_dir / "last.pt", run, model, optimizer, scaler, kind, teacher_fingerprint)
-            write_metrics_csv(run.history, run_dir / "metrics.csv")
-            plot_learning_curves(run.history, run_dir / "learning_curves.png", f"train {kind}: {label}")
-            LOG.info(
-                "epoch %d: loss %.4f, val recall@1/5/10 %.1f/%.1f/%.1f %%, max recall at 100 %% precision %.1f %%%s",
-                epoch, row["loss"], *(100 * recall[n] for n in VAL_NS), 100 * recall[MAX_RECALL_KEY],
-                " (best)" if improved else "",
-            )
-    if distributed.is_main and (run_dir / "best.pt").is_file():
-        val.calibrate_best(run_dir / "best.pt", model, label)
-    if distributed.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    best_recall = dict(zip((1, MAX_RECALL_KEY, 5, 10), run.best_key)) if run.best_key is not None else {}
-    return TrainResult(run_dir, run.epoch, run.best_epoch, best_recall, run.stopped_early)
+            LOG.info("train %s: %d training frames in %d traversals, %d usable anchors; %s; %d val queries against "
+                     "%d val database frames", kind, len(train_set), len(np.unique(train_set.sequences)),
+                     len(checked.graph.usable_anchors()), checked.radii_reason, len(checked.val_queries),
+                     len(checked.val_database))
+        started = time.monotonic()
+        augment = config.augmentation()
+        views = config.augment_views if augment.enabled else 1
+        train_cache = FeatureCache(heads.trunk, train_set, preprocess_config, device, config.cache_batch_size, views,
+                                   augment, config.seed, show, f"{kind}: backbone features, {views} view(s)", use_amp)
+        val_caches = [FeatureCache(heads.trunk, part, preprocess_config, device, config.cache_batch_size, amp=use_amp)
+                      for part in (checked.val_database, checked.val_queries)]
+        val = ValSplit(heads, *val_caches, checked.val_database.positions, checked.val_queries.positions,
+                       config.eval_radius_m, device, config.cache_batch_size, use_amp)
+        run = Progress()
+        if saved is not None:
+            run = restore_state(saved, model, optimizer, scaler, run_dir / "last.pt")
+        elif config.init_heads:
+            sample = np.random.default_rng(config.seed).permutation(len(train_set))[:256]
+            heads.init_aggregation(train_cache.get(sample, None, device))
+        teacher_descriptors = None
+        if teacher is not None:
+            # The teacher is frozen and sees the frames as recorded: its descriptors are computed once.
+            teacher_descriptors = torch.from_numpy(
+                describe_frames(teacher.model, train_set, teacher.preprocess, device, config.cache_batch_size, use_amp)
+            ).to(device)
+            teacher = None  # frees the teacher network
+        if distributed.is_main:
+            LOG.info("cached %d x %d backbone outputs (%.0f MB) in %.0f s", views, len(train_set),
+                     train_cache.nbytes / 1e6, time.monotonic() - started)
+        trained: nn.Module = heads
+        if distributed.world_size > 1:
+            device_ids = [device.index] if device.type == "cuda" else None
+            trained = torch.nn.parallel.DistributedDataParallel(heads, device_ids=device_ids)
+        optimisation = _Optimisation(trained, optimizer, scaler, device, use_amp, config)
+
+        while run.epoch < config.epochs and not run.stopped_early:
+            epoch = run.epoch + 1
+            started = time.monotonic()
+            rng = np.random.default_rng([config.seed, epoch])
+            embeddings = describe_cached(heads, train_cache, device, config.cache_batch_size, use_amp)
+            triplets = _epoch_triplets(mine_triplets(embeddings, checked.graph, rng), rng, config, distributed)
+            losses = _train_epoch(optimisation, _EpochData(train_cache, triplets, teacher_descriptors, rng),
+                                  f"{kind} epoch {epoch}/{config.epochs}" if show else None)
+            if distributed.world_size > 1:
+                losses = _average_over_processes(losses)
+            recall = val.recall()
+            row = {"epoch": epoch, "triplets": len(triplets) * distributed.world_size, "loss": losses["loss"],
+                   "loss_hard": losses["loss_hard"]}
+            if kind == "student":
+                row.update(loss_soft=losses["loss_soft"], loss_cm=losses["loss_cm"])
+            row.update({f"val_recall@{n}": recall[n] for n in VAL_NS})
+            row[f"val_{MAX_RECALL_KEY}"] = recall[MAX_RECALL_KEY]
+            row.update(lr=config.lr, seconds=round(time.monotonic() - started, 3))
+            improved = run.record(row, recall, config.patience)
+            if distributed.is_main:
+                if improved:
+                    save_best(run_dir / "best.pt", model, model_config, preprocess_config, epoch, recall, label, kind,
+                              teacher_fingerprint)
+                save_state(run_dir / "last.pt", run, model, optimizer, scaler, kind, teacher_fingerprint)
+                write_metrics_csv(run.history, run_dir / "metrics.csv")
+                plot_learning_curves(run.history, run_dir / "learning_curves.png", f"train {kind}: {label}")
+                LOG.info(
+                    "epoch %d: loss %.4f, val recall@1/5/10 %.1f/%.1f/%.1f %%, "
+                    "max recall at 100 %% precision %.1f %%%s",
+                    epoch, row["loss"], *(100 * recall[n] for n in VAL_NS), 100 * recall[MAX_RECALL_KEY],
+                    " (best)" if improved else "",
+                )
+        if distributed.is_main and (run_dir / "best.pt").is_file():
+            val.calibrate_best(run_dir / "best.pt", model, label)
+        if distributed.world_size > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        best_recall = dict(zip((1, MAX_RECALL_KEY, 5, 10), run.best_key)) if run.best_key is not None else {}
+        return TrainResult(run_dir, run.epoch, run.best_epoch, best_recall, run.stopped_early)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _average_over_processes(losses: dict[str, float]) -> dict[str, float]:
@@ -298,15 +304,14 @@ class _EpochData:
 
 def _train_epoch(optimisation: _Optimisation, data: _EpochData, description: str | None) -> dict[str, float]:
     """One pass over the epoch's triplets, each image in a randomly chosen cached view; mean losses."""
-    from tqdm import tqdm
-
     heads, device, config = optimisation.heads, optimisation.device, optimisation.config
     heads.train()
     (heads.module if isinstance(heads, torch.nn.parallel.DistributedDataParallel) else heads).freeze()
     triplets = data.triplets
     sums = dict.fromkeys(LOSS_NAMES, 0.0)
     steps = math.ceil(len(triplets) / config.batch_size)
-    bar = tqdm(range(steps), desc=description, unit="step", disable=description is None, leave=False)
+    bar = progress_bar(range(steps), desc=description or "", unit="step", enabled=description is not None,
+                       leave=False)
     for step in bar:
         batch = slice(step * config.batch_size, (step + 1) * config.batch_size)
         anchors, positives, negatives = triplets.anchors[batch], triplets.positives[batch], triplets.negatives[batch]

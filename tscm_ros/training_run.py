@@ -4,9 +4,11 @@ from), the progress carried from epoch to epoch, and the processes of a ``torchr
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import math
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch.distributed as dist
 import yaml
 
 from tscm_ros.atomic import atomic_file
-from tscm_ros.checkpoint import save_checkpoint
+from tscm_ros.checkpoint import save_checkpoint, torch_load_problem
 from tscm_ros.errors import CheckpointError, ConfigError
 from tscm_ros.train_config import TrainConfig
 from tscm_ros.validation import MAX_RECALL_KEY
@@ -24,6 +26,7 @@ LOG = logging.getLogger(__name__)
 
 STATE_FORMAT = "tscm_ros.train_state"
 STATE_VERSION = 1
+LOCK_FILE = ".train.lock"
 
 
 @dataclass(frozen=True)
@@ -78,22 +81,59 @@ class Progress:
         return improved
 
 
+class RunLock:
+    """This process's exclusive hold on a run directory while it trains there: an advisory lock (flock) on
+    ``.train.lock``, which the kernel drops when the process ends, however it ends."""
+
+    def __init__(self, run_dir: Path) -> None:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"run directory {run_dir} is in use: {holder} is training in it (wait for it to end, "
+                              "or stop it, before resuming)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"train process {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def start_run(run_dir: Path, resume: bool, config: TrainConfig, kind: str, teacher_fingerprint: str | None,
-              distributed: Distributed) -> dict | None:
-    """Prepare the run directory; returns the saved training state when resuming from last.pt."""
-    last = run_dir / "last.pt"
+              distributed: Distributed) -> tuple[dict | None, RunLock | None]:
+    """Prepare and lock the run directory (the main process holds the lock; release it when training ends);
+    returns the saved training state when resuming from last.pt, and the lock."""
     if not resume:
         taken = run_dir.exists() and any(run_dir.iterdir())
         distributed.barrier()  # every process looks before the main one creates anything
         if taken:
             raise ConfigError(f"run directory {run_dir} already exists and is not empty (pass --resume to continue it)")
+        lock = None
         if distributed.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir)  # two new runs started at once into one directory: the second stops here
             _write_config(run_dir, config)
         distributed.barrier()
-        return None
+        return None, lock
     if not run_dir.is_dir():
         raise ConfigError(f"cannot resume: run directory {run_dir} does not exist")
+    lock = RunLock(run_dir) if distributed.is_main else None
+    try:
+        return _resume(run_dir, config, kind, teacher_fingerprint, distributed), lock
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _resume(run_dir: Path, config: TrainConfig, kind: str, teacher_fingerprint: str | None,
+            distributed: Distributed) -> dict | None:
+    last = run_dir / "last.pt"
     if distributed.is_main:
         for leftover in run_dir.glob(".*.tmp*"):  # from a process killed while writing
             leftover.unlink()
@@ -104,7 +144,7 @@ def start_run(run_dir: Path, resume: bool, config: TrainConfig, kind: str, teach
     try:
         state = torch.load(last, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointError(f"cannot resume from {last}: not a readable training state ({exc})") from exc
+        raise CheckpointError(f"cannot resume from {last}: {torch_load_problem(exc)}") from exc
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"cannot resume from {last}: not a tscm_ros training state")
     if int(state.get("version", -1)) > STATE_VERSION:

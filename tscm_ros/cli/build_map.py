@@ -11,7 +11,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from tscm_ros.bag import Frame, FrameReader
 from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_args, run_main
@@ -21,6 +20,7 @@ from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
 from tscm_ros.loop_detector import KeyframeSelector
 from tscm_ros.map_building import BUILD_FIT_KEYFRAMES, MIN_FIT_KEYFRAMES, KeyframeBuilder, describer_for_map
 from tscm_ros.map_index import INDEX_TYPES, IndexConfig
+from tscm_ros.progress import progress as progress_bar
 from tscm_ros.verification import extract_local_features
 
 THUMBNAIL_WIDTH = 64
@@ -83,7 +83,7 @@ def _frames_in_background(readers: Sequence[FrameReader], batch_size: int, motio
 
     def read() -> None:
         try:
-            with tqdm(total=sum(len(r) for r in readers), unit="frame", desc="reading") as progress:
+            with progress_bar(total=sum(len(r) for r in readers), unit="frame", desc="reading") as progress:
                 for reader in readers:
                     for frame in reader:
                         progress.update()
@@ -180,3 +180,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,6 +29,7 @@ from tscm_ros.loop_evaluation import (
     run_queries,
     run_revisit_set,
 )
+from tscm_ros.match_figure import write_matches_figure
 from tscm_ros.reporting import (
     format_percent,
     loop_closure_table_markdown,
@@ -64,7 +65,10 @@ With --bag REFERENCE --query-bag QUERY instead of --data: loop-closure evaluatio
 method from the reference traversal, every query frame runs through the node's code path, and
 recall@N, the top-1 precision-recall curve, average precision, maximum recall at 100 % precision and
 the per-query latency are written side by side (loop_closure.md/.json, pr_curve.png,
-trajectories.png), with the built-in baselines (--baselines) next to the given models.
+trajectories.png), with the built-in baselines (--baselines) next to the given models. matches.png shows
+why loops were wrong: the highest-scored false top-1 matches of the first --model (else the default
+model) and a sample of true ones, query image next to keyframe image, with score, descriptor distance
+and metres apart.
 
 With --revisit-set SET instead: the same on a folder of photographs without poses (SET/ref/ the map, in
 order; SET/query/ the revisit; SET/gt.csv with columns query,matching_refs naming the references each query
@@ -238,10 +242,12 @@ def _run_methods(args: argparse.Namespace, keyframes: Callable[[], Iterable[Fram
     return runs
 
 
-def _report(runs: list[MethodRun], title: str, out: Path, radius_m: float, overwrite: bool, settings: dict) -> None:
-    write_loop_closure_report(runs, title, out, radius_m, overwrite, settings)
+def _report(runs: list[MethodRun], title: str, out: Path, radius_m: float, overwrite: bool, settings: dict,
+            extra: Callable[[Path], None] | None = None) -> None:
+    write_loop_closure_report(runs, title, out, radius_m, overwrite, settings, extra)
     print(loop_closure_table_markdown(runs, title), end="")
-    plots = ", ".join(str(out / name) for name in ("pr_curve.png", "trajectories.png") if (out / name).exists())
+    plots = ", ".join(str(out / name) for name in ("pr_curve.png", "trajectories.png", "matches.png")
+                      if (out / name).exists())
     print(f"wrote {out / 'loop_closure.md'}, {plots} (per-query CSVs and loop_closure.json alongside)")
 
 
@@ -271,8 +277,25 @@ def run_bag_evaluation(args: argparse.Namespace) -> int:
                 "ns": ns, "keyframe_distance_m": args.keyframe_distance, "bow_words": args.bow_words,
                 "stages": args.stages, "intrinsics": None if intrinsics is None else list(vars(intrinsics).values()),
                 "device": args.device}
-    _report(runs, title, out, radius_m, args.overwrite, settings)
+    shown = matches_run(runs, method_specs(args))
+    settings["matches_png"] = shown.name
+
+    def matches(directory: Path) -> None:
+        write_matches_figure(shown, queries, reference, directory / "matches.png", radius_m)
+
+    _report(runs, title, out, radius_m, args.overwrite, settings, matches)
     return 0
+
+
+def matches_run(runs: list[MethodRun], specs: list[MethodSpec]) -> MethodRun:
+    """The method matches.png shows: the first --model, else the default model, else the first method (its
+    global retrieval row)."""
+    by_name = {run.name: run for run in runs}
+    given = [spec for spec in specs if spec.model is not None and spec.name not in BASELINE_NAMES.values()]
+    for spec in given[:1] + [MethodSpec(BASELINE_NAMES["default"])]:
+        if spec.name in by_name:
+            return by_name[spec.name]
+    return runs[0]
 
 
 def run_revisit_evaluation(args: argparse.Namespace) -> int:

@@ -34,3 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tscm_ros.node import main as node_main
 
     return node_main(args=["place_recognition_node", *argv])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
