@@ -67,7 +67,8 @@ BASELINES = {  # row name in the report -> name in evaluate's output
     "default model": "default model (training-free VLAD)",
 }
 TRAINED = ("teacher (site-trained)", "student (distilled)")
-STAGES = ("", " + temporal", " + verification", " + verification + temporal")  # evaluate's row suffixes
+NODE_DEFAULTS = " + temporal"  # the evaluate row of the node's shipped stages (temporal consistency, no verification)
+NO_ODOMETRY = " [no odometry]"
 FOCAL_PX = 120.0 / math.tan(math.radians(35.0))  # the simulator's camera: 70 degree vertical field of view, 320x240
 
 
@@ -154,15 +155,20 @@ def rendered_site(cache: Path, out: Path, world: str, seed: int, length: float, 
     rows: dict[tuple[str, str], list[dict]] = {}
     for traversal, condition in QUERIES:
         query = render(cache, world, seed, length, traversal, condition, skip=False)
-        evaluation = site / f"eval_{condition}"
-        run(["tscm_ros.cli.evaluate", "--bag", str(reference), "--query-bag", str(query), "--out", str(evaluation),
-             "--overwrite", "--radius-m", str(RADIUS_M), "--device", "cpu",
-             "--intrinsics", f"{FOCAL_PX},{FOCAL_PX},160,120", *[a for m in own + models for a in ("--model", m)]],
-            f"evaluate {world}{seed} {condition}")
-        summary = json.loads((evaluation / "loop_closure.json").read_text())
-        for method in summary["methods"]:
-            rows.setdefault((row_name(method["name"]), condition), []).extend(
-                dict(r, calibrated=method["calibrated"]) for r in read_queries(evaluation / method["queries_csv"]))
+        # With odometry every method; without (a node with no pose_topic) the descriptor methods' stages again.
+        for odometry, extra, suffix in ((True, [], ""), (False, ["--no-odometry", "--baselines", "default"],
+                                                         NO_ODOMETRY)):
+            evaluation = site / f"eval_{condition}{'' if odometry else '_no_odometry'}"
+            run(["tscm_ros.cli.evaluate", "--bag", str(reference), "--query-bag", str(query), "--out",
+                 str(evaluation), "--overwrite", "--radius-m", str(RADIUS_M), "--device", "cpu", *extra,
+                 "--intrinsics", f"{FOCAL_PX},{FOCAL_PX},160,120", *[a for m in own + models for a in ("--model", m)]],
+                f"evaluate {world}{seed} {condition}{suffix}")
+            summary = json.loads((evaluation / "loop_closure.json").read_text())
+            for method in summary["methods"]:
+                if not odometry and not method["name"].endswith("temporal"):
+                    continue  # only temporal consistency uses the query poses
+                rows.setdefault((row_name(method["name"]) + suffix, condition), []).extend(
+                    dict(r, calibrated=method["calibrated"]) for r in read_queries(evaluation / method["queries_csv"]))
     return rows, measured
 
 
@@ -196,12 +202,43 @@ def rendered_table(title: str, rows: dict[tuple[str, str], list[dict]]) -> list[
                     "map never saw: true negatives, counted against precision).", ""]
 
 
-def real_track(real: Path, out: Path, models: list[str]) -> list[str]:
-    """Every revisit set under ``real`` through evaluate --revisit-set; the table rows."""
+def gate_rows(track: str, rows: dict[tuple[str, str], list[dict]]) -> list[tuple]:
+    """(track, method, odometry, retrieval R@1, published precision, published recall) of every method's
+    node-defaults row, pooled over the track's conditions."""
+    out = []
+    methods = list(dict.fromkeys(name for name, _ in rows))
+    for name in methods:
+        for suffix, odometry in (("", "yes"), (NO_ODOMETRY, "no")):
+            staged = name + NODE_DEFAULTS + suffix
+            if staged not in methods:
+                continue
+            retrieval = pooled_metrics([r for (n, _), v in rows.items() if n == name for r in v])
+            published = pooled_metrics([r for (n, _), v in rows.items() if n == staged for r in v])
+            out.append((track, name, odometry, retrieval["r1"], published["precision_at_min_score"],
+                        published["recall_at_min_score"]))
+    return out
+
+
+def gate_table(rows: list[tuple]) -> list[str]:
+    lines = [f"### The node's shipped defaults: what it publishes (min_score {DEFAULT_MIN_SCORE:g}, temporal "
+             "consistency on, verification off)", "",
+             "| set | method | odometry | retrieval R@1 % | published precision % | published recall % | "
+             "recall / R@1 |", "|---|---|---|---:|---:|---:|---:|"]
+    for track, name, odometry, r1, precision, recall in rows:
+        shown = "n/a (none published)" if math.isnan(precision) else f"{100 * precision:.1f}"
+        lines.append(f"| {track} | {name} | {odometry} | {100 * r1:.1f} | {shown} | {100 * recall:.1f} | "
+                     f"{recall / r1 if r1 else math.nan:.2f} |")
+    return lines + [""]
+
+
+def real_track(real: Path, out: Path, models: list[str]) -> tuple[list[str], list[tuple]]:
+    """Every revisit set under ``real`` through evaluate --revisit-set (its stages in the map's keyframe
+    order): the table rows and the gate rows."""
     lines = ["### Real photographs (" + str(real.name) + ")", "",
              "| set | method | R@1 % | R@1 report half % | vs GeM (points) | R@5 % | max R @ P=100 % | "
              "median ms/query |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    gates = []
     for revisit_set in find_revisit_sets(real):
         evaluation = out / "real" / revisit_set.name
         run(["tscm_ros.cli.evaluate", "--revisit-set", str(revisit_set.root), "--out", str(evaluation), "--overwrite",
@@ -210,14 +247,21 @@ def real_track(real: Path, out: Path, models: list[str]) -> list[str]:
         summary = json.loads((evaluation / "loop_closure.json").read_text())
         report_half = slice(len(revisit_set.queries) // 2, None)
         gem = next(m for m in summary["methods"] if m["name"] == BASELINES["GeM baseline (pretrained)"])
+        rows = {}
         for method in summary["methods"]:
-            rows = read_queries(evaluation / method["queries_csv"])[report_half]
-            half = np.mean([r["top1_correct"] == "1" for r in rows if r["has_true_loop"] == "1"])
+            queries = read_queries(evaluation / method["queries_csv"])
+            rows[(row_name(method["name"]), revisit_set.name)] = [dict(r, calibrated=method["calibrated"])
+                                                                  for r in queries]
+            if method["name"].endswith(("temporal", "verification")):
+                continue
+            half = np.mean([r["top1_correct"] == "1" for r in queries[report_half] if r["has_true_loop"] == "1"])
             r1, r5 = method["recall_at"]["1"], method["recall_at"]["5"]
             lines.append(f"| {revisit_set.name} | {row_name(method['name'])} | {100 * r1:.1f} | {100 * half:.1f} | "
                          f"{100 * (r1 - gem['recall_at']['1']):+.1f} | {100 * r5:.1f} | "
                          f"{100 * method['max_recall_at_full_precision']:.1f} | {method['latency_ms']['median']:.1f} |")
-    return lines + [""]
+        gates += [(track, name, "n/a", r1, precision, recall)
+                  for track, name, _, r1, precision, recall in gate_rows(revisit_set.name, rows)]
+    return lines + [""], gates
 
 
 def main() -> int:
@@ -249,15 +293,21 @@ def main() -> int:
                               for name, kind in zip(TRAINED, ("teacher", "student"))]
     lines = [f"## Recognition benchmark ({time.strftime('%Y-%m-%d')}, load average {load_before:.2f} at the start)",
              ""]
+    gates: list[tuple] = []
     if args.real:
-        lines += real_track(Path(args.real), out, trained_models + args.model)
+        real_lines, real_gates = real_track(Path(args.real), out, trained_models + args.model)
+        lines += real_lines
+        gates += real_gates
     if not args.no_garden:
         garden, measured = rendered_site(cache, out, "garden", *GARDEN_SITE, False, trained_models + args.model)
         lines += rendered_table(f"Rendered: the garden (seed {GARDEN_SITE[0]}), held-out traversals, R@1 within "
                                 f"{RADIUS_M:g} m", garden)
+        gates += gate_rows("garden (rendered)", garden)
     if town:
         lines += rendered_table(f"Rendered: {args.sites} box-town site(s), held-out traversals, R@1 within "
                                 f"{RADIUS_M:g} m", town)
+        gates += gate_rows("box town (rendered)", town)
+    lines += gate_table(gates)
     if training:
         lines += ["Training (README commands, this machine): " + "; ".join(
             f"{t['site']} {t['kind']} {t['seconds']:.0f} s, peak {t['peak_mb']:.0f} MB" for t in training), ""]

@@ -176,7 +176,7 @@ def test_online_mapping_finds_a_loop_and_saves(tmp_path, reference_frames):
     map_dir = tmp_path / "online_map"
     h = Harness({"mapping": True, "map_path": str(map_dir), "keyframe_min_distance_m": 0.0,
                  "keyframe_min_interval_s": 0.0, "exclude_recent_s": 0.0, "min_score": 0.0,
-                 "temporal_consistency": False})
+                 "temporal_consistency": False, "verify": True})
     try:
         first = reference_frames[0]
         assert h.send(image_message(first.image, first.stamp_ns)).candidates == []  # empty map: empty list
@@ -220,7 +220,7 @@ def test_published_loops_are_verified_and_consistent_over_dds(reference_map, rev
     inliers, sequence score and relative pose; publish_unverified shows what the stages held back."""
     focal = 60.0 / math.tan(math.radians(35.0))  # the simulator's 70 degree vertical field of view, 160x120
     stages = {"map_path": str(reference_map), "exclude_recent_s": 0.0, "min_score": 0.0, "k": 3,
-              "min_inliers": 12, "temporal_window": 3, "temporal_tolerance_m": 4.0, "temporal_max_step_m": 10.0,
+              "verify": True, "min_inliers": 12, "temporal_window": 3, "temporal_tolerance_m": 4.0, "temporal_max_step_m": 10.0,
               "camera_intrinsics": f"{focal} {focal} 80 60"}
     drive = revisit_frames[:12]
     h = Harness(stages)
@@ -267,7 +267,7 @@ def test_old_maps_and_maps_without_local_features_are_refused_with_a_rebuild_mes
     del manifest["files"]["local_features.npz"]
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="no local features .* rebuild it with build_map"):
-        Harness({"map_path": str(old)})
+        Harness({"map_path": str(old), "verify": True})
     h = Harness({"map_path": str(old), "exclude_recent_s": 0.0, "min_score": 0.0, **RETRIEVAL_ONLY})
     try:
         frame = reference_frames[3]

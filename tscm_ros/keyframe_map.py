@@ -24,6 +24,8 @@ import numpy as np
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.geometry import Pose
 from tscm_ros.growing_array import GrowingArray
+from tscm_ros.map_calibration import MapCalibration
+from tscm_ros.map_calibration import estimate as estimate_calibration
 from tscm_ros.map_exclusion import ExcludedIds, Exclusion, KeyframeTrack
 from tscm_ros.map_index import DescriptorIndex, IndexConfig
 from tscm_ros.map_storage import KeyframeTable, MapContents, read_map, write_map
@@ -62,6 +64,10 @@ class Candidate:
     verification: Verification | None = None
 
 
+SAME_PLACE_M = 10.0  # keyframes with poses this close show the same place (map calibration, temporal consistency)
+SAME_PLACE_S = 3.0  # keyframes without poses: from one recording, this close in time
+
+
 def score_from_distance(distance: np.ndarray | float) -> np.ndarray:
     """Similarity score in [0, 1] from squared L2 distance between unit-norm descriptors."""
     return np.clip(1.0 - np.asarray(distance, dtype=np.float64) / 2.0, 0.0, 1.0)
@@ -96,6 +102,7 @@ class KeyframeMap:
         self.model_fingerprint = str(model_fingerprint)
         self.base_fingerprint = str(base_fingerprint or model_fingerprint)
         self.vocabulary = vocabulary
+        self.calibration: MapCalibration | None = None  # scores of this map (map_calibration.py); calibrate()
         self.model_name = str(model_name)
         self.frame_id = str(frame_id)  # frame of the keyframe poses (the recording's odometry/map frame)
         self.preprocess = dict(preprocess)
@@ -124,6 +131,7 @@ class KeyframeMap:
                            base_fingerprint=contents.base_fingerprint, vocabulary=contents.vocabulary)
         keyframe_map._index = contents.index
         keyframe_map._source = source
+        keyframe_map.calibration = contents.calibration
         keyframes = contents.keyframes
         keyframe_map._append(keyframes.stamp_ns, keyframes.position, keyframes.orientation, keyframes.bag_index)
         keyframe_map._bags = list(keyframes.bag_names)
@@ -140,7 +148,8 @@ class KeyframeMap:
                                   local_features=dict(self._local_features))
         return MapContents(dim=self.dim, model_fingerprint=self.model_fingerprint, model_name=self.model_name,
                            frame_id=self.frame_id, preprocess=self.preprocess, index=self._index,
-                           keyframes=keyframes, base_fingerprint=self.base_fingerprint, vocabulary=self.vocabulary)
+                           keyframes=keyframes, base_fingerprint=self.base_fingerprint, vocabulary=self.vocabulary,
+                           calibration=self.calibration)
 
     def snapshot(self) -> MapContents:
         """Everything the map holds, copied: it can be written while the map grows."""
@@ -206,6 +215,20 @@ class KeyframeMap:
         """Path length travelled up to each of ``keyframe_ids`` (see map_exclusion), NaN for those without a pose."""
         return self._track.path_lengths(keyframe_ids)
 
+    def same_place(self, first_ids, second_ids) -> np.ndarray:
+        """(len(first), len(second)) bool: the keyframes show the same place. With poses: within
+        ``SAME_PLACE_M`` of each other; otherwise (a map without odometry): from the same recording, within
+        ``SAME_PLACE_S`` of each other."""
+        first, second = np.asarray(first_ids, dtype=np.int64), np.asarray(second_ids, dtype=np.int64)
+        positions = self._track.positions
+        a, b = positions[first][:, None, :], positions[second][None, :, :]
+        near = np.linalg.norm(a - b, axis=2) <= SAME_PLACE_M
+        posed = ~np.isnan(a[..., 0]) & ~np.isnan(b[..., 0])
+        stamps, bags = self._track.stamps, self._bag_index.values
+        close_in_time = (np.abs(stamps[first][:, None] - stamps[second][None, :]) <= SAME_PLACE_S * 1e9) \
+            & (bags[first][:, None] == bags[second][None, :])
+        return np.where(posed, near, close_in_time)
+
     @property
     def has_local_features(self) -> bool:
         """Every keyframe has the local features geometric verification needs (False for an empty map)."""
@@ -229,8 +252,9 @@ class KeyframeMap:
         """One line describing the map, for logs."""
         model = f"{self.model_name} " if self.model_name else ""
         state = "" if self.is_trained else f", exact until trained at {self.index_config.train_size} keyframes"
+        calibrated = self.calibration.summary() if self.calibration is not None else "scores uncalibrated"
         return (f"{len(self)} keyframes of {self.dim}-d descriptors, index {self.index_type} ({self.factory}{state}), "
-                f"model {model}(fingerprint {self.model_fingerprint})")
+                f"model {model}(fingerprint {self.model_fingerprint}), {calibrated}")
 
     def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None,
                           k_factor: int | None = None) -> None:
@@ -302,6 +326,13 @@ class KeyframeMap:
         self._index.add(vectors)
         self.model_fingerprint = str(model_fingerprint)
         self.vocabulary = vocabulary
+        self.calibration = None  # of the old descriptors: calibrate() again
+
+    def calibrate(self) -> MapCalibration | None:
+        """Estimate the map's score calibration from its own keyframes (map_calibration.py), keep and return it
+        (None for a map too small to give one)."""
+        self.calibration = estimate_calibration(self, self._index.descriptors())
+        return self.calibration
 
     def _append(self, stamps: np.ndarray, positions: np.ndarray, orientations: np.ndarray,
                 bag_index: np.ndarray) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from tscm_ros.errors import ConfigError
 from tscm_ros.keyframe_map import Candidate, KeyframeMap, KeyframeMeta
 from tscm_ros.map_building import MAPPING_FIT_KEYFRAMES, KeyframeBuilder
+from tscm_ros.map_calibration import POOL, candidate_margins
 from tscm_ros.map_exclusion import Exclusion
 from tscm_ros.temporal import TemporalConfig, TemporalConsistency
 from tscm_ros.verification import CameraIntrinsics, VerificationConfig, extract_local_features, verify
@@ -72,8 +73,7 @@ class KeyframeSelector:
         return True
 
 
-DEFAULT_MIN_SCORE = 0.95
-TEMPORAL_POOL = 20  # candidates per image that temporal consistency scores (and remembers), at least k
+DEFAULT_MIN_SCORE = 0.99
 VERIFY_THREADS = 2  # OpenCV matching and RANSAC release the GIL: candidates are verified two at a time
 
 
@@ -130,7 +130,8 @@ class LoopDetector:
             raise ConfigError(
                 f"{keyframe_map.source} has no local features for geometric verification (a map of format_version 1, "
                 f"built before verification existed): rebuild it with build_map, or turn verification off")
-        self._builder = KeyframeBuilder(describer, keyframe_map, vocabulary_keyframes)
+        self._builder = KeyframeBuilder(describer, keyframe_map, vocabulary_keyframes,
+                                        calibrate_while_adding=mapping is not None)
         self.map = keyframe_map
         self.matching = matching
         self.mapping = mapping
@@ -138,6 +139,7 @@ class LoopDetector:
         self.verification = verification
         self.intrinsics = intrinsics
         self.temporal = None if temporal is None else TemporalConsistency(temporal)
+        self.temporal_basis = "off" if temporal is None else "no image yet"  # what temporal consistency measures along
         self._verifiers = (None if verification is None
                            else ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="tscm_verify"))
 
@@ -152,39 +154,41 @@ class LoopDetector:
 
     @matching.setter
     def matching(self, matching: MatchingConfig) -> None:
-        """Also the raw-similarity threshold the map filters with: with a calibrated model, ``min_score`` is a
-        precision (tscm_ros.calibration), turned into a similarity once here rather than per image."""
         self._matching = matching
-        calibration = self.describer.calibration
-        self._min_similarity = (matching.min_score if calibration is None
-                                else calibration.min_similarity(matching.min_score))
+
+    def _scores(self, similarities: np.ndarray, same_place: np.ndarray) -> np.ndarray:
+        """The candidates' scores: the map's calibration of their margins (tscm_ros/map_calibration.py); for a map
+        too small to have one, the model's own calibration of their similarity (trained checkpoints carry one),
+        else the similarity itself."""
+        if self.map.calibration is not None:
+            return self.map.calibration.score(candidate_margins(similarities, same_place))
+        prior = self.describer.calibration
+        return similarities if prior is None else np.array([prior(s) for s in similarities])
 
     def _match(self, descriptor: np.ndarray, exclusion: Exclusion, stamp_ns: int,
                position: np.ndarray | None) -> list[Candidate]:
-        """The best ``k`` candidates by similarity, or with temporal consistency by sequence score, that reach
-        ``min_score``; scored by the model's calibration when it has one, else by that raw value."""
-        if self.temporal is None:
-            if self._min_similarity > 1.0:
-                return []
-            pool = self.map.query(descriptor, self.matching.k, exclusion, float(max(self._min_similarity, 0.0)))
-            for candidate in pool:
-                candidate.similarity = candidate.score
-            ranking = np.array([c.score for c in pool])
-        else:  # every image enters the history, whatever min_score
-            pool = self.map.query(descriptor, max(self.matching.k, TEMPORAL_POOL), exclusion, 0.0)
-            similarities = np.array([c.score for c in pool])
-            coordinates = self.map.path_lengths([c.keyframe_id for c in pool])
-            ranking, consistent = self.temporal.update(stamp_ns, position, coordinates, similarities)
-            for candidate, similarity, sequence_score in zip(pool, similarities, ranking):
-                candidate.similarity, candidate.sequence_score = float(similarity), float(sequence_score)
-                candidate.consistent = consistent
-        order = [i for i in np.argsort(-ranking, kind="stable")[: self.matching.k]
-                 if ranking[i] >= self._min_similarity]
-        calibration = self.describer.calibration
-        candidates = [pool[i] for i in order]
-        for candidate, value in zip(candidates, ranking[order]):
-            candidate.score = float(value if calibration is None else calibration(value))
-        return candidates
+        """The best ``k`` candidates by similarity that score at least ``min_score``. With temporal consistency,
+        a candidate is ``consistent`` when the images before it support its place: the candidate of the best
+        sequence score (tscm_ros/temporal.py) shows the same place, and the history is full."""
+        pool = self.map.query(descriptor, max(self.matching.k, POOL), exclusion, 0.0)
+        ids = np.array([c.keyframe_id for c in pool], dtype=np.int64)
+        similarities = np.array([c.score for c in pool], dtype=np.float64)
+        same_place = self.map.same_place(ids, ids)
+        for candidate, similarity, score in zip(pool, similarities, self._scores(similarities, same_place)):
+            candidate.similarity, candidate.score = float(similarity), float(score)
+        if self.temporal is not None:  # every image enters the history, whatever min_score
+            path = self.map.path_lengths(ids)
+            by_order = len(ids) > 0 and bool(np.isnan(path).any())  # a map without poses: keyframe order
+            sequence, full = self.temporal.update(stamp_ns, None if by_order else position,
+                                                  ids.astype(np.float64) if by_order else path, similarities,
+                                                  by_order=by_order)
+            self.temporal_basis = ("keyframe order (map without poses)" if by_order
+                                   else "path, odometry" if position is not None else "path, no odometry")
+            if len(sequence):
+                supported = same_place[:, int(np.argmax(sequence))]
+                for candidate, score, support in zip(pool, sequence, supported):
+                    candidate.sequence_score, candidate.consistent = float(score), bool(full and support)
+        return [c for c in pool[: self.matching.k] if c.score >= self.matching.min_score]
 
     def _verify(self, image: np.ndarray, candidates: list[Candidate]):
         """Geometric verification of each candidate; the query's local features (None when off or when there

@@ -261,16 +261,19 @@ def map_positions(detector) -> np.ndarray:
     return np.asarray(keyframes.positions, dtype=np.float64).reshape(-1, 3)
 
 
-def _run(name: str, detector, frames: Iterable[Frame], total: int | None) -> dict:
+def _run(name: str, detector, frames: Iterable[Frame], total: int | None, odometry: bool = True) -> dict:
     """Every frame through ``detector.process`` (the node's path), timed: per query its stamp, position (NaN
-    without pose), accepted candidates, the top one's descriptor distance and keyframe stamp, and latency."""
+    without pose), accepted candidates, the top one's descriptor distance and keyframe stamp, and latency.
+    Without ``odometry`` the detector gets no query pose (a node without pose_topic); the position is still
+    recorded, for the ground truth."""
     stamps, positions, ranked_ids, ranked_scores, latencies = [], [], [], [], []
     top1_distances, top1_stamps = [], []
     for frame in progress(frames, total=total, desc=name, unit="query", leave=False):
+        pose = frame.pose if odometry else None
         if not stamps:  # untimed warm-up: the first call at batch size 1 pays one-off set-up costs
-            detector.process(frame.image, frame.stamp_ns, frame.pose)
+            detector.process(frame.image, frame.stamp_ns - 10**12, pose)
         started = time.perf_counter()
-        detection = detector.process(frame.image, frame.stamp_ns, frame.pose)
+        detection = detector.process(frame.image, frame.stamp_ns, pose)
         latencies.append(1000.0 * (time.perf_counter() - started))
         stamps.append(frame.stamp_ns)
         positions.append(np.full(3, np.nan) if frame.pose is None else frame.pose.position)
@@ -292,14 +295,16 @@ def _method_run(name: str, detector, run: dict, within: np.ndarray, ns: Sequence
         name=name, model_name=describer.model_name, fingerprint=describer.fingerprint, dim=int(describer.dim),
         map_positions=map_positions(detector), metrics=evaluate_loop_closures(run["ranked_ids"], run["ranked_scores"],
                                                                              within, ns),
-        within=within, calibrated=getattr(describer, "calibration", None) is not None, **run)
+        within=within, calibrated=(getattr(describer, "calibration", None) is not None
+                                   or getattr(getattr(detector, "map", None), "calibration", None) is not None), **run)
 
 
-def run_queries(name: str, detector, queries: FrameSource, radius_m: float, ns: Sequence[int]) -> MethodRun:
+def run_queries(name: str, detector, queries: FrameSource, radius_m: float, ns: Sequence[int],
+                odometry: bool = True) -> MethodRun:
     """Every posed query frame of a bag through ``detector.process``, timed, then scored: a candidate is right
-    within ``radius_m`` of the query's position."""
+    within ``radius_m`` of the query's position. ``odometry`` False: the detector does not get the poses."""
     reader = queries.open()
-    run = _run(name, detector, (frame for frame in reader if frame.pose is not None), len(reader))
+    run = _run(name, detector, (frame for frame in reader if frame.pose is not None), len(reader), odometry)
     if not len(run["query_stamps"]):
         raise BagError(f"query bag {queries.bag} has no frames with a pose: nothing to evaluate "
                        f"(give --pose-topic, or check that the pose stream covers the images)")

@@ -8,6 +8,10 @@ fitted on them, every keyframe so far is described again with it and the index i
 the vocabulary stays. A map that ends with fewer than ``MIN_FIT_KEYFRAMES`` keyframes keeps the generic
 vocabulary; ``finish()`` fits on what there is otherwise. Queries must then be described by
 ``builder.describer`` (the describer with the map's vocabulary).
+
+The builder also keeps the map's score calibration (tscm_ros/map_calibration.py): ``finish()`` estimates
+it; with ``calibrate_while_adding`` (mapping mode) it is estimated anew whenever the map has doubled since
+the last estimate (from ``MIN_KEYFRAMES`` on) and after the vocabulary was fitted.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ class KeyframeBuilder:
     """
 
     def __init__(self, describer: Describer, keyframe_map: KeyframeMap,
-                 fit_keyframes: int = BUILD_FIT_KEYFRAMES) -> None:
+                 fit_keyframes: int = BUILD_FIT_KEYFRAMES, calibrate_while_adding: bool = False) -> None:
         if fit_keyframes < MIN_FIT_KEYFRAMES:
             raise ConfigError(f"the vocabulary needs at least {MIN_FIT_KEYFRAMES} keyframes to fit, "
                               f"got {fit_keyframes}")
@@ -71,6 +75,8 @@ class KeyframeBuilder:
         fits = (describer.adapts_to_map and keyframe_map.vocabulary is not None
                 and keyframe_map.vocabulary.source == "generic" and len(keyframe_map) == 0)
         self._held: list[tuple[np.ndarray, ...]] | None = [] if fits else None
+        self.calibrate_while_adding = calibrate_while_adding
+        self._calibrated_at = len(keyframe_map) if keyframe_map.calibration is not None else 0
 
     @property
     def fitting(self) -> bool:
@@ -96,12 +102,21 @@ class KeyframeBuilder:
             self._held += [tuple(x.astype(np.float16) for x in maps) for maps in feature_maps]
             if len(self._held) >= self.fit_keyframes:
                 self._fit()
+        if self.calibrate_while_adding and (self.map.calibration is None or len(self.map) >= 2 * self._calibrated_at):
+            self._calibrate()
         return ids
 
     def finish(self) -> None:
-        """Fit the vocabulary on the keyframes held, when there are enough; call once all keyframes are in."""
+        """Fit the vocabulary on the keyframes held, when there are enough, and calibrate the map's scores; call
+        once all keyframes are in."""
         if self._held is not None and len(self._held) >= MIN_FIT_KEYFRAMES:
             self._fit()
+        self._calibrate()
+
+    def _calibrate(self) -> None:
+        if self.map.calibrate() is not None:
+            self._calibrated_at = len(self.map)
+            LOG.info("%s: %s", self.map.source, self.map.calibration.summary())
 
     def _fit(self) -> None:
         held, self._held = self._held, None

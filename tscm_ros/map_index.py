@@ -243,6 +243,18 @@ class DescriptorIndex:
         if not self._trained and len(self) >= self._config.train_size:
             self._train()
 
+    def descriptors(self) -> np.ndarray:
+        """Every descriptor by id (N, dim) float32: exact for flat, HNSW and re-ranked indexes, the lossy
+        index's reconstruction otherwise."""
+        if len(self) == 0:
+            return np.zeros((0, self._index.d), dtype=np.float32)
+        for sub in sub_indexes(self._index):
+            if isinstance(sub, faiss.IndexRefine):
+                return sub.refine_index.reconstruct_n(0, len(self))
+            if isinstance(sub, faiss.IndexIVF):
+                sub.make_direct_map()
+        return self._index.reconstruct_n(0, len(self))
+
     def _train(self) -> None:
         """Replace the exact fallback by the real index, trained on the descriptors held so far."""
         vectors = self._index.reconstruct_n(0, self._index.ntotal)

@@ -9,11 +9,13 @@ keyframe has one, ``thumbnails.npz``, and when keyframes have them, ``local_feat
 features geometric verification needs (tscm_ros/verification.py; per keyframe at most 500 ORB features
 of 36 bytes: 18 kB), and for a model that describes with a VLAD vocabulary (tscm_ros/models/vlad.py),
 ``vocabulary.npz``: the cluster centres the map fitted on its own images (or the generic ones it fell back
-to), which the describer must use for queries. The manifest records ``model_fingerprint`` (the model with
-that vocabulary: what the descriptors in the index were computed with), ``base_model_fingerprint`` (the
-model as loaded by name or checkpoint, which a node must load) and the vocabulary's size, source and
-fingerprint. Nothing is pickled. ``read_map`` checks all of it. Maps of an older format_version (before
-maps carried their own vocabulary) are refused with a message to rebuild them.
+to), which the describer must use for queries; ``calibration.npz``: the null margins of its score
+calibration (tscm_ros/map_calibration.py), for a map of at least 20 keyframes. The manifest records
+``model_fingerprint`` (the model with that vocabulary: what the descriptors in the index were computed
+with), ``base_model_fingerprint`` (the model as loaded by name or checkpoint, which a node must load), the
+vocabulary's size, source and fingerprint, and the calibration's size. Nothing is pickled. ``read_map``
+checks all of it. Maps of an older format_version (before maps carried their own vocabulary) are refused
+with a message to rebuild them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 from tscm_ros import __version__
 from tscm_ros.atomic import atomic_directory
 from tscm_ros.errors import ConfigError, MapError
+from tscm_ros.map_calibration import MapCalibration
 from tscm_ros.map_index import INDEX_TYPES, DescriptorIndex, IndexConfig, sub_indexes
 from tscm_ros.models.vlad import VOCABULARY_SOURCES, Vocabulary
 from tscm_ros.verification import LocalFeatures
@@ -43,7 +46,8 @@ KEYFRAMES_FILE = "keyframes.npz"
 THUMBNAILS_FILE = "thumbnails.npz"
 LOCAL_FEATURES_FILE = "local_features.npz"
 VOCABULARY_FILE = "vocabulary.npz"
-MAP_FILES = (INDEX_FILE, KEYFRAMES_FILE, THUMBNAILS_FILE, LOCAL_FEATURES_FILE, VOCABULARY_FILE)
+CALIBRATION_FILE = "calibration.npz"
+MAP_FILES = (INDEX_FILE, KEYFRAMES_FILE, THUMBNAILS_FILE, LOCAL_FEATURES_FILE, VOCABULARY_FILE, CALIBRATION_FILE)
 
 
 @dataclass
@@ -72,6 +76,7 @@ class MapContents:
     keyframes: KeyframeTable
     base_fingerprint: str
     vocabulary: Vocabulary | None
+    calibration: MapCalibration | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -122,6 +127,10 @@ def _write_files(contents: MapContents, directory: Path) -> None:
     if vocabulary is not None:
         np.savez(directory / VOCABULARY_FILE, **vocabulary.arrays())
         files.append(VOCABULARY_FILE)
+    calibration = contents.calibration
+    if calibration is not None:
+        np.savez(directory / CALIBRATION_FILE, null_margins=calibration.null)
+        files.append(CALIBRATION_FILE)
     settings = contents.index.config.to_dict()
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -131,6 +140,8 @@ def _write_files(contents: MapContents, directory: Path) -> None:
         "vocabulary": None if vocabulary is None else {
             "shapes": {name: list(shape) for name, shape in vocabulary.shapes.items()}, "images": vocabulary.images,
             "source": vocabulary.source, "fingerprint": vocabulary.fingerprint()},
+        "calibration": None if calibration is None else {"keyframes": calibration.keyframes,
+                                                         "samples": len(calibration.null)},
         "frame_id": contents.frame_id,
         "dim": contents.dim,
         "preprocess": contents.preprocess,
@@ -186,7 +197,8 @@ def read_map(directory: str | os.PathLike, expected_fingerprint: str | None = No
                        model_name=manifest["model_name"], frame_id=str(manifest.get("frame_id", "")),
                        preprocess=manifest["preprocess"], index=index,
                        keyframes=_read_keyframes(root, manifest["count"]),
-                       base_fingerprint=manifest["base_model_fingerprint"], vocabulary=_read_vocabulary(root, manifest))
+                       base_fingerprint=manifest["base_model_fingerprint"], vocabulary=_read_vocabulary(root, manifest),
+                       calibration=_read_calibration(root, manifest))
 
 
 def _refuse_other_model(root: Path, manifest: dict, expected_fingerprint: str,
@@ -349,3 +361,21 @@ def _read_vocabulary(root: Path, manifest: dict) -> Vocabulary | None:
     if shapes != entry.get("shapes") or vocabulary.fingerprint() != entry.get("fingerprint"):
         raise MapError(f"{path} does not match the vocabulary {root / MANIFEST_FILE} describes")
     return vocabulary
+
+
+def _read_calibration(root: Path, manifest: dict) -> MapCalibration | None:
+    entry = manifest.get("calibration")
+    listed = CALIBRATION_FILE in manifest["files"]
+    if entry is None and not listed:
+        return None
+    path = root / CALIBRATION_FILE
+    if not (isinstance(entry, dict) and listed and isinstance(entry.get("keyframes"), int)):
+        raise MapError(f"{root / MANIFEST_FILE}: the calibration entry and {CALIBRATION_FILE} do not go together")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            calibration = MapCalibration(data["null_margins"], entry["keyframes"])
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise MapError(f"{path} is not a valid score calibration: {exc}") from exc
+    if len(calibration.null) != entry.get("samples"):
+        raise MapError(f"{path} does not match the calibration {root / MANIFEST_FILE} describes")
+    return calibration

@@ -58,23 +58,25 @@ PARAMETERS = [
     Parameter("map_path", "", "keyframe map directory from build_map; required unless mapping is true"),
     Parameter("device", "auto", "inference device: auto (GPU when present), cpu or cuda"),
     Parameter("k", 5, "at most this many candidates per image", runtime=True),
-    Parameter("min_score", DEFAULT_MIN_SCORE, "publish only candidates scoring >= this, in [0, 1]; with a calibrated "
-              "model (the default, trained checkpoints) the score is the estimated precision, so 0.95 publishes "
-              "candidates that were true loops 95 % of the time on validation", runtime=True),
+    Parameter("min_score", DEFAULT_MIN_SCORE, "publish only candidates scoring >= this, in [0, 1]; the score is one "
+              "minus the map's own estimate of how often a query from a place it does not hold would match as "
+              "distinctly (calibrated per map by build_map), so 0.99 publishes what fewer than 1 unmapped place in "
+              "100 would match", runtime=True),
     Parameter("exclude_recent_s", 30.0, "ignore keyframes stamped within this many seconds of the image", runtime=True),
     Parameter("exclude_within_m", 0.0, "ignore keyframes within this path length of the query (needs poses); 0 = off",
               runtime=True),
     Parameter("max_rate_hz", 0.0, "process at most this many images per second; 0 = as fast as possible", runtime=True),
-    Parameter("verify", True, "geometric verification: a loop needs min_inliers local-feature matches consistent "
-              "with one two-view geometry (needs a map built by this version's build_map)"),
+    Parameter("verify", False, "geometric verification: a loop needs min_inliers ORB matches consistent with one "
+              "two-view geometry; off by default (it rejects most true loops in thumbnails and flat-shaded scenes); "
+              "turn it on for camera-sized textured images, and for the relative pose"),
     Parameter("min_inliers", DEFAULT_MIN_INLIERS, "verification: RANSAC inliers a candidate needs to be verified",
               runtime=True),
     Parameter("camera_info_topic", "", "sensor_msgs/CameraInfo of the camera: verification then fits the essential "
               "matrix and fills the relative pose; empty = camera_intrinsics or none (fundamental matrix, no pose)"),
     Parameter("camera_intrinsics", "", "'fx fy cx cy' in pixels, used when camera_info_topic is empty"),
-    Parameter("temporal_consistency", True, "a loop needs the previous temporal_window images to match the map "
-              "along the same stretch (sequence score; see tscm_ros/temporal.py)"),
-    Parameter("temporal_window", 10, "temporal consistency: images in the sequence, the current one included"),
+    Parameter("temporal_consistency", True, "a loop needs the previous temporal_window images to support its place "
+              "along the map: its path with poses, its keyframe order without (sequence score; tscm_ros/temporal.py)"),
+    Parameter("temporal_window", 5, "temporal consistency: images in the sequence, the current one included"),
     Parameter("temporal_tolerance_m", 3.0, "temporal consistency: tolerance along the map's path, metres"),
     Parameter("temporal_max_step_m", 3.0, "temporal consistency without pose_topic: the most the robot travels "
               "between two processed images, metres (with poses the travel is measured)"),

@@ -6,8 +6,10 @@ the mean, over the last ``window`` queries, of the best similarity each of them 
 it should have been if ``j`` is right: the keyframe's position along the map's path (path length,
 ``KeyframeMap.path_lengths``) minus the distance the robot travelled since that query (from the query
 poses), within ``tolerance_m``. Without a query pose the travel is unknown: any keyframe between
-``max_step_m`` per query behind and ``tolerance_m`` ahead counts. A query whose history has no candidate
-in the window contributes the lowest similarity it had among its candidates.
+``max_step_m`` per query behind and ``tolerance_m`` ahead counts. In a map without poses (``by_order``),
+the coordinate is the keyframe's place in the map's order (its id), and any keyframe between
+``ORDER_MAX_STEP`` keyframes per query behind and ``ORDER_TOLERANCE`` ahead counts. A query whose history
+has no candidate in the window contributes the lowest similarity it had among its candidates.
 
 A single look-alike image scores high alone but gets no support from the images before it, so its
 sequence score is low: isolated false matches are suppressed, and a copied stretch of street is told
@@ -26,12 +28,15 @@ import numpy as np
 
 from tscm_ros.errors import ConfigError
 
+ORDER_TOLERANCE = 2.0  # keyframes, in a map without poses
+ORDER_MAX_STEP = 2.0  # keyframes per query, in a map without poses
+
 
 @dataclass(frozen=True)
 class TemporalConfig:
     """Settings of temporal consistency; see the module doc."""
 
-    window: int = 10
+    window: int = 5
     tolerance_m: float = 3.0
     max_step_m: float = 3.0
     max_gap_s: float = 5.0
@@ -73,9 +78,10 @@ class TemporalConsistency:
         return step if previous is None else previous + step
 
     def update(self, stamp_ns: int, position: np.ndarray | None, coordinates: np.ndarray,
-               similarities: np.ndarray) -> tuple[np.ndarray, bool]:
+               similarities: np.ndarray, by_order: bool = False) -> tuple[np.ndarray, bool]:
         """Record a query (its candidates' along-map ``coordinates`` and raw ``similarities``) and return
-        the candidates' sequence scores and whether the history is long enough to call them consistent."""
+        the candidates' sequence scores and whether the history is long enough to call them consistent.
+        ``by_order``: the coordinates are keyframe ids (a map without poses; ``position`` is ignored)."""
         coordinates = np.asarray(coordinates, dtype=np.float64)
         similarities = np.asarray(similarities, dtype=np.float64)
         if self._history and abs(stamp_ns - self._history[-1].stamp_ns) > self.config.max_gap_s * 1e9:
@@ -88,7 +94,10 @@ class TemporalConsistency:
         for lag, past in enumerate(reversed(self._history)):
             if not len(past.similarities):
                 continue
-            if now.travel_m is not None and past.travel_m is not None:
+            if by_order:
+                low = coordinates - lag * ORDER_MAX_STEP - ORDER_TOLERANCE
+                high = coordinates + ORDER_TOLERANCE
+            elif now.travel_m is not None and past.travel_m is not None:
                 travelled = now.travel_m - past.travel_m
                 low = coordinates - travelled - self.config.tolerance_m
                 high = coordinates - travelled + self.config.tolerance_m

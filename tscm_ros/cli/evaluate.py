@@ -73,7 +73,7 @@ and metres apart.
 With --revisit-set SET instead: the same on a folder of photographs without poses (SET/ref/ the map, in
 order; SET/query/ the revisit; SET/gt.csv with columns query,matching_refs naming the references each query
 should match). Every reference becomes a keyframe; a candidate is right when the ground truth lists it.
-Retrieval only: the stages need poses along the map.
+Without poses, temporal consistency follows the map's keyframe order.
 """
 
 EXAMPLE = (
@@ -134,6 +134,9 @@ def add_bag_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stages", choices=("all", "none"), default="all",
                        help="all: also run each descriptor method with geometric verification, and with verification "
                        "and temporal consistency (the node's defaults); none: global retrieval only (default all)")
+    group.add_argument("--no-odometry", action="store_true",
+                       help="the detector gets no query poses, as a node without pose_topic (they still give the "
+                       "ground truth): temporal consistency and exclusion then work without odometry")
     group.add_argument("--intrinsics", metavar="FX,FY,CX,CY", type=lambda text: text.split(","),
                        help="camera intrinsics in pixels: verification fits the essential matrix (and the relative "
                        "pose) instead of the fundamental matrix")
@@ -267,16 +270,18 @@ def run_bag_evaluation(args: argparse.Namespace) -> int:
     queries = frame_source_from_args(args, args.query_bag)
     runs = _run_methods(args, lambda: reference_keyframes(reference, args.keyframe_distance),
                         STAGES if args.stages == "all" else STAGES[:1],
-                        lambda name, detector: run_queries(name, detector, queries, radius_m, ns), ns,
+                        lambda name, detector: run_queries(name, detector, queries, radius_m, ns,
+                                                           odometry=not args.no_odometry), ns,
                         reference.bag, intrinsics)
     first = runs[0].metrics
     title = (f"Loop closure: {first.num_queries} queries from {Path(args.query_bag).name} "
              f"({first.num_with_loop} with a true loop) against {Path(args.bag).name}, "
-             f"keyframes every {args.keyframe_distance:g} m, correct within {radius_m:g} m")
+             f"keyframes every {args.keyframe_distance:g} m, correct within {radius_m:g} m"
+             + (", queries without odometry" if args.no_odometry else ""))
     settings = {"reference_bag": str(args.bag), "query_bag": str(args.query_bag), "radius_m": radius_m,
                 "ns": ns, "keyframe_distance_m": args.keyframe_distance, "bow_words": args.bow_words,
                 "stages": args.stages, "intrinsics": None if intrinsics is None else list(vars(intrinsics).values()),
-                "device": args.device}
+                "odometry": not args.no_odometry, "device": args.device}
     shown = matches_run(runs, method_specs(args))
     settings["matches_png"] = shown.name
 
@@ -302,13 +307,13 @@ def run_revisit_evaluation(args: argparse.Namespace) -> int:
     """``evaluate --revisit-set``: every method on a set of photographs; writes the report, prints the table."""
     ns, out = _check_common(args)
     revisit_set = RevisitSet.load(args.revisit_set)
-    runs = _run_methods(args, revisit_set.reference_frames, STAGES[:1],
+    runs = _run_methods(args, revisit_set.reference_frames, STAGES if args.stages == "all" else STAGES[:1],
                         lambda name, detector: run_revisit_set(name, detector, revisit_set, ns), ns,
                         revisit_set.name, None)
     first = runs[0].metrics
     title = (f"Loop closure: {first.num_queries} queries of {revisit_set.name} ({first.num_with_loop} with a "
              f"true loop) against its {len(revisit_set.references)} references, correct as its ground truth says")
-    settings = {"revisit_set": str(args.revisit_set), "ns": ns, "bow_words": args.bow_words, "stages": "none",
+    settings = {"revisit_set": str(args.revisit_set), "ns": ns, "bow_words": args.bow_words, "stages": args.stages,
                 "device": args.device}
     _report(runs, title, out, math.nan, args.overwrite, settings)
     return 0
