@@ -266,7 +266,8 @@ def real_track(real: Path, out: Path, models: list[str]) -> tuple[list[str], lis
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--real", metavar="DIR", help="folder of real revisit sets (e.g. ../shared/realdata)")
+    parser.add_argument("--real", metavar="DIR", action="append", default=[],
+                        help="folder of real revisit sets (e.g. ../shared/realdata); repeat for several")
     parser.add_argument("--sites", type=int, default=2, help=f"box-town sites, 0-{len(TOWN_SITES)} (default 2)")
     parser.add_argument("--no-garden", action="store_true", help="leave out the garden world")
     parser.add_argument("--no-training", action="store_true",
@@ -294,8 +295,8 @@ def main() -> int:
     lines = [f"## Recognition benchmark ({time.strftime('%Y-%m-%d')}, load average {load_before:.2f} at the start)",
              ""]
     gates: list[tuple] = []
-    if args.real:
-        real_lines, real_gates = real_track(Path(args.real), out, trained_models + args.model)
+    for real in args.real:
+        real_lines, real_gates = real_track(Path(real), out, trained_models + args.model)
         lines += real_lines
         gates += real_gates
     if not args.no_garden:
