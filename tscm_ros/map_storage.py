@@ -36,7 +36,7 @@ from tscm_ros.atomic import atomic_directory
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.map_calibration import MapCalibration
 from tscm_ros.map_index import INDEX_TYPES, DescriptorIndex, IndexConfig, sub_indexes
-from tscm_ros.models.vlad import VOCABULARY_SOURCES, Vocabulary
+from tscm_ros.models.vlad import Vocabulary
 from tscm_ros.verification import LocalFeatures
 
 FORMAT_VERSION = 3  # 2: local features for geometric verification; 3: the map's own vocabulary
@@ -341,16 +341,25 @@ def _read_local_features(path: Path, count: int) -> dict[int, LocalFeatures]:
             for i, keyframe_id in enumerate(ids)}
 
 
-def _read_vocabulary(root: Path, manifest: dict) -> Vocabulary | None:
-    entry = manifest.get("vocabulary")
-    listed = VOCABULARY_FILE in manifest["files"]
+def _optional_entry(root: Path, manifest: dict, key: str, file_name: str, required: dict) -> dict | None:
+    """The manifest's entry ``key`` for the optional file ``file_name``: None when the map has neither; MapError
+    when only one of them is there or the entry lacks a field of ``required`` (name: type)."""
+    entry = manifest.get(key)
+    listed = file_name in manifest["files"]
     if entry is None and not listed:
         return None
+    if not (isinstance(entry, dict) and listed and all(isinstance(entry.get(name), kind)
+                                                        for name, kind in required.items())):
+        raise MapError(f"{root / MANIFEST_FILE}: the {key} entry and {file_name} do not go together "
+                       f"(need both, with {', '.join(required)})")
+    return entry
+
+
+def _read_vocabulary(root: Path, manifest: dict) -> Vocabulary | None:
+    entry = _optional_entry(root, manifest, "vocabulary", VOCABULARY_FILE, {"source": str, "images": int})
+    if entry is None:
+        return None
     path = root / VOCABULARY_FILE
-    if not (isinstance(entry, dict) and listed and entry.get("source") in VOCABULARY_SOURCES
-            and isinstance(entry.get("images"), int)):
-        raise MapError(f"{root / MANIFEST_FILE}: the vocabulary entry and {VOCABULARY_FILE} do not go together "
-                       "(need both, with source and images)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in ("centres", "token_mean", "token_basis") if name in data.files}
@@ -364,18 +373,15 @@ def _read_vocabulary(root: Path, manifest: dict) -> Vocabulary | None:
 
 
 def _read_calibration(root: Path, manifest: dict) -> MapCalibration | None:
-    entry = manifest.get("calibration")
-    listed = CALIBRATION_FILE in manifest["files"]
-    if entry is None and not listed:
+    entry = _optional_entry(root, manifest, "calibration", CALIBRATION_FILE, {"keyframes": int, "samples": int})
+    if entry is None:
         return None
     path = root / CALIBRATION_FILE
-    if not (isinstance(entry, dict) and listed and isinstance(entry.get("keyframes"), int)):
-        raise MapError(f"{root / MANIFEST_FILE}: the calibration entry and {CALIBRATION_FILE} do not go together")
     try:
         with np.load(path, allow_pickle=False) as data:
             calibration = MapCalibration(data["null_margins"], entry["keyframes"])
     except (OSError, ValueError, KeyError, EOFError) as exc:
         raise MapError(f"{path} is not a valid score calibration: {exc}") from exc
-    if len(calibration.null) != entry.get("samples"):
+    if len(calibration.null) != entry["samples"]:
         raise MapError(f"{path} does not match the calibration {root / MANIFEST_FILE} describes")
     return calibration
