@@ -97,7 +97,9 @@ def main() -> None:
                      "fused channels-last": (prepare_for_inference(model), torch.channels_last)}
             if device.type == "cpu" and onnxruntime_available():
                 runner = OnnxRuntimeRunner(model, preprocess, args.threads)
-                paths["onnxruntime"] = (runner, torch.contiguous_format)
+                tensors = vocabulary.tensors() if vocabulary is not None else ()
+                paths["onnxruntime"] = (lambda x, runner=runner, tensors=tensors: runner(x, *tensors, maps=False),
+                                        torch.contiguous_format)
             if label == "default (VLAD)" and device.type == "cpu":
                 example = torch.zeros(1, 3, preprocess.height, preprocess.width)
                 paths["TorchScript frozen"] = (torchscript_frozen(model, example), torch.contiguous_format)

@@ -207,15 +207,16 @@ def gate_rows(track: str, rows: dict[tuple[str, str], list[dict]]) -> list[tuple
     node-defaults row, pooled over the track's conditions."""
     out = []
     methods = list(dict.fromkeys(name for name, _ in rows))
-    for name in methods:
-        for suffix, odometry in (("", "yes"), (NO_ODOMETRY, "no")):
-            staged = name + NODE_DEFAULTS + suffix
-            if staged not in methods:
-                continue
-            retrieval = pooled_metrics([r for (n, _), v in rows.items() if n == name for r in v])
-            published = pooled_metrics([r for (n, _), v in rows.items() if n == staged for r in v])
-            out.append((track, name, odometry, retrieval["r1"], published["precision_at_min_score"],
-                        published["recall_at_min_score"]))
+    for name in (m for m in methods if " + " not in m and NO_ODOMETRY not in m):
+        retrieval = pooled_metrics([r for (n, _), v in rows.items() if n == name for r in v])
+        for stages, label in ((NODE_DEFAULTS, name), (" + verification" + NODE_DEFAULTS, f"{name}, verification on")):
+            for suffix, odometry in (("", "yes"), (NO_ODOMETRY, "no")):
+                staged = name + stages + suffix
+                if staged not in methods:
+                    continue
+                published = pooled_metrics([r for (n, _), v in rows.items() if n == staged for r in v])
+                out.append((track, label, odometry, retrieval["r1"], published["precision_at_min_score"],
+                            published["recall_at_min_score"]))
     return out
 
 
