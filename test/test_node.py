@@ -220,7 +220,8 @@ def test_published_loops_are_verified_and_consistent_over_dds(reference_map, rev
     inliers, sequence score and relative pose; publish_unverified shows what the stages held back."""
     focal = 60.0 / math.tan(math.radians(35.0))  # the simulator's 70 degree vertical field of view, 160x120
     stages = {"map_path": str(reference_map), "exclude_recent_s": 0.0, "min_score": 0.0, "k": 3,
-              "verify": True, "min_inliers": 12, "temporal_window": 3, "temporal_tolerance_m": 4.0, "temporal_max_step_m": 10.0,
+              "verify": True, "min_inliers": 12, "temporal_window": 3, "temporal_tolerance_m": 4.0,
+              "temporal_max_step_m": 10.0,
               "camera_intrinsics": f"{focal} {focal} 80 60"}
     drive = revisit_frames[:12]
     h = Harness(stages)
