@@ -13,6 +13,7 @@ every other parameter is read-only.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -347,8 +348,8 @@ def main(args=None) -> int:
     stop = threading.Event()
 
     def on_signal(signum, _frame) -> None:
-        if stop.is_set():
-            rclpy.logging.get_logger(NODE_NAME).info(f"{signal.Signals(signum).name} again: already shutting down")
+        if stop.is_set():  # a plain write: ROS logging also publishes on /rosout, which must not run in a handler
+            os.write(2, f"[{NODE_NAME}] {signal.Signals(signum).name} again: already shutting down\n".encode())
         stop.set()
 
     previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
