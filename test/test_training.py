@@ -157,6 +157,30 @@ def test_resume_after_kill_9_continues_exactly_where_it_stopped(dataset_dir: Pat
             assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-6), key
 
 
+def test_a_teacher_stops_when_every_mined_triplet_meets_the_margin(dataset_dir: Path, tmp_path: Path, capsys,
+                                                                   monkeypatch):
+    # Which epoch leaves no triplet active depends on the data; here, from epoch 3 on (the count itself is
+    # tested in test_dataset.py).
+    from tscm_ros import training
+
+    epochs_mined = []
+
+    def active_until_epoch_2(embeddings, triplets, margin):
+        epochs_mined.append(len(triplets))
+        return len(triplets) if len(epochs_mined) < 2 else 0
+
+    monkeypatch.setattr(training, "active_triplets", active_until_epoch_2)
+    run = tmp_path / "teacher"
+    argv = ["teacher", "--data", str(dataset_dir), "--out", str(run), "--config", TINY, "--set", "epochs=6",
+            "--no-progress"]
+    assert train.main(argv) == 0
+    assert "2 epoch(s) (stopped early: every mined triplet meets the margin)" in capsys.readouterr().out
+    assert len(_metrics(run)) == 2 and (run / "best.pt").is_file()
+    # the stop is kept in last.pt: resuming trains nothing more
+    assert train.main(argv + ["--resume"]) == 0
+    assert "2 epoch(s) (stopped early" in capsys.readouterr().out and len(_metrics(run)) == 2
+
+
 def test_a_run_directory_in_use_is_refused_to_a_second_trainer(dataset_dir: Path, tmp_path: Path, capsys):
     """Two trainers in one run folder would both write last.pt, best.pt and metrics.csv."""
     run = tmp_path / "busy"

@@ -39,7 +39,7 @@ from tscm_ros.describe import resolve_device
 from tscm_ros.errors import ConfigError, DatasetError
 from tscm_ros.feature_cache import FeatureCache, TrainableHeads, describe_cached, describe_frames
 from tscm_ros.losses import TripletDescriptors, tscm_loss
-from tscm_ros.mining import PlaceGraph, Triplets, mine_triplets
+from tscm_ros.mining import PlaceGraph, Triplets, active_triplets, mine_triplets
 from tscm_ros.models import build_model
 from tscm_ros.preprocess import PreprocessConfig, preprocess
 from tscm_ros.progress import progress as progress_bar
@@ -70,6 +70,7 @@ class TrainResult:
     best_epoch: int
     best_val_recall: dict[int, float]
     stopped_early: bool
+    stop_reason: str = ""
 
 
 def training_device(name: str, local_rank: int = 0) -> torch.device:
@@ -221,7 +222,18 @@ def train(
             started = time.monotonic()
             rng = np.random.default_rng([config.seed, epoch])
             embeddings = describe_cached(heads, train_cache, device, config.cache_batch_size, use_amp)
-            triplets = _epoch_triplets(mine_triplets(embeddings, checked.graph, rng), rng, config, distributed)
+            mined = mine_triplets(embeddings, checked.graph, rng)
+            if (run.epoch > 0 and teacher_descriptors is None
+                    and active_triplets(embeddings, mined, config.margin) == 0):
+                # The teacher learns from the triplet term alone: with no triplet violating the margin, more
+                # epochs change nothing (the same on every process: the same embeddings, the same mining).
+                run.stopped_early, run.stop_reason = True, "every mined triplet meets the margin"
+                if distributed.is_main:
+                    LOG.info("epoch %d: %s (%.2f): nothing left to learn, stopping", epoch, run.stop_reason,
+                             config.margin)
+                    save_state(run_dir / "last.pt", run, model, optimizer, scaler, kind, teacher_fingerprint)
+                break
+            triplets = _epoch_triplets(mined, rng, config, distributed)
             losses = _train_epoch(optimisation, _EpochData(train_cache, triplets, teacher_descriptors, rng),
                                   f"{kind} epoch {epoch}/{config.epochs}" if show else None)
             if distributed.world_size > 1:
@@ -248,13 +260,15 @@ def train(
                     epoch, row["loss"], *(100 * recall[n] for n in VAL_NS), 100 * recall[MAX_RECALL_KEY],
                     " (best)" if improved else "",
                 )
+                if run.stopped_early:
+                    LOG.info("stopping: %s", run.stop_reason)
         if distributed.is_main and (run_dir / "best.pt").is_file():
             val.calibrate_best(run_dir / "best.pt", model, label)
         if distributed.world_size > 1:
             dist.barrier()
             dist.destroy_process_group()
         best_recall = dict(zip((1, MAX_RECALL_KEY, 5, 10), run.best_key)) if run.best_key is not None else {}
-        return TrainResult(run_dir, run.epoch, run.best_epoch, best_recall, run.stopped_early)
+        return TrainResult(run_dir, run.epoch, run.best_epoch, best_recall, run.stopped_early, run.stop_reason)
     finally:
         if lock is not None:
             lock.release()

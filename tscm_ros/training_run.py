@@ -65,6 +65,7 @@ class Progress:
     best_epoch: int = 0
     stale_epochs: int = 0
     stopped_early: bool = False
+    stop_reason: str = ""  # why it stopped early, for the log and the summary
 
     def record(self, row: dict, recall: dict[int, float], patience: int) -> bool:
         """Add an epoch's metrics; returns whether it is the best so far."""
@@ -78,6 +79,8 @@ class Progress:
         else:
             self.stale_epochs += 1
         self.stopped_early = patience > 0 and self.stale_epochs >= patience
+        if self.stopped_early:
+            self.stop_reason = f"no better validation in {patience} epoch(s)"
         return improved
 
 
