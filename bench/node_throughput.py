@@ -35,8 +35,8 @@ from tscm_ros.msg import LoopCandidates
 from tscm_ros.bag import open_frames
 from tscm_ros.describe import Describer
 from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
+from tscm_ros.local_features import extract_local_features
 from tscm_ros.simulate import simulate_route
-from tscm_ros.verification import extract_local_features
 
 CONFIGURATIONS = {  # row name -> node parameters
     "retrieval only": ["-p", "verify:=false", "-p", "temporal_consistency:=false"],

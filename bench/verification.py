@@ -26,11 +26,12 @@ sys.path.insert(0, str(REPO))
 
 from tscm_ros.bag import FrameSource  # noqa: E402
 from tscm_ros.describe import DEFAULT_MODEL, describer_for  # noqa: E402
+from tscm_ros.local_features import extract_local_features  # noqa: E402
 from tscm_ros.loop_detector import LoopDetector, MatchingConfig  # noqa: E402
 from tscm_ros.loop_evaluation import build_descriptor_map, reference_keyframes, within_radius  # noqa: E402
 from tscm_ros.revisit_set import find_revisit_sets  # noqa: E402
 from tscm_ros.simulate import simulate_route  # noqa: E402
-from tscm_ros.verification import CameraIntrinsics, VerificationConfig, extract_local_features, verify  # noqa: E402
+from tscm_ros.verification import CameraIntrinsics, VerificationConfig, verify  # noqa: E402
 
 THRESHOLDS = (8, 12, 15, 20, 30)
 TOP = 5

@@ -13,13 +13,14 @@ import pytest
 from tscm_ros.describe import DEFAULT_MODEL, describer_for
 from tscm_ros.errors import MapError
 from tscm_ros.keyframe_map import KeyframeMap
+from tscm_ros.local_features import extract_local_features
 from tscm_ros.loop_detector import DEFAULT_MIN_SCORE, LoopDetector, MatchingConfig
 from tscm_ros.loop_evaluation import build_descriptor_map
 from tscm_ros.map_calibration import MapCalibration, candidate_margins
 from tscm_ros.map_storage import CALIBRATION_FILE, MANIFEST_FILE
 from tscm_ros.revisit_set import RevisitSet, read_rgb
 from tscm_ros.temporal import TemporalConfig
-from tscm_ros.verification import VerificationConfig, extract_local_features, verify
+from tscm_ros.verification import VerificationConfig, verify
 
 RTABMAP_LOOP = Path(__file__).parent / "data" / "rtabmap_loop"
 

@@ -12,15 +12,10 @@ from tscm_ros.bag import open_frames
 from tscm_ros.describe import DEFAULT_MODEL, describer_for
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
+from tscm_ros.local_features import LocalFeatures, extract_local_features
 from tscm_ros.map_storage import FORMAT_VERSION
 from tscm_ros.temporal import TemporalConfig, TemporalConsistency
-from tscm_ros.verification import (
-    CameraIntrinsics,
-    LocalFeatures,
-    VerificationConfig,
-    extract_local_features,
-    verify,
-)
+from tscm_ros.verification import CameraIntrinsics, VerificationConfig, verify
 
 FOCAL = 60.0 / math.tan(math.radians(35.0))  # the simulator's 70 degree vertical field of view at 160x120
 INTRINSICS = CameraIntrinsics(FOCAL, FOCAL, 80.0, 60.0)

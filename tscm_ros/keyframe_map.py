@@ -24,13 +24,14 @@ import numpy as np
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.geometry import Pose
 from tscm_ros.growing_array import GrowingArray
+from tscm_ros.local_features import LocalFeatures
 from tscm_ros.map_calibration import MapCalibration
 from tscm_ros.map_calibration import estimate as estimate_calibration
 from tscm_ros.map_exclusion import ExcludedIds, Exclusion, KeyframeTrack
 from tscm_ros.map_index import DescriptorIndex, IndexConfig
 from tscm_ros.map_storage import KeyframeTable, MapContents, read_map, write_map
 from tscm_ros.models.vlad import Vocabulary
-from tscm_ros.verification import LocalFeatures, Verification
+from tscm_ros.verification import Verification
 
 
 @dataclass

@@ -18,11 +18,12 @@ import numpy as np
 
 from tscm_ros.errors import ConfigError
 from tscm_ros.keyframe_map import Candidate, KeyframeMap, KeyframeMeta
+from tscm_ros.local_features import extract_local_features
 from tscm_ros.map_building import MAPPING_FIT_KEYFRAMES, KeyframeBuilder
 from tscm_ros.map_calibration import POOL, candidate_margins
 from tscm_ros.map_exclusion import Exclusion
 from tscm_ros.temporal import TemporalConfig, TemporalConsistency
-from tscm_ros.verification import CameraIntrinsics, VerificationConfig, extract_local_features, verify
+from tscm_ros.verification import CameraIntrinsics, VerificationConfig, verify
 
 
 @dataclass

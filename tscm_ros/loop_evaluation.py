@@ -221,8 +221,8 @@ def build_descriptor_map(describer, keyframes: Iterable[Frame]):
     """A flat ``KeyframeMap`` of ``keyframes`` with local features, built as build_map builds one (a map of
     its own vocabulary for the default model); (the map, the describer for its queries)."""
     from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
+    from tscm_ros.local_features import extract_local_features
     from tscm_ros.map_building import KeyframeBuilder
-    from tscm_ros.verification import extract_local_features
 
     builder = KeyframeBuilder(describer, KeyframeMap.for_describer(describer))
     batch: list[Frame] = []

@@ -6,7 +6,7 @@ it in one step, then deleted): ``manifest.json`` (``format_version``, model fing
 ``tscm_ros_version``, size and SHA-256 of every file), ``index.faiss`` (FAISS's own format),
 ``keyframes.npz`` (stamps, positions, orientations with NaN for unknown poses, source bags), when any
 keyframe has one, ``thumbnails.npz``, and when keyframes have them, ``local_features.npz``: the local
-features geometric verification needs (tscm_ros/verification.py; per keyframe at most 500 ORB features
+features geometric verification needs (tscm_ros/local_features.py; per keyframe at most 500 ORB features
 of 36 bytes: 18 kB), and for a model that describes with a VLAD vocabulary (tscm_ros/models/vlad.py),
 ``vocabulary.npz``: the cluster centres the map fitted on its own images (or the generic ones it fell back
 to), which the describer must use for queries; ``calibration.npz``: the null margins of its score
@@ -34,10 +34,10 @@ import numpy as np
 from tscm_ros import __version__
 from tscm_ros.atomic import atomic_directory
 from tscm_ros.errors import ConfigError, MapError
+from tscm_ros.local_features import LocalFeatures
 from tscm_ros.map_calibration import MapCalibration
 from tscm_ros.map_index import INDEX_TYPES, DescriptorIndex, IndexConfig, sub_indexes
 from tscm_ros.models.vlad import Vocabulary
-from tscm_ros.verification import LocalFeatures
 
 FORMAT_VERSION = 3  # 2: local features for geometric verification; 3: the map's own vocabulary
 MANIFEST_FILE = "manifest.json"

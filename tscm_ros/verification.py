@@ -1,8 +1,6 @@
-"""Geometric verification of loop candidates: local features of query and keyframe, RANSAC two-view geometry.
+"""Geometric verification of loop candidates: the local features of query and keyframe
+(tscm_ros/local_features.py), RANSAC two-view geometry.
 
-Features are OpenCV ORB keypoints on the contrast-equalised (CLAHE) grey image: binary, 32 bytes each,
-fast enough for five candidates per image at 10 Hz on two cores, and stored in the map per keyframe
-(``LocalFeatures.BYTES_PER_FEATURE`` each: the descriptor and two 1/8-pixel fixed-point coordinates).
 Matches are mutual nearest neighbours passing Lowe's ratio test. The geometry is the essential matrix
 when the camera intrinsics are known (five-point RANSAC, then the relative pose: rotation and
 unit-length translation), the fundamental matrix otherwise (no pose). ``inliers`` is the number of
@@ -18,12 +16,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from tscm_ros.errors import ConfigError, MapError
+from tscm_ros.errors import ConfigError
+from tscm_ros.local_features import LocalFeatures
 
-DEFAULT_MAX_FEATURES = 500
 DEFAULT_MIN_INLIERS = 12  # the least of 8-20 that kept published precision >= 99 % on the tuning worlds
-_FIXED_POINT = 8.0  # keypoint coordinates are stored in 1/8 pixel (uint16: images up to 8191 px)
-_CLAHE = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
 
 
 @dataclass(frozen=True)
@@ -60,45 +56,6 @@ class CameraIntrinsics:
     @property
     def matrix(self) -> np.ndarray:
         return np.array([[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]])
-
-
-@dataclass(frozen=True)
-class LocalFeatures:
-    """One image's keypoints (N, 2) float32 pixel (x, y) and ORB descriptors (N, 32) uint8."""
-
-    keypoints: np.ndarray
-    descriptors: np.ndarray
-
-    BYTES_PER_FEATURE = 36  # 32-byte descriptor + two uint16 coordinates
-
-    def __post_init__(self) -> None:
-        if (self.keypoints.ndim != 2 or self.keypoints.shape[1] != 2 or self.descriptors.dtype != np.uint8
-                or self.descriptors.shape != (len(self.keypoints), 32)):
-            raise MapError(f"local features need (N, 2) keypoints and (N, 32) uint8 descriptors, got "
-                           f"{self.keypoints.shape} and {self.descriptors.dtype} {self.descriptors.shape}")
-
-    def __len__(self) -> int:
-        return len(self.keypoints)
-
-    def packed_keypoints(self) -> np.ndarray:
-        """(N, 2) uint16 in 1/8 pixel: how the map stores them."""
-        return np.clip(np.round(self.keypoints * _FIXED_POINT), 0, np.iinfo(np.uint16).max).astype(np.uint16)
-
-    @classmethod
-    def unpack(cls, keypoints: np.ndarray, descriptors: np.ndarray) -> LocalFeatures:
-        return cls(keypoints.astype(np.float32) / _FIXED_POINT, np.ascontiguousarray(descriptors, dtype=np.uint8))
-
-
-def extract_local_features(image: np.ndarray, max_features: int = DEFAULT_MAX_FEATURES) -> LocalFeatures:
-    """ORB features of an HxWx3 uint8 RGB image (or HxW grey), at most ``max_features``."""
-    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    orb = cv2.ORB_create(nfeatures=max_features, fastThreshold=10)
-    keypoints, descriptors = orb.detectAndCompute(_CLAHE.apply(grey), None)
-    if descriptors is None:
-        return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8))
-    points = np.array([k.pt for k in keypoints], dtype=np.float32).reshape(-1, 2)
-    # Round-tripped through the stored form, so that online and map features are the same numbers.
-    return LocalFeatures.unpack(LocalFeatures(points, descriptors).packed_keypoints(), descriptors)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_ar
 from tscm_ros.describe import DEFAULT_MODEL, PRETRAINED, Describer, describer_for
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
+from tscm_ros.local_features import extract_local_features
 from tscm_ros.loop_detector import KeyframeSelector
 from tscm_ros.map_building import BUILD_FIT_KEYFRAMES, MIN_FIT_KEYFRAMES, KeyframeBuilder, describer_for_map
 from tscm_ros.map_index import INDEX_TYPES, IndexConfig
 from tscm_ros.progress import progress as progress_bar
-from tscm_ros.verification import extract_local_features
 
 THUMBNAIL_WIDTH = 64
 
