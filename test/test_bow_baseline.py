@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tscm_ros.bow_baseline import BowLoopDetector, OrbVocabulary, l1_scores, orb_descriptors
+from tscm_ros.detection import MatchingConfig
 from tscm_ros.errors import ConfigError
-from tscm_ros.loop_detector import MatchingConfig
 
 EVALUATION = MatchingConfig(k=3, min_score=0.0, exclude_recent_s=0.0)
 

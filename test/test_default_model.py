@@ -10,7 +10,8 @@ import pytest
 
 from tscm_ros.bag import FrameSource
 from tscm_ros.describe import DEFAULT_MODEL, GENERIC_VOCABULARY, Describer, describer_for
-from tscm_ros.loop_detector import LoopDetector, MatchingConfig
+from tscm_ros.detection import MatchingConfig
+from tscm_ros.loop_detector import LoopDetector
 from tscm_ros.loop_evaluation import build_descriptor_map, reference_keyframes, run_queries
 from tscm_ros.simulate import simulate_route
 

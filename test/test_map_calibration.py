@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from tscm_ros.describe import DEFAULT_MODEL, describer_for
+from tscm_ros.detection import DEFAULT_MIN_SCORE, MatchingConfig
 from tscm_ros.errors import MapError
 from tscm_ros.keyframe_map import KeyframeMap
 from tscm_ros.local_features import extract_local_features
-from tscm_ros.loop_detector import DEFAULT_MIN_SCORE, LoopDetector, MatchingConfig
+from tscm_ros.loop_detector import LoopDetector
 from tscm_ros.loop_evaluation import build_descriptor_map
 from tscm_ros.map_calibration import MapCalibration, candidate_margins
 from tscm_ros.map_storage import CALIBRATION_FILE, MANIFEST_FILE

@@ -23,8 +23,8 @@ from std_srvs.srv import Trigger
 
 from tscm_ros.bag import open_frames
 from tscm_ros.cli import build_map
+from tscm_ros.detection import DEFAULT_MIN_SCORE
 from tscm_ros.errors import ConfigError, MapError
-from tscm_ros.loop_detector import DEFAULT_MIN_SCORE
 from tscm_ros.node_parameters import PARAMETERS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ What ORB-SLAM and RTAB-Map do with DBoW2, built from maintained libraries instea
 - Score: DBoW2's L1 score ``s(v, w) = 1 - |v - w|_1 / 2`` in [0, 1], which for L1-normalised
   non-negative vectors equals ``sum_i min(v_i, w_i)``; computed over the query's non-zero words
   only (the inverted-file shortcut). An image without features scores 0 against everything.
-``BowLoopDetector.process`` has the same signature and result as ``LoopDetector.process``, so the
-evaluation runs it exactly like the learned methods; ``Candidate.distance`` is the L1 distance in [0, 2].
+``BowLoopDetector`` is a ``detection.Detector`` like ``LoopDetector``, so the evaluation runs it exactly like the
+learned methods; ``Candidate.distance`` is the L1 distance in [0, 2].
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import cv2
 import faiss
 import numpy as np
 
+from tscm_ros.detection import Detection, Match, MatchingConfig
 from tscm_ros.errors import ConfigError
 from tscm_ros.keyframe_map import Candidate
-from tscm_ros.loop_detector import Detection, MatchingConfig
 
 DESCRIPTOR_BYTES = 32  # ORB: 256 bits
 MAX_TRAINING_DESCRIPTORS = 200_000
@@ -125,7 +125,7 @@ def l1_scores(query: np.ndarray, keyframes: np.ndarray) -> np.ndarray:
 
 
 class BowLoopDetector:
-    """A map of keyframe BoW vectors queried with DBoW2's L1 score; ``process`` like ``LoopDetector``.
+    """A map of keyframe BoW vectors queried with DBoW2's L1 score; a ``detection.Detector`` like ``LoopDetector``.
 
     Honours ``MatchingConfig``'s ``k``, ``min_score`` and ``exclude_recent_s``; spatial exclusion
     (``exclude_within_m``) is not supported by this baseline.
@@ -149,7 +149,12 @@ class BowLoopDetector:
         return len(self._vectors)
 
     @property
-    def positions(self) -> np.ndarray:
+    def calibrated(self) -> bool:
+        """Its scores are DBoW2's L1 scores, never calibrated."""
+        return False
+
+    @property
+    def keyframe_positions(self) -> np.ndarray:
         """(N, 3) keyframe positions, NaN where a keyframe has no pose (as ``KeyframeMap.positions``)."""
         rows = [p.position if p is not None else np.full(3, np.nan) for p in self._poses]
         return np.asarray(rows, dtype=np.float64).reshape(-1, 3)
@@ -179,8 +184,9 @@ class BowLoopDetector:
         # Best first; equal scores in keyframe order.
         order = np.lexsort((np.arange(len(scores)), -scores))
         chosen = [i for i in order if keep[i]][: self.matching.k]
-        candidates = [Candidate(keyframe_id=int(i), stamp_ns=self._stamps[i], pose=self._poses[i],
-                                distance=float(2.0 * (1.0 - scores[i])), score=float(scores[i]))
+        candidates = [Match(Candidate(keyframe_id=int(i), stamp_ns=self._stamps[i], pose=self._poses[i],
+                                      distance=float(2.0 * (1.0 - scores[i])), score=float(scores[i])),
+                            score=float(scores[i]))
                       for i in chosen]
         return Detection(descriptor=vector, fingerprint=self.fingerprint, candidates=candidates, accepted=candidates)
 

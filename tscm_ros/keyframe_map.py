@@ -13,7 +13,6 @@ tscm_ros/map_exclusion.py, and the map's directory on disk in tscm_ros/map_stora
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -31,7 +30,6 @@ from tscm_ros.map_exclusion import ExcludedIds, Exclusion, KeyframeTrack
 from tscm_ros.map_index import DescriptorIndex, IndexConfig
 from tscm_ros.map_storage import KeyframeTable, MapContents, read_map, write_map
 from tscm_ros.models.vlad import Vocabulary
-from tscm_ros.verification import Verification
 
 
 @dataclass
@@ -45,24 +43,16 @@ class KeyframeMeta:
     local_features: LocalFeatures | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Candidate:
-    """One match of a query: the keyframe, its squared L2 ``distance`` and ``score`` (see module doc).
-
-    The loop detector fills the rest: ``similarity`` (the raw score the map gave), the temporal
-    ``sequence_score`` and ``consistent`` flag (tscm_ros/temporal.py) and the geometric ``verification``
-    (tscm_ros/verification.py); None / NaN / False where that stage is off.
-    """
+    """One match of a query, as the map sees it: the keyframe, its squared L2 ``distance`` and ``score`` (see
+    module doc). The loop detector judges it further and wraps it (``detection.Match``)."""
 
     keyframe_id: int
     stamp_ns: int
     pose: Pose | None
     distance: float
     score: float
-    similarity: float = math.nan
-    sequence_score: float = math.nan
-    consistent: bool = False
-    verification: Verification | None = None
 
 
 SAME_PLACE_M = 10.0  # keyframes with poses this close show the same place (map calibration, temporal consistency)

@@ -12,12 +12,13 @@ publishes, everything else happens in this module.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from tscm_ros.detection import Detection, Match, MatchingConfig
 from tscm_ros.errors import ConfigError
-from tscm_ros.keyframe_map import Candidate, KeyframeMap, KeyframeMeta
+from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
 from tscm_ros.local_features import extract_local_features
 from tscm_ros.map_building import MAPPING_FIT_KEYFRAMES, KeyframeBuilder
 from tscm_ros.map_calibration import POOL, candidate_margins
@@ -74,44 +75,15 @@ class KeyframeSelector:
         return True
 
 
-DEFAULT_MIN_SCORE = 0.99
 VERIFY_THREADS = 2  # OpenCV matching and RANSAC release the GIL: candidates are verified two at a time
 
 
-@dataclass(frozen=True)
-class MatchingConfig:
-    """How a query is matched: at most ``k`` candidates scoring at least ``min_score``, ignoring
-    keyframes within ``exclude_recent_s`` of the query stamp or ``exclude_within_m`` along the path."""
-
-    k: int = 5
-    min_score: float = DEFAULT_MIN_SCORE
-    exclude_recent_s: float = 30.0
-    exclude_within_m: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ConfigError(f"k must be >= 1, got {self.k}")
-        if not 0.0 <= self.min_score <= 1.0:
-            raise ConfigError(f"min_score must be in [0, 1], got {self.min_score}")
-        if self.exclude_recent_s < 0 or self.exclude_within_m < 0:
-            raise ConfigError("exclude_recent_s and exclude_within_m must be >= 0")
-
-
-@dataclass
-class Detection:
-    """What one processed image gave: its descriptor and the ``fingerprint`` of the model that computed it, the
-    candidates (best first), which of them passed every stage that is on (``accepted``: the loops to publish),
-    and its keyframe id if added."""
-
-    descriptor: np.ndarray
-    fingerprint: str
-    candidates: list[Candidate]
-    accepted: list[Candidate]
-    added_keyframe_id: int | None = None
-
-
 class LoopDetector:
-    """Describe, match, and (in mapping mode) grow the map, one image at a time."""
+    """Describe, match, and (in mapping mode) grow the map, one image at a time (a ``detection.Detector``).
+
+    Settings that change while it runs go through methods (``set_matching``, ``set_intrinsics``); they apply
+    from the next image on.
+    """
 
     def __init__(self, describer, keyframe_map: KeyframeMap, matching: MatchingConfig,
                  mapping: KeyframeSelector | None = None, source: str = "live", *,
@@ -133,16 +105,18 @@ class LoopDetector:
                 f"built before verification existed): rebuild it with build_map, or turn verification off")
         self._builder = KeyframeBuilder(describer, keyframe_map, vocabulary_keyframes,
                                         calibrate_while_adding=mapping is not None)
-        self.map = keyframe_map
-        self.matching = matching
-        self.mapping = mapping
-        self.source = source
-        self.verification = verification
-        self.intrinsics = intrinsics
-        self.temporal = None if temporal is None else TemporalConsistency(temporal)
+        self._map = keyframe_map
+        self._matching = matching
+        self._mapping = mapping
+        self._source = source
+        self._verification = verification
+        self._intrinsics = intrinsics
+        self._temporal = None if temporal is None else TemporalConsistency(temporal)
         self.temporal_basis = "off" if temporal is None else "no image yet"  # what temporal consistency measures along
         self._verifiers = (None if verification is None
                            else ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="tscm_verify"))
+
+    # ----- what it is ------------------------------------------------------------------------------------
 
     @property
     def describer(self):
@@ -150,89 +124,124 @@ class LoopDetector:
         return self._builder.describer
 
     @property
+    def model_name(self) -> str:
+        return self.describer.model_name
+
+    @property
+    def fingerprint(self) -> str:
+        return self.describer.fingerprint
+
+    @property
+    def dim(self) -> int:
+        return int(self.describer.dim)
+
+    @property
+    def device(self):
+        """Where the describer runs."""
+        return self.describer.device
+
+    @property
+    def calibrated(self) -> bool:
+        return self.describer.calibration is not None or self._map.calibration is not None
+
+    @property
+    def keyframe_positions(self) -> np.ndarray:
+        return np.asarray(self._map.positions, dtype=np.float64).reshape(-1, 3)
+
+    @property
     def matching(self) -> MatchingConfig:
         return self._matching
 
-    @matching.setter
-    def matching(self, matching: MatchingConfig) -> None:
+    # ----- settings that change while it runs ------------------------------------------------------------
+
+    def set_matching(self, matching: MatchingConfig, min_inliers: int | None = None) -> None:
+        """Match with ``matching`` from the next image on; ``min_inliers``, when given, is geometric verification's
+        new threshold (ignored while verification is off)."""
         self._matching = matching
+        if min_inliers is not None and self._verification is not None:
+            self._verification = replace(self._verification, min_inliers=min_inliers)
+
+    def set_intrinsics(self, intrinsics: CameraIntrinsics | None) -> bool:
+        """Verify with these camera intrinsics from the next image on; whether they differ from those in use."""
+        changed = intrinsics != self._intrinsics
+        self._intrinsics = intrinsics
+        return changed
+
+    # ----- one image -------------------------------------------------------------------------------------
 
     def _scores(self, similarities: np.ndarray, same_place: np.ndarray) -> np.ndarray:
         """The candidates' scores: the map's calibration of their margins (tscm_ros/map_calibration.py); for a map
         too small to have one, the model's own calibration of their similarity (trained checkpoints carry one),
         else the similarity itself."""
-        if self.map.calibration is not None:
-            return self.map.calibration.score(candidate_margins(similarities, same_place))
+        if self._map.calibration is not None:
+            return self._map.calibration.score(candidate_margins(similarities, same_place))
         prior = self.describer.calibration
         return similarities if prior is None else np.array([prior(s) for s in similarities])
 
     def _match(self, descriptor: np.ndarray, exclusion: Exclusion, stamp_ns: int,
-               position: np.ndarray | None) -> list[Candidate]:
+               position: np.ndarray | None) -> list[Match]:
         """The best ``k`` candidates by similarity that score at least ``min_score``. With temporal consistency,
         a candidate is ``consistent`` when the images before it support its place: the candidate of the best
         sequence score (tscm_ros/temporal.py) shows the same place, and the history is full."""
-        pool = self.map.query(descriptor, max(self.matching.k, POOL), exclusion, 0.0)
+        pool = self._map.query(descriptor, max(self._matching.k, POOL), exclusion, 0.0)
         ids = np.array([c.keyframe_id for c in pool], dtype=np.int64)
         similarities = np.array([c.score for c in pool], dtype=np.float64)
-        same_place = self.map.same_place(ids, ids)
-        for candidate, similarity, score in zip(pool, similarities, self._scores(similarities, same_place)):
-            candidate.similarity, candidate.score = float(similarity), float(score)
-        if self.temporal is not None:  # every image enters the history, whatever min_score
-            path = self.map.path_lengths(ids)
+        same_place = self._map.same_place(ids, ids)
+        matches = [Match(candidate, float(score)) for candidate, score in zip(pool, self._scores(similarities,
+                                                                                                 same_place))]
+        if self._temporal is not None:  # every image enters the history, whatever min_score
+            path = self._map.path_lengths(ids)
             by_order = len(ids) > 0 and bool(np.isnan(path).any())  # a map without poses: keyframe order
-            sequence, full = self.temporal.update(stamp_ns, None if by_order else position,
-                                                  ids.astype(np.float64) if by_order else path, similarities,
-                                                  by_order=by_order)
+            sequence, full = self._temporal.update(stamp_ns, None if by_order else position,
+                                                   ids.astype(np.float64) if by_order else path, similarities,
+                                                   by_order=by_order)
             self.temporal_basis = ("keyframe order (map without poses)" if by_order
                                    else "path, odometry" if position is not None else "path, no odometry")
             if len(sequence):
                 supported = same_place[:, int(np.argmax(sequence))]
-                for candidate, score, support in zip(pool, sequence, supported):
-                    candidate.sequence_score, candidate.consistent = float(score), bool(full and support)
-        return [c for c in pool[: self.matching.k] if c.score >= self.matching.min_score]
+                for i, (score, support) in enumerate(zip(sequence, supported)):
+                    matches[i] = replace(matches[i], sequence_score=float(score), consistent=bool(full and support))
+        return [m for m in matches[: self._matching.k] if m.score >= self._matching.min_score]
 
-    def _verify(self, image: np.ndarray, candidates: list[Candidate]):
-        """Geometric verification of each candidate; the query's local features (None when off or when there
-        is no candidate to verify)."""
-        if self.verification is None or not candidates:
-            return None
+    def _verify(self, image: np.ndarray, matches: list[Match]):
+        """``matches`` with their geometric verification, and the query's local features (None when verification
+        is off or when there is nothing to verify)."""
+        if self._verification is None or not matches:
+            return matches, None
         features = extract_local_features(image)
-        config, intrinsics = self.verification, self.intrinsics
+        config, intrinsics = self._verification, self._intrinsics
 
-        def check(candidate: Candidate) -> None:
-            keyframe_features = self.map.local_features(candidate.keyframe_id)
-            if keyframe_features is not None:
-                candidate.verification = verify(features, keyframe_features, config, intrinsics)
+        def check(match: Match) -> Match:
+            keyframe_features = self._map.local_features(match.keyframe_id)
+            if keyframe_features is None:
+                return match
+            return replace(match, verification=verify(features, keyframe_features, config, intrinsics))
 
-        list(self._verifiers.map(check, candidates))
-        return features
+        return list(self._verifiers.map(check, matches)), features
 
-    def accepts(self, candidate: Candidate) -> bool:
+    def accepts(self, match: Match) -> bool:
         """Whether a candidate passed every stage that is on."""
-        return ((self.verification is None or (candidate.verification is not None and candidate.verification.verified))
-                and (self.temporal is None or candidate.consistent))
+        return ((self._verification is None or (match.verification is not None and match.verification.verified))
+                and (self._temporal is None or match.consistent))
 
     def process(self, image: np.ndarray, stamp_ns: int, pose=None) -> Detection:
         """Candidates for one HxWx3 uint8 RGB image taken at ``stamp_ns`` (pose: ``geometry.Pose`` or None)."""
         describer = self.describer
-        if self.mapping is not None:
+        if self._mapping is not None:
             descriptors, feature_maps = self._builder.describe([image])
         else:
             descriptors, feature_maps = describer.describe([image]), [()]
         descriptor = descriptors[0]
         position = None if pose is None else pose.position
-        exclusion = Exclusion(min_time_gap_s=self.matching.exclude_recent_s,
-                              min_distance_m=self.matching.exclude_within_m,
+        exclusion = Exclusion(min_time_gap_s=self._matching.exclude_recent_s,
+                              min_distance_m=self._matching.exclude_within_m,
                               query_stamp_ns=stamp_ns, query_position=position)
-        candidates = self._match(descriptor, exclusion, stamp_ns, position)
-        features = self._verify(image, candidates)
+        candidates, features = self._verify(image, self._match(descriptor, exclusion, stamp_ns, position))
         detection = Detection(descriptor=descriptor, fingerprint=describer.fingerprint, candidates=candidates,
                               accepted=[c for c in candidates if self.accepts(c)])
-        if self.mapping is not None and self.mapping.accept(stamp_ns, position, descriptor):
-            meta = KeyframeMeta(stamp_ns=stamp_ns, pose=pose, bag=self.source,
+        if self._mapping is not None and self._mapping.accept(stamp_ns, position, descriptor):
+            meta = KeyframeMeta(stamp_ns=stamp_ns, pose=pose, bag=self._source,
                                 local_features=features if features is not None else extract_local_features(image))
             ids = self._builder.add_described(descriptor[None, :], feature_maps, [meta])
             detection.added_keyframe_id = int(ids[0])
-            if self._builder.describer is not describer:  # the map fitted its own vocabulary
-                self.matching = self.matching
         return detection

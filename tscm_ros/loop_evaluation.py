@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tscm_ros.bag import Frame, FrameSource
+from tscm_ros.detection import Detector
 from tscm_ros.errors import BagError
 from tscm_ros.progress import progress
 from tscm_ros.recall import ground_truth_within, recall_at_n
@@ -255,13 +256,7 @@ def build_bow_detector(keyframes: Iterable[Frame], matching, num_words: int, max
     return detector
 
 
-def map_positions(detector) -> np.ndarray:
-    """(N, 3) positions of a detector's map keyframes (NaN without pose)."""
-    keyframes = detector.map if hasattr(detector, "map") else detector
-    return np.asarray(keyframes.positions, dtype=np.float64).reshape(-1, 3)
-
-
-def _run(name: str, detector, frames: Iterable[Frame], total: int | None, odometry: bool = True) -> dict:
+def _run(name: str, detector: Detector, frames: Iterable[Frame], total: int | None, odometry: bool = True) -> dict:
     """Every frame through ``detector.process`` (the node's path), timed: per query its stamp, position (NaN
     without pose), accepted candidates, the top one's descriptor distance and keyframe stamp, and latency.
     Without ``odometry`` the detector gets no query pose (a node without pose_topic); the position is still
@@ -289,17 +284,15 @@ def _run(name: str, detector, frames: Iterable[Frame], total: int | None, odomet
             "top1_stamp_ns": np.asarray(top1_stamps, dtype=np.int64)}
 
 
-def _method_run(name: str, detector, run: dict, within: np.ndarray, ns: Sequence[int]) -> MethodRun:
-    describer = getattr(detector, "describer", detector)
+def _method_run(name: str, detector: Detector, run: dict, within: np.ndarray, ns: Sequence[int]) -> MethodRun:
     return MethodRun(
-        name=name, model_name=describer.model_name, fingerprint=describer.fingerprint, dim=int(describer.dim),
-        map_positions=map_positions(detector), metrics=evaluate_loop_closures(run["ranked_ids"], run["ranked_scores"],
-                                                                             within, ns),
-        within=within, calibrated=(getattr(describer, "calibration", None) is not None
-                                   or getattr(getattr(detector, "map", None), "calibration", None) is not None), **run)
+        name=name, model_name=detector.model_name, fingerprint=detector.fingerprint, dim=int(detector.dim),
+        map_positions=detector.keyframe_positions,
+        metrics=evaluate_loop_closures(run["ranked_ids"], run["ranked_scores"], within, ns),
+        within=within, calibrated=detector.calibrated, **run)
 
 
-def run_queries(name: str, detector, queries: FrameSource, radius_m: float, ns: Sequence[int],
+def run_queries(name: str, detector: Detector, queries: FrameSource, radius_m: float, ns: Sequence[int],
                 odometry: bool = True) -> MethodRun:
     """Every posed query frame of a bag through ``detector.process``, timed, then scored: a candidate is right
     within ``radius_m`` of the query's position. ``odometry`` False: the detector does not get the poses."""
@@ -308,15 +301,15 @@ def run_queries(name: str, detector, queries: FrameSource, radius_m: float, ns: 
     if not len(run["query_stamps"]):
         raise BagError(f"query bag {queries.bag} has no frames with a pose: nothing to evaluate "
                        f"(give --pose-topic, or check that the pose stream covers the images)")
-    within = within_radius(run["query_positions"], map_positions(detector), radius_m)
+    within = within_radius(run["query_positions"], detector.keyframe_positions, radius_m)
     return _method_run(name, detector, run, within, ns)
 
 
-def run_revisit_set(name: str, detector, revisit_set, ns: Sequence[int]) -> MethodRun:
+def run_revisit_set(name: str, detector: Detector, revisit_set, ns: Sequence[int]) -> MethodRun:
     """Every query of a :class:`~tscm_ros.revisit_set.RevisitSet` through ``detector.process``, timed, then
     scored by the set's ground truth; ``detector``'s map must hold the set's references, in order."""
-    if len(map_positions(detector)) != len(revisit_set.references):
-        raise ValueError(f"the map holds {len(map_positions(detector))} keyframes, {revisit_set.name} has "
+    if len(detector.keyframe_positions) != len(revisit_set.references):
+        raise ValueError(f"the map holds {len(detector.keyframe_positions)} keyframes, {revisit_set.name} has "
                          f"{len(revisit_set.references)} references")
     run = _run(name, detector, revisit_set.query_frames(), len(revisit_set.queries))
     return _method_run(name, detector, run, revisit_set.ground_truth(), ns)

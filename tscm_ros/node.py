@@ -57,7 +57,7 @@ from tscm_ros.node_parameters import (
     stages,
     validate,
 )
-from tscm_ros.verification import CameraIntrinsics, VerificationConfig
+from tscm_ros.verification import CameraIntrinsics
 
 NODE_NAME = "tscm_place_recognition"
 OUTPUT_TOPIC = "/tscm/loop_candidates"
@@ -80,6 +80,7 @@ class PlaceRecognitionNode(Node):
                                      min_distance_m=p["keyframe_min_distance_m"]) if self._mapping else None)
         verification, temporal, intrinsics = stages(p)
         self._publish_unverified = bool(p["publish_unverified"])
+        self._map = keyframe_map  # the detector matches against it (and grows it in mapping mode)
         self.detector = LoopDetector(describer, keyframe_map, matching_config(p), selector,
                                      source=f"live:{self.get_name()}", verification=verification,
                                      temporal=temporal, intrinsics=intrinsics,
@@ -113,7 +114,7 @@ class PlaceRecognitionNode(Node):
             self._saver = MapSaver(self._map_snapshot, self._save_path, p["autosave_keyframes"],
                                    p["autosave_period_s"])
             self._saver.start(len(keyframe_map))
-        self._markers = (LoopMarkerPublisher(self, lambda: self.detector.map, self._map_lock)
+        self._markers = (LoopMarkerPublisher(self, lambda: self._map, self._map_lock)
                          if p["loop_markers"] else None)
         if self._markers is not None:
             self._markers.refresh()
@@ -172,9 +173,7 @@ class PlaceRecognitionNode(Node):
         values = self._runtime_values([])
         matching = matching_config(values)
         with self._map_lock:
-            self.detector.matching = matching
-            if self.detector.verification is not None:
-                self.detector.verification = VerificationConfig(min_inliers=values["min_inliers"])
+            self.detector.set_matching(matching, min_inliers=values["min_inliers"])
             self._publish_unverified = bool(values["publish_unverified"])
             self._min_period_s = min_period(values["max_rate_hz"])
         self.get_logger().info("matching now " + ", ".join(f"{name} {values[name]}" for name in sorted(values)))
@@ -190,14 +189,13 @@ class PlaceRecognitionNode(Node):
         with self._lock:
             self._poses_received += 1
             self._pose_frame_id = message.header.frame_id
-            if self._mapping and not self.detector.map.frame_id:
-                self.detector.map.frame_id = message.header.frame_id
+            if self._mapping and not self._map.frame_id:  # a map started here takes the frame of its poses
+                self._map.frame_id = message.header.frame_id
             self._poses.add(stamp_to_ns(message.header.stamp), pose_from_message(message))
 
     def _on_camera_info(self, message) -> None:
         intrinsics = CameraIntrinsics.from_camera_info(message)
-        if intrinsics is not None and intrinsics != self.detector.intrinsics:
-            self.detector.intrinsics = intrinsics
+        if intrinsics is not None and self.detector.set_intrinsics(intrinsics):
             self.get_logger().info(f"camera intrinsics from {message.header.frame_id or 'CameraInfo'}: "
                                    f"fx {intrinsics.fx:.1f}, fy {intrinsics.fy:.1f}, cx {intrinsics.cx:.1f}, "
                                    f"cy {intrinsics.cy:.1f}")
@@ -241,7 +239,7 @@ class PlaceRecognitionNode(Node):
             pose_frame_id = self._pose_frame_id
         with self._map_lock:
             detection = self.detector.process(image, stamp_ns, pose)
-            keyframes, map_frame_id = len(self.detector.map), self.detector.map.frame_id
+            keyframes, map_frame_id = len(self._map), self._map.frame_id
         published = detection.candidates if self._publish_unverified else detection.accepted
         self._publisher.publish(loop_candidates_message(message.header, pose, pose_frame_id, map_frame_id,
                                                         detection.fingerprint, published))
@@ -274,14 +272,14 @@ class PlaceRecognitionNode(Node):
                 "processed rate (Hz)": self._processed / elapsed,
                 "latency median (ms)": float(np.median(latencies)) if len(latencies) else float("nan"),
                 "latency p95 (ms)": float(np.percentile(latencies, 95)) if len(latencies) else float("nan"),
-                "map keyframes": len(self.detector.map),
-                "map score calibration": (self.detector.map.calibration.summary()
-                                          if self.detector.map.calibration is not None
+                "map keyframes": len(self._map),
+                "map score calibration": (self._map.calibration.summary()
+                                          if self._map.calibration is not None
                                           else "none (fewer than 20 keyframes): raw similarity"),
                 "temporal consistency along": self.detector.temporal_basis,
                 "poses received": self._poses_received,
                 "poses held": len(self._poses) if self._poses is not None else 0,
-                "device": str(self.detector.describer.device),
+                "device": str(self.detector.device),
                 **(self._saver.status() if self._saver is not None else {}),
             }
 
@@ -320,7 +318,7 @@ class PlaceRecognitionNode(Node):
 
     def _map_snapshot(self):
         with self._map_lock:
-            return self.detector.map.snapshot(), len(self.detector.map)
+            return self._map.snapshot(), len(self._map)
 
     def save_map(self) -> int:
         """Save the map atomically to map_save_path (mapping mode); the keyframes saved."""

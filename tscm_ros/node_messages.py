@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
+from tscm_ros.detection import Match
 from tscm_ros.geometry import Pose
-from tscm_ros.keyframe_map import Candidate
 from tscm_ros.msg import LoopCandidate, LoopCandidates
 
 
@@ -17,7 +17,7 @@ def fill_pose(target, pose: Pose) -> None:
 
 
 def loop_candidates_message(header, pose: Pose | None, pose_frame_id: str, map_frame_id: str, fingerprint: str,
-                            candidates: list[Candidate]) -> LoopCandidates:
+                            candidates: list[Match]) -> LoopCandidates:
     """The message for one image: its header and pose, and ``candidates`` (best first) with every stage's
     result."""
     out = LoopCandidates()

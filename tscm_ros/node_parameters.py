@@ -17,8 +17,8 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter as RosParameter
 from rclpy.qos import QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
 
+from tscm_ros.detection import DEFAULT_MIN_SCORE, MatchingConfig
 from tscm_ros.errors import ConfigError
-from tscm_ros.loop_detector import DEFAULT_MIN_SCORE, MatchingConfig
 from tscm_ros.map_building import MAPPING_FIT_KEYFRAMES, MIN_FIT_KEYFRAMES
 from tscm_ros.temporal import TemporalConfig
 from tscm_ros.verification import DEFAULT_MIN_INLIERS, CameraIntrinsics, VerificationConfig

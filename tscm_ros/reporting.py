@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tscm_ros.atomic import atomic_directory, atomic_file
+from tscm_ros.detection import DEFAULT_MIN_SCORE
 from tscm_ros.errors import ConfigError
-from tscm_ros.loop_detector import DEFAULT_MIN_SCORE
 from tscm_ros.recall import RecallResult
 
 if TYPE_CHECKING:

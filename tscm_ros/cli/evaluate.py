@@ -19,8 +19,9 @@ from pathlib import Path
 from tscm_ros.bag import Frame
 from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_args, run_main
 from tscm_ros.describe import DEFAULT_MODEL, PRETRAINED, describer_for
+from tscm_ros.detection import MatchingConfig
 from tscm_ros.errors import BagError, ConfigError
-from tscm_ros.loop_detector import LoopDetector, MatchingConfig
+from tscm_ros.loop_detector import LoopDetector
 from tscm_ros.loop_evaluation import (
     MethodRun,
     build_bow_detector,
