@@ -53,6 +53,23 @@ def test_the_map_fits_its_own_vocabulary_and_keeps_it(tmp_path, route_reference,
     assert "at least 20 keyframes" in capsys.readouterr().err
 
 
+def test_keyframes_after_the_vocabulary_fit_in_the_same_batch_are_described_with_it(tmp_path, route_reference):
+    """The fit comes on the 20th keyframe, in the middle of a batch of 7: the keyframes after it in that batch hold
+    descriptors of the map's own vocabulary, like every other keyframe."""
+    out = tmp_path / "map"
+    assert build_map.main(["--bag", str(route_reference), "--out", str(out), "--min-distance", "0",
+                           "--vocabulary-keyframes", "20", "--batch-size", "7"]) == 0
+    default = Describer.from_checkpoint(None, device="cpu")
+    keyframe_map = KeyframeMap.load(out, expected_fingerprint=default.fingerprint)
+    assert len(keyframe_map) == 40 and keyframe_map.vocabulary.images == 20
+    from tscm_ros.bag import FrameSource
+
+    images = [frame.image for frame in FrameSource(route_reference).open()]
+    expected = describer_for_map(default, keyframe_map).describe(images)
+    stored = keyframe_map.contents().index.faiss_index.reconstruct_n(0, len(keyframe_map))
+    assert ((expected * stored).sum(axis=1) > 0.999).all()
+
+
 def test_existing_map_is_refused_unless_force_or_append(built_map, route_query, tmp_path, capsys):
     before = sorted(p.name for p in built_map.iterdir())
     assert build_map.main(["--bag", str(route_query), "--out", str(built_map)]) == 2

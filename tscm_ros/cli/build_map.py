@@ -146,7 +146,12 @@ def _main(argv: Sequence[str] | None) -> int:
 
     def describe_and_add(frames: list[Frame]) -> None:
         descriptors, maps = builder.describe([f.image for f in frames])
-        for frame, descriptor, frame_maps in zip(frames, descriptors, maps):
+        described_by = builder.describer
+        for row, (frame, frame_maps) in enumerate(zip(frames, maps)):
+            if builder.describer is not described_by:  # the map fitted its vocabulary on a frame of this batch
+                descriptors[row:] = builder.describer.aggregate(maps[row:])
+                described_by = builder.describer
+            descriptor = descriptors[row]
             position = frame.pose.position if frame.pose is not None else None
             if not appearance.accept(frame.stamp_ns, position, descriptor):
                 continue
