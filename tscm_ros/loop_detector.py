@@ -3,8 +3,9 @@
 ``LoopDetector.process`` describes one RGB image with the map's describer, queries the keyframe map with the
 exclusion rules, scores the candidates along the recent images (temporal consistency,
 tscm_ros/temporal.py), checks the best ``k`` geometrically (tscm_ros/verification.py), and in mapping
-mode adds the image as a keyframe when ``KeyframeSelector`` accepts it (through tscm_ros/map_building.py,
-which also fits the map's own vocabulary once it has enough keyframes). A candidate is *accepted* (the node
+mode adds the image as a keyframe when the map's ``KeyframeSelector`` accepts it (through
+tscm_ros/map_building.py, the one way keyframes are added, which also fits the map's own vocabulary once
+it has enough keyframes). A candidate is *accepted* (the node
 publishes it as a loop) when it passes every stage that is on. No ROS here: the node converts messages and
 publishes, everything else happens in this module.
 """
@@ -12,68 +13,19 @@ publishes, everything else happens in this module.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 
 from tscm_ros.detection import Detection, Match, MatchingConfig
 from tscm_ros.errors import ConfigError
-from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
+from tscm_ros.keyframe_map import KeyframeMap
 from tscm_ros.local_features import extract_local_features
-from tscm_ros.map_building import MAPPING_FIT_KEYFRAMES, KeyframeBuilder
+from tscm_ros.map_building import MAPPING_FIT_KEYFRAMES, KeyframeBuilder, KeyframeSelector
 from tscm_ros.map_calibration import POOL, candidate_margins
 from tscm_ros.map_exclusion import Exclusion
 from tscm_ros.temporal import TemporalConfig, TemporalConsistency
 from tscm_ros.verification import CameraIntrinsics, VerificationConfig, verify
-
-
-@dataclass
-class KeyframeSelector:
-    """Decides which frames become keyframes: enough time and travel since the last one, and
-    (optionally) a descriptor that differs enough from it.
-
-    Each threshold at 0 (or ``max_similarity`` None) is off. Distance is only checked when both the
-    frame's and the last keyframe's positions are known.
-    """
-
-    min_interval_s: float = 0.0
-    min_distance_m: float = 0.0
-    max_similarity: float | None = None
-    _last_stamp_ns: int | None = field(default=None, init=False, repr=False)
-    _last_position: np.ndarray | None = field(default=None, init=False, repr=False)
-    _last_descriptor: np.ndarray | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.min_interval_s < 0 or self.min_distance_m < 0:
-            raise ConfigError("keyframe selection: minimum interval and distance must be >= 0")
-        if self.max_similarity is not None and not 0.0 < self.max_similarity <= 1.0:
-            raise ConfigError(f"keyframe selection: max_similarity must be in (0, 1], got {self.max_similarity}")
-
-    def moved_enough(self, stamp_ns: int, position: np.ndarray | None) -> bool:
-        """Time and travel since the last keyframe are both above their thresholds."""
-        if self._last_stamp_ns is None:
-            return True
-        if abs(stamp_ns - self._last_stamp_ns) < self.min_interval_s * 1e9:
-            return False
-        if self.min_distance_m > 0 and position is not None and self._last_position is not None:
-            return float(np.linalg.norm(position - self._last_position)) >= self.min_distance_m
-        return True
-
-    def looks_new(self, descriptor: np.ndarray) -> bool:
-        """The descriptor's similarity to the last keyframe's is below ``max_similarity``."""
-        if self.max_similarity is None or self._last_descriptor is None:
-            return True
-        return float(np.dot(descriptor, self._last_descriptor)) < self.max_similarity
-
-    def accept(self, stamp_ns: int, position: np.ndarray | None, descriptor: np.ndarray) -> bool:
-        """Whether this frame becomes a keyframe; remembers it if so."""
-        if not (self.moved_enough(stamp_ns, position) and self.looks_new(descriptor)):
-            return False
-        self._last_stamp_ns = stamp_ns
-        self._last_position = None if position is None else np.asarray(position, dtype=np.float64)
-        self._last_descriptor = descriptor
-        return True
-
 
 VERIFY_THREADS = 2  # OpenCV matching and RANSAC release the GIL: candidates are verified two at a time
 
@@ -239,9 +191,8 @@ class LoopDetector:
         candidates, features = self._verify(image, self._match(descriptor, exclusion, stamp_ns, position))
         detection = Detection(descriptor=descriptor, fingerprint=describer.fingerprint, candidates=candidates,
                               accepted=[c for c in candidates if self.accepts(c)])
-        if self._mapping is not None and self._mapping.accept(stamp_ns, position, descriptor):
-            meta = KeyframeMeta(stamp_ns=stamp_ns, pose=pose, bag=self._source,
-                                local_features=features if features is not None else extract_local_features(image))
-            ids = self._builder.add_described(descriptor[None, :], feature_maps, [meta])
-            detection.added_keyframe_id = int(ids[0])
+        if self._mapping is not None:
+            detection.added_keyframe_id = self._builder.add_image(image, stamp_ns, pose, self._source, descriptor,
+                                                                  feature_maps[0], self._mapping,
+                                                                  local_features=features)
         return detection

@@ -210,7 +210,7 @@ class MethodRun:
 def reference_keyframes(reference: FrameSource, keyframe_distance_m: float) -> Iterator[Frame]:
     """The reference frames that become map keyframes: one per ``keyframe_distance_m`` of travel,
     chosen by build_map's travel test (``KeyframeSelector``)."""
-    from tscm_ros.loop_detector import KeyframeSelector
+    from tscm_ros.map_building import KeyframeSelector
 
     selector = KeyframeSelector(min_distance_m=keyframe_distance_m)
     for frame in reference.open():
@@ -219,27 +219,14 @@ def reference_keyframes(reference: FrameSource, keyframe_distance_m: float) -> I
 
 
 def build_descriptor_map(describer, keyframes: Iterable[Frame]):
-    """A flat ``KeyframeMap`` of ``keyframes`` with local features, built as build_map builds one (a map of
-    its own vocabulary for the default model); (the map, the describer for its queries)."""
-    from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
-    from tscm_ros.local_features import extract_local_features
+    """A flat ``KeyframeMap`` of ``keyframes`` with local features, built as build_map builds one (the same
+    ``KeyframeBuilder.add_frames``: a map of its own vocabulary for the default model); (the map, the describer
+    for its queries)."""
+    from tscm_ros.keyframe_map import KeyframeMap
     from tscm_ros.map_building import KeyframeBuilder
 
     builder = KeyframeBuilder(describer, KeyframeMap.for_describer(describer))
-    batch: list[Frame] = []
-
-    def add(frames: list[Frame]) -> None:
-        builder.add([f.image for f in frames], [KeyframeMeta(stamp_ns=f.stamp_ns, pose=f.pose, bag=f.bag,
-                                                             local_features=extract_local_features(f.image))
-                                                for f in frames])
-
-    for frame in keyframes:
-        batch.append(frame)
-        if len(batch) == describer.batch_size:
-            add(batch)
-            batch = []
-    if batch:
-        add(batch)
+    builder.add_frames(keyframes)
     builder.finish()
     return builder.map, builder.describer
 

@@ -37,9 +37,9 @@ from tscm_ros.errors import ConfigError, TscmError
 from tscm_ros.geometry import PoseInterpolator, pose_from_message, stamp_to_ns
 from tscm_ros.image_messages import ImageDecodeError, image_message_to_rgb
 from tscm_ros.keyframe_map import KeyframeMap
-from tscm_ros.loop_detector import KeyframeSelector, LoopDetector
+from tscm_ros.loop_detector import LoopDetector
 from tscm_ros.map_autosave import MapSaver
-from tscm_ros.map_building import describer_for_map
+from tscm_ros.map_building import KeyframeSelector, describer_for_map
 from tscm_ros.msg import LoopCandidates
 from tscm_ros.node_diagnostics import POSE_SILENCE_WARN_S, diagnostic_status, pose_silence_warning
 from tscm_ros.node_inputs import MalformedImages, NewestImage, StampGaps
