@@ -54,11 +54,11 @@ VARIANTS = {
 def descriptor_gap(student: Path, teacher: Path, bags: list[Path]) -> float:
     """Mean squared distance between student and teacher descriptors of the bags' images."""
     from tscm_ros.bag import open_frames
-    from tscm_ros.describe import Describer
+    from tscm_ros.describe import describer_for
 
     images = [frame.image for bag in bags for frame in open_frames(bag)]
-    s = Describer.from_checkpoint(student, device="cpu").describe(images)
-    t = Describer.from_checkpoint(teacher, device="cpu").describe(images)
+    s = describer_for(student, device="cpu").describe(images)
+    t = describer_for(teacher, device="cpu").describe(images)
     return float(((s - t) ** 2).sum(axis=1).mean())
 
 

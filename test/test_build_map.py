@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tscm_ros.cli import build_map
-from tscm_ros.describe import Describer
+from tscm_ros.describe import DEFAULT_MODEL, describer_for
 from tscm_ros.keyframe_map import KeyframeMap
 from tscm_ros.map_building import describer_for_map
 
@@ -22,7 +22,7 @@ def built_map(route_reference, tmp_path_factory):
 
 
 def test_map_holds_spaced_keyframes_with_poses_and_the_model(built_map, route_reference):
-    keyframe_map = KeyframeMap.load(built_map, expected_fingerprint=Describer.from_checkpoint(None).fingerprint)
+    keyframe_map = KeyframeMap.load(built_map, expected_fingerprint=describer_for(DEFAULT_MODEL).fingerprint)
     positions = keyframe_map.positions
     # 300 m lap, 40 frames (7.5 m apart), keyframes 15 to 22.5 m apart
     assert 13 <= len(keyframe_map) <= 20
@@ -38,7 +38,7 @@ def test_the_map_fits_its_own_vocabulary_and_keeps_it(tmp_path, route_reference,
     assert build_map.main(["--bag", str(route_reference), "--out", str(out), "--min-distance", "0",
                            "--vocabulary-keyframes", "25"]) == 0
     assert "vocabulary of 32 words (fitted on 25 images of the map)" in capsys.readouterr().out
-    default = Describer.from_checkpoint(None, device="cpu")
+    default = describer_for(DEFAULT_MODEL, device="cpu")
     keyframe_map = KeyframeMap.load(out, expected_fingerprint=default.fingerprint)
     assert len(keyframe_map) == 40 and keyframe_map.vocabulary.images == 25
     assert keyframe_map.model_fingerprint == describer_for_map(default, keyframe_map).fingerprint != default.fingerprint
@@ -59,7 +59,7 @@ def test_keyframes_after_the_vocabulary_fit_in_the_same_batch_are_described_with
     out = tmp_path / "map"
     assert build_map.main(["--bag", str(route_reference), "--out", str(out), "--min-distance", "0",
                            "--vocabulary-keyframes", "20", "--batch-size", "7"]) == 0
-    default = Describer.from_checkpoint(None, device="cpu")
+    default = describer_for(DEFAULT_MODEL, device="cpu")
     keyframe_map = KeyframeMap.load(out, expected_fingerprint=default.fingerprint)
     assert len(keyframe_map) == 40 and keyframe_map.vocabulary.images == 20
     from tscm_ros.bag import FrameSource

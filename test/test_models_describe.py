@@ -98,7 +98,7 @@ def test_describer_from_a_saved_tiny_checkpoint(tmp_path):
     config, preprocess_config = load_model_config("tiny", "student")
     model = build_model(config)
     fingerprint = save_checkpoint(tmp_path / "tiny.pt", model, config, preprocess_config)
-    describer = Describer.from_checkpoint(tmp_path / "tiny.pt", device="auto", batch_size=2)
+    describer = describer_for(tmp_path / "tiny.pt", device="auto", batch_size=2)
     assert (describer.fingerprint, describer.dim, describer.preprocess_config) == (fingerprint, 64, preprocess_config)
     images = random_images(5, seed=3)
     with torch.no_grad():
@@ -123,11 +123,13 @@ def test_pretrained_baseline():
 
 def test_bad_arguments():
     with pytest.raises(CheckpointError, match="does not exist"):
-        Describer.from_checkpoint("no/such/student.pt")
+        describer_for("no/such/student.pt")
+    config, preprocess_config = load_model_config("tiny", "student")
+    model = build_model(config)
     with pytest.raises(ConfigError, match="batch_size"):
-        Describer.from_config("tiny", kind="student", batch_size=0)
+        Describer(model, preprocess_config, "f" * 16, "tiny", batch_size=0)
     with pytest.raises(ConfigError, match="backend"):
-        Describer.from_config("tiny", kind="student", backend="tensorrt")
+        Describer(model, preprocess_config, "f" * 16, "tiny", backend="tensorrt")
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
         assert resolve_device("auto") == torch.device("cpu")

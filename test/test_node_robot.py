@@ -24,7 +24,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from tscm_ros.bag import open_frames
 from tscm_ros.cli import build_map
-from tscm_ros.describe import Describer
+from tscm_ros.describe import DEFAULT_MODEL, describer_for
 from tscm_ros.keyframe_map import KeyframeMap
 from tscm_ros.map_building import describer_for_map
 from tscm_ros.node import OUTPUT_TOPIC
@@ -125,7 +125,7 @@ def test_a_mapping_node_killed_with_sigkill_loses_at_most_autosave_keyframes(tmp
         stop(node, signal.SIGKILL)
         observer.close()
 
-    default = Describer.from_checkpoint(None, device="cpu")
+    default = describer_for(DEFAULT_MODEL, device="cpu")
     saved = KeyframeMap.load(map_dir, expected_fingerprint=default.fingerprint)
     assert len(drive) - every <= len(saved) <= len(drive)
     describer = describer_for_map(default, saved)  # the map's vocabulary (fitted at 20 keyframes once saved)

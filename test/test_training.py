@@ -19,7 +19,7 @@ import yaml
 from tscm_ros.checkpoint import load_checkpoint, load_model_config, save_checkpoint
 from tscm_ros.cli import evaluate, extract_dataset, train
 from tscm_ros.dataset import load_dataset
-from tscm_ros.describe import Describer
+from tscm_ros.describe import describer_for
 from tscm_ros.errors import ConfigError
 from tscm_ros.mining import MiningConfig
 from tscm_ros.models import build_model
@@ -76,10 +76,13 @@ def student_run(dataset_dir: Path, teacher_run: Path) -> Path:
     return run
 
 
-def test_distilled_student_beats_an_untrained_student_on_the_test_split(dataset_dir: Path, student_run: Path):
+def test_distilled_student_beats_an_untrained_student_on_the_test_split(dataset_dir: Path, student_run: Path,
+                                                                         tmp_path: Path):
     dataset = load_dataset(dataset_dir)
-    distilled = Describer.from_checkpoint(student_run / "best.pt", device="cpu")
-    untrained = Describer.from_config("tiny", kind="student", device="cpu")
+    distilled = describer_for(student_run / "best.pt", device="cpu")
+    config, preprocess_config = load_model_config("tiny", kind="student")
+    save_checkpoint(tmp_path / "untrained.pt", build_model(config), config, preprocess_config)
+    untrained = describer_for(tmp_path / "untrained.pt", device="cpu")
     assert distilled.model_name == untrained.model_name  # same architecture
     distilled_recall = evaluate_split(dataset, "test", distilled, RADIUS_M, (1, 5, 10))
     untrained_recall = evaluate_split(dataset, "test", untrained, RADIUS_M, (1, 5, 10))
@@ -123,7 +126,7 @@ def test_evaluate_puts_models_side_by_side(
     assert "tscm_teacher_tiny" in table and "tscm_student_tiny" in table and "gem_baseline_offline" in table
     assert (out / "recall.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "recall.json").read_text())
-    student = Describer.from_checkpoint(student_run / "best.pt", device="cpu")
+    student = describer_for(student_run / "best.pt", device="cpu")
     expected = evaluate_split(load_dataset(dataset_dir), "test", student, RADIUS_M, (1, 5, 10, 20))
     assert summary["models"][1]["recall"]["1"] == pytest.approx(expected.recall[1])
     assert evaluate.main(argv) == 2  # refuses to overwrite

@@ -1,12 +1,13 @@
 """The one inference path: RGB images -> L2-normalised float32 descriptors, for maps, evaluation and the node.
 
-``load_named_model(model)`` is the one place that resolves the model names the command lines take:
-``default`` (or None) is the training-free default, VLAD over pretrained EfficientNet-Lite tokens
+``describer_for(model)`` is the one way to a Describer from a model name or checkpoint; the ``Describer``
+constructor is for code that already holds a network. ``load_named_model(model)`` is the one place that
+resolves the names the command lines take (``export_model`` wants the network itself): ``default`` (or
+None) is the training-free default, VLAD over pretrained EfficientNet-Lite tokens
 (config/model_vlad_default.yaml, tscm_ros/models/vlad.py) with the generic vocabulary shipped in the package
 (tscm_ros/weights/generic_vocabulary.npz); a map replaces that vocabulary with one fitted on its own images
 (``Describer.with_vocabulary``). ``pretrained`` is the "pretrained backbone + GeM" baseline for evaluation;
-anything else is a checkpoint path. ``describer_for(model)`` gives its Describer;
-``Describer.from_checkpoint(path)`` loads a checkpoint (None: the default model).
+anything else is a checkpoint path.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class Describer:
     def __init__(
         self, model: nn.Module, preprocess_config: PreprocessConfig, fingerprint: str, model_name: str,
         device: str | torch.device = "auto", batch_size: int = 16, backend: str = "auto",
-        vocabulary: Vocabulary | None = None,
+        vocabulary: Vocabulary | None = None, calibration: ScoreCalibration | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -159,7 +160,7 @@ class Describer:
         self.model_name = model_name
         self.dim = int(model.dim)
         self.batch_size = int(batch_size)
-        self.calibration: ScoreCalibration | None = None  # from the checkpoint; None: scores are raw similarity
+        self.calibration = calibration  # from the checkpoint; None: scores are raw similarity
         self.vocabulary = self._own_vocabulary = vocabulary if isinstance(model, VladNet) else None
         self._network = prepare_for_inference(model).to(self.device)
         self._vocabulary_tensors = self._tensors(self.vocabulary)
@@ -176,31 +177,6 @@ class Describer:
             except Exception as exc:  # an operator the exporter or runtime lacks: the torch path still works
                 LOG.warning("ONNX Runtime cannot run %s (%s); using the torch backend", model_name, exc)
         self.backend = "onnxruntime" if self._runner is not None else "torch"
-
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | Path | None, device: str = "auto", batch_size: int = 16, backend: str = "auto"
-    ) -> Describer:
-        """Load a checkpoint (any kind), or the default model when ``path`` is None."""
-        return describer_for(DEFAULT_MODEL if path is None else Path(path), device, batch_size, backend)
-
-    @classmethod
-    def from_config(
-        cls, source: str | Path | dict[str, Any], device: str = "auto", batch_size: int = 16, kind: str | None = None,
-        preprocess_config: PreprocessConfig | None = None, backend: str = "auto",
-    ) -> Describer:
-        """Build an untrained model (pretrained backbone weights, seeded rest) from a config file, preset
-        name, or an already-loaded model config dict (then ``preprocess_config`` is required)."""
-        if isinstance(source, dict):
-            if preprocess_config is None:
-                raise ConfigError("Describer.from_config with a config dict needs preprocess_config")
-            model_config = source
-        else:
-            model_config, preprocess_config = load_model_config(source, kind=kind)
-        model = build_model(model_config)
-        fingerprint = model_fingerprint(model_config, preprocess_config, model.state_dict())
-        name = str(model_config.get("name", model_config["kind"]))
-        return cls(model, preprocess_config, fingerprint, name, device, batch_size, backend)
 
     @property
     def adapts_to_map(self) -> bool:
@@ -332,9 +308,8 @@ def _untrained(model_config: dict[str, Any], preprocess_config: PreprocessConfig
 
 def describer_for(model: str | Path | None, device: str = "auto", batch_size: int = 16,
                   backend: str = "auto") -> Describer:
-    """The Describer of ``load_named_model(model)``."""
+    """The Describer of a model name or checkpoint (``load_named_model``): ``default`` or None, ``pretrained``,
+    else a checkpoint path."""
     named = load_named_model(model)
-    describer = Describer(named.network, named.preprocess, named.fingerprint, named.name, device, batch_size,
-                          backend, named.vocabulary)
-    describer.calibration = named.calibration
-    return describer
+    return Describer(named.network, named.preprocess, named.fingerprint, named.name, device, batch_size, backend,
+                     named.vocabulary, named.calibration)
