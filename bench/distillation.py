@@ -53,10 +53,10 @@ VARIANTS = {
 
 def descriptor_gap(student: Path, teacher: Path, bags: list[Path]) -> float:
     """Mean squared distance between student and teacher descriptors of the bags' images."""
-    from tscm_ros.bag import open_frames
+    from tscm_ros.bag import FrameSource
     from tscm_ros.describe import describer_for
 
-    images = [frame.image for bag in bags for frame in open_frames(bag)]
+    images = [frame.image for bag in bags for frame in FrameSource(bag).open()]
     s = describer_for(student, device="cpu").describe(images)
     t = describer_for(teacher, device="cpu").describe(images)
     return float(((s - t) ** 2).sum(axis=1).mean())

@@ -32,7 +32,7 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from tscm_ros.msg import LoopCandidates
 
-from tscm_ros.bag import open_frames
+from tscm_ros.bag import FrameSource
 from tscm_ros.describe import DEFAULT_MODEL, Describer, describer_for
 from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
 from tscm_ros.local_features import extract_local_features
@@ -65,7 +65,7 @@ def make_map(frames, describer: Describer, size: int, out: Path) -> Path:
 def route_and_map(work: Path, map_size: int) -> tuple[list, Path, list[Image]]:
     """A rendered 100-frame 320x240 route, a ``map_size``-keyframe map of it, and its frames as rgb8 Images."""
     route = simulate_route(work / "route", frames=100, width=320, height=240, progress=False)
-    frames = list(open_frames(route))
+    frames = list(FrameSource(route).open())
     map_dir = make_map(frames, describer_for(DEFAULT_MODEL), map_size, work / "map")
     images = [Image(height=f.image.shape[0], width=f.image.shape[1], encoding="rgb8", step=f.image.shape[1] * 3,
                     data=f.image.tobytes()) for f in frames]

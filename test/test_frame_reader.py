@@ -13,7 +13,7 @@ from rosbags.rosbag1 import Writer as Ros1Writer
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from tscm_ros.bag import open_frames
+from tscm_ros.bag import FrameSource
 from tscm_ros.errors import BagError
 from tscm_ros.geometry import Pose, PoseInterpolator, slerp
 from tscm_ros.image_messages import ImageDecodeError, image_message_to_rgb
@@ -76,7 +76,7 @@ def straight_route(n_images: int = 6, with_poses: bool = True) -> list[tuple[str
 @pytest.mark.parametrize("storage", [StoragePlugin.SQLITE3, StoragePlugin.MCAP])
 def test_frames_with_interpolated_poses(tmp_path, storage):
     bag = write_bag(tmp_path / "bag", straight_route(), storage)
-    reader = open_frames(bag)
+    reader = FrameSource(bag).open()
     assert (reader.image_topic, reader.pose_topic, len(reader)) == ("/camera/image_raw", "/pose", 6)
     frames = list(reader)
     assert [f.index for f in frames] == list(range(6))
@@ -136,14 +136,14 @@ def test_frames_without_poses_are_counted(tmp_path):
     cut = START_NS + 8 * 50_000_000
     messages = [(t, m) for t, m in messages if t != "/pose" or
                 m.header.stamp.sec * 10**9 + m.header.stamp.nanosec <= cut]
-    frames = list(reader := open_frames(write_bag(tmp_path / "bag", messages)))
+    frames = list(reader := FrameSource(write_bag(tmp_path / "bag", messages)).open())
     assert [f.pose is not None for f in frames] == [True, True, False, False, False, False]
     assert "4 frames without pose (4 outside the pose stream, 0 in gaps over 1 s)" in reader.summary()
     # a 2 s hole in the pose stream around the third image
     hole = (START_NS + 8 * 50_000_000, START_NS + 12 * 50_000_000)
     messages = [(t, m) for t, m in straight_route(n_images=6) if t != "/pose" or
                 not hole[0] < m.header.stamp.sec * 10**9 + m.header.stamp.nanosec < hole[1]]
-    frames = list(reader := open_frames(write_bag(tmp_path / "gap", messages), max_gap_s=0.15))
+    frames = list(reader := FrameSource(write_bag(tmp_path / "gap", messages), max_gap_s=0.15).open())
     assert [f.pose is not None for f in frames] == [True, True, False, True, True, True]
     assert "1 frames without pose (0 outside the pose stream, 1 in gaps over 0.15 s)" in reader.summary()
 
@@ -153,18 +153,18 @@ def test_topic_detection_errors(tmp_path):
     messages.append(("/other_camera", raw_image(np.zeros((2, 2, 3), np.uint8), START_NS + 7)))
     bag = write_bag(tmp_path / "two_cameras", messages)
     with pytest.raises(BagError, match=r"several image topics.*/camera/image_raw.*/other_camera"):
-        open_frames(bag)
-    assert len(open_frames(bag, image_topic="/other_camera")) == 1
+        FrameSource(bag).open()
+    assert len(FrameSource(bag, image_topic="/other_camera").open()) == 1
     with pytest.raises(BagError, match="no image topic '/nope'"):
-        open_frames(bag, image_topic="/nope")
+        FrameSource(bag, image_topic="/nope").open()
 
     only_poses = write_bag(tmp_path / "no_images", [m for m in straight_route() if m[0] == "/pose"])
     with pytest.raises(BagError, match=r"no_images: no image topic"):
-        open_frames(only_poses)
+        FrameSource(only_poses).open()
     no_poses = write_bag(tmp_path / "no_poses", straight_route(with_poses=False))
-    assert open_frames(no_poses).pose_topic is None
+    assert FrameSource(no_poses).open().pose_topic is None
     with pytest.raises(BagError, match="no pose topic '/odom'"):
-        open_frames(no_poses, pose_topic="/odom")
+        FrameSource(no_poses, pose_topic="/odom").open()
 
 
 def test_ros1_bag_with_two_publishers_on_one_topic(tmp_path):
@@ -196,7 +196,7 @@ def test_ros1_bag_with_two_publishers_on_one_topic(tmp_path):
                     header=R["std_msgs/msg/Header"](seq=i, stamp=stamp, frame_id="camera"), height=2, width=2,
                     encoding="bgr8", is_bigendian=0, step=6, data=np.tile(np.uint8([1, 2, 3]), 4))
                 writer.write(cameras[i == 5], t, ros1.serialize_ros1(image, "sensor_msgs/msg/Image"))
-    reader = open_frames(path)
+    reader = FrameSource(path).open()
     frames = list(reader)
     assert (len(reader), reader.pose_topic) == (2, "/odom")
     assert [f.pose.position[0] for f in frames] == pytest.approx([2.5, 5.5])
@@ -205,22 +205,22 @@ def test_ros1_bag_with_two_publishers_on_one_topic(tmp_path):
 
 def test_missing_and_damaged_bags(tmp_path):
     with pytest.raises(BagError, match="nowhere: no such bag"):
-        open_frames(tmp_path / "nowhere")
+        FrameSource(tmp_path / "nowhere").open()
     bag = write_bag(tmp_path / "bag", straight_route(n_images=20))
     db = next(bag.glob("*.db3"))
     db.write_bytes(db.read_bytes()[: db.stat().st_size // 3])
     with pytest.raises(BagError, match=str(bag)):
-        list(open_frames(bag))
+        list(FrameSource(bag).open())
     mcap = write_bag(tmp_path / "mcap", straight_route(n_images=20), StoragePlugin.MCAP)
     data_file = next(mcap.glob("*.mcap"))
     data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
     with pytest.raises(BagError, match=str(mcap)):
-        list(open_frames(mcap))
+        list(FrameSource(mcap).open())
     not_a_bag = tmp_path / "garbage"
     not_a_bag.mkdir()
     (not_a_bag / "metadata.yaml").write_text("this: is not [a rosbag2 metadata")
     with pytest.raises(BagError, match="garbage: cannot open the bag"):
-        open_frames(not_a_bag)
+        FrameSource(not_a_bag).open()
 
 
 def test_navsatfix_becomes_local_metres(tmp_path):
@@ -235,7 +235,7 @@ def test_navsatfix_becomes_local_metres(tmp_path):
                                            position_covariance=np.zeros(9), position_covariance_type=0)))
         if i in (5, 7):
             messages.append(("/camera/image_raw", raw_image(np.zeros((2, 2, 3), np.uint8), t)))
-    frames = list(open_frames(write_bag(tmp_path / "gps", messages)))
+    frames = list(FrameSource(write_bag(tmp_path / "gps", messages)).open())
     # On WGS84 at 45 degrees a degree of latitude is 111132.95 m and of longitude 78847 m; origin = fix 1.
     east, north, up = frames[0].pose.position
     assert north == pytest.approx(4 * 11.113295, rel=1e-4)
@@ -325,7 +325,7 @@ def test_malformed_image_in_a_bag_is_skipped_and_counted(tmp_path):
     write_bag(tmp_path / "garbled", messages,
               raw=[("/camera/image_raw", START_NS + 4, b"\x00\x01\x00\x00\xff\xff\xff\x7f")])
     for path, malformed in [(bag, 1), (tmp_path / "garbled", 2)]:
-        reader = open_frames(path)
+        reader = FrameSource(path).open()
         assert len(list(reader)) == 4
         assert f"{malformed} malformed images skipped" in reader.summary()
         assert len(list(reader)) == 4 and reader.frames_malformed == malformed  # counts restart per pass

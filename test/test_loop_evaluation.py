@@ -169,7 +169,7 @@ def test_bag_evaluation_reports_every_method_on_the_same_queries(route_reference
                                                                  tmp_path, capsys):
     import json
 
-    from tscm_ros.bag import open_frames
+    from tscm_ros.bag import FrameSource
     from tscm_ros.cli import build_map
     from tscm_ros.cli.evaluate import run_bag_evaluation
     from tscm_ros.keyframe_map import KeyframeMap
@@ -190,7 +190,7 @@ def test_bag_evaluation_reports_every_method_on_the_same_queries(route_reference
     assert [m["name"] for m in summary["methods"]] == ["tiny", "tiny + temporal", "tiny + verification",
                                                        "tiny + verification + temporal", "ORB bag of words"]
 
-    query_positions = [frame.pose.position for frame in open_frames(str(route_query)) if frame.pose is not None]
+    query_positions = [frame.pose.position for frame in FrameSource(str(route_query)).open() if frame.pose is not None]
     posed_queries = len(query_positions)
     # The evaluation's map holds the keyframes build_map (what the node loads) selects from the same bag.
     build_map.main(["--bag", str(route_reference), "--out", str(tmp_path / "map"), "--model", str(tiny_student),
@@ -233,11 +233,11 @@ def test_matches_png_shows_the_highest_scored_false_matches_then_true_ones(route
     first, and a sample of true ones."""
     import matplotlib.image
 
-    from tscm_ros.bag import FrameSource, open_frames
+    from tscm_ros.bag import FrameSource
     from tscm_ros.loop_evaluation import LoopMetrics, MethodRun, PRCurve
     from tscm_ros.match_figure import chosen_queries, write_matches_figure
 
-    queries, keyframes = list(open_frames(route_query))[:8], list(open_frames(route_reference))[:8]
+    queries, keyframes = list(FrameSource(route_query).open())[:8], list(FrameSource(route_reference).open())[:8]
     # query q's top-1 is keyframe q (right) for even q, keyframe 7 - q (wrong) for odd q; query 6 has none
     top = [q if q % 2 == 0 else 7 - q for q in range(8)]
     within = np.eye(8, dtype=bool)

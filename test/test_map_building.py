@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tscm_ros.bag import open_frames
+from tscm_ros.bag import FrameSource
 from tscm_ros.describe import DEFAULT_MODEL, PRETRAINED, Describer, describer_for
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
@@ -20,7 +20,7 @@ def default() -> Describer:
 
 @pytest.fixture(scope="module")
 def frames(route_reference):
-    return list(open_frames(route_reference))
+    return list(FrameSource(route_reference).open())
 
 
 def metas(frames) -> list[KeyframeMeta]:

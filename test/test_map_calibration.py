@@ -69,13 +69,13 @@ def test_the_calibration_round_trips_through_the_map(tmp_path, rtabmap_map):
 
 
 def test_unmapped_places_score_below_min_score_and_revisits_pass_it(rtabmap_map, route_reference):
-    from tscm_ros.bag import open_frames
+    from tscm_ros.bag import FrameSource
 
     revisit_set, keyframe_map, describer = rtabmap_map
     everything = MatchingConfig(k=5, min_score=0.0, exclude_recent_s=0.0)
     detector = LoopDetector(describer, keyframe_map, everything)
     # A rendered town is a place this indoor map never saw.
-    unmapped = [detector.process(f.image, f.stamp_ns).candidates[0].score for f in open_frames(route_reference)]
+    unmapped = [detector.process(f.image, f.stamp_ns).candidates[0].score for f in FrameSource(route_reference).open()]
     assert max(unmapped) < DEFAULT_MIN_SCORE, unmapped
     revisits = [detector.process(f.image, f.stamp_ns).candidates[0] for f in revisit_set.query_frames()]
     published = [c for c in revisits if c.score >= DEFAULT_MIN_SCORE]

@@ -21,7 +21,7 @@ from rclpy_support import spin_until
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
-from tscm_ros.bag import open_frames
+from tscm_ros.bag import FrameSource
 from tscm_ros.cli import build_map
 from tscm_ros.detection import DEFAULT_MIN_SCORE
 from tscm_ros.errors import ConfigError, MapError
@@ -39,12 +39,12 @@ def reference_map(route_reference, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_frames(route_reference):
-    return list(open_frames(route_reference))
+    return list(FrameSource(route_reference).open())
 
 
 @pytest.fixture(scope="module")
 def query_frames(route_query):
-    return list(open_frames(route_query))
+    return list(FrameSource(route_query).open())
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def revisit_frames(tmp_path_factory):
     from tscm_ros.simulate import simulate_route
 
     bag = simulate_route(tmp_path_factory.mktemp("revisit") / "bag", traversal=1, appearance_change=0.2, **ROUTE)
-    return list(open_frames(bag))
+    return list(FrameSource(bag).open())
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from sensor_msgs.msg import Image
 from tscm_ros.msg import LoopCandidates
 from visualization_msgs.msg import Marker, MarkerArray
 
-from tscm_ros.bag import open_frames
+from tscm_ros.bag import FrameSource
 from tscm_ros.cli import build_map
 from tscm_ros.describe import DEFAULT_MODEL, describer_for
 from tscm_ros.keyframe_map import KeyframeMap
@@ -43,7 +43,7 @@ def reference_map(route_reference, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_frames(route_reference):
-    return list(open_frames(route_reference))
+    return list(FrameSource(route_reference).open())
 
 
 class Observer:

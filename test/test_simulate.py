@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from rosbags.highlevel import AnyReader
 
-from tscm_ros.bag import open_frames
+from tscm_ros.bag import FrameSource
 from tscm_ros.cli import simulate_route as cli
 from tscm_ros.errors import ConfigError
 from tscm_ros.simulate import simulate_route
@@ -52,9 +52,9 @@ def test_bag_has_the_promised_topics_counts_and_stamps(tmp_path, storage):
     # every image falls strictly between two odometry messages, so its pose is interpolated
     assert odom_times[0] < image_times[0] and odom_times[-1] > image_times[-1]
     assert not set(image_times) & set(odom_times)
-    frames = list(open_frames(bag, image_topic="/camera/image_raw"))
+    frames = list(FrameSource(bag, image_topic="/camera/image_raw").open())
     assert all(f.pose is not None and f.image.shape == (48, 64, 3) for f in frames)
-    jpeg_frames = list(open_frames(bag, image_topic="/camera/image_raw/compressed"))
+    jpeg_frames = list(FrameSource(bag, image_topic="/camera/image_raw/compressed").open())
     assert [f.stamp_ns for f in jpeg_frames] == [f.stamp_ns for f in frames]
     assert all(np.abs(j.image.astype(int) - f.image).mean() < 8 for j, f in zip(jpeg_frames, frames))
     # the second lap revisits the first lap's positions
@@ -68,7 +68,7 @@ def test_later_traversals_revisit_the_places_along_other_points_of_the_road(tmp_
     for traversal in (0, 1):
         bag = simulate_route(tmp_path / f"t{traversal}", traversal=traversal, appearance_change=1.0,
                              **{**SMALL, "frames": 12, "width": 32, "height": 24})
-        poses[traversal] = np.array([f.pose.position[:2] for f in open_frames(bag)])
+        poses[traversal] = np.array([f.pose.position[:2] for f in FrameSource(bag).open()])
     off_line = {t: np.linalg.norm(p[:, None] - centre_line[None], axis=2).min(axis=1) for t, p in poses.items()}
     assert off_line[0].max() < 0.01  # the reference drives the centre line
     assert 0.1 < off_line[1].max() < 2.0  # the revisit keeps to one side, weaving a little
@@ -77,10 +77,10 @@ def test_later_traversals_revisit_the_places_along_other_points_of_the_road(tmp_
 
 
 def test_same_seed_same_bytes_other_traversal_other_look(tmp_path):
-    a = [f.image for f in open_frames(simulate_route(tmp_path / "a", seed=3, **SMALL))]
-    b = [f.image for f in open_frames(simulate_route(tmp_path / "b", seed=3, **SMALL))]
-    c = [f.image for f in open_frames(simulate_route(tmp_path / "c", seed=3, traversal=1, **SMALL))]
-    d = [f.image for f in open_frames(simulate_route(tmp_path / "d", seed=4, **SMALL))]
+    a = [f.image for f in FrameSource(simulate_route(tmp_path / "a", seed=3, **SMALL)).open()]
+    b = [f.image for f in FrameSource(simulate_route(tmp_path / "b", seed=3, **SMALL)).open()]
+    c = [f.image for f in FrameSource(simulate_route(tmp_path / "c", seed=3, traversal=1, **SMALL)).open()]
+    d = [f.image for f in FrameSource(simulate_route(tmp_path / "d", seed=4, **SMALL)).open()]
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert all(not np.array_equal(x, y) for x, y in zip(a, c))
     assert all(not np.array_equal(x, y) for x, y in zip(a, d))
@@ -110,13 +110,13 @@ def test_command_line_writes_a_bag_and_says_what_it_wrote(tmp_path, capsys):
             "--storage", "mcap", "--laps", "2", "--seed", "5", "--traversal", "1", "--appearance-change", "0.5"]
     assert cli.main(argv) == 0
     assert "wrote 8 frames (32x24) of traversal 1, seed 5" in capsys.readouterr().out
-    assert len(list(out.glob("*.mcap"))) == 1 and len(open_frames(out)) == 8
+    assert len(list(out.glob("*.mcap"))) == 1 and len(FrameSource(out).open()) == 8
     assert cli.main(argv + ["--force"]) == 0  # replaces the bag
-    assert len(open_frames(out)) == 8 and [p.name for p in tmp_path.iterdir()] == ["cli_bag"]
+    assert len(FrameSource(out).open()) == 8 and [p.name for p in tmp_path.iterdir()] == ["cli_bag"]
 
 
 def _frames(bag):
-    return list(open_frames(bag))
+    return list(FrameSource(bag).open())
 
 
 def _bag_bytes(bag):
@@ -265,7 +265,7 @@ def test_command_line_takes_the_new_options(tmp_path, capsys):
             "--traversal", "1", "--condition", "haze", "--aliasing", "0.3", "--skip-arc", "0.25,0.55"]
     assert cli.main(argv) == 0
     assert "wrote 7 frames (32x24) of traversal 1, seed 0" in capsys.readouterr().out
-    assert len(open_frames(out)) == 7
+    assert len(FrameSource(out).open()) == 7
     assert cli.main(["--out", str(tmp_path / "x"), "--skip-arc", "0.2"]) == 2
     assert "--skip-arc must be START,END" in capsys.readouterr().err
     with pytest.raises(SystemExit):

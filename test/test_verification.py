@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from tscm_ros.bag import open_frames
+from tscm_ros.bag import FrameSource
 from tscm_ros.describe import DEFAULT_MODEL, describer_for
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
@@ -31,8 +31,8 @@ def revisit_pairs(route_reference, tmp_path_factory):
     from tscm_ros.simulate import simulate_route
 
     revisit = simulate_route(tmp_path_factory.mktemp("revisit") / "bag", traversal=1, appearance_change=0.2, **ROUTE)
-    reference = list(open_frames(route_reference))
-    queries = list(open_frames(revisit))
+    reference = list(FrameSource(route_reference).open())
+    queries = list(FrameSource(revisit).open())
     model = describer_for(DEFAULT_MODEL, device="cpu")
     similarity = model.describe([f.image for f in queries]) @ model.describe([f.image for f in reference]).T
     positions = np.array([f.pose.position[:2] for f in reference])

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tscm_ros.bag import open_frames
+from tscm_ros.bag import FrameSource
 from tscm_ros.checkpoint import load_model_config
 from tscm_ros.describe import DEFAULT_CONFIG, GENERIC_VOCABULARY
 from tscm_ros.models.nets import build_model
@@ -47,7 +47,7 @@ def main() -> int:
             if not bag.exists():
                 simulate_route(bag, seed=seed, traversal=traversal, condition=condition, frames=FRAMES,
                                route_length_m=2.0 * FRAMES, world=world, progress=False)
-            images = [frame.image for frame in open_frames(bag)]
+            images = [frame.image for frame in FrameSource(bag).open()]
             with torch.inference_mode():
                 for start in range(0, len(images), 16):
                     maps.append(model.trunk(preprocess(images[start:start + 16], preprocess_config))[0])

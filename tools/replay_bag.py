@@ -23,7 +23,7 @@ from rclpy.qos import QoSProfile
 from sensor_msgs.msg import Image
 from tscm_ros.msg import LoopCandidates
 
-from tscm_ros.bag import open_frames
+from tscm_ros.bag import FrameSource
 
 OUTPUT_TOPIC = "/tscm/loop_candidates"
 
@@ -93,7 +93,7 @@ def spin_for(executor: SingleThreadedExecutor, seconds: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    frames = list(open_frames(args.bag))
+    frames = list(FrameSource(args.bag).open())
     positions = {f.stamp_ns: np.asarray(f.pose.position, dtype=float) for f in frames if f.pose is not None}
     rclpy.init()
     if not frames:

@@ -1,10 +1,11 @@
 """Frames from recordings: images with stamps and poses, shared by every offline tool and the live node.
 
-``open_frames(bag)``, or ``FrameSource(bag, ...).open()``, opens a rosbag2 directory (sqlite3 or mcap) or
-a ROS 1 bag with ``rosbags``, picks the image topic (sensor_msgs/Image or CompressedImage) and a pose topic
-(nav_msgs/Odometry, geometry_msgs/PoseStamped or PoseWithCovarianceStamped, or sensor_msgs/NavSatFix in a
-local metric frame), reads the pose stream first (it is small) and then streams the images, each with the pose
-interpolated at its stamp by ``PoseInterpolator``: positions linearly, orientations by slerp.
+``FrameSource(bag, ...).open()``, the one way to open a bag, gives a ``FrameReader`` of a rosbag2 directory
+(sqlite3 or mcap) or a ROS 1 bag, read with ``rosbags``: it picks the image topic (sensor_msgs/Image or
+CompressedImage) and a pose topic (nav_msgs/Odometry, geometry_msgs/PoseStamped or PoseWithCovarianceStamped,
+or sensor_msgs/NavSatFix in a local metric frame), reads the pose stream first (it is small) and then streams
+the images, each with the pose interpolated at its stamp by ``PoseInterpolator``: positions linearly,
+orientations by slerp.
 
 This interpolation replaces message_filters' approximate time synchroniser, which pairs each image with
 the *nearest* pose message; at 30 Hz odometry and 1 m/s that is up to 1.7 cm and a few tenths of a degree
@@ -213,13 +214,6 @@ class FrameReader:
             poses = f"no pose topic, {self.frames_without_pose} frames without pose"
         return (f"{self.path}: {self.frames_read} frames from {self.image_topic}, {poses}, "
                 f"{self.frames_malformed} malformed images skipped")
-
-
-def open_frames(bag_path: str | Path, image_topic: str | None = None, pose_topic: str | None = None,
-                max_gap_s: float = 1.0, progress: bool = False) -> FrameReader:
-    """Open a bag for frame iteration; BagError names the file and the problem."""
-    return FrameReader(bag_path, image_topic=image_topic, pose_topic=pose_topic, max_gap_s=max_gap_s,
-                       progress=progress)
 
 
 @dataclass(frozen=True)
