@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tscm_ros.detection import DEFAULT_MIN_SCORE  # noqa: E402
-from tscm_ros.loop_evaluation import (  # noqa: E402
+from tscm_ros.loop_metrics import (  # noqa: E402
     at_threshold,
     max_recall_at_full_precision,
     precision_recall_curve,

@@ -29,7 +29,8 @@ from tscm_ros.describe import DEFAULT_MODEL, describer_for  # noqa: E402
 from tscm_ros.detection import MatchingConfig  # noqa: E402
 from tscm_ros.local_features import extract_local_features  # noqa: E402
 from tscm_ros.loop_detector import LoopDetector  # noqa: E402
-from tscm_ros.loop_evaluation import build_descriptor_map, reference_keyframes, within_radius  # noqa: E402
+from tscm_ros.loop_evaluation import build_descriptor_map, reference_keyframes  # noqa: E402
+from tscm_ros.loop_metrics import within_radius  # noqa: E402
 from tscm_ros.revisit_set import find_revisit_sets  # noqa: E402
 from tscm_ros.simulate import simulate_route  # noqa: E402
 from tscm_ros.verification import CameraIntrinsics, VerificationConfig, verify  # noqa: E402

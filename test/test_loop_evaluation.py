@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from tscm_ros.loop_evaluation import (
+from tscm_ros.loop_metrics import (
     evaluate_loop_closures,
     max_recall_at_full_precision,
     precision_recall_curve,
@@ -234,7 +234,8 @@ def test_matches_png_shows_the_highest_scored_false_matches_then_true_ones(route
     import matplotlib.image
 
     from tscm_ros.bag import FrameSource
-    from tscm_ros.loop_evaluation import LoopMetrics, MethodRun, PRCurve
+    from tscm_ros.loop_evaluation import MethodRun
+    from tscm_ros.loop_metrics import LoopMetrics, PRCurve
     from tscm_ros.match_figure import chosen_queries, write_matches_figure
 
     queries, keyframes = list(FrameSource(route_query).open())[:8], list(FrameSource(route_reference).open())[:8]

@@ -151,7 +151,7 @@ def loop_closure_table_markdown(runs: Sequence[MethodRun], title: str) -> str:
     lines.append("")
     lines.append("R@N: share of queries with a true loop whose N best candidates include a keyframe within the "
                  "radius. AP and max R @ P=100 %: precision-recall of the top-1 candidate's score (see "
-                 f"tscm_ros/loop_evaluation.py). P / R at score >= {DEFAULT_MIN_SCORE:g}: precision and recall of the "
+                 f"tscm_ros/loop_metrics.py). P / R at score >= {DEFAULT_MIN_SCORE:g}: precision and recall of the "
                  "top-1 candidates the node publishes with its default min_score, scored by the map's own "
                  "calibration (tscm_ros/map_calibration.py). Latency: one query, describe + search "
                  "(+ the row's stages), this machine.")

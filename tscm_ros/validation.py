@@ -16,6 +16,7 @@ from tscm_ros.calibration import ScoreCalibration
 from tscm_ros.checkpoint import load_checkpoint, save_checkpoint
 from tscm_ros.dataset import load_datasets, require_split
 from tscm_ros.feature_cache import FeatureCache, TrainableHeads, describe_cached, describe_frames
+from tscm_ros.loop_metrics import max_recall_at_full_precision, precision_recall_curve
 from tscm_ros.recall import evaluate_descriptors, retrieve
 
 LOG = logging.getLogger(__name__)
@@ -64,8 +65,6 @@ class ValSplit:
     def recall(self) -> dict:
         """Val recall@N (keys 1, 5, 10) and MAX_RECALL_KEY: the top-1 match's maximum recall at 100 % precision,
         which still tells epochs apart once recall@1 saturates on an easy validation traversal."""
-        from tscm_ros.loop_evaluation import max_recall_at_full_precision, precision_recall_curve
-
         db, q = self.descriptors()
         recall = dict(evaluate_descriptors(q, db, self.query_positions, self.database_positions, self.radius_m,
                                            VAL_NS).recall)

@@ -2,9 +2,9 @@
 
 Modes (exactly one): ``--data DIR`` measures place recognition on a dataset split made by
 extract_dataset (queries against the database); ``--bag DIR --query-bag DIR`` measures loop-closure
-detection through the node's own code path (metrics: tscm_ros.loop_evaluation); ``--revisit-set DIR`` does
-the same on photographs without poses: a map of the set's reference images, queried with its query images,
-judged by its ground-truth file (tscm_ros/revisit_set.py).
+detection through the node's own code path (runs: tscm_ros.loop_evaluation, metrics: tscm_ros.loop_metrics);
+``--revisit-set DIR`` does the same on photographs without poses: a map of the set's reference images,
+queried with its query images, judged by its ground-truth file (tscm_ros/revisit_set.py).
 """
 
 from __future__ import annotations
