@@ -27,9 +27,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from tscm_ros.checkpoint import load_model_config
-from tscm_ros.describe import DEFAULT_MODEL, Describer, OnnxRuntimeRunner, load_named_model, onnxruntime_available
-from tscm_ros.models import build_model, prepare_for_inference
+from tscm_ros.describe.checkpoint import load_model_config
+from tscm_ros.describe.describer import (
+    DEFAULT_MODEL,
+    Describer,
+    OnnxRuntimeRunner,
+    load_named_model,
+    onnxruntime_available,
+)
+from tscm_ros.describe.models import build_model, prepare_for_inference
 
 MODELS = {"default (VLAD)": DEFAULT_MODEL, "student": "student_offline", "teacher": "teacher_offline",
           "baseline (GeM)": "baseline_offline"}

@@ -1,7 +1,7 @@
 """How the default descriptor was chosen: VLAD variants on the tune half of each real revisit set, the chosen
 one reported on the other half.
 
-For each set under --real (folders with ref/, query/ and gt.csv; see tscm_ros/revisit_set.py), the first
+For each set under --real (folders with ref/, query/ and gt.csv; see tscm_ros/io/revisit_set.py), the first
 half of its queries (file order) is the *tune* half and the second half the *report* half. Every variant
 describes the set's references, fits its vocabulary on them (as build_map does on a map's keyframes) and
 is scored by R@1 on the tune half. Two stages, each a full grid:
@@ -42,12 +42,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tscm_ros.describe import PRETRAINED, OnnxRuntimeRunner, describer_for  # noqa: E402
-from tscm_ros.models.backbones import EfficientNetLiteBackbone  # noqa: E402
-from tscm_ros.models.blocks import feature_map_to_tokens  # noqa: E402
-from tscm_ros.models.vlad import VLAD  # noqa: E402
-from tscm_ros.preprocess import PreprocessConfig, preprocess  # noqa: E402
-from tscm_ros.revisit_set import RevisitSet, find_revisit_sets, read_rgb  # noqa: E402
+from tscm_ros.describe.describer import PRETRAINED, OnnxRuntimeRunner, describer_for  # noqa: E402
+from tscm_ros.describe.models.backbones import EfficientNetLiteBackbone  # noqa: E402
+from tscm_ros.describe.models.blocks import feature_map_to_tokens  # noqa: E402
+from tscm_ros.describe.models.vlad import VLAD  # noqa: E402
+from tscm_ros.describe.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from tscm_ros.io.revisit_set import RevisitSet, find_revisit_sets, read_rgb  # noqa: E402
 
 SIZES = {"192x256": [(192, 256)], "240x320": [(240, 320)], "192x256+240x320": [(192, 256), (240, 320)]}
 LAYERS = {"5": (5,), "4+5": (4, 5)}
@@ -138,7 +138,7 @@ def trunk_latencies_ms(backbones: list[tuple[int, tuple[int, int]]], threads: in
                        ) -> dict[tuple[int, tuple[int, int]], float]:
     """Median ms of each backbone's trunk at batch 1 (ONNX Runtime), over rounds that take turns, so that
     other load on the machine slows every backbone alike."""
-    from tscm_ros.models.backbones import build_backbone
+    from tscm_ros.describe.models.backbones import build_backbone
 
     class Trunk(torch.nn.Module):
         def __init__(self, variant: int) -> None:

@@ -53,8 +53,8 @@ VARIANTS = {
 
 def descriptor_gap(student: Path, teacher: Path, bags: list[Path]) -> float:
     """Mean squared distance between student and teacher descriptors of the bags' images."""
-    from tscm_ros.bag import FrameSource
-    from tscm_ros.describe import describer_for
+    from tscm_ros.describe.describer import describer_for
+    from tscm_ros.io.bag import FrameSource
 
     images = [frame.image for bag in bags for frame in FrameSource(bag).open()]
     s = describer_for(student, device="cpu").describe(images)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tscm_ros.loop_detector import DEFAULT_MIN_SCORE
+from tscm_ros.detect.detection import DEFAULT_MIN_SCORE
 
 
 def read_queries(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -146,7 +146,7 @@ def measure_node(size: str, rate: float, count: int, reliable: bool, env: dict, 
 
 def small_map(directory: Path) -> Path:
     from tscm_ros.cli import build_map
-    from tscm_ros.simulate import simulate_route
+    from tscm_ros.sim.simulate import simulate_route
 
     bag = simulate_route(directory / "bag", frames=20, width=160, height=120, progress=False)
     assert build_map.main(["--bag", str(bag), "--out", str(directory / "map"), "--min-distance", "0"]) == 0

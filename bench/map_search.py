@@ -48,10 +48,10 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tscm_ros.geometry import Pose  # noqa: E402
-from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta  # noqa: E402
-from tscm_ros.map_exclusion import Exclusion  # noqa: E402
-from tscm_ros.map_index import IndexConfig  # noqa: E402
+from tscm_ros.io.geometry import Pose  # noqa: E402
+from tscm_ros.map.exclusion import Exclusion  # noqa: E402
+from tscm_ros.map.index import IndexConfig  # noqa: E402
+from tscm_ros.map.keyframe_map import KeyframeMap, KeyframeMeta  # noqa: E402
 
 RANK = 256
 PLACE_SIZE = 10

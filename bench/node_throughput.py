@@ -32,11 +32,11 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from tscm_ros.msg import LoopCandidates
 
-from tscm_ros.bag import FrameSource
-from tscm_ros.describe import DEFAULT_MODEL, Describer, describer_for
-from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
-from tscm_ros.local_features import extract_local_features
-from tscm_ros.simulate import simulate_route
+from tscm_ros.describe.describer import DEFAULT_MODEL, Describer, describer_for
+from tscm_ros.describe.local_features import extract_local_features
+from tscm_ros.io.bag import FrameSource
+from tscm_ros.map.keyframe_map import KeyframeMap, KeyframeMeta
+from tscm_ros.sim.simulate import simulate_route
 
 CONFIGURATIONS = {  # row name -> node parameters
     "retrieval only": ["-p", "verify:=false", "-p", "temporal_consistency:=false"],

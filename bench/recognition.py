@@ -1,7 +1,7 @@
 """Recognition benchmark: real photographs first, then rendered worlds, every method in the same run.
 
 Real track (``--real DIR``): every revisit set under DIR (folders with ref/, query/ and gt.csv, as in
-tscm_ros/revisit_set.py) goes through ``evaluate --revisit-set``: a map of the set's references built the
+tscm_ros/io/revisit_set.py) goes through ``evaluate --revisit-set``: a map of the set's references built the
 node's way (the default model fits its vocabulary on them), every query through the node's code path,
 judged by the set's ground truth. Per set: R@1, R@1 on the report half (the second half of the queries:
 bench/descriptor_selection.py chose the default's settings on the first half only), R@5, maximum recall at
@@ -45,13 +45,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tscm_ros.detection import DEFAULT_MIN_SCORE  # noqa: E402
-from tscm_ros.loop_metrics import (  # noqa: E402
+from tscm_ros.detect.detection import DEFAULT_MIN_SCORE  # noqa: E402
+from tscm_ros.evaluate.loop_metrics import (  # noqa: E402
     at_threshold,
     max_recall_at_full_precision,
     precision_recall_curve,
 )
-from tscm_ros.revisit_set import find_revisit_sets  # noqa: E402
+from tscm_ros.io.revisit_set import find_revisit_sets  # noqa: E402
 
 TOWN_SITES = [(11, 120.0), (12, 200.0), (13, 160.0)]  # seed, lap length (m)
 GARDEN_SITE = (21, 160.0)

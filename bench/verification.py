@@ -2,7 +2,7 @@
 
 For every revisit set under --real (ref/, query/, gt.csv) and for rendered traversals of the box town and
 the garden, a map of the references is built the node's way (the default model), each query's five best
-candidates are verified against it (tscm_ros/verification.py: ORB, mutual ratio-tested matches, RANSAC
+candidates are verified against it (tscm_ros/detect/verification.py: ORB, mutual ratio-tested matches, RANSAC
 fundamental matrix, or the essential matrix for the renders, whose intrinsics are known), and the pairs
 are split by the ground truth into true and false. Reported per set: the inliers of true and false
 pairs (10th / 50th / 90th percentile), and for each min_inliers the share of true pairs kept and of false
@@ -24,16 +24,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tscm_ros.bag import FrameSource  # noqa: E402
-from tscm_ros.describe import DEFAULT_MODEL, describer_for  # noqa: E402
-from tscm_ros.detection import MatchingConfig  # noqa: E402
-from tscm_ros.local_features import extract_local_features  # noqa: E402
-from tscm_ros.loop_detector import LoopDetector  # noqa: E402
-from tscm_ros.loop_evaluation import build_descriptor_map, reference_keyframes  # noqa: E402
-from tscm_ros.loop_metrics import within_radius  # noqa: E402
-from tscm_ros.revisit_set import find_revisit_sets  # noqa: E402
-from tscm_ros.simulate import simulate_route  # noqa: E402
-from tscm_ros.verification import CameraIntrinsics, VerificationConfig, verify  # noqa: E402
+from tscm_ros.describe.describer import DEFAULT_MODEL, describer_for  # noqa: E402
+from tscm_ros.describe.local_features import extract_local_features  # noqa: E402
+from tscm_ros.detect.detection import MatchingConfig  # noqa: E402
+from tscm_ros.detect.loop_detector import LoopDetector  # noqa: E402
+from tscm_ros.detect.verification import CameraIntrinsics, VerificationConfig, verify  # noqa: E402
+from tscm_ros.evaluate.loop_evaluation import build_descriptor_map, reference_keyframes  # noqa: E402
+from tscm_ros.evaluate.loop_metrics import within_radius  # noqa: E402
+from tscm_ros.io.bag import FrameSource  # noqa: E402
+from tscm_ros.io.revisit_set import find_revisit_sets  # noqa: E402
+from tscm_ros.sim.simulate import simulate_route  # noqa: E402
 
 THRESHOLDS = (8, 12, 15, 20, 30)
 TOP = 5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tscm_ros.simulate import simulate_route
+from tscm_ros.sim.simulate import simulate_route
 
 ROUTE = dict(seed=0, frames=40, width=160, height=120, route_length_m=300.0, progress=False)
 

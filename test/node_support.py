@@ -15,7 +15,7 @@ from rclpy_support import isolated_context, spin_until
 from sensor_msgs.msg import Image
 from tscm_ros.msg import LoopCandidates
 
-from tscm_ros.node import OUTPUT_TOPIC, PlaceRecognitionNode
+from tscm_ros.node.node import OUTPUT_TOPIC, PlaceRecognitionNode
 
 
 class Harness:

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from tscm_ros.bow_baseline import BowLoopDetector, OrbVocabulary, l1_scores, orb_descriptors
-from tscm_ros.detection import MatchingConfig
+from tscm_ros.detect.bow_baseline import BowLoopDetector, OrbVocabulary, l1_scores, orb_descriptors
+from tscm_ros.detect.detection import MatchingConfig
 from tscm_ros.errors import ConfigError
 
 EVALUATION = MatchingConfig(k=3, min_score=0.0, exclude_recent_s=0.0)

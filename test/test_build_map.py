@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tscm_ros.cli import build_map
-from tscm_ros.describe import DEFAULT_MODEL, describer_for
-from tscm_ros.keyframe_map import KeyframeMap
-from tscm_ros.map_building import describer_for_map
+from tscm_ros.describe.describer import DEFAULT_MODEL, describer_for
+from tscm_ros.map.building import describer_for_map
+from tscm_ros.map.keyframe_map import KeyframeMap
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_keyframes_after_the_vocabulary_fit_in_the_same_batch_are_described_with
     default = describer_for(DEFAULT_MODEL, device="cpu")
     keyframe_map = KeyframeMap.load(out, expected_fingerprint=default.fingerprint)
     assert len(keyframe_map) == 40 and keyframe_map.vocabulary.images == 20
-    from tscm_ros.bag import FrameSource
+    from tscm_ros.io.bag import FrameSource
 
     images = [frame.image for frame in FrameSource(route_reference).open()]
     expected = describer_for_map(default, keyframe_map).describe(images)
@@ -87,8 +87,8 @@ def test_existing_map_is_refused_unless_force_or_append(built_map, route_query, 
 
 def test_append_with_another_model_is_refused(built_map, tmp_path, capsys, route_query):
     tiny = tmp_path / "tiny.pt"
-    from tscm_ros.checkpoint import load_model_config, save_checkpoint
-    from tscm_ros.models import build_model
+    from tscm_ros.describe.checkpoint import load_model_config, save_checkpoint
+    from tscm_ros.describe.models import build_model
 
     config, preprocess = load_model_config("tiny", kind="student")
     save_checkpoint(tiny, build_model(config), config, preprocess)
@@ -115,7 +115,8 @@ def test_bad_bags_and_damaged_maps(built_map, tmp_path, capsys):
 # place, where the test kills it.
 FORCE_KILLED = """
 import sys, time
-from tscm_ros import atomic, map_storage
+from tscm_ros import atomic
+from tscm_ros.map import storage as map_storage
 from tscm_ros.cli import build_map
 
 def announce_and_wait(*args, **kwargs):

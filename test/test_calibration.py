@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tscm_ros.calibration import ScoreCalibration
+from tscm_ros.describe.calibration import ScoreCalibration
 from tscm_ros.errors import CheckpointError
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tscm_ros.checkpoint import (
+from tscm_ros.describe.checkpoint import (
     export_onnx,
     export_torchscript,
     find_config_file,
@@ -20,9 +20,9 @@ from tscm_ros.checkpoint import (
     model_fingerprint,
     save_checkpoint,
 )
-from tscm_ros.describe import onnxruntime_available
+from tscm_ros.describe.describer import onnxruntime_available
+from tscm_ros.describe.models import build_model
 from tscm_ros.errors import CheckpointError, ConfigError
-from tscm_ros.models import build_model
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "config"
 
@@ -118,8 +118,8 @@ class RunsACommand:
 def test_refused_files_are_one_line_that_names_the_file_and_the_problem(tmp_path, capsys):
     """PyTorch's own text spans lines and suggests weights_only=False, i.e. running the refused file."""
     from tscm_ros.cli import export_model
-    from tscm_ros.train_config import load_train_config
-    from tscm_ros.training_run import Distributed, start_run
+    from tscm_ros.train.config import load_train_config
+    from tscm_ros.train.run import Distributed, start_run
 
     hostile = tmp_path / "hostile.pt"
     torch.save({"format": "tscm_ros.checkpoint", "payload": RunsACommand()}, hostile)

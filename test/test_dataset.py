@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from tscm_ros.cli import extract_dataset
-from tscm_ros.dataset import FRAME_COLUMNS, load_dataset
-from tscm_ros.dataset_extraction import SplitConfig, assign_splits, buffer_mask
 from tscm_ros.errors import ConfigError, DatasetError
-from tscm_ros.geometry import yaw_from_quaternion
-from tscm_ros.mining import MiningConfig, PlaceGraph, Triplets, active_triplets, mine_triplets
-from tscm_ros.recall import evaluate_descriptors, recall_at_n, retrieve
+from tscm_ros.evaluate.recall import evaluate_descriptors, recall_at_n, retrieve
+from tscm_ros.io.dataset import FRAME_COLUMNS, load_dataset
+from tscm_ros.io.dataset_extraction import SplitConfig, assign_splits, buffer_mask
+from tscm_ros.io.geometry import yaw_from_quaternion
+from tscm_ros.train.mining import MiningConfig, PlaceGraph, Triplets, active_triplets, mine_triplets
 
 
 def _loop(n: int, radius: float = 60.0, noise: float = 0.0, seed: int = 0) -> np.ndarray:

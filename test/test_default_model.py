@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tscm_ros.bag import FrameSource
-from tscm_ros.describe import DEFAULT_MODEL, GENERIC_VOCABULARY, Describer, describer_for
-from tscm_ros.detection import MatchingConfig
-from tscm_ros.loop_detector import LoopDetector
-from tscm_ros.loop_evaluation import build_descriptor_map, reference_keyframes, run_queries
-from tscm_ros.simulate import simulate_route
+from tscm_ros.describe.describer import DEFAULT_MODEL, GENERIC_VOCABULARY, Describer, describer_for
+from tscm_ros.detect.detection import MatchingConfig
+from tscm_ros.detect.loop_detector import LoopDetector
+from tscm_ros.evaluate.loop_evaluation import build_descriptor_map, reference_keyframes, run_queries
+from tscm_ros.io.bag import FrameSource
+from tscm_ros.sim.simulate import simulate_route
 
 # Pinned: a changed default model (config/model_vlad_default.yaml, or the generic vocabulary refitted by
 # tools/fit_generic_vocabulary.py) must be a deliberate change: maps built before it refuse the new one.

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from tscm_ros.checkpoint import load_model_config, load_torchscript, save_checkpoint
 from tscm_ros.cli import export_model
-from tscm_ros.describe import onnxruntime_available
-from tscm_ros.models import build_model
+from tscm_ros.describe.checkpoint import load_model_config, load_torchscript, save_checkpoint
+from tscm_ros.describe.describer import onnxruntime_available
+from tscm_ros.describe.models import build_model
 
 
 @pytest.fixture
@@ -96,10 +96,10 @@ def test_the_default_exported_for_a_map_describes_with_the_maps_vocabulary(tmp_p
     import onnxruntime
 
     from tscm_ros.cli import build_map
-    from tscm_ros.describe import DEFAULT_MODEL, describer_for
-    from tscm_ros.keyframe_map import KeyframeMap
-    from tscm_ros.map_building import describer_for_map
-    from tscm_ros.preprocess import preprocess as preprocess_images
+    from tscm_ros.describe.describer import DEFAULT_MODEL, describer_for
+    from tscm_ros.describe.preprocess import preprocess as preprocess_images
+    from tscm_ros.map.building import describer_for_map
+    from tscm_ros.map.keyframe_map import KeyframeMap
 
     assert build_map.main(["--bag", str(route_reference), "--out", str(tmp_path / "map"), "--min-distance", "0"]) == 0
     keyframe_map = KeyframeMap.load(tmp_path / "map")

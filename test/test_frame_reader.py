@@ -13,10 +13,10 @@ from rosbags.rosbag1 import Writer as Ros1Writer
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from tscm_ros.bag import FrameSource
 from tscm_ros.errors import BagError
-from tscm_ros.geometry import Pose, PoseInterpolator, slerp
-from tscm_ros.image_messages import ImageDecodeError, image_message_to_rgb
+from tscm_ros.io.bag import FrameSource
+from tscm_ros.io.geometry import Pose, PoseInterpolator, slerp
+from tscm_ros.io.image_messages import ImageDecodeError, image_message_to_rgb
 
 TYPESTORE = get_typestore(Stores.ROS2_HUMBLE)
 T = TYPESTORE.types

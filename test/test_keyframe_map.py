@@ -11,13 +11,13 @@ import faiss
 import numpy as np
 import pytest
 
+from tscm_ros.describe.models.vlad import Vocabulary
 from tscm_ros.errors import ConfigError, MapError
-from tscm_ros.geometry import Pose
-from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
-from tscm_ros.map_exclusion import Exclusion
-from tscm_ros.map_index import IndexConfig
-from tscm_ros.map_storage import FORMAT_VERSION, INDEX_FILE, KEYFRAMES_FILE, MANIFEST_FILE, VOCABULARY_FILE
-from tscm_ros.models.vlad import Vocabulary
+from tscm_ros.io.geometry import Pose
+from tscm_ros.map.exclusion import Exclusion
+from tscm_ros.map.index import IndexConfig
+from tscm_ros.map.keyframe_map import KeyframeMap, KeyframeMeta
+from tscm_ros.map.storage import FORMAT_VERSION, INDEX_FILE, KEYFRAMES_FILE, MANIFEST_FILE, VOCABULARY_FILE
 
 DIM = 64
 PREPROCESS = {"height": 120, "width": 160, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],

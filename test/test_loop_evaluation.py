@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from tscm_ros.loop_metrics import (
+from tscm_ros.evaluate.loop_metrics import (
     evaluate_loop_closures,
     max_recall_at_full_precision,
     precision_recall_curve,
@@ -109,7 +109,7 @@ def test_ground_truth_from_the_k_d_tree_equals_brute_force():
         expected = np.linalg.norm(queries[:, None, :] - keyframes[None, :, :], axis=2) <= 10.0
     within = within_radius(queries, keyframes, 10.0)
     assert within.dtype == bool and (within == expected).all() and within.sum() > 300
-    from tscm_ros.recall import describe_streamed, ground_truth_within
+    from tscm_ros.evaluate.recall import describe_streamed, ground_truth_within
 
     matches = ground_truth_within(queries, keyframes, 10.0)
     assert all((m == np.flatnonzero(row)).all() for m, row in zip(matches, expected))
@@ -148,8 +148,8 @@ def tiny_student(tmp_path_factory):
     """A real checkpoint of the tiny student (random tiny CNN: fast, and untrained)."""
     import torch
 
-    from tscm_ros.checkpoint import load_model_config, save_checkpoint
-    from tscm_ros.models import build_model
+    from tscm_ros.describe.checkpoint import load_model_config, save_checkpoint
+    from tscm_ros.describe.models import build_model
 
     torch.manual_seed(0)
     config, preprocess = load_model_config("tiny", "student")
@@ -169,10 +169,10 @@ def test_bag_evaluation_reports_every_method_on_the_same_queries(route_reference
                                                                  tmp_path, capsys):
     import json
 
-    from tscm_ros.bag import FrameSource
     from tscm_ros.cli import build_map
     from tscm_ros.cli.evaluate import run_bag_evaluation
-    from tscm_ros.keyframe_map import KeyframeMap
+    from tscm_ros.io.bag import FrameSource
+    from tscm_ros.map.keyframe_map import KeyframeMap
 
     out = tmp_path / "evaluation"
     args = bag_args(route_reference, route_query, out, "--model", f"tiny={tiny_student}", "--baselines", "bow",
@@ -233,10 +233,10 @@ def test_matches_png_shows_the_highest_scored_false_matches_then_true_ones(route
     first, and a sample of true ones."""
     import matplotlib.image
 
-    from tscm_ros.bag import FrameSource
-    from tscm_ros.loop_evaluation import MethodRun
-    from tscm_ros.loop_metrics import LoopMetrics, PRCurve
-    from tscm_ros.match_figure import chosen_queries, write_matches_figure
+    from tscm_ros.evaluate.loop_evaluation import MethodRun
+    from tscm_ros.evaluate.loop_metrics import LoopMetrics, PRCurve
+    from tscm_ros.evaluate.match_figure import chosen_queries, write_matches_figure
+    from tscm_ros.io.bag import FrameSource
 
     queries, keyframes = list(FrameSource(route_query).open())[:8], list(FrameSource(route_reference).open())[:8]
     # query q's top-1 is keyframe q (right) for even q, keyframe 7 - q (wrong) for odd q; query 6 has none

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tscm_ros.losses import (
+from tscm_ros.train.losses import (
     TripletDescriptors,
     cross_metric_loss,
     hard_triplet_loss,

@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
-from tscm_ros.map_autosave import MapSaver
+from tscm_ros.map.autosave import MapSaver
+from tscm_ros.map.keyframe_map import KeyframeMap, KeyframeMeta
 
 
 def _wait_for(condition, timeout_s: float = 30.0) -> bool:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tscm_ros.bag import FrameSource
-from tscm_ros.describe import DEFAULT_MODEL, PRETRAINED, Describer, describer_for
+from tscm_ros.describe.describer import DEFAULT_MODEL, PRETRAINED, Describer, describer_for
 from tscm_ros.errors import ConfigError, MapError
-from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
-from tscm_ros.map_building import MIN_FIT_KEYFRAMES, KeyframeBuilder, describer_for_map
+from tscm_ros.io.bag import FrameSource
+from tscm_ros.map.building import MIN_FIT_KEYFRAMES, KeyframeBuilder, describer_for_map
+from tscm_ros.map.keyframe_map import KeyframeMap, KeyframeMeta
 
 
 @pytest.fixture(scope="module")

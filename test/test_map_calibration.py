@@ -10,18 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tscm_ros.describe import DEFAULT_MODEL, describer_for
-from tscm_ros.detection import DEFAULT_MIN_SCORE, MatchingConfig
+from tscm_ros.describe.describer import DEFAULT_MODEL, describer_for
+from tscm_ros.describe.local_features import extract_local_features
+from tscm_ros.detect.detection import DEFAULT_MIN_SCORE, MatchingConfig
+from tscm_ros.detect.loop_detector import LoopDetector
+from tscm_ros.detect.temporal import TemporalConfig
+from tscm_ros.detect.verification import VerificationConfig, verify
 from tscm_ros.errors import MapError
-from tscm_ros.keyframe_map import KeyframeMap
-from tscm_ros.local_features import extract_local_features
-from tscm_ros.loop_detector import LoopDetector
-from tscm_ros.loop_evaluation import build_descriptor_map
-from tscm_ros.map_calibration import MapCalibration, candidate_margins
-from tscm_ros.map_storage import CALIBRATION_FILE, MANIFEST_FILE
-from tscm_ros.revisit_set import RevisitSet, read_rgb
-from tscm_ros.temporal import TemporalConfig
-from tscm_ros.verification import VerificationConfig, verify
+from tscm_ros.evaluate.loop_evaluation import build_descriptor_map
+from tscm_ros.io.revisit_set import RevisitSet, read_rgb
+from tscm_ros.map.calibration import MapCalibration, candidate_margins
+from tscm_ros.map.keyframe_map import KeyframeMap
+from tscm_ros.map.storage import CALIBRATION_FILE, MANIFEST_FILE
 
 RTABMAP_LOOP = Path(__file__).parent / "data" / "rtabmap_loop"
 
@@ -69,7 +69,7 @@ def test_the_calibration_round_trips_through_the_map(tmp_path, rtabmap_map):
 
 
 def test_unmapped_places_score_below_min_score_and_revisits_pass_it(rtabmap_map, route_reference):
-    from tscm_ros.bag import FrameSource
+    from tscm_ros.io.bag import FrameSource
 
     revisit_set, keyframe_map, describer = rtabmap_map
     everything = MatchingConfig(k=5, min_score=0.0, exclude_recent_s=0.0)

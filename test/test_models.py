@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from tscm_ros.checkpoint import load_model_config
-from tscm_ros.errors import ConfigError
-from tscm_ros.models import (
+from tscm_ros.describe.checkpoint import load_model_config
+from tscm_ros.describe.models import (
     GeM,
     InterTransformer,
     NetVLADLoupe,
@@ -20,8 +19,9 @@ from tscm_ros.models import (
     freeze,
     prepare_for_inference,
 )
-from tscm_ros.models.backbones import efficientnet_lite_weight_file
-from tscm_ros.models.blocks import CrossAttentionBlock
+from tscm_ros.describe.models.backbones import efficientnet_lite_weight_file
+from tscm_ros.describe.models.blocks import CrossAttentionBlock
+from tscm_ros.errors import ConfigError
 
 
 def torchvision_or_none():

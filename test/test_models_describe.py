@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tscm_ros.checkpoint import load_model_config, save_checkpoint
-from tscm_ros.describe import (
+from tscm_ros.describe.checkpoint import load_model_config, save_checkpoint
+from tscm_ros.describe.describer import (
     DEFAULT_MODEL,
     PRETRAINED,
     Describer,
@@ -19,10 +19,10 @@ from tscm_ros.describe import (
     onnxruntime_available,
     resolve_device,
 )
+from tscm_ros.describe.models import build_model
+from tscm_ros.describe.models.vlad import Vocabulary
+from tscm_ros.describe.preprocess import preprocess
 from tscm_ros.errors import CheckpointError, ConfigError
-from tscm_ros.models import build_model
-from tscm_ros.models.vlad import Vocabulary
-from tscm_ros.preprocess import preprocess
 
 
 def random_images(count, seed=0, size=(120, 160)):
@@ -58,7 +58,8 @@ def test_default_is_the_plain_network_with_the_generic_vocabulary(default):
 
 
 def test_default_is_the_same_in_a_new_process(default):
-    code = "from tscm_ros.describe import describer_for; print(describer_for('default', device='cpu').fingerprint)"
+    code = ("from tscm_ros.describe.describer import describer_for; "
+            "print(describer_for('default', device='cpu').fingerprint)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert result.stdout.strip() == default.fingerprint
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from tscm_ros.describe.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, preprocess
 from tscm_ros.errors import ConfigError, TscmError
-from tscm_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, preprocess
 
 
 def solid(height, width, rgb):

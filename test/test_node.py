@@ -21,11 +21,11 @@ from rclpy_support import spin_until
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
-from tscm_ros.bag import FrameSource
 from tscm_ros.cli import build_map
-from tscm_ros.detection import DEFAULT_MIN_SCORE
+from tscm_ros.detect.detection import DEFAULT_MIN_SCORE
 from tscm_ros.errors import ConfigError, MapError
-from tscm_ros.node_parameters import PARAMETERS
+from tscm_ros.io.bag import FrameSource
+from tscm_ros.node.parameters import PARAMETERS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def revisit_frames(tmp_path_factory):
     models)."""
     from conftest import ROUTE
 
-    from tscm_ros.simulate import simulate_route
+    from tscm_ros.sim.simulate import simulate_route
 
     bag = simulate_route(tmp_path_factory.mktemp("revisit") / "bag", traversal=1, appearance_change=0.2, **ROUTE)
     return list(FrameSource(bag).open())
@@ -187,7 +187,7 @@ def test_online_mapping_finds_a_loop_and_saves(tmp_path, reference_frames):
         assert again.candidates[0].verified  # keyframes added online carry local features
     finally:
         h.close()  # saves on shutdown
-    from tscm_ros.keyframe_map import KeyframeMap
+    from tscm_ros.map.keyframe_map import KeyframeMap
 
     saved = KeyframeMap.load(map_dir)
     assert len(saved) == 5 and saved.has_local_features
@@ -208,7 +208,7 @@ def test_online_mapping_fits_the_maps_own_vocabulary_once_it_has_enough_keyframe
         assert again.candidates[0].distance < 1e-4
     finally:
         h.close()
-    from tscm_ros.keyframe_map import KeyframeMap
+    from tscm_ros.map.keyframe_map import KeyframeMap
 
     saved = KeyframeMap.load(map_dir)
     assert len(saved) == 23 and saved.vocabulary.source == "map" and saved.vocabulary.images == 20
@@ -294,7 +294,7 @@ def test_bad_start_up_is_a_clear_error(tmp_path, reference_map):
 
 def test_map_of_another_model_is_refused(tmp_path, reference_map):
     """A map records its model's fingerprint; the node refuses it for a different model."""
-    from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
+    from tscm_ros.map.keyframe_map import KeyframeMap, KeyframeMeta
 
     built = KeyframeMap.load(reference_map)
     forged = KeyframeMap(built.dim, "0" * 16, built.preprocess, model_name="another-model")
@@ -519,7 +519,7 @@ def test_save_map_service(tmp_path, reference_frames):
         assert spin_until(h.executor, future.done)
         assert future.result().success, future.result().message
         assert "saved 3 keyframes" in future.result().message
-        from tscm_ros.keyframe_map import KeyframeMap
+        from tscm_ros.map.keyframe_map import KeyframeMap
 
         assert len(KeyframeMap.load(map_dir)) == 3
     finally:

@@ -22,13 +22,13 @@ from sensor_msgs.msg import Image
 from tscm_ros.msg import LoopCandidates
 from visualization_msgs.msg import Marker, MarkerArray
 
-from tscm_ros.bag import FrameSource
 from tscm_ros.cli import build_map
-from tscm_ros.describe import DEFAULT_MODEL, describer_for
-from tscm_ros.keyframe_map import KeyframeMap
-from tscm_ros.map_building import describer_for_map
-from tscm_ros.node import OUTPUT_TOPIC
-from tscm_ros.node_markers import score_colour
+from tscm_ros.describe.describer import DEFAULT_MODEL, describer_for
+from tscm_ros.io.bag import FrameSource
+from tscm_ros.map.building import describer_for_map
+from tscm_ros.map.keyframe_map import KeyframeMap
+from tscm_ros.node.markers import score_colour
+from tscm_ros.node.node import OUTPUT_TOPIC
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "config" / "fastdds_large_images.xml"

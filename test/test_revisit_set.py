@@ -13,7 +13,7 @@ import pytest
 
 from tscm_ros.cli import evaluate
 from tscm_ros.errors import DatasetError
-from tscm_ros.revisit_set import RevisitSet, find_revisit_sets
+from tscm_ros.io.revisit_set import RevisitSet, find_revisit_sets
 
 RTABMAP_LOOP = Path(__file__).parent / "data" / "rtabmap_loop"
 
@@ -55,7 +55,7 @@ def test_a_broken_revisit_set_is_refused_naming_the_file(tmp_path, edit, expecte
 
 
 def test_an_undecodable_image_is_named():
-    from tscm_ros.revisit_set import read_rgb
+    from tscm_ros.io.revisit_set import read_rgb
 
     with pytest.raises(DatasetError, match="gt.csv is not a readable image"):
         read_rgb(RTABMAP_LOOP / "gt.csv")

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 from rosbags.highlevel import AnyReader
 
-from tscm_ros.bag import FrameSource
 from tscm_ros.cli import simulate_route as cli
 from tscm_ros.errors import ConfigError
-from tscm_ros.simulate import simulate_route
-from tscm_ros.simulation_appearance import CONDITIONS, Appearance
-from tscm_ros.simulation_garden import Garden
-from tscm_ros.simulation_garden_layout import layout
-from tscm_ros.simulation_world import BLOCK_M, Route, World
+from tscm_ros.io.bag import FrameSource
+from tscm_ros.sim.appearance import CONDITIONS, Appearance
+from tscm_ros.sim.garden import Garden
+from tscm_ros.sim.garden_layout import layout
+from tscm_ros.sim.route import Route
+from tscm_ros.sim.simulate import simulate_route
+from tscm_ros.sim.world import BLOCK_M, World
 
 SMALL = dict(frames=6, width=64, height=48, route_length_m=120.0, progress=False)
 GARDEN = {**SMALL, "world": "garden"}

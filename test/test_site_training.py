@@ -13,7 +13,7 @@ import yaml
 
 from tscm_ros.cli import evaluate, extract_dataset, train
 from tscm_ros.errors import DatasetError
-from tscm_ros.simulate import simulate_route
+from tscm_ros.sim.simulate import simulate_route
 
 ROUTE = dict(seed=21, frames=30, width=128, height=96, route_length_m=60.0, aliasing=0.3, progress=False)
 QUERY_CONDITION = "haze"
@@ -68,8 +68,8 @@ def test_one_traversal_cannot_train_and_the_error_says_what_to_record(site: Path
     assert extract_dataset.main(["--bag", str(site / "run1"), "--out", str(data), "--every-m", "2", "--no-progress",
                                  "--val-fraction", "0.3", "--test-fraction", "0"]) == 0
     with pytest.raises(DatasetError, match="record the route again"):
-        from tscm_ros.train_config import default_config_path, load_train_config
-        from tscm_ros.training import train as train_model
+        from tscm_ros.train.config import default_config_path, load_train_config
+        from tscm_ros.train.training import train as train_model
 
         config = load_train_config(default_config_path("teacher"))
         train_model("teacher", data, tmp_path / "run", config, progress=False)

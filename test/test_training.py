@@ -16,16 +16,16 @@ import pytest
 import torch
 import yaml
 
-from tscm_ros.checkpoint import load_checkpoint, load_model_config, save_checkpoint
 from tscm_ros.cli import evaluate, extract_dataset, train
-from tscm_ros.dataset import load_dataset
-from tscm_ros.describe import describer_for
+from tscm_ros.describe.checkpoint import load_checkpoint, load_model_config, save_checkpoint
+from tscm_ros.describe.describer import describer_for
+from tscm_ros.describe.models import build_model
 from tscm_ros.errors import ConfigError
-from tscm_ros.mining import MiningConfig
-from tscm_ros.models import build_model
-from tscm_ros.recall import evaluate_split
-from tscm_ros.simulate import simulate_route
-from tscm_ros.train_config import default_config_path, load_train_config, resolve_model_config
+from tscm_ros.evaluate.recall import evaluate_split
+from tscm_ros.io.dataset import load_dataset
+from tscm_ros.sim.simulate import simulate_route
+from tscm_ros.train.config import default_config_path, load_train_config, resolve_model_config
+from tscm_ros.train.mining import MiningConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "config" / "train_tiny.yaml")
@@ -164,7 +164,7 @@ def test_a_teacher_stops_when_every_mined_triplet_meets_the_margin(dataset_dir: 
                                                                    monkeypatch):
     # Which epoch leaves no triplet active depends on the data; here, from epoch 3 on (the count itself is
     # tested in test_dataset.py).
-    from tscm_ros import training
+    from tscm_ros.train import training
 
     epochs_mined = []
 

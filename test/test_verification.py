@@ -8,14 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from tscm_ros.bag import FrameSource
-from tscm_ros.describe import DEFAULT_MODEL, describer_for
+from tscm_ros.describe.describer import DEFAULT_MODEL, describer_for
+from tscm_ros.describe.local_features import LocalFeatures, extract_local_features
+from tscm_ros.detect.temporal import TemporalConfig, TemporalConsistency
+from tscm_ros.detect.verification import CameraIntrinsics, VerificationConfig, verify
 from tscm_ros.errors import ConfigError, MapError
-from tscm_ros.keyframe_map import KeyframeMap, KeyframeMeta
-from tscm_ros.local_features import LocalFeatures, extract_local_features
-from tscm_ros.map_storage import FORMAT_VERSION
-from tscm_ros.temporal import TemporalConfig, TemporalConsistency
-from tscm_ros.verification import CameraIntrinsics, VerificationConfig, verify
+from tscm_ros.io.bag import FrameSource
+from tscm_ros.map.keyframe_map import KeyframeMap, KeyframeMeta
+from tscm_ros.map.storage import FORMAT_VERSION
 
 FOCAL = 60.0 / math.tan(math.radians(35.0))  # the simulator's 70 degree vertical field of view at 160x120
 INTRINSICS = CameraIntrinsics(FOCAL, FOCAL, 80.0, 60.0)
@@ -28,7 +28,7 @@ def revisit_pairs(route_reference, tmp_path_factory):
     (the reference frame more than 30 m away that the default model finds most similar)."""
     from conftest import ROUTE
 
-    from tscm_ros.simulate import simulate_route
+    from tscm_ros.sim.simulate import simulate_route
 
     revisit = simulate_route(tmp_path_factory.mktemp("revisit") / "bag", traversal=1, appearance_change=0.2, **ROUTE)
     reference = list(FrameSource(route_reference).open())

@@ -22,8 +22,8 @@ case "${1:-}" in
   *) echo "usage: tools/demo.sh [--train]" >&2; exit 2 ;;
 esac
 
-# Rendered routes are cached per version of the simulator (re-rendered when tscm_ros/simulat*.py change).
-CACHE=.cache/demo/$(cat tscm_ros/simulat*.py | sha256sum | cut -c1-12)
+# Rendered routes are cached per version of the simulator (re-rendered when tscm_ros/sim/*.py change).
+CACHE=.cache/demo/$(cat tscm_ros/sim/*.py | sha256sum | cut -c1-12)
 OUT=demo_output
 FRAMES=${DEMO_FRAMES:-120}
 # The simulated camera at 320x240: 70 degree vertical field of view. Geometric verification then fits the

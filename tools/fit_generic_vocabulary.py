@@ -1,7 +1,7 @@
 """Fit the generic VLAD vocabulary shipped in tscm_ros/weights/generic_vocabulary.npz.
 
 A map describes with a vocabulary fitted on its own keyframes; the generic one serves maps too small to fit
-their own (fewer than tscm_ros.map_building.MIN_FIT_KEYFRAMES keyframes) and mapping mode until its map has
+their own (fewer than tscm_ros.map.building.MIN_FIT_KEYFRAMES keyframes) and mapping mode until its map has
 enough keyframes. It is fitted on rendered images only, from worlds of their own seeds (no benchmark site,
 test route or demo world uses them): box towns and gardens under several conditions, so that no real or
 benchmark image decides it. Rerun it after changing config/model_vlad_default.yaml.
@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tscm_ros.bag import FrameSource
-from tscm_ros.checkpoint import load_model_config
-from tscm_ros.describe import DEFAULT_CONFIG, GENERIC_VOCABULARY
-from tscm_ros.models.nets import build_model
-from tscm_ros.preprocess import preprocess
-from tscm_ros.simulate import simulate_route
+from tscm_ros.describe.checkpoint import load_model_config
+from tscm_ros.describe.describer import DEFAULT_CONFIG, GENERIC_VOCABULARY
+from tscm_ros.describe.models.nets import build_model
+from tscm_ros.describe.preprocess import preprocess
+from tscm_ros.io.bag import FrameSource
+from tscm_ros.sim.simulate import simulate_route
 
 ROUTES = [  # world, seed, traversal, condition
     ("town", 201, 0, "day"), ("town", 201, 1, "night"), ("town", 202, 0, "season"), ("town", 202, 1, "haze"),

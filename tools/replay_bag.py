@@ -23,7 +23,7 @@ from rclpy.qos import QoSProfile
 from sensor_msgs.msg import Image
 from tscm_ros.msg import LoopCandidates
 
-from tscm_ros.bag import FrameSource
+from tscm_ros.io.bag import FrameSource
 
 OUTPUT_TOPIC = "/tscm/loop_candidates"
 

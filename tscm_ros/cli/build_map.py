@@ -1,6 +1,6 @@
 """build_map: build a keyframe map (FAISS index + metadata) from rosbag2 recordings.
 
-The command line only: the pipeline is ``map_building.build_map``.
+The command line only: the pipeline is ``tscm_ros.map.building.build_map``.
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_args, run_main
-from tscm_ros.describe import DEFAULT_MODEL, PRETRAINED, describer_for
+from tscm_ros.describe.describer import DEFAULT_MODEL, PRETRAINED, describer_for
 from tscm_ros.errors import ConfigError
-from tscm_ros.map_building import (
+from tscm_ros.map.building import (
     BUILD_FIT_KEYFRAMES,
     MIN_FIT_KEYFRAMES,
     THUMBNAIL_WIDTH,
     BuildSettings,
     build_map,
 )
-from tscm_ros.map_index import INDEX_TYPES, IndexConfig
+from tscm_ros.map.index import INDEX_TYPES, IndexConfig
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from tscm_ros.errors import TscmError
 
 if TYPE_CHECKING:
-    from tscm_ros.bag import FrameSource
+    from tscm_ros.io.bag import FrameSource
 
 EXIT_USER_ERROR = 2
 
@@ -32,7 +32,7 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 
 
 def add_frame_reader_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--image-topic, --pose-topic and --max-pose-gap: how every tool reads frames from bags (tscm_ros.bag)."""
+    """--image-topic, --pose-topic and --max-pose-gap: how every tool reads frames from bags (tscm_ros.io.bag)."""
     parser.add_argument("--image-topic",
                         help="sensor_msgs/Image or CompressedImage topic (default: the bag's only one)")
     parser.add_argument("--pose-topic", help="pose topic: Odometry, PoseStamped, PoseWithCovarianceStamped or "
@@ -43,6 +43,6 @@ def add_frame_reader_arguments(parser: argparse.ArgumentParser | argparse._Argum
 
 def frame_source_from_args(args: argparse.Namespace, bag: str | Path) -> FrameSource:
     """``bag`` read as the options of :func:`add_frame_reader_arguments` say."""
-    from tscm_ros.bag import FrameSource  # rosbags only for the tools that read bags
+    from tscm_ros.io.bag import FrameSource  # rosbags only for the tools that read bags
 
     return FrameSource(bag, image_topic=args.image_topic, pose_topic=args.pose_topic, max_gap_s=args.max_pose_gap)

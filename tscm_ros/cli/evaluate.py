@@ -2,9 +2,10 @@
 
 Modes (exactly one): ``--data DIR`` measures place recognition on a dataset split made by
 extract_dataset (queries against the database); ``--bag DIR --query-bag DIR`` measures loop-closure
-detection through the node's own code path (runs: tscm_ros.loop_evaluation, metrics: tscm_ros.loop_metrics);
+detection through the node's own code path (runs: tscm_ros.evaluate.loop_evaluation, metrics:
+tscm_ros.evaluate.loop_metrics);
 ``--revisit-set DIR`` does the same on photographs without poses: a map of the set's reference images,
-queried with its query images, judged by its ground-truth file (tscm_ros/revisit_set.py).
+queried with its query images, judged by its ground-truth file (tscm_ros/io/revisit_set.py).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tscm_ros.bag import Frame
 from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_args, run_main
-from tscm_ros.describe import DEFAULT_MODEL, PRETRAINED, describer_for
-from tscm_ros.detection import MatchingConfig
+from tscm_ros.describe.describer import DEFAULT_MODEL, PRETRAINED, describer_for
+from tscm_ros.detect.detection import MatchingConfig
+from tscm_ros.detect.loop_detector import LoopDetector
+from tscm_ros.detect.temporal import TemporalConfig
+from tscm_ros.detect.verification import CameraIntrinsics, VerificationConfig
 from tscm_ros.errors import BagError, ConfigError
-from tscm_ros.loop_detector import LoopDetector
-from tscm_ros.loop_evaluation import (
+from tscm_ros.evaluate.loop_evaluation import (
     MethodRun,
     build_bow_detector,
     build_descriptor_map,
@@ -30,17 +32,16 @@ from tscm_ros.loop_evaluation import (
     run_queries,
     run_revisit_set,
 )
-from tscm_ros.match_figure import write_matches_figure
-from tscm_ros.reporting import (
+from tscm_ros.evaluate.match_figure import write_matches_figure
+from tscm_ros.evaluate.reporting import (
     format_percent,
     loop_closure_table_markdown,
     recall_table_markdown,
     write_loop_closure_report,
     write_recall_report,
 )
-from tscm_ros.revisit_set import RevisitSet
-from tscm_ros.temporal import TemporalConfig
-from tscm_ros.verification import CameraIntrinsics, VerificationConfig
+from tscm_ros.io.bag import Frame
+from tscm_ros.io.revisit_set import RevisitSet
 
 DATA_RADIUS_M = 25.0  # --radius-m default with --data
 BAG_RADIUS_M = 10.0  # --radius-m default with --bag
@@ -147,8 +148,8 @@ def add_bag_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_data(args: argparse.Namespace) -> tuple[list, str]:
-    from tscm_ros.dataset import load_dataset, require_split
-    from tscm_ros.recall import evaluate_split
+    from tscm_ros.evaluate.recall import evaluate_split
+    from tscm_ros.io.dataset import load_dataset, require_split
 
     dataset = load_dataset(args.data)
     database, queries = require_split(dataset, args.split)

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tscm_ros.cli.common import run_main
-from tscm_ros.describe import DEFAULT_MODEL, PRETRAINED, adapted_fingerprint, load_named_model
+from tscm_ros.describe.describer import DEFAULT_MODEL, PRETRAINED, adapted_fingerprint, load_named_model
 from tscm_ros.errors import ConfigError
-from tscm_ros.keyframe_map import KeyframeMap
+from tscm_ros.map.keyframe_map import KeyframeMap
 
 DESCRIPTION = f"""\
 Export a place-recognition network for use outside Python, e.g. in the loop-closure front end of an
@@ -78,7 +78,7 @@ def _main(argv: Sequence[str] | None) -> int:
         except ImportError:
             raise ConfigError("--onnx needs the Python package onnx (pip install onnx); "
                               "--torchscript needs nothing more") from None
-    from tscm_ros.checkpoint import export_onnx, export_torchscript
+    from tscm_ros.describe.checkpoint import export_onnx, export_torchscript
 
     named = load_named_model(args.model)
     model, preprocess, fingerprint = named.network.eval(), named.preprocess, named.fingerprint

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_args, run_main
-from tscm_ros.dataset_extraction import SPLIT_MODES, SamplingConfig, SplitConfig, extract_dataset
+from tscm_ros.io.dataset_extraction import SPLIT_MODES, SamplingConfig, SplitConfig, extract_dataset
 
 DESCRIPTION = """\
 Extract images with poses from one or more rosbag2 recordings into a place-recognition dataset:

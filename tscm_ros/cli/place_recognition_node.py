@@ -18,7 +18,7 @@ parameters (defaults as in config/place_recognition.yaml):
 
 
 def help_text() -> str:
-    from tscm_ros.node_parameters import PARAMETERS
+    from tscm_ros.node.parameters import PARAMETERS
 
     width = max(len(p.name) for p in PARAMETERS)
     lines = [f"  {p.name:<{width}}  {p.description} (default: {p.default!r})" for p in PARAMETERS]
@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "-h" in own_args or "--help" in own_args:
         print(help_text())
         return 0
-    from tscm_ros.node import main as node_main
+    from tscm_ros.node.node import main as node_main
 
     return node_main(args=["place_recognition_node", *argv])
 

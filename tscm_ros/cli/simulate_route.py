@@ -10,8 +10,8 @@ from rosbags.rosbag2 import Reader
 
 from tscm_ros.cli.common import run_main
 from tscm_ros.errors import ConfigError
-from tscm_ros.simulate import IMAGE_TOPIC, STORAGES, WORLDS, simulate_route
-from tscm_ros.simulation_appearance import CONDITIONS
+from tscm_ros.sim.appearance import CONDITIONS
+from tscm_ros.sim.simulate import IMAGE_TOPIC, STORAGES, WORLDS, simulate_route
 
 
 def build_parser() -> argparse.ArgumentParser:

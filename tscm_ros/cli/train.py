@@ -58,9 +58,9 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from pathlib import Path
 
-    from tscm_ros.train_config import default_config_path, load_train_config
-    from tscm_ros.training import train
-    from tscm_ros.validation import MAX_RECALL_KEY
+    from tscm_ros.train.config import default_config_path, load_train_config
+    from tscm_ros.train.training import train
+    from tscm_ros.train.validation import MAX_RECALL_KEY
 
     run_config = Path(args.out) / "config.yaml"
     if args.resume and run_config.is_file():

@@ -1,0 +1,198 @@
+"""The per-image step of loop-closure detection, shared by the live node, build_map and evaluation.
+
+``LoopDetector.process`` describes one RGB image with the map's describer, queries the keyframe map with the
+exclusion rules, scores the candidates along the recent images (temporal consistency,
+tscm_ros/detect/temporal.py), checks the best ``k`` geometrically (tscm_ros/detect/verification.py), and in mapping
+mode adds the image as a keyframe when the map's ``KeyframeSelector`` accepts it (through
+tscm_ros/map/building.py, the one way keyframes are added, which also fits the map's own vocabulary once
+it has enough keyframes). A candidate is *accepted* (the node
+publishes it as a loop) when it passes every stage that is on. No ROS here: the node converts messages and
+publishes, everything else happens in this module.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+
+from tscm_ros.describe.local_features import extract_local_features
+from tscm_ros.detect.detection import Detection, Match, MatchingConfig
+from tscm_ros.detect.temporal import TemporalConfig, TemporalConsistency
+from tscm_ros.detect.verification import CameraIntrinsics, VerificationConfig, verify
+from tscm_ros.errors import ConfigError
+from tscm_ros.map.building import MAPPING_FIT_KEYFRAMES, KeyframeBuilder, KeyframeSelector
+from tscm_ros.map.calibration import POOL, candidate_margins
+from tscm_ros.map.exclusion import Exclusion
+from tscm_ros.map.keyframe_map import KeyframeMap
+
+VERIFY_THREADS = 2  # OpenCV matching and RANSAC release the GIL: candidates are verified two at a time
+
+
+class LoopDetector:
+    """Describe, match, and (in mapping mode) grow the map, one image at a time (a ``detection.Detector``).
+
+    Settings that change while it runs go through methods (``set_matching``, ``set_intrinsics``); they apply
+    from the next image on.
+    """
+
+    def __init__(self, describer, keyframe_map: KeyframeMap, matching: MatchingConfig,
+                 mapping: KeyframeSelector | None = None, source: str = "live", *,
+                 verification: VerificationConfig | None = None, temporal: TemporalConfig | None = None,
+                 intrinsics: CameraIntrinsics | None = None, vocabulary_keyframes: int = MAPPING_FIT_KEYFRAMES) -> None:
+        """``describer`` is the map's (``map.building.describer_for_map``). ``verification`` / ``temporal`` None
+        turn that stage off. Verification needs a map whose keyframes carry local features (ConfigError
+        otherwise); ``intrinsics`` (settable later, e.g. from CameraInfo) give it the essential matrix and the
+        relative pose. In mapping mode, a map started empty fits its own vocabulary once it has
+        ``vocabulary_keyframes`` keyframes."""
+        if keyframe_map.model_fingerprint != describer.fingerprint:
+            raise ConfigError(
+                f"the map was built with model {keyframe_map.model_name or '?'} "
+                f"(fingerprint {keyframe_map.model_fingerprint}) but the loaded model is "
+                f"{describer.model_name} (fingerprint {describer.fingerprint})")
+        if verification is not None and len(keyframe_map) and not keyframe_map.has_local_features:
+            raise ConfigError(
+                f"{keyframe_map.source} has no local features for geometric verification (a map of format_version 1, "
+                f"built before verification existed): rebuild it with build_map, or turn verification off")
+        self._builder = KeyframeBuilder(describer, keyframe_map, vocabulary_keyframes,
+                                        calibrate_while_adding=mapping is not None)
+        self._map = keyframe_map
+        self._matching = matching
+        self._mapping = mapping
+        self._source = source
+        self._verification = verification
+        self._intrinsics = intrinsics
+        self._temporal = None if temporal is None else TemporalConsistency(temporal)
+        self.temporal_basis = "off" if temporal is None else "no image yet"  # what temporal consistency measures along
+        self._verifiers = (None if verification is None
+                           else ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="tscm_verify"))
+
+    # ----- what it is ------------------------------------------------------------------------------------
+
+    @property
+    def describer(self):
+        """The describer of the map's descriptors (it changes when mapping mode fits the map's vocabulary)."""
+        return self._builder.describer
+
+    @property
+    def model_name(self) -> str:
+        return self.describer.model_name
+
+    @property
+    def fingerprint(self) -> str:
+        return self.describer.fingerprint
+
+    @property
+    def dim(self) -> int:
+        return int(self.describer.dim)
+
+    @property
+    def device(self):
+        """Where the describer runs."""
+        return self.describer.device
+
+    @property
+    def calibrated(self) -> bool:
+        return self.describer.calibration is not None or self._map.calibration is not None
+
+    @property
+    def keyframe_positions(self) -> np.ndarray:
+        return np.asarray(self._map.positions, dtype=np.float64).reshape(-1, 3)
+
+    @property
+    def matching(self) -> MatchingConfig:
+        return self._matching
+
+    # ----- settings that change while it runs ------------------------------------------------------------
+
+    def set_matching(self, matching: MatchingConfig, min_inliers: int | None = None) -> None:
+        """Match with ``matching`` from the next image on; ``min_inliers``, when given, is geometric verification's
+        new threshold (ignored while verification is off)."""
+        self._matching = matching
+        if min_inliers is not None and self._verification is not None:
+            self._verification = replace(self._verification, min_inliers=min_inliers)
+
+    def set_intrinsics(self, intrinsics: CameraIntrinsics | None) -> bool:
+        """Verify with these camera intrinsics from the next image on; whether they differ from those in use."""
+        changed = intrinsics != self._intrinsics
+        self._intrinsics = intrinsics
+        return changed
+
+    # ----- one image -------------------------------------------------------------------------------------
+
+    def _scores(self, similarities: np.ndarray, same_place: np.ndarray) -> np.ndarray:
+        """The candidates' scores: the map's calibration of their margins (tscm_ros/map/calibration.py); for a map
+        too small to have one, the model's own calibration of their similarity (trained checkpoints carry one),
+        else the similarity itself."""
+        if self._map.calibration is not None:
+            return self._map.calibration.score(candidate_margins(similarities, same_place))
+        prior = self.describer.calibration
+        return similarities if prior is None else np.array([prior(s) for s in similarities])
+
+    def _match(self, descriptor: np.ndarray, exclusion: Exclusion, stamp_ns: int,
+               position: np.ndarray | None) -> list[Match]:
+        """The best ``k`` candidates by similarity that score at least ``min_score``. With temporal consistency,
+        a candidate is ``consistent`` when the images before it support its place: the candidate of the best
+        sequence score (tscm_ros/detect/temporal.py) shows the same place, and the history is full."""
+        pool = self._map.query(descriptor, max(self._matching.k, POOL), exclusion, 0.0)
+        ids = np.array([c.keyframe_id for c in pool], dtype=np.int64)
+        similarities = np.array([c.score for c in pool], dtype=np.float64)
+        same_place = self._map.same_place(ids, ids)
+        matches = [Match(candidate, float(score)) for candidate, score in zip(pool, self._scores(similarities,
+                                                                                                 same_place))]
+        if self._temporal is not None:  # every image enters the history, whatever min_score
+            path = self._map.path_lengths(ids)
+            by_order = len(ids) > 0 and bool(np.isnan(path).any())  # a map without poses: keyframe order
+            sequence, full = self._temporal.update(stamp_ns, None if by_order else position,
+                                                   ids.astype(np.float64) if by_order else path, similarities,
+                                                   by_order=by_order)
+            self.temporal_basis = ("keyframe order (map without poses)" if by_order
+                                   else "path, odometry" if position is not None else "path, no odometry")
+            if len(sequence):
+                supported = same_place[:, int(np.argmax(sequence))]
+                for i, (score, support) in enumerate(zip(sequence, supported)):
+                    matches[i] = replace(matches[i], sequence_score=float(score), consistent=bool(full and support))
+        return [m for m in matches[: self._matching.k] if m.score >= self._matching.min_score]
+
+    def _verify(self, image: np.ndarray, matches: list[Match]):
+        """``matches`` with their geometric verification, and the query's local features (None when verification
+        is off or when there is nothing to verify)."""
+        if self._verification is None or not matches:
+            return matches, None
+        features = extract_local_features(image)
+        config, intrinsics = self._verification, self._intrinsics
+
+        def check(match: Match) -> Match:
+            keyframe_features = self._map.local_features(match.keyframe_id)
+            if keyframe_features is None:
+                return match
+            return replace(match, verification=verify(features, keyframe_features, config, intrinsics))
+
+        return list(self._verifiers.map(check, matches)), features
+
+    def accepts(self, match: Match) -> bool:
+        """Whether a candidate passed every stage that is on."""
+        return ((self._verification is None or (match.verification is not None and match.verification.verified))
+                and (self._temporal is None or match.consistent))
+
+    def process(self, image: np.ndarray, stamp_ns: int, pose=None) -> Detection:
+        """Candidates for one HxWx3 uint8 RGB image taken at ``stamp_ns`` (pose: ``geometry.Pose`` or None)."""
+        describer = self.describer
+        if self._mapping is not None:
+            descriptors, feature_maps = self._builder.describe([image])
+        else:
+            descriptors, feature_maps = describer.describe([image]), [()]
+        descriptor = descriptors[0]
+        position = None if pose is None else pose.position
+        exclusion = Exclusion(min_time_gap_s=self._matching.exclude_recent_s,
+                              min_distance_m=self._matching.exclude_within_m,
+                              query_stamp_ns=stamp_ns, query_position=position)
+        candidates, features = self._verify(image, self._match(descriptor, exclusion, stamp_ns, position))
+        detection = Detection(descriptor=descriptor, fingerprint=describer.fingerprint, candidates=candidates,
+                              accepted=[c for c in candidates if self.accepts(c)])
+        if self._mapping is not None:
+            detection.added_keyframe_id = self._builder.add_image(image, stamp_ns, pose, self._source, descriptor,
+                                                                  feature_maps[0], self._mapping,
+                                                                  local_features=features)
+        return detection
