@@ -7,8 +7,8 @@ the GPU when one is usable), for each execution path: the plain eager network, t
 installed), a frozen TorchScript trace (the default), and describe() end to end from a 640x480 RGB image
 (preprocessing included, the Describer's default backend) for the default and the student.
 
-    python bench/descriptor_latency.py                 # 2 threads, CPU (+ GPU if present)
-    python bench/descriptor_latency.py --threads 1 --repeats 50 --json out.json
+    python -m bench.descriptor_latency                 # 2 threads, CPU (+ GPU if present)
+    python -m bench.descriptor_latency --threads 1 --repeats 50 --json out.json
 
 Latency on a shared machine is noisy: the load average before and after is printed with the table.
 """

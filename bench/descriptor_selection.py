@@ -21,7 +21,7 @@ every backbone alike. Map: at most --max-dim dimensions (8192: 32 kB per keyfram
 the chosen variant's R@1 beside the GeM baseline's and, to show what the map's own fit is worth, beside
 the same variant with a vocabulary fitted on the *other* sets' references instead.
 
-    python bench/descriptor_selection.py --real ../shared/realdata       # about 30-40 minutes on 2 cores
+    python -m bench.descriptor_selection --real ../shared/realdata       # about 30-40 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -39,15 +38,14 @@ import faiss
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from tscm_ros.describe.describer import PRETRAINED, OnnxRuntimeRunner, describer_for
+from tscm_ros.describe.models.backbones import EfficientNetLiteBackbone
+from tscm_ros.describe.models.blocks import feature_map_to_tokens
+from tscm_ros.describe.models.vlad import VLAD
+from tscm_ros.describe.preprocess import PreprocessConfig, preprocess
+from tscm_ros.io.revisit_set import RevisitSet, find_revisit_sets, read_rgb
 
-from tscm_ros.describe.describer import PRETRAINED, OnnxRuntimeRunner, describer_for  # noqa: E402
-from tscm_ros.describe.models.backbones import EfficientNetLiteBackbone  # noqa: E402
-from tscm_ros.describe.models.blocks import feature_map_to_tokens  # noqa: E402
-from tscm_ros.describe.models.vlad import VLAD  # noqa: E402
-from tscm_ros.describe.preprocess import PreprocessConfig, preprocess  # noqa: E402
-from tscm_ros.io.revisit_set import RevisitSet, find_revisit_sets, read_rgb  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SIZES = {"192x256": [(192, 256)], "240x320": [(240, 320)], "192x256+240x320": [(192, 256), (240, 320)]}
 LAYERS = {"5": (5,), "4+5": (4, 5)}

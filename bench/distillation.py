@@ -15,7 +15,7 @@ Every variant and the teacher are evaluated on the held-out night / haze / seaso
 between the student's and the teacher's descriptor spaces on the held-out query images: the mean
 squared distance between S(x) and T(x), the quantity L_soft minimises on training images.
 
-    python bench/distillation.py      # about 15 minutes on 2 CPU cores
+    python -m bench.distillation      # about 15 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -23,12 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from recognition import (  # noqa: E402
+from bench.recognition import (
     QUERIES,
     RADIUS_M,
     REPO,

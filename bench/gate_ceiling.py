@@ -6,8 +6,8 @@ min_score, and the highest recall any single threshold reaches at a given precis
 threshold chosen on the very queries it is scored on: an oracle, so an upper bound for a score gate, not
 a figure to ship. Rendered worlds pool their conditions (runs with odometry only).
 
-    python bench/gate_ceiling.py bench_output/recognition               # after bench/recognition.py
-    python bench/gate_ceiling.py bench_output/recognition --method default_model
+    python -m bench.gate_ceiling bench_output/recognition               # after bench/recognition.py
+    python -m bench.gate_ceiling bench_output/recognition --method default_model
 """
 
 from __future__ import annotations

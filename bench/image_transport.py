@@ -13,7 +13,7 @@ subscription received) and reports delivered / published, per transport set-up:
 Both processes run with the same environment, discovery on this machine only unless
 ROS_AUTOMATIC_DISCOVERY_RANGE says otherwise.
 
-    . ./env.sh && python bench/image_transport.py [--sizes 640x480,1280x720] [--rates 4,10,30] [--node]
+    . ./env.sh && python -m bench.image_transport [--sizes 640x480,1280x720] [--rates 4,10,30] [--node]
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def publish(size: str, rate: float, count: int, reliable: bool) -> None:
 
 
 def _publisher(size: str, rate: float, count: int, reliable: bool, env: dict) -> subprocess.Popen:
-    command = [sys.executable, __file__, "--publish", size, "--rates", str(rate), "--count", str(count)]
+    command = [sys.executable, "-m", "bench.image_transport", "--publish", size, "--rates", str(rate),
+               "--count", str(count)]
     return subprocess.Popen(command + (["--reliable"] if reliable else []), env=env)
 
 
@@ -82,9 +83,8 @@ def measure_plain(size: str, rate: float, count: int, reliable: bool, env: dict,
     """Images a plain rclpy subscription in another process received (both run with ``env``, the subscriber
     also with ``subscriber_env``)."""
     code = f"""
-import sys, time, rclpy
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from image_transport import TOPIC, qos
+import time, rclpy
+from bench.image_transport import TOPIC, qos
 from sensor_msgs.msg import Image
 rclpy.init()
 node = rclpy.create_node("image_transport_subscriber")

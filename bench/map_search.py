@@ -1,6 +1,6 @@
 """Benchmark: keyframe-map search latency and recall@1 against exact search, per index type and map size.
 
-Usage: python bench/map_search.py [--sizes 1000,10000,100000,1000000] [--dim 2048] [--pca-dim 256]
+Usage: python -m bench.map_search [--sizes 1000,10000,100000] [--dim D] [--pca-dim 256]
        [--ef-search 128,256,512] [--configs NAME,...]
 
 Synthetic descriptors (deterministic, seeded): real VPR descriptors are unit-norm, have a fast-decaying
@@ -11,7 +11,9 @@ power-law spectrum ``s_j = (1 + j) ** -0.5``, ``z = c_place + 0.5 n`` with one s
 noise carrying about a tenth of the energy. A query is a random database keyframe perturbed the same way
 (new latent noise and new isotropic noise, ``QUERY_NOISE`` times the in-place spread), renormalised, so its
 exact nearest neighbour is usually, not always, the keyframe it came from; the fraction is printed.
-Recall@1 is the fraction of queries whose top-1 equals the exact 2048-d search's top-1 (ids).
+Recall@1 is the fraction of queries whose top-1 equals the exact full-dimension search's top-1 (ids).
+The dimension is the shipped default model's (3840 for its 32 x 120 VLAD), read from its config, unless
+``--dim`` says otherwise.
 
 Exclusion, as the node queries: keyframes are 0.1 s and 1 m apart along a path, and every query also runs
 with ``exclude_recent_s`` 30 and ``exclude_within_m`` 20 as if the robot, back at the query's source place,
@@ -22,13 +24,13 @@ the exclusion allows.
 
 Latency is the median (and 90th percentile) of single ``KeyframeMap.query(descriptor, k)`` calls, the way
 the node queries, Python overhead included; "batched" is one ``query_batch`` over all queries divided by
-their number. The database is generated and added in chunks of 100k, so the 1M case never holds the
-full 2048-d float32 database (8 GB): there the exact baseline's latency is the sum, per query, of exact
-searches over each 100k chunk as it is generated, and its top-1 is merged across chunks. Configurations
-keeping a float32 copy of the descriptors (exact, plain HNSW, float32 re-ranking) would need 8 GB at
-1M x 2048-d and are skipped there; re-ranking from a float16 copy (4 GB) runs. The 1M case needs about
-12 GB of RAM at its peak (measured peak printed after each size). "index MiB" is the size of the FAISS
-index file, roughly its memory.
+their number. The database is generated and added in chunks of 100k, so the 1M case (``--sizes 1000000``,
+``make bench LONG=1``) never holds the full float32 database (4 bytes x dim per keyframe: 15 GB at 3840-d):
+there the exact baseline's latency is the sum, per query, of exact searches over each 100k chunk as it is
+generated, and its top-1 is merged across chunks. Configurations keeping a float32 copy of the descriptors
+(exact, plain HNSW, float32 re-ranking) are skipped above 200k keyframes; re-ranking from a float16 copy
+(half that size) runs. The peak RAM is printed after each size. "index MiB" is the size of the FAISS index
+file, roughly its memory.
 """
 
 from __future__ import annotations
@@ -42,16 +44,14 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tscm_ros.io.geometry import Pose  # noqa: E402
-from tscm_ros.map.exclusion import Exclusion  # noqa: E402
-from tscm_ros.map.index import IndexConfig  # noqa: E402
-from tscm_ros.map.keyframe_map import KeyframeMap, KeyframeMeta  # noqa: E402
+from tscm_ros.io.geometry import Pose
+from tscm_ros.map.exclusion import Exclusion
+from tscm_ros.map.index import IndexConfig
+from tscm_ros.map.keyframe_map import KeyframeMap, KeyframeMeta
 
 RANK = 256
 PLACE_SIZE = 10
@@ -59,7 +59,7 @@ IN_PLACE_SPREAD = 0.5
 QUERY_NOISE = 2.0  # default of --query-noise
 ISOTROPIC_ENERGY = 0.1
 CHUNK = 100_000  # keyframes generated and added at a time
-FULL_DESCRIPTOR_LIMIT = 200_000  # above this, configurations storing full 2048-d float32 vectors are skipped
+FULL_DESCRIPTOR_LIMIT = 200_000  # above this, configurations storing full float32 vectors are skipped
 
 
 class Descriptors:
@@ -113,9 +113,9 @@ class Config:
 
 def configurations(pca_dim: int, n: int, ef_search: Sequence[int] = (128, 256, 512)) -> list[Config]:
     """What is compared; HNSW and re-ranking use the KeyframeMap defaults (M 32, efConstruction 200,
-    efSearch 128, k_factor 4). Plain 2048-d HNSW and PCA without re-ranking only run up to 10k keyframes
+    efSearch 128, k_factor 4). Plain full-dimension HNSW and PCA without re-ranking only run up to 10k keyframes
     (they show what PCA alone loses; their builds dominate the run time). Above FULL_DESCRIPTOR_LIMIT only
-    configurations without a float32 copy of the 2048-d descriptors run."""
+    configurations without a float32 copy of the full descriptors run."""
     hnsw = IndexConfig(type="hnsw", pca_dim=pca_dim)
     ivf = IndexConfig(type="ivfpq", pca_dim=pca_dim, nprobe=32)
     ef = [{"ef_search": value} for value in ef_search]
@@ -283,10 +283,21 @@ def run_size(n: int, args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shipped_dimension() -> int:
+    """The descriptor dimension of the default model the package ships (its config; no weights loaded)."""
+    from tscm_ros.describe.checkpoint import load_model_config
+    from tscm_ros.describe.describer import DEFAULT_CONFIG
+    from tscm_ros.describe.models import build_model
+
+    return int(build_model(load_model_config(DEFAULT_CONFIG)[0], load_pretrained=False).dim)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1000,10000,100000,1000000", help="comma-separated map sizes")
-    parser.add_argument("--dim", type=int, default=2048, help="descriptor dimension (deployment: 2048)")
+    parser.add_argument("--sizes", default="1000,10000,100000",
+                        help="comma-separated map sizes (default 1000,10000,100000; 1000000 is the long run)")
+    parser.add_argument("--dim", type=int, default=None,
+                        help="descriptor dimension (default: the shipped default model's, 3840)")
     parser.add_argument("--pca-dim", type=int, default=256, help="PCA reduction for the reduced configurations")
     parser.add_argument("--queries", type=int, default=1000, help="queries for recall@1")
     parser.add_argument("--latency-queries", type=int, default=300, help="single queries timed for latency")
@@ -297,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ef-search", default="128,256,512", help="HNSW efSearch values swept on each HNSW map")
     parser.add_argument("--configs", default="", help="comma-separated configuration names to run (default: all)")
     args = parser.parse_args(argv)
+    if args.dim is None:
+        args.dim = shipped_dimension()
     args.ef_search = [int(v) for v in args.ef_search.split(",")]
     args.configs = [name for name in args.configs.split(",") if name]
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, {os.cpu_count()} CPUs")

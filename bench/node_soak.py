@@ -8,7 +8,7 @@ Hz along the route. Every 10 s it samples the node's resident memory (VmRSS) and
 the node's VmHWM, latency (image stamp -> LoopCandidates received here) median / p95 / max per period and
 overall, drops, the share of answers with a query pose, and the node's exit code on SIGINT.
 
-    . ./env.sh && python bench/node_soak.py [--minutes 10] [--rate 60] [--pose-rate 100]
+    . ./env.sh && python -m bench.node_soak [--minutes 10] [--rate 60] [--pose-rate 100]
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ from diagnostic_msgs.msg import DiagnosticArray
 from nav_msgs.msg import Odometry
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
+from tscm_ros.msg import LoopCandidates
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from node_throughput import join_loopback_domain, peak_rss_mb, route_and_map  # noqa: E402
-from tscm_ros.msg import LoopCandidates  # noqa: E402
+from bench.node_throughput import join_loopback_domain, peak_rss_mb, route_and_map
 
 SAMPLE_S = 10.0
 WARM_UP_S = 60.0

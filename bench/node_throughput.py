@@ -10,7 +10,7 @@ processed rate, drop rate (images sent without an answer), end-to-end latency me
 the node's peak RSS (VmHWM). Goal on a 2-core CPU: p95 <= 40 ms at 10 Hz with no drops (with
 verification); at 60 Hz a steady processed rate with bounded memory.
 
-    . ./env.sh && python bench/node_throughput.py [--duration 30] [--rates 10 30 60]
+    . ./env.sh && python -m bench.node_throughput [--duration 30] [--rates 10 30 60]
 """
 
 from __future__ import annotations

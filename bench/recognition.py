@@ -22,8 +22,8 @@ with the map's own vocabulary), the teacher and student trained on the first sit
 world's sites each site's own), and any ``--model NAME=CKPT``. Rendered routes are cached in .cache/bench/
 per version of the simulator.
 
-    python bench/recognition.py --real ../shared/realdata      # 2 town sites + the garden: about 40 minutes
-    python bench/recognition.py --real DIR --no-training       # the methods nobody trains here (minutes)
+    python -m bench.recognition --real ../shared/realdata      # 2 town sites + the garden: about 40 minutes
+    python -m bench.recognition --real DIR --no-training       # the methods nobody trains here (minutes)
 """
 
 from __future__ import annotations
@@ -42,16 +42,15 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tscm_ros.detect.detection import DEFAULT_MIN_SCORE  # noqa: E402
-from tscm_ros.evaluate.loop_metrics import (  # noqa: E402
+from tscm_ros.detect.detection import DEFAULT_MIN_SCORE
+from tscm_ros.evaluate.loop_metrics import (
     at_threshold,
     max_recall_at_full_precision,
     precision_recall_curve,
 )
-from tscm_ros.io.revisit_set import find_revisit_sets  # noqa: E402
+from tscm_ros.io.revisit_set import find_revisit_sets
+
+REPO = Path(__file__).resolve().parent.parent
 
 TOWN_SITES = [(11, 120.0), (12, 200.0), (13, 160.0)]  # seed, lap length (m)
 GARDEN_SITE = (21, 160.0)
@@ -85,7 +84,7 @@ def run(argv: list[str], what: str) -> tuple[float, float]:
 
 def simulator_cache() -> Path:
     """Where rendered routes are kept: one folder per version of the simulator."""
-    sources = sorted((REPO / "tscm_ros").glob("simulat*.py"))
+    sources = sorted((REPO / "tscm_ros" / "sim").glob("*.py"))
     simulator = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:12]
     return REPO / ".cache" / "bench" / simulator
 

@@ -9,31 +9,29 @@ pairs (10th / 50th / 90th percentile), and for each min_inliers the share of tru
 pairs rejected (the target: keep at least 90 %, reject at least 90 %), for the top-1 candidates alone and
 for all five.
 
-    python bench/verification.py --real ../shared/realdata      # a few minutes on 2 cores
+    python -m bench.verification --real ../shared/realdata      # a few minutes on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from tscm_ros.describe.describer import DEFAULT_MODEL, describer_for
+from tscm_ros.describe.local_features import extract_local_features
+from tscm_ros.detect.detection import MatchingConfig
+from tscm_ros.detect.loop_detector import LoopDetector
+from tscm_ros.detect.verification import CameraIntrinsics, VerificationConfig, verify
+from tscm_ros.evaluate.loop_evaluation import build_descriptor_map, reference_keyframes
+from tscm_ros.evaluate.loop_metrics import within_radius
+from tscm_ros.io.bag import FrameSource
+from tscm_ros.io.revisit_set import find_revisit_sets
+from tscm_ros.sim.simulate import simulate_route
 
-from tscm_ros.describe.describer import DEFAULT_MODEL, describer_for  # noqa: E402
-from tscm_ros.describe.local_features import extract_local_features  # noqa: E402
-from tscm_ros.detect.detection import MatchingConfig  # noqa: E402
-from tscm_ros.detect.loop_detector import LoopDetector  # noqa: E402
-from tscm_ros.detect.verification import CameraIntrinsics, VerificationConfig, verify  # noqa: E402
-from tscm_ros.evaluate.loop_evaluation import build_descriptor_map, reference_keyframes  # noqa: E402
-from tscm_ros.evaluate.loop_metrics import within_radius  # noqa: E402
-from tscm_ros.io.bag import FrameSource  # noqa: E402
-from tscm_ros.io.revisit_set import find_revisit_sets  # noqa: E402
-from tscm_ros.sim.simulate import simulate_route  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 THRESHOLDS = (8, 12, 15, 20, 30)
 TOP = 5
