@@ -27,6 +27,7 @@ LOG = logging.getLogger(__name__)
 STATE_FORMAT = "tscm_ros.train_state"
 STATE_VERSION = 1
 LOCK_FILE = ".train.lock"
+BEST_KEY = (1, MAX_RECALL_KEY, 5, 10)  # the val recalls that decide the best epoch, in order of precedence
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Progress:
 
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
-    best_key: list[float] | None = None  # val recall@1, max recall at 100 % precision, recall@5, @10 of the best epoch
+    best_key: list[float] | None = None  # the best epoch's val recall at BEST_KEY (NaN as -1), compared as a list
     best_epoch: int = 0
     stale_epochs: int = 0
     stopped_early: bool = False
@@ -71,8 +72,7 @@ class Progress:
         """Add an epoch's metrics; returns whether it is the best so far."""
         self.epoch = int(row["epoch"])
         self.history.append(row)
-        key = [recall[1], recall[MAX_RECALL_KEY], recall[5], recall[10]]
-        key = [-1.0 if math.isnan(value) else float(value) for value in key]
+        key = [-1.0 if math.isnan(recall[name]) else float(recall[name]) for name in BEST_KEY]
         improved = self.best_key is None or key > self.best_key
         if improved:
             self.best_key, self.best_epoch, self.stale_epochs = key, self.epoch, 0
@@ -82,6 +82,11 @@ class Progress:
         if self.stopped_early:
             self.stop_reason = f"no better validation in {patience} epoch(s)"
         return improved
+
+    @property
+    def best_recall(self) -> dict:
+        """The best epoch's val recall by name (the keys of BEST_KEY); empty before the first epoch."""
+        return {} if self.best_key is None else dict(zip(BEST_KEY, self.best_key))
 
 
 class RunLock:

@@ -152,14 +152,61 @@ def train(
     Everything is checked (config, dataset, teacher) before the run directory is touched.
     With ``resume`` the run continues after the last completed epoch of ``out/last.pt``.
     """
+    setup = _set_up(kind, data, Path(out), config, teacher_path)
+    saved, lock = start_run(setup.run_dir, resume, setup.used_config, kind, setup.teacher_fingerprint,
+                            setup.distributed)
+    try:
+        loop = _start_epochs(setup, saved, progress)
+        while loop.run.epoch < setup.config.epochs and not loop.run.stopped_early:
+            epoch = loop.run.epoch + 1
+            trained = _train_and_validate(loop, epoch)
+            if trained is None:  # nothing left to learn: stopped early
+                break
+            row, recall = trained
+            improved = loop.run.record(row, recall, setup.config.patience)
+            if setup.distributed.is_main:
+                _save_epoch(loop, row, recall, improved)
+        return _finish(loop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@dataclass
+class _Setup:
+    """Everything checked and built before the run directory is touched: the data, the model and its
+    optimiser, the teacher of a student, where it runs."""
+
+    kind: str
+    run_dir: Path
+    config: TrainConfig  # radii resolved
+    checked: _TrainingData
+    model_config: dict
+    preprocess_config: PreprocessConfig
+    used_config: TrainConfig  # as written to config.yaml: the model config inline
+    distributed: Distributed
+    device: torch.device
+    use_amp: bool
+    model: nn.Module
+    heads: TrainableHeads
+    teacher: object | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+    @property
+    def teacher_fingerprint(self) -> str | None:
+        return self.teacher.fingerprint if self.teacher is not None else None
+
+
+def _set_up(kind: str, data: str | Path | Sequence[str | Path], run_dir: Path, config: TrainConfig,
+            teacher_path: str | Path | None) -> _Setup:
     if kind not in KINDS:
         raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
     if (kind == "student") != (teacher_path is not None):
         raise ConfigError("train student needs --teacher CKPT; train teacher takes none")
-    run_dir = Path(out)
     model_config, preprocess_config = resolve_model_config(config, kind)
     checked = _load_training_data([data] if isinstance(data, (str, Path)) else list(data), config)
-    config, train_set, label = checked.config, checked.train_set, checked.label
+    config = checked.config
     used_config = dataclasses.replace(config, model={**model_config, "preprocess": preprocess_config.to_dict()})
 
     distributed = init_distributed()
@@ -172,106 +219,139 @@ def train(
     heads = TrainableHeads(model)
     teacher = _load_teacher(teacher_path, device) if kind == "student" else None
     if teacher is not None:
-        _check_same_dim(model, preprocess_config, teacher, train_set.load_images([0]), device)
+        _check_same_dim(model, preprocess_config, teacher, checked.train_set.load_images([0]), device)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    teacher_fingerprint = teacher.fingerprint if teacher is not None else None
+    return _Setup(kind, run_dir, config, checked, model_config, preprocess_config, used_config, distributed, device,
+                  use_amp, model, heads, teacher, optimizer, scaler)
 
-    saved, lock = start_run(run_dir, resume, used_config, kind, teacher_fingerprint, distributed)
-    try:
-        show = progress and distributed.is_main
-        if distributed.is_main:
-            LOG.info("train %s: %d training frames in %d traversals, %d usable anchors; %s; %d val queries against "
-                     "%d val database frames", kind, len(train_set), len(np.unique(train_set.sequences)),
-                     len(checked.graph.usable_anchors()), checked.radii_reason, len(checked.val_queries),
-                     len(checked.val_database))
-        started = time.monotonic()
-        augment = config.augmentation()
-        views = config.augment_views if augment.enabled else 1
-        train_cache = FeatureCache(heads.trunk, train_set, preprocess_config, device, config.cache_batch_size, views,
-                                   augment, config.seed, show, f"{kind}: backbone features, {views} view(s)", use_amp)
-        val_caches = [FeatureCache(heads.trunk, part, preprocess_config, device, config.cache_batch_size, amp=use_amp)
-                      for part in (checked.val_database, checked.val_queries)]
-        val = ValSplit(heads, *val_caches, checked.val_database.positions, checked.val_queries.positions,
-                       config.eval_radius_m, device, config.cache_batch_size, use_amp)
-        run = Progress()
-        if saved is not None:
-            run = restore_state(saved, model, optimizer, scaler, run_dir / "last.pt")
-        elif config.init_heads:
-            sample = np.random.default_rng(config.seed).permutation(len(train_set))[:256]
-            heads.init_aggregation(train_cache.get(sample, None, device))
-        teacher_descriptors = None
-        if teacher is not None:
-            # The teacher is frozen and sees the frames as recorded: its descriptors are computed once.
-            teacher_descriptors = torch.from_numpy(
-                describe_frames(teacher.model, train_set, teacher.preprocess, device, config.cache_batch_size, use_amp)
-            ).to(device)
-            teacher = None  # frees the teacher network
-        if distributed.is_main:
-            LOG.info("cached %d x %d backbone outputs (%.0f MB) in %.0f s", views, len(train_set),
-                     train_cache.nbytes / 1e6, time.monotonic() - started)
-        trained: nn.Module = heads
-        if distributed.world_size > 1:
-            device_ids = [device.index] if device.type == "cuda" else None
-            trained = torch.nn.parallel.DistributedDataParallel(heads, device_ids=device_ids)
-        optimisation = _Optimisation(trained, optimizer, scaler, device, use_amp, config)
 
-        while run.epoch < config.epochs and not run.stopped_early:
-            epoch = run.epoch + 1
-            started = time.monotonic()
-            rng = np.random.default_rng([config.seed, epoch])
-            embeddings = describe_cached(heads, train_cache, device, config.cache_batch_size, use_amp)
-            mined = mine_triplets(embeddings, checked.graph, rng)
-            if (run.epoch > 0 and teacher_descriptors is None
-                    and active_triplets(embeddings, mined, config.margin) == 0):
-                # The teacher learns from the triplet term alone: with no triplet violating the margin, more
-                # epochs change nothing (the same on every process: the same embeddings, the same mining).
-                run.stopped_early, run.stop_reason = True, "every mined triplet meets the margin"
-                if distributed.is_main:
-                    LOG.info("epoch %d: %s (%.2f): nothing left to learn, stopping", epoch, run.stop_reason,
-                             config.margin)
-                    save_state(run_dir / "last.pt", run, model, optimizer, scaler, kind, teacher_fingerprint)
-                break
-            triplets = _epoch_triplets(mined, rng, config, distributed)
-            losses = _train_epoch(optimisation, _EpochData(train_cache, triplets, teacher_descriptors, rng),
-                                  f"{kind} epoch {epoch}/{config.epochs}" if show else None)
-            if distributed.world_size > 1:
-                losses = _average_over_processes(losses)
-            recall = val.recall()
-            row = {"epoch": epoch, "triplets": len(triplets) * distributed.world_size, "loss": losses["loss"],
-                   "loss_hard": losses["loss_hard"]}
-            if kind == "student":
-                row.update(loss_soft=losses["loss_soft"], loss_cm=losses["loss_cm"])
-            row.update({f"val_recall@{n}": recall[n] for n in VAL_NS})
-            row[f"val_{MAX_RECALL_KEY}"] = recall[MAX_RECALL_KEY]
-            row.update(lr=config.lr, seconds=round(time.monotonic() - started, 3))
-            improved = run.record(row, recall, config.patience)
-            if distributed.is_main:
-                if improved:
-                    save_best(run_dir / "best.pt", model, model_config, preprocess_config, epoch, recall, label, kind,
-                              teacher_fingerprint)
-                save_state(run_dir / "last.pt", run, model, optimizer, scaler, kind, teacher_fingerprint)
-                write_metrics_csv(run.history, run_dir / "metrics.csv")
-                plot_learning_curves(run.history, run_dir / "learning_curves.png", f"train {kind}: {label}")
-                LOG.info(
-                    "epoch %d: loss %.4f, val recall@1/5/10 %.1f/%.1f/%.1f %%, "
-                    "max recall at 100 %% precision %.1f %%%s",
-                    epoch, row["loss"], *(100 * recall[n] for n in VAL_NS), 100 * recall[MAX_RECALL_KEY],
-                    " (best)" if improved else "",
-                )
-                if run.stopped_early:
-                    LOG.info("stopping: %s", run.stop_reason)
-        if distributed.is_main and (run_dir / "best.pt").is_file():
-            val.calibrate_best(run_dir / "best.pt", model, label)
-        if distributed.world_size > 1:
-            dist.barrier()
-            dist.destroy_process_group()
-        best_recall = dict(zip((1, MAX_RECALL_KEY, 5, 10), run.best_key)) if run.best_key is not None else {}
-        return TrainResult(run_dir, run.epoch, run.best_epoch, best_recall, run.stopped_early, run.stop_reason)
-    finally:
-        if lock is not None:
-            lock.release()
+@dataclass
+class _EpochLoop:
+    """What every epoch uses: the cached training frames, the val split, the progress so far, the teacher's
+    descriptors of a student's frames, and the optimisation step."""
+
+    setup: _Setup
+    teacher_fingerprint: str | None
+    show: bool
+    train_cache: FeatureCache
+    val: ValSplit
+    run: Progress
+    teacher_descriptors: torch.Tensor | None
+    optimisation: _Optimisation
+
+
+def _start_epochs(setup: _Setup, saved: dict | None, progress: bool) -> _EpochLoop:
+    """Cache the frozen backbones' outputs, restore a resumed run (or initialise the heads from the data) and
+    describe a student's frames with its teacher once."""
+    config, checked, device, use_amp = setup.config, setup.checked, setup.device, setup.use_amp
+    kind, train_set, heads = setup.kind, checked.train_set, setup.heads
+    teacher_fingerprint = setup.teacher_fingerprint
+    show = progress and setup.distributed.is_main
+    if setup.distributed.is_main:
+        LOG.info("train %s: %d training frames in %d traversals, %d usable anchors; %s; %d val queries against "
+                 "%d val database frames", kind, len(train_set), len(np.unique(train_set.sequences)),
+                 len(checked.graph.usable_anchors()), checked.radii_reason, len(checked.val_queries),
+                 len(checked.val_database))
+    started = time.monotonic()
+    augment = config.augmentation()
+    views = config.augment_views if augment.enabled else 1
+    train_cache = FeatureCache(heads.trunk, train_set, setup.preprocess_config, device, config.cache_batch_size,
+                               views, augment, config.seed, show, f"{kind}: backbone features, {views} view(s)",
+                               use_amp)
+    val_caches = [FeatureCache(heads.trunk, part, setup.preprocess_config, device, config.cache_batch_size,
+                               amp=use_amp)
+                  for part in (checked.val_database, checked.val_queries)]
+    val = ValSplit(heads, *val_caches, checked.val_database.positions, checked.val_queries.positions,
+                   config.eval_radius_m, device, config.cache_batch_size, use_amp)
+    run = Progress()
+    if saved is not None:
+        run = restore_state(saved, setup.model, setup.optimizer, setup.scaler, setup.run_dir / "last.pt")
+    elif config.init_heads:
+        sample = np.random.default_rng(config.seed).permutation(len(train_set))[:256]
+        heads.init_aggregation(train_cache.get(sample, None, device))
+    teacher_descriptors = None
+    if setup.teacher is not None:
+        # The teacher is frozen and sees the frames as recorded: its descriptors are computed once.
+        teacher_descriptors = torch.from_numpy(describe_frames(
+            setup.teacher.model, train_set, setup.teacher.preprocess, device, config.cache_batch_size, use_amp
+        )).to(device)
+        setup.teacher = None  # frees the teacher network
+    if setup.distributed.is_main:
+        LOG.info("cached %d x %d backbone outputs (%.0f MB) in %.0f s", views, len(train_set),
+                 train_cache.nbytes / 1e6, time.monotonic() - started)
+    trained: nn.Module = heads
+    if setup.distributed.world_size > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        trained = torch.nn.parallel.DistributedDataParallel(heads, device_ids=device_ids)
+    optimisation = _Optimisation(trained, setup.optimizer, setup.scaler, device, use_amp, config)
+    return _EpochLoop(setup, teacher_fingerprint, show, train_cache, val, run, teacher_descriptors, optimisation)
+
+
+def _train_and_validate(loop: _EpochLoop, epoch: int) -> tuple[dict, dict] | None:
+    """One epoch: mine triplets with the current heads, train on them, measure val recall. The epoch's row of
+    metrics.csv, and the val recall; None when a teacher has nothing left to learn (the run stops early)."""
+    setup, config = loop.setup, loop.setup.config
+    distributed, kind, run = setup.distributed, setup.kind, loop.run
+    started = time.monotonic()
+    rng = np.random.default_rng([config.seed, epoch])
+    embeddings = describe_cached(setup.heads, loop.train_cache, setup.device, config.cache_batch_size, setup.use_amp)
+    mined = mine_triplets(embeddings, setup.checked.graph, rng)
+    if run.epoch > 0 and loop.teacher_descriptors is None and active_triplets(embeddings, mined, config.margin) == 0:
+        # The teacher learns from the triplet term alone: with no triplet violating the margin, more
+        # epochs change nothing (the same on every process: the same embeddings, the same mining).
+        run.stopped_early, run.stop_reason = True, "every mined triplet meets the margin"
+        if distributed.is_main:
+            LOG.info("epoch %d: %s (%.2f): nothing left to learn, stopping", epoch, run.stop_reason, config.margin)
+            save_state(setup.run_dir / "last.pt", run, setup.model, setup.optimizer, setup.scaler, kind,
+                       loop.teacher_fingerprint)
+        return None
+    triplets = _epoch_triplets(mined, rng, config, distributed)
+    losses = _train_epoch(loop.optimisation, _EpochData(loop.train_cache, triplets, loop.teacher_descriptors, rng),
+                          f"{kind} epoch {epoch}/{config.epochs}" if loop.show else None)
+    if distributed.world_size > 1:
+        losses = _average_over_processes(losses)
+    recall = loop.val.recall()
+    row = {"epoch": epoch, "triplets": len(triplets) * distributed.world_size, "loss": losses["loss"],
+           "loss_hard": losses["loss_hard"]}
+    if kind == "student":
+        row.update(loss_soft=losses["loss_soft"], loss_cm=losses["loss_cm"])
+    row.update({f"val_recall@{n}": recall[n] for n in VAL_NS})
+    row[f"val_{MAX_RECALL_KEY}"] = recall[MAX_RECALL_KEY]
+    row.update(lr=config.lr, seconds=round(time.monotonic() - started, 3))
+    return row, recall
+
+
+def _save_epoch(loop: _EpochLoop, row: dict, recall: dict, improved: bool) -> None:
+    """The main process's files after an epoch: best.pt when it improved, last.pt, metrics.csv, the curves."""
+    setup, run, epoch = loop.setup, loop.run, int(row["epoch"])
+    run_dir, kind, label = setup.run_dir, setup.kind, setup.checked.label
+    if improved:
+        save_best(run_dir / "best.pt", setup.model, setup.model_config, setup.preprocess_config, epoch, recall, label,
+                  kind, loop.teacher_fingerprint)
+    save_state(run_dir / "last.pt", run, setup.model, setup.optimizer, setup.scaler, kind, loop.teacher_fingerprint)
+    write_metrics_csv(run.history, run_dir / "metrics.csv")
+    plot_learning_curves(run.history, run_dir / "learning_curves.png", f"train {kind}: {label}")
+    LOG.info(
+        "epoch %d: loss %.4f, val recall@1/5/10 %.1f/%.1f/%.1f %%, "
+        "max recall at 100 %% precision %.1f %%%s",
+        epoch, row["loss"], *(100 * recall[n] for n in VAL_NS), 100 * recall[MAX_RECALL_KEY],
+        " (best)" if improved else "",
+    )
+    if run.stopped_early:
+        LOG.info("stopping: %s", run.stop_reason)
+
+
+def _finish(loop: _EpochLoop) -> TrainResult:
+    """Calibrate the best checkpoint's scores on the val split, end the torchrun group, name the result."""
+    setup, run = loop.setup, loop.run
+    if setup.distributed.is_main and (setup.run_dir / "best.pt").is_file():
+        loop.val.calibrate_best(setup.run_dir / "best.pt", setup.model, setup.checked.label)
+    if setup.distributed.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return TrainResult(setup.run_dir, run.epoch, run.best_epoch, run.best_recall, run.stopped_early, run.stop_reason)
 
 
 def _average_over_processes(losses: dict[str, float]) -> dict[str, float]:
