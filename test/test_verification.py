@@ -1,4 +1,4 @@
-"""Geometric verification on rendered frames, temporal consistency, and local features in the map."""
+"""Geometric verification on rendered frames, and local features in the map."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 
 from tscm_ros.describe.describer import DEFAULT_MODEL, describer_for
 from tscm_ros.describe.local_features import LocalFeatures, extract_local_features
-from tscm_ros.detect.temporal import TemporalConfig, TemporalConsistency
 from tscm_ros.detect.verification import CameraIntrinsics, VerificationConfig, verify
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.io.bag import FrameSource
@@ -82,42 +81,6 @@ def test_bad_settings_are_clear_errors():
         CameraIntrinsics.from_values([100.0, 100.0])
     with pytest.raises(ConfigError, match="fx, fy > 0"):
         CameraIntrinsics(0.0, 100.0, 80.0, 60.0)
-    with pytest.raises(ConfigError, match="window"):
-        TemporalConfig(window=0)
-
-
-def _drive(temporal: TemporalConsistency, false_at: int, with_poses: bool):
-    """A robot driving along a map of keyframes every 2 m, one image per 2 m. Each image matches its true
-    keyframe with similarity 0.80 (and its neighbours 0.6); image ``false_at`` matches a far-away look-alike
-    better (0.90). Returns the best candidate's keyframe and sequence score for each image."""
-    coordinates = np.arange(100) * 2.0
-    best = []
-    for t in range(20):
-        true = 10 + t
-        ids = np.array([true, true - 1, true + 1, 80])
-        similarities = np.array([0.80, 0.60, 0.60, 0.90 if t == false_at else 0.30])
-        position = np.array([2.0 * t, 0.0, 0.0]) if with_poses else None
-        scores, consistent = temporal.update(t * 400_000_000, position, coordinates[ids], similarities)
-        best.append((int(ids[np.argmax(scores)]), float(scores.max()), consistent))
-    return best
-
-
-@pytest.mark.parametrize("with_poses", [True, False])
-def test_temporal_consistency_suppresses_an_isolated_false_match(with_poses):
-    temporal = TemporalConsistency(TemporalConfig(window=5, tolerance_m=1.0, max_step_m=3.0))
-    best = _drive(temporal, false_at=12, with_poses=with_poses)
-    assert [keyframe for keyframe, _, _ in best] == [10 + t for t in range(20)]  # the look-alike never wins
-    assert [consistent for _, _, consistent in best] == [t >= 4 for t in range(20)]
-    assert best[12][1] == pytest.approx(0.80)  # the true keyframe keeps the support of the images before it
-
-
-def test_a_gap_in_the_images_restarts_the_sequence():
-    temporal = TemporalConsistency(TemporalConfig(window=3, max_gap_s=1.0))
-    for t in range(3):
-        _, consistent = temporal.update(t * 100_000_000, None, np.array([2.0 * t]), np.array([0.8]))
-    assert consistent
-    _, consistent = temporal.update(10_000_000_000, None, np.array([8.0]), np.array([0.8]))
-    assert not consistent
 
 
 def _map_with_features(images) -> KeyframeMap:

@@ -1,0 +1,90 @@
+"""A training run's directory and state: progress from epoch to epoch, the run lock, last.pt and --resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from tscm_ros.errors import CheckpointError, ConfigError
+from tscm_ros.train.config import TrainConfig
+from tscm_ros.train.run import Distributed, Progress, RunLock, restore_state, save_state, start_run
+from tscm_ros.train.validation import MAX_RECALL_KEY
+
+ALONE = Distributed(rank=0, world_size=1, local_rank=0)
+
+
+def recall(r1: float, max_recall: float = 0.5, r5: float = 0.9, r10: float = 0.95) -> dict:
+    return {1: r1, 5: r5, 10: r10, MAX_RECALL_KEY: max_recall}
+
+
+def test_progress_keeps_the_best_epoch_and_stops_after_patience_epochs_without_one():
+    run = Progress()
+    assert run.record({"epoch": 1}, recall(0.5), patience=2)
+    assert run.record({"epoch": 2}, recall(0.5, max_recall=0.6), patience=2)  # a tie on recall@1, broken next
+    assert not run.record({"epoch": 3}, recall(0.4), patience=2)
+    assert not run.stopped_early
+    assert not run.record({"epoch": 4}, recall(math.nan), patience=2)  # NaN counts as worse than anything
+    assert run.stopped_early
+    assert (run.epoch, run.best_epoch, run.stale_epochs, len(run.history)) == (4, 2, 2, 4)
+    assert run.best_recall == {1: 0.5, MAX_RECALL_KEY: 0.6, 5: 0.9, 10: 0.95}
+    assert Progress().best_recall == {}
+
+
+def test_a_new_run_takes_an_empty_directory_and_holds_it(tmp_path):
+    run_dir = tmp_path / "run"
+    saved, lock = start_run(run_dir, False, TrainConfig(model="tiny"), "teacher", None, ALONE)
+    try:
+        assert saved is None
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"] == "tiny"
+        with pytest.raises(ConfigError, match="in use"):
+            RunLock(run_dir)
+    finally:
+        lock.release()
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        start_run(run_dir, False, TrainConfig(model="tiny"), "teacher", None, ALONE)
+    with pytest.raises(ConfigError, match="does not exist"):
+        start_run(tmp_path / "missing", True, TrainConfig(model="tiny"), "teacher", None, ALONE)
+
+
+def _training_objects(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    return model, optimizer, torch.amp.GradScaler("cuda", enabled=False)
+
+
+def test_resume_restores_the_model_the_optimiser_and_the_progress(tmp_path):
+    run_dir = tmp_path / "run"
+    _, lock = start_run(run_dir, False, TrainConfig(model="tiny"), "student", "t" * 16, ALONE)
+    model, optimizer, scaler = _training_objects(0)
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    run = Progress()
+    run.record({"epoch": 1, "loss": 0.5}, recall(0.7), patience=0)
+    save_state(run_dir / "last.pt", run, model, optimizer, scaler, "student", "t" * 16)
+    lock.release()
+
+    with pytest.raises(CheckpointError, match="another teacher"):
+        start_run(run_dir, True, TrainConfig(model="tiny"), "student", "u" * 16, ALONE)
+    with pytest.raises(CheckpointError, match="not a teacher run"):
+        start_run(run_dir, True, TrainConfig(model="tiny"), "teacher", None, ALONE)
+    saved, lock = start_run(run_dir, True, TrainConfig(model="tiny"), "student", "t" * 16, ALONE)
+    try:
+        fresh, fresh_optimizer, fresh_scaler = _training_objects(1)
+        restored = restore_state(saved, fresh, fresh_optimizer, fresh_scaler, run_dir / "last.pt")
+    finally:
+        lock.release()
+    assert restored == run
+    assert torch.equal(fresh.weight, model.weight)
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == 1
+
+
+def test_a_damaged_last_pt_is_refused_with_its_name(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot resume from .*last.pt"):
+        start_run(run_dir, True, TrainConfig(model="tiny"), "teacher", None, ALONE)
