@@ -163,7 +163,7 @@ def test_resume_after_kill_9_continues_exactly_where_it_stopped(dataset_dir: Pat
 def test_a_teacher_stops_when_every_mined_triplet_meets_the_margin(dataset_dir: Path, tmp_path: Path, capsys,
                                                                    monkeypatch):
     # Which epoch leaves no triplet active depends on the data; here, from epoch 3 on (the count itself is
-    # tested in test_dataset.py).
+    # tested in test_io_dataset.py).
     from tscm_ros.train import training
 
     epochs_mined = []
