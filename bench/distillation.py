@@ -29,7 +29,7 @@ from bench.recognition import (
     QUERIES,
     RADIUS_M,
     REPO,
-    SITES,
+    TOWN_SITES,
     pooled_metrics,
     prepare_site,
     read_queries,
@@ -66,8 +66,10 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     cache = simulator_cache()
-    seed, length = SITES[0]
-    reference, data, runs = prepare_site(cache, out / f"site{seed}", seed, length)
+    seed, length = TOWN_SITES[0]
+    site = out / f"town{seed}"
+    reference = render(cache, "town", seed, length, 0, "day", skip=True)
+    data, runs = prepare_site(cache, site, "town", seed, length), site / "runs"
     teacher = runs / "teacher" / "best.pt"
     students = {name: runs / f"student{index}" / "best.pt" for index, name in enumerate(VARIANTS)}
     if not (args.reuse and all(path.is_file() for path in [teacher, *students.values()])):
@@ -81,7 +83,7 @@ def main() -> int:
     pooled: dict[str, list[dict]] = {}
     queries = []
     for traversal, condition in QUERIES:
-        query = render(cache, seed, length, traversal, condition, skip=False)
+        query = render(cache, "town", seed, length, traversal, condition, skip=False)
         queries.append(query)
         evaluation = out / f"eval_{condition}"
         models = [a for name, path in [("teacher", teacher), *students.items()] for a in ("--model", f"{name}={path}")]

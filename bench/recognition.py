@@ -136,6 +136,16 @@ def train_site(data: Path, runs: Path) -> list[dict]:
     return measured
 
 
+def prepare_site(cache: Path, site: Path, world: str, seed: int, length: float) -> Path:
+    """A site's training dataset (site/data) from its reference traversal and the TRAINING traversals."""
+    bags = [render(cache, world, seed, length, 0, "day", skip=True)]
+    bags += [render(cache, world, seed, length, t, c, skip=False) for t, c in TRAINING]
+    data = site / "data"
+    run(["tscm_ros.cli.extract_dataset", *[a for bag in bags for a in ("--bag", str(bag))], "--out", str(data),
+         "--every-m", "2", "--overwrite", "--no-progress"], "extract_dataset")
+    return data
+
+
 def rendered_site(cache: Path, out: Path, world: str, seed: int, length: float, training: bool,
                   models: list[str]) -> tuple[dict, list[dict]]:
     """A site's held-out queries through evaluate --bag for every method: {(row, condition): per-query rows}."""
@@ -144,10 +154,7 @@ def rendered_site(cache: Path, out: Path, world: str, seed: int, length: float, 
     measured = []
     own = []
     if training:
-        bags = [reference] + [render(cache, world, seed, length, t, c, skip=False) for t, c in TRAINING]
-        data = site / "data"
-        run(["tscm_ros.cli.extract_dataset", *[a for bag in bags for a in ("--bag", str(bag))], "--out", str(data),
-             "--every-m", "2", "--overwrite", "--no-progress"], "extract_dataset")
+        data = prepare_site(cache, site, world, seed, length)
         measured = train_site(data, site / "runs")
         own = [f"{TRAINED[0]}={site / 'runs' / 'teacher' / 'best.pt'}",
                f"{TRAINED[1]}={site / 'runs' / 'student' / 'best.pt'}"]
