@@ -12,49 +12,26 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_args, run_main
 from tscm_ros.describe.describer import DEFAULT_MODEL, PRETRAINED, describer_for
-from tscm_ros.detect.detection import MatchingConfig
-from tscm_ros.detect.loop_detector import LoopDetector
-from tscm_ros.detect.temporal import TemporalConfig
-from tscm_ros.detect.verification import CameraIntrinsics, VerificationConfig
+from tscm_ros.detect.verification import CameraIntrinsics
 from tscm_ros.errors import BagError, ConfigError
-from tscm_ros.evaluate.loop_evaluation import (
-    MethodRun,
-    build_bow_detector,
-    build_descriptor_map,
-    reference_keyframes,
-    run_queries,
-    run_revisit_set,
-)
+from tscm_ros.evaluate.loop_evaluation import MethodRun, reference_keyframes, run_queries, run_revisit_set
 from tscm_ros.evaluate.match_figure import write_matches_figure
+from tscm_ros.evaluate.methods import BASELINES, STAGES, matches_run, method_specs, run_methods
 from tscm_ros.evaluate.reporting import (
-    format_percent,
     loop_closure_table_markdown,
     recall_table_markdown,
     write_loop_closure_report,
     write_recall_report,
 )
-from tscm_ros.io.bag import Frame
 from tscm_ros.io.revisit_set import RevisitSet
 
 DATA_RADIUS_M = 25.0  # --radius-m default with --data
 BAG_RADIUS_M = 10.0  # --radius-m default with --bag
-BASELINES = ("gem", "default", "bow")
-BASELINE_NAMES = {"gem": "GeM baseline (pretrained, no training)", "default": "default model (training-free VLAD)",
-                  "bow": "ORB bag of words"}
-BASELINE_MODELS = {"gem": PRETRAINED, "default": DEFAULT_MODEL}
-STAGES = [  # row suffix, verification, temporal consistency
-    ("", None, None),
-    (" + temporal", None, TemporalConfig()),
-    (" + verification", VerificationConfig(), None),
-    (" + verification + temporal", VerificationConfig(), TemporalConfig()),
-]
 
 DESCRIPTION = """\
 Measure recall@N (a query counts as found when one of its top-N database matches lies within
@@ -169,39 +146,6 @@ def _run_data(args: argparse.Namespace) -> tuple[list, str]:
 # ----- --bag: loop-closure evaluation -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """A method to evaluate: its row name and model (a checkpoint, 'pretrained' or 'default'; None: ORB bag
-    of words)."""
-
-    name: str
-    model: str | None = None
-
-
-def method_specs(args: argparse.Namespace) -> list[MethodSpec]:
-    """The methods of this run: the chosen built-in baselines, then each --model checkpoint, BoW last."""
-    chosen = [] if args.baselines.strip() == "none" else [b.strip() for b in args.baselines.split(",") if b.strip()]
-    unknown = sorted(set(chosen) - set(BASELINES))
-    if unknown:
-        raise ConfigError(f"--baselines: unknown {', '.join(unknown)} (choose from {', '.join(BASELINES)} or none)")
-    specs = [MethodSpec(BASELINE_NAMES[b], BASELINE_MODELS[b]) for b in ("gem", "default") if b in chosen]
-    baseline_names = {model: BASELINE_NAMES[b] for b, model in BASELINE_MODELS.items()}
-    for entry in args.model or []:
-        name, _, model = entry.rpartition("=")
-        if not model:
-            raise ConfigError(f"--model {entry!r}: expected NAME=CKPT or CKPT")
-        specs.append(MethodSpec(name or baseline_names.get(model) or Path(model).parent.name or Path(model).stem,
-                                model))
-    if "bow" in chosen:
-        specs.append(MethodSpec(BASELINE_NAMES["bow"]))
-    if not specs:
-        raise ConfigError("nothing to evaluate: give --model NAME=CKPT or keep some --baselines")
-    names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"method names must be unique, got {names}")
-    return specs
-
-
 def _check_common(args: argparse.Namespace) -> tuple[list[int], Path]:
     ns = sorted({int(n) for n in args.ns})
     if not ns or ns[0] < 1 or args.batch_size < 1:
@@ -214,37 +158,8 @@ def _check_common(args: argparse.Namespace) -> tuple[list[int], Path]:
     return ns, out
 
 
-def _run_methods(args: argparse.Namespace, keyframes: Callable[[], Iterable[Frame]], stages: list,
-                 run: Callable[[str, object], MethodRun], ns: list[int], source: str,
-                 intrinsics: CameraIntrinsics | None) -> list[MethodRun]:
-    """Every method of ``method_specs(args)``: a map of ``keyframes()``, a detector per stage, each ``run``."""
-    # Offline evaluation of two traversals: every keyframe is a valid answer, nothing is excluded.
-    matching = MatchingConfig(k=max(ns), min_score=0.0, exclude_recent_s=0.0, exclude_within_m=0.0)
-    runs = []
-    for spec in method_specs(args):
-        started = time.perf_counter()
-        if spec.model is None:
-            detectors = [(spec.name, build_bow_detector(keyframes(), matching, args.bow_words))]
-        else:
-            describer = describer_for(spec.model, device=args.device, batch_size=args.batch_size)
-            keyframe_map, describer = build_descriptor_map(describer, keyframes())
-            # The stage rows keep the node's k (5): its latency and what it publishes.
-            staged = replace(matching, k=min(matching.k, MatchingConfig().k))
-            detectors = [(spec.name + suffix, LoopDetector(describer, keyframe_map, staged if suffix else matching,
-                                                           source=source, verification=verification,
-                                                           temporal=temporal, intrinsics=intrinsics))
-                         for suffix, verification, temporal in stages]
-        mapped = time.perf_counter()
-        for name, detector in detectors:
-            result = run(name, detector)
-            runs.append(result)
-            print(f"evaluate: {name}: map of {len(result.map_positions)} keyframes in {mapped - started:.1f} s, "
-                  f"{result.metrics.num_queries} queries in {time.perf_counter() - mapped:.1f} s, "
-                  f"R@{ns[0]} {format_percent(result.metrics.recall_at[ns[0]])} %, "
-                  f"max R @ P=100 % {format_percent(result.metrics.max_recall_at_full_precision)} %, "
-                  f"median {result.median_latency_ms:.1f} ms/query", flush=True)
-            mapped = time.perf_counter()
-    return runs
+def _stages(args: argparse.Namespace) -> list:
+    return STAGES if args.stages == "all" else STAGES[:1]
 
 
 def _report(runs: list[MethodRun], title: str, out: Path, radius_m: float, overwrite: bool, settings: dict,
@@ -270,11 +185,11 @@ def run_bag_evaluation(args: argparse.Namespace) -> int:
     intrinsics = CameraIntrinsics.from_values(args.intrinsics or [])
     reference = frame_source_from_args(args, args.bag)
     queries = frame_source_from_args(args, args.query_bag)
-    runs = _run_methods(args, lambda: reference_keyframes(reference, args.keyframe_distance),
-                        STAGES if args.stages == "all" else STAGES[:1],
-                        lambda name, detector: run_queries(name, detector, queries, radius_m, ns,
-                                                           odometry=not args.no_odometry), ns,
-                        reference.bag, intrinsics)
+    specs = method_specs(args.baselines, args.model or [])
+    runs = run_methods(specs, lambda: reference_keyframes(reference, args.keyframe_distance), _stages(args),
+                       lambda name, detector: run_queries(name, detector, queries, radius_m, ns,
+                                                          odometry=not args.no_odometry),
+                       ns, reference.bag, intrinsics, args.device, args.batch_size, args.bow_words)
     first = runs[0].metrics
     title = (f"Loop closure: {first.num_queries} queries from {Path(args.query_bag).name} "
              f"({first.num_with_loop} with a true loop) against {Path(args.bag).name}, "
@@ -284,7 +199,7 @@ def run_bag_evaluation(args: argparse.Namespace) -> int:
                 "ns": ns, "keyframe_distance_m": args.keyframe_distance, "bow_words": args.bow_words,
                 "stages": args.stages, "intrinsics": None if intrinsics is None else list(vars(intrinsics).values()),
                 "odometry": not args.no_odometry, "device": args.device}
-    shown = matches_run(runs, method_specs(args))
+    shown = matches_run(runs, specs)
     settings["matches_png"] = shown.name
 
     def matches(directory: Path) -> None:
@@ -294,24 +209,13 @@ def run_bag_evaluation(args: argparse.Namespace) -> int:
     return 0
 
 
-def matches_run(runs: list[MethodRun], specs: list[MethodSpec]) -> MethodRun:
-    """The method matches.png shows: the first --model, else the default model, else the first method (its
-    global retrieval row)."""
-    by_name = {run.name: run for run in runs}
-    given = [spec for spec in specs if spec.model is not None and spec.name not in BASELINE_NAMES.values()]
-    for spec in given[:1] + [MethodSpec(BASELINE_NAMES["default"])]:
-        if spec.name in by_name:
-            return by_name[spec.name]
-    return runs[0]
-
-
 def run_revisit_evaluation(args: argparse.Namespace) -> int:
     """``evaluate --revisit-set``: every method on a set of photographs; writes the report, prints the table."""
     ns, out = _check_common(args)
     revisit_set = RevisitSet.load(args.revisit_set)
-    runs = _run_methods(args, revisit_set.reference_frames, STAGES if args.stages == "all" else STAGES[:1],
-                        lambda name, detector: run_revisit_set(name, detector, revisit_set, ns), ns,
-                        revisit_set.name, None)
+    runs = run_methods(method_specs(args.baselines, args.model or []), revisit_set.reference_frames, _stages(args),
+                       lambda name, detector: run_revisit_set(name, detector, revisit_set, ns), ns,
+                       revisit_set.name, None, args.device, args.batch_size, args.bow_words)
     first = runs[0].metrics
     title = (f"Loop closure: {first.num_queries} queries of {revisit_set.name} ({first.num_with_loop} with a "
              f"true loop) against its {len(revisit_set.references)} references, correct as its ground truth says")
