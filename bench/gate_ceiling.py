@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tscm_ros.detect.detection import DEFAULT_MIN_SCORE
+from tscm_ros.evaluate.loop_metrics import precision_recall_curve
 
 
 def read_queries(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -32,14 +33,12 @@ def read_queries(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return score, correct, has_loop
 
 
-def ceiling_recall(score: np.ndarray, correct: np.ndarray, loops: int, precision: float) -> float:
+def ceiling_recall(score: np.ndarray, correct: np.ndarray, has_loop: np.ndarray, precision: float) -> float:
     """The highest recall over all thresholds whose published top-1 candidates are at least ``precision``
-    right."""
-    answered = ~np.isnan(score)
-    order = np.argsort(-score[answered], kind="stable")
-    hits = np.cumsum(correct[answered][order])
-    ok = hits / np.arange(1, len(hits) + 1) >= precision
-    return float(hits[ok].max()) / loops if ok.any() and loops else 0.0
+    right (a threshold cannot split tied scores: they are published together)."""
+    curve = precision_recall_curve(score, correct, has_loop)
+    reachable = curve.recall[curve.precision >= precision]
+    return float(reachable.max()) if len(reachable) else 0.0
 
 
 def collect(root: Path) -> dict[tuple[str, str], list[Path]]:
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         recall_1 = 100 * correct.sum() / max(loops, 1)
         print(f"| {name} | {method} | {recall_1:.1f} | {recall_1 / 2:.1f} | {precision} / "
               f"{100 * correct[published].sum() / max(loops, 1):.1f} "
-              f"| {100 * ceiling_recall(score, correct, loops, args.precision):.1f} |")
+              f"| {100 * ceiling_recall(score, correct, has_loop, args.precision):.1f} |")
     return 0
 
 

@@ -16,7 +16,7 @@ from tscm_ros.evaluate.recall import evaluate_descriptors, recall_at_n, retrieve
 from tscm_ros.io.dataset import FRAME_COLUMNS, load_dataset
 from tscm_ros.io.dataset_extraction import SplitConfig, assign_splits, buffer_mask
 from tscm_ros.io.geometry import yaw_from_quaternion
-from tscm_ros.train.mining import MiningConfig, PlaceGraph, Triplets, active_triplets, mine_triplets
+from tscm_ros.train.mining import MiningConfig, PlaceGraph, mine_triplets
 
 
 def _loop(n: int, radius: float = 60.0, noise: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -123,16 +123,6 @@ def test_mining_picks_the_nearest_positive_and_the_hardest_negatives_in_embeddin
     row = list(triplets.anchors).index(0)
     assert triplets.positives[row] == 40
     assert sorted(triplets.negatives[row]) == hard
-
-
-def test_active_triplets_are_those_with_a_negative_inside_the_margin():
-    embeddings = np.array([[0, 0], [1, 0], [0, 2], [0, 1.05], [3, 0]], dtype=np.float32)
-    # anchor 0, positive 1 at squared distance 1; negatives at 4 and 9 (inactive), at 1.1025 (inside 0.2)
-    triplets = Triplets(np.array([0, 0]), np.array([1, 1]), np.array([[2, 4], [2, 3]]))
-    assert active_triplets(embeddings, triplets, margin=0.2) == 1
-    assert active_triplets(embeddings, triplets, margin=0.05) == 0
-    assert active_triplets(embeddings, triplets, margin=3.5) == 2
-    assert active_triplets(embeddings, Triplets(*(np.zeros((0,), int),) * 2, np.zeros((0, 2), int)), 0.1) == 0
 
 
 def test_heading_aware_mining_refuses_positives_facing_away():

@@ -33,6 +33,19 @@ def test_progress_keeps_the_best_epoch_and_stops_after_patience_epochs_without_o
     assert Progress().best_recall == {}
 
 
+def test_progress_stops_after_an_epoch_with_nothing_to_learn_unless_patience_is_0():
+    run = Progress()
+    assert run.record({"epoch": 1}, recall(0.5), patience=3, learned=False)  # the best so far, and still stops
+    assert run.stopped_early and run.stop_reason == "no triplet came inside the margin in a whole epoch"
+    never = Progress()
+    never.record({"epoch": 1}, recall(0.5), patience=0, learned=False)
+    assert not never.stopped_early and never.stop_reason == ""
+    stale = Progress()
+    for epoch in (1, 2):
+        stale.record({"epoch": epoch}, recall(0.5), patience=1)
+    assert stale.stopped_early and stale.stop_reason == "no better validation in 1 epoch(s)"
+
+
 def test_a_new_run_takes_an_empty_directory_and_holds_it(tmp_path):
     run_dir = tmp_path / "run"
     saved, lock = start_run(run_dir, False, TrainConfig(model="tiny"), "teacher", None, ALONE)

@@ -160,28 +160,34 @@ def test_resume_after_kill_9_continues_exactly_where_it_stopped(dataset_dir: Pat
             assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-6), key
 
 
-def test_a_teacher_stops_when_every_mined_triplet_meets_the_margin(dataset_dir: Path, tmp_path: Path, capsys,
-                                                                   monkeypatch):
-    # Which epoch leaves no triplet active depends on the data; here, from epoch 3 on (the count itself is
-    # tested in test_io_dataset.py).
+def test_a_teacher_stops_after_an_epoch_without_a_triplet_inside_the_margin(dataset_dir: Path, tmp_path: Path,
+                                                                             capsys, monkeypatch):
+    # When the hard loss reaches exactly 0 depends on the data; here it does in epoch 2 (the real epoch runs,
+    # its reported hard loss is set to 0), and the run stops there unless patience is 0 ("never stop").
     from tscm_ros.train import training
 
-    epochs_mined = []
+    real_train_epoch, epochs = training._train_epoch, []
 
-    def active_until_epoch_2(embeddings, triplets, margin):
-        epochs_mined.append(len(triplets))
-        return len(triplets) if len(epochs_mined) < 2 else 0
+    def hard_loss_zero_from_epoch_2(*args, **kwargs):
+        losses = real_train_epoch(*args, **kwargs)
+        epochs.append(losses)
+        return {**losses, "loss": 0.0, "loss_hard": 0.0} if len(epochs) >= 2 else losses
 
-    monkeypatch.setattr(training, "active_triplets", active_until_epoch_2)
+    monkeypatch.setattr(training, "_train_epoch", hard_loss_zero_from_epoch_2)
     run = tmp_path / "teacher"
     argv = ["teacher", "--data", str(dataset_dir), "--out", str(run), "--config", TINY, "--set", "epochs=6",
-            "--no-progress"]
+            "--set", "patience=5", "--no-progress"]
     assert train.main(argv) == 0
-    assert "2 epoch(s) (stopped early: every mined triplet meets the margin)" in capsys.readouterr().out
+    assert "2 epoch(s) (stopped early: no triplet came inside the margin in a whole epoch)" in capsys.readouterr().out
     assert len(_metrics(run)) == 2 and (run / "best.pt").is_file()
     # the stop is kept in last.pt: resuming trains nothing more
     assert train.main(argv + ["--resume"]) == 0
     assert "2 epoch(s) (stopped early" in capsys.readouterr().out and len(_metrics(run)) == 2
+    # patience 0: never stop early
+    epochs.clear()
+    assert train.main(["teacher", "--data", str(dataset_dir), "--out", str(tmp_path / "on"), "--config", TINY,
+                       "--set", "epochs=3", "--set", "patience=0", "--no-progress"]) == 0
+    assert "3 epoch(s);" in capsys.readouterr().out
 
 
 def test_a_run_directory_in_use_is_refused_to_a_second_trainer(dataset_dir: Path, tmp_path: Path, capsys):

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="FAISS index type. auto (the default): for descriptors over "
                         f"{2 * AUTO_PCA_DIM}-d, exact search up to 1024 keyframes, then PCA to {AUTO_PCA_DIM} "
                         "dimensions + HNSW with exact re-ranking (10k keyframes: 0.4 ms against 7 ms exact, "
-                        "99 %% of top-1 answers as exact search gives); smaller descriptors: flat. flat: exact")
+                        "99 %% of top-1 answers as exact search gives); smaller descriptors: flat, unless "
+                        "--pca-dim is given. flat: exact. With --append the map keeps its own index")
     parser.add_argument("--pca-dim", type=int, help="reduce descriptors with PCA learned from the map (large maps)")
     parser.add_argument("--thumbnails", action="store_true", help=f"store {THUMBNAIL_WIDTH}-px wide thumbnails")
     parser.add_argument("--vocabulary-keyframes", type=int, default=BUILD_FIT_KEYFRAMES, metavar="N",

@@ -84,7 +84,7 @@ def _main(argv: Sequence[str] | None) -> int:
     recall = "/".join(f"{100 * best[n]:.1f}" for n in (1, 5, 10)) + " %" if best else "n/a"
     if best:
         recall += f", max recall at 100 % precision {100 * best[MAX_RECALL_KEY]:.1f} %"
-    stopped = f" (stopped early: {result.stop_reason})" if result.stopped_early else ""
+    stopped = f" (stopped early: {result.stop_reason or 'no better validation'})" if result.stopped_early else ""
     print(
         f"train {args.kind}: {result.epochs_done} epoch(s){stopped}; "
         f"best val recall@1/5/10 {recall} at epoch {result.best_epoch}; checkpoint {Path(args.out) / 'best.pt'}"

@@ -347,7 +347,10 @@ def main(args=None) -> int:
 
     def on_signal(signum, _frame) -> None:
         if stop.is_set():  # a plain write: ROS logging also publishes on /rosout, which must not run in a handler
-            os.write(2, f"[{NODE_NAME}] {signal.Signals(signum).name} again: already shutting down\n".encode())
+            try:
+                os.write(2, f"[{NODE_NAME}] {signal.Signals(signum).name} again: already shutting down\n".encode())
+            except OSError:  # stderr gone (a closed pipe): the shutdown, and the map's save, must go on
+                pass
         stop.set()
 
     previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}

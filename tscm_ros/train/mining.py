@@ -91,18 +91,6 @@ class PlaceGraph:
         )
 
 
-def active_triplets(embeddings: np.ndarray, triplets: Triplets, margin: float) -> int:
-    """How many triplets the hard triplet loss still learns from: some negative closer to the anchor than the
-    positive plus ``margin`` (squared Euclidean distances, as in tscm_ros/train/losses.py)."""
-    if len(triplets) == 0:
-        return 0
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    anchors = embeddings[triplets.anchors]
-    positive = ((anchors - embeddings[triplets.positives]) ** 2).sum(axis=1)
-    negative = ((anchors[:, None, :] - embeddings[triplets.negatives]) ** 2).sum(axis=2)
-    return int((positive[:, None] - negative + margin > 0).any(axis=1).sum())
-
-
 def mine_triplets(embeddings: np.ndarray, graph: PlaceGraph, rng: np.random.Generator) -> Triplets:
     """One triplet per usable anchor from the embedding cache: the positive nearest in embedding space,
     and the ``negatives_per_triplet`` hardest negatives among ``negative_candidates`` random far frames."""

@@ -68,8 +68,9 @@ class Progress:
     stopped_early: bool = False
     stop_reason: str = ""  # why it stopped early, for the log and the summary
 
-    def record(self, row: dict, recall: dict[int, float], patience: int) -> bool:
-        """Add an epoch's metrics; returns whether it is the best so far."""
+    def record(self, row: dict, recall: dict[int, float], patience: int, learned: bool = True) -> bool:
+        """Add an epoch's metrics; returns whether it is the best so far. With ``patience`` > 0 the run stops
+        after that many epochs without a better one, or after an epoch that had nothing to learn from."""
         self.epoch = int(row["epoch"])
         self.history.append(row)
         key = [-1.0 if math.isnan(recall[name]) else float(recall[name]) for name in BEST_KEY]
@@ -78,9 +79,10 @@ class Progress:
             self.best_key, self.best_epoch, self.stale_epochs = key, self.epoch, 0
         else:
             self.stale_epochs += 1
-        self.stopped_early = patience > 0 and self.stale_epochs >= patience
+        self.stopped_early = patience > 0 and (self.stale_epochs >= patience or not learned)
         if self.stopped_early:
-            self.stop_reason = f"no better validation in {patience} epoch(s)"
+            self.stop_reason = (f"no better validation in {patience} epoch(s)" if learned
+                                else "no triplet came inside the margin in a whole epoch")
         return improved
 
     @property

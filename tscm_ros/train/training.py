@@ -44,7 +44,7 @@ from tscm_ros.progress import progress as progress_bar
 from tscm_ros.train.config import KINDS, TrainConfig, resolve_model_config, resolve_radii
 from tscm_ros.train.feature_cache import FeatureCache, TrainableHeads, describe_cached, describe_frames
 from tscm_ros.train.losses import TripletDescriptors, tscm_loss
-from tscm_ros.train.mining import PlaceGraph, Triplets, active_triplets, mine_triplets
+from tscm_ros.train.mining import PlaceGraph, Triplets, mine_triplets
 from tscm_ros.train.run import (
     Distributed,
     Progress,
@@ -159,11 +159,12 @@ def train(
         loop = _start_epochs(setup, saved, progress)
         while loop.run.epoch < setup.config.epochs and not loop.run.stopped_early:
             epoch = loop.run.epoch + 1
-            trained = _train_and_validate(loop, epoch)
-            if trained is None:  # nothing left to learn: stopped early
-                break
-            row, recall = trained
-            improved = loop.run.record(row, recall, setup.config.patience)
+            row, recall = _train_and_validate(loop, epoch)
+            # A teacher learns from the triplet term alone: when no triplet came inside the margin in a whole
+            # epoch, over every augmented view drawn (the mean over processes: every process sees the same),
+            # the loss gave no gradient and there is nothing left to learn.
+            idle = loop.teacher_descriptors is None and row["loss_hard"] == 0.0
+            improved = loop.run.record(row, recall, setup.config.patience, learned=not idle)
             if setup.distributed.is_main:
                 _save_epoch(loop, row, recall, improved)
         return _finish(loop)
@@ -289,24 +290,15 @@ def _start_epochs(setup: _Setup, saved: dict | None, progress: bool) -> _EpochLo
     return _EpochLoop(setup, teacher_fingerprint, show, train_cache, val, run, teacher_descriptors, optimisation)
 
 
-def _train_and_validate(loop: _EpochLoop, epoch: int) -> tuple[dict, dict] | None:
+def _train_and_validate(loop: _EpochLoop, epoch: int) -> tuple[dict, dict]:
     """One epoch: mine triplets with the current heads, train on them, measure val recall. The epoch's row of
-    metrics.csv, and the val recall; None when a teacher has nothing left to learn (the run stops early)."""
+    metrics.csv, and the val recall."""
     setup, config = loop.setup, loop.setup.config
-    distributed, kind, run = setup.distributed, setup.kind, loop.run
+    distributed, kind = setup.distributed, setup.kind
     started = time.monotonic()
     rng = np.random.default_rng([config.seed, epoch])
     embeddings = describe_cached(setup.heads, loop.train_cache, setup.device, config.cache_batch_size, setup.use_amp)
     mined = mine_triplets(embeddings, setup.checked.graph, rng)
-    if run.epoch > 0 and loop.teacher_descriptors is None and active_triplets(embeddings, mined, config.margin) == 0:
-        # The teacher learns from the triplet term alone: with no triplet violating the margin, more
-        # epochs change nothing (the same on every process: the same embeddings, the same mining).
-        run.stopped_early, run.stop_reason = True, "every mined triplet meets the margin"
-        if distributed.is_main:
-            LOG.info("epoch %d: %s (%.2f): nothing left to learn, stopping", epoch, run.stop_reason, config.margin)
-            save_state(setup.run_dir / "last.pt", run, setup.model, setup.optimizer, setup.scaler, kind,
-                       loop.teacher_fingerprint)
-        return None
     triplets = _epoch_triplets(mined, rng, config, distributed)
     losses = _train_epoch(loop.optimisation, _EpochData(loop.train_cache, triplets, loop.teacher_descriptors, rng),
                           f"{kind} epoch {epoch}/{config.epochs}" if loop.show else None)
