@@ -21,25 +21,12 @@ from rclpy_support import spin_until
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
-from tscm_ros.cli import build_map
 from tscm_ros.detect.detection import DEFAULT_MIN_SCORE
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.io.bag import FrameSource
 from tscm_ros.node.parameters import PARAMETERS
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def reference_map(route_reference, tmp_path_factory):
-    out = tmp_path_factory.mktemp("node_map") / "map"
-    assert build_map.main(["--bag", str(route_reference), "--out", str(out), "--min-distance", "0"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference_frames(route_reference):
-    return list(FrameSource(route_reference).open())
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,7 @@ from sensor_msgs.msg import Image
 from tscm_ros.msg import LoopCandidates
 from visualization_msgs.msg import Marker, MarkerArray
 
-from tscm_ros.cli import build_map
 from tscm_ros.describe.describer import DEFAULT_MODEL, describer_for
-from tscm_ros.io.bag import FrameSource
 from tscm_ros.map.building import describer_for_map
 from tscm_ros.map.keyframe_map import KeyframeMap
 from tscm_ros.node.markers import score_colour
@@ -32,18 +30,6 @@ from tscm_ros.node.node import OUTPUT_TOPIC
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "config" / "fastdds_large_images.xml"
-
-
-@pytest.fixture(scope="module")
-def reference_map(route_reference, tmp_path_factory):
-    out = tmp_path_factory.mktemp("robot_map") / "map"
-    assert build_map.main(["--bag", str(route_reference), "--out", str(out), "--min-distance", "0"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference_frames(route_reference):
-    return list(FrameSource(route_reference).open())
 
 
 class Observer:
