@@ -44,6 +44,7 @@ import numpy as np
 
 from tscm_ros.detect.detection import DEFAULT_MIN_SCORE
 from tscm_ros.evaluate.loop_metrics import (
+    PRCurve,
     at_threshold,
     max_recall_at_full_precision,
     precision_recall_curve,
@@ -106,13 +107,20 @@ def read_queries(csv_path: Path) -> list[dict]:
         return list(csv.DictReader(stream))
 
 
+def top1_curve(rows: list[dict]) -> PRCurve:
+    """The top-1 precision-recall curve over per-query rows of evaluate's queries_*.csv."""
+    has_loop = np.array([row["has_true_loop"] == "1" for row in rows])
+    correct = np.array([row["top1_correct"] == "1" for row in rows])
+    scores = np.array([float(row["top1_score"]) if row["top1_score"] else math.nan for row in rows])
+    return precision_recall_curve(scores, correct & has_loop, has_loop)
+
+
 def pooled_metrics(rows: list[dict]) -> dict:
     """R@1, max recall at 100 % precision and what the default min_score publishes, over pooled per-query rows
     of evaluate's queries_*.csv."""
     has_loop = np.array([row["has_true_loop"] == "1" for row in rows])
     correct = np.array([row["top1_correct"] == "1" for row in rows])
-    scores = np.array([float(row["top1_score"]) if row["top1_score"] else math.nan for row in rows])
-    curve = precision_recall_curve(scores, correct & has_loop, has_loop)
+    curve = top1_curve(rows)
     max_recall, threshold = max_recall_at_full_precision(curve)
     precision, recall = at_threshold(curve, DEFAULT_MIN_SCORE)
     return {"r1": float(correct[has_loop].mean()) if has_loop.any() else math.nan,
