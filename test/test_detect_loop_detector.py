@@ -72,6 +72,15 @@ def test_the_best_candidates_come_first_within_k_and_min_score():
     assert [m.keyframe_id for m in detector.process(near(3, other=5), 101 * SECOND).candidates] == [3]
 
 
+def test_the_score_basis_says_what_a_map_too_small_to_calibrate_scores_with():
+    raw = LoopDetector(Describer(), road_map(), MatchingConfig(exclude_recent_s=0.0))
+    assert raw.score_basis == "none (fewer than 20 keyframes): raw similarity"
+    calibrated = Describer()
+    calibrated.calibration = lambda similarity: similarity
+    prior = LoopDetector(calibrated, road_map(), MatchingConfig(exclude_recent_s=0.0))
+    assert prior.score_basis == "none (fewer than 20 keyframes): the model's own calibration"
+
+
 def test_recent_and_nearby_keyframes_are_excluded():
     detector = LoopDetector(Describer(), road_map(), MatchingConfig(k=3, min_score=0.0, exclude_recent_s=4.0))
     # at t = 7 s, keyframes stamped after 3 s are too recent: keyframe 5 is not returned, 3 is

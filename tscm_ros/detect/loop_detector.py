@@ -23,7 +23,7 @@ from tscm_ros.detect.temporal import TemporalConfig, TemporalConsistency
 from tscm_ros.detect.verification import CameraIntrinsics, VerificationConfig, verify
 from tscm_ros.errors import ConfigError
 from tscm_ros.map.building import MAPPING_FIT_KEYFRAMES, KeyframeBuilder, KeyframeSelector
-from tscm_ros.map.calibration import POOL, candidate_margins
+from tscm_ros.map.calibration import MIN_KEYFRAMES, POOL, candidate_margins
 from tscm_ros.map.exclusion import Exclusion
 from tscm_ros.map.keyframe_map import KeyframeMap
 
@@ -95,6 +95,14 @@ class LoopDetector:
     @property
     def calibrated(self) -> bool:
         return self.describer.calibration is not None or self._map.calibration is not None
+
+    @property
+    def score_basis(self) -> str:
+        """What ``score`` is, as ``_scores`` computes it (for /diagnostics)."""
+        if self._map.calibration is not None:
+            return self._map.calibration.summary()
+        fallback = "the model's own calibration" if self.describer.calibration is not None else "raw similarity"
+        return f"none (fewer than {MIN_KEYFRAMES} keyframes): {fallback}"
 
     @property
     def keyframe_positions(self) -> np.ndarray:

@@ -273,9 +273,7 @@ class PlaceRecognitionNode(Node):
                 "latency median (ms)": float(np.median(latencies)) if len(latencies) else float("nan"),
                 "latency p95 (ms)": float(np.percentile(latencies, 95)) if len(latencies) else float("nan"),
                 "map keyframes": len(self._map),
-                "map score calibration": (self._map.calibration.summary()
-                                          if self._map.calibration is not None
-                                          else "none (fewer than 20 keyframes): raw similarity"),
+                "map score calibration": self.detector.score_basis,
                 "temporal consistency along": self.detector.temporal_basis,
                 "poses received": self._poses_received,
                 "poses held": len(self._poses) if self._poses is not None else 0,
