@@ -136,7 +136,7 @@ class LoopDetector:
         if self._map.calibration is not None:
             return self._map.calibration.score(candidate_margins(similarities, same_place))
         prior = self.describer.calibration
-        return similarities if prior is None else np.array([prior(s) for s in similarities])
+        return similarities if prior is None else np.asarray(prior(similarities), dtype=np.float64)
 
     def _match(self, descriptor: np.ndarray, exclusion: Exclusion, stamp_ns: int,
                position: np.ndarray | None) -> list[Match]:
