@@ -1,6 +1,6 @@
 """Soak: place_recognition_node for minutes at 60 Hz with a pose topic at 100 Hz; memory must stay flat.
 
-Runs the real node as its own process (default student, a 10k-keyframe map as in node_throughput.py, the
+Runs the real node as its own process (the default model, a 10k-keyframe map as in node_throughput.py, the
 pose stream on /odom as best-effort nav_msgs/Odometry, the node's default pose_qos) and publishes from this
 process over DDS: 320x240 rgb8 images at --rate Hz, stamped with the wall clock, and odometry at --pose-rate
 Hz along the route. Every 10 s it samples the node's resident memory (VmRSS) and reads its /diagnostics
@@ -141,7 +141,7 @@ def main() -> int:
     after = [rss for t, rss in samples if t >= min(WARM_UP_S, duration / 2)]
     start_rss = after[0]
     print(f"\nplace_recognition_node soak: {args.minutes:g} min, images {args.rate:g} Hz (320x240 rgb8), odometry "
-          f"{args.pose_rate:g} Hz, default student, {args.map_size}-keyframe flat map, exclusion on, "
+          f"{args.pose_rate:g} Hz, default model, {args.map_size}-keyframe map, exclusion on, "
           f"{os.cpu_count()} CPUs\n")
     print(f"- images sent {i}, answered {len(answers)} ({len(answers) / duration:.1f} Hz), dropped "
           f"{100.0 * (1 - len(answers) / max(i, 1)):.1f} % (the node keeps only the newest image), "

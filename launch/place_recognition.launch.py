@@ -27,7 +27,8 @@ from launch import LaunchDescription
 # launch argument -> (node parameter, type, description)
 COMMON_ARGUMENTS = {
     "map": ("map_path", str, "keyframe map directory (from build_map)"),
-    "model": ("model_path", str, "student checkpoint; empty in the file = the offline-pretrained student"),
+    "model": ("model_path", str, "checkpoint from train; empty in the file = the training-free default (VLAD "
+              "with the map's vocabulary)"),
     "image_topic": ("image_topic", str, "camera image topic"),
     "device": ("device", str, "auto, cpu or cuda"),
     "use_compressed": ("use_compressed", bool, "subscribe to sensor_msgs/CompressedImage (true/false)"),

@@ -1,4 +1,4 @@
-"""place_recognition_node for real: rclpy over DDS, the default student, a map built from a rendered bag."""
+"""place_recognition_node for real: rclpy over DDS, the default model, a map built from a rendered bag."""
 
 from __future__ import annotations
 

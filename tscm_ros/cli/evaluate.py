@@ -38,7 +38,7 @@ Measure recall@N (a query counts as found when one of its top-N database matches
 --radius-m of it) for each --model, side by side, and write recall.md (Markdown table),
 recall.png (recall@N curves) and recall.json into --out. --model takes a checkpoint (teacher or
 student best.pt), 'pretrained' for the baseline (ImageNet-pretrained CNN + GeM, no place-recognition
-training) or 'default' for the default model (the shipped pretrained student the node uses without --model).
+training) or 'default' for the default model (the training-free VLAD the node uses without --model).
 
 With --bag REFERENCE --query-bag QUERY instead of --data: loop-closure evaluation. A map is built per
 method from the reference traversal, every query frame runs through the node's code path, and
