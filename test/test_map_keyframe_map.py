@@ -380,6 +380,27 @@ def test_half_precision_rerank_distances_are_close_to_exact():
         assert candidate.distance == pytest.approx(exact, abs=2e-3)
 
 
+@pytest.mark.parametrize("index, exact", [
+    (dict(), True), (dict(index="hnsw"), True), (dict(index="hnsw", pca_dim=16), True),
+    (dict(index="hnsw", pca_dim=16, rerank_dtype="float16"), False),
+    (dict(index="ivfpq", nlist=4, rerank=False), False),
+])
+def test_the_descriptors_of_chosen_keyframes_come_back_without_reconstructing_the_map(index, exact):
+    database = low_rank(1200, seed=20)
+    keyframe_map = new_map(**index, **({"train_size": 1000} if index.get("pca_dim") or index.get("nlist") else {}))
+    keyframe_map.add(database, metas(1200))
+    ids = np.array([1199, 3, 600])
+    got = keyframe_map.contents().index.descriptors(ids)
+    assert got.shape == (3, DIM) and got.dtype == np.float32
+    if exact:
+        np.testing.assert_array_equal(got, database[ids])
+    else:  # half precision, or the quantiser's reconstruction: close, and nearest to its own keyframe
+        assert np.abs(got - database[ids]).max() < (2e-3 if index.get("rerank_dtype") else 0.5)
+        nearest = np.argmin(((got[:, None, :] - database[None, :, :]) ** 2).sum(axis=2), axis=1)
+        np.testing.assert_array_equal(nearest, ids)
+    assert keyframe_map.contents().index.descriptors(np.array([], np.int64)).shape == (0, DIM)
+
+
 def test_pca_without_rerank_reports_projected_distance_lower_bound():
     database = clustered(1200, seed=11)
     keyframe_map = new_map("flat", pca_dim=16, rerank=False, train_size=1000)

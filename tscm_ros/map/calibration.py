@@ -22,6 +22,7 @@ light match less distinctly, so the rate is an overestimate for them and the sco
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,8 +79,9 @@ def candidate_margins(similarities: np.ndarray, same_place: np.ndarray) -> np.nd
     return similarities - np.where(np.isfinite(others), others, similarities.min())
 
 
-def estimate(keyframe_map, descriptors: np.ndarray) -> MapCalibration | None:
-    """The map's calibration from its ``descriptors`` (by keyframe id); None below ``MIN_KEYFRAMES``."""
+def estimate(keyframe_map, descriptors: Callable[[np.ndarray], np.ndarray]) -> MapCalibration | None:
+    """The map's calibration, its keyframes queried with their ``descriptors(ids)``; None below
+    ``MIN_KEYFRAMES``."""
     count = len(keyframe_map)
     if count < MIN_KEYFRAMES:
         return None
@@ -88,7 +90,7 @@ def estimate(keyframe_map, descriptors: np.ndarray) -> MapCalibration | None:
     null = []
     for start in range(0, len(ids), 256):
         chunk = ids[start:start + 256]
-        for query, candidates in zip(chunk, keyframe_map.query_batch(descriptors[chunk], searched)):
+        for query, candidates in zip(chunk, keyframe_map.query_batch(descriptors(chunk), searched)):
             found = np.array([c.keyframe_id for c in candidates], dtype=np.int64)
             other = ~keyframe_map.same_place(np.array([query]), found)[0]
             pool = found[other][:POOL]

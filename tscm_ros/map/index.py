@@ -255,17 +255,20 @@ class DescriptorIndex:
         if not self._trained and len(self) >= self._config.train_size:
             self._train()
 
-    def descriptors(self) -> np.ndarray:
-        """Every descriptor by id (N, dim) float32: exact for flat, HNSW and re-ranked indexes, the lossy
-        index's reconstruction otherwise."""
-        if len(self) == 0:
+    def descriptors(self, ids: np.ndarray | None = None) -> np.ndarray:
+        """The descriptors of ``ids`` (default: every keyframe, by id) as (N, dim) float32: exact for flat,
+        HNSW and float32 re-ranked indexes, the lossy index's reconstruction otherwise."""
+        ids = np.arange(len(self), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        if len(ids) == 0:
             return np.zeros((0, self._index.d), dtype=np.float32)
+        index = self._index
         for sub in sub_indexes(self._index):
             if isinstance(sub, faiss.IndexRefine):
-                return sub.refine_index.reconstruct_n(0, len(self))
+                index = sub.refine_index
+                break
             if isinstance(sub, faiss.IndexIVF):
                 sub.make_direct_map()
-        return self._index.reconstruct_n(0, len(self))
+        return index.reconstruct_batch(ids)
 
     def _train(self) -> None:
         """Replace the exact fallback by the real index, trained on the descriptors held so far."""

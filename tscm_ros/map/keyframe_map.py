@@ -322,7 +322,7 @@ class KeyframeMap:
     def calibrate(self) -> MapCalibration | None:
         """Estimate the map's score calibration from its own keyframes (map/calibration.py), keep and return it
         (None for a map too small to give one)."""
-        self.calibration = estimate_calibration(self, self._index.descriptors())
+        self.calibration = estimate_calibration(self, self._index.descriptors)
         return self.calibration
 
     def _append(self, stamps: np.ndarray, positions: np.ndarray, orientations: np.ndarray,
