@@ -1,17 +1,26 @@
 """Benchmark: keyframe-map search latency and recall@1 against exact search, per index type and map size.
 
-Usage: python -m bench.map_search [--sizes 1000,10000,100000] [--dim D] [--pca-dim 256]
+Usage: python -m bench.map_search [--real DIR] [--sizes 1000,10000,100000] [--dim D] [--pca-dim 256]
        [--ef-search 128,256,512] [--configs NAME,...]
 
-Synthetic descriptors (deterministic, seeded): real VPR descriptors are unit-norm, have a fast-decaying
-PCA spectrum and come in runs of similar frames seen around the same place. So each keyframe is
-``normalize(z @ (S B) + e)``: ``B`` is a fixed random (rank x dim) basis with rows of unit norm, ``S`` a
-power-law spectrum ``s_j = (1 + j) ** -0.5``, ``z = c_place + 0.5 n`` with one standard-normal centre
-``c_place`` per run of ``PLACE_SIZE`` consecutive keyframes and ``n`` standard normal, and ``e`` isotropic
-noise carrying about a tenth of the energy. A query is a random database keyframe perturbed the same way
-(new latent noise and new isotropic noise, ``QUERY_NOISE`` times the in-place spread), renormalised, so its
-exact nearest neighbour is usually, not always, the keyframe it came from; the fraction is printed.
-Recall@1 is the fraction of queries whose top-1 equals the exact full-dimension search's top-1 (ids).
+Synthetic descriptors (deterministic, seeded), generated in runs of ``PLACE_SIZE`` similar keyframes seen
+around the same place: ``normalize(mean + (c_place + 0.5 n) @ basis)``, one standard-normal centre
+``c_place`` per place and ``n`` standard normal (``Descriptors``).
+
+- With ``--real DIR`` (``make bench REAL=DIR``) the statistics are the shipped default model's on real
+  photographs: every revisit set under DIR is described as build_map would (a vocabulary fitted on its
+  references), and the mean, principal directions and variances of the references become ``mean`` and
+  ``basis``. A query keeps a correlation with the keyframe it came from and is otherwise a new keyframe;
+  the correlation is drawn from the real queries', ``1 - d(query, its match) / mean d(query, reference)``
+  (median about 0.3 on ../shared/realdata: real revisits are little closer than unrelated places).
+- Without it, hand-set statistics: zero mean, a power-law spectrum ``(1 + j) ** -0.5`` over 256 random
+  directions, a tenth of the energy isotropic noise, and a query is its source plus new noise
+  ``QUERY_NOISE`` times the in-place spread.
+
+Either way a query's exact nearest neighbour is often, not always, the keyframe it came from; the fraction
+is printed. Recall@1 is the fraction of queries whose top-1 equals the exact full-dimension search's top-1
+(ids); "recall@1, revisits" is the same over the queries whose exact top-1 is their source, the revisits a
+loop detector can find at all.
 The dimension is the shipped default model's (3840 for its 32 x 120 VLAD), read from its config, unless
 ``--dim`` says otherwise.
 
@@ -63,22 +72,71 @@ FULL_DESCRIPTOR_LIMIT = 200_000  # above this, configurations storing full float
 
 
 class Descriptors:
-    """Deterministic synthetic descriptors; item i depends only on (seed, chunk of i)."""
+    """Deterministic synthetic descriptors; item i depends only on (seed, chunk of i).
 
-    def __init__(self, dim: int, seed: int, query_noise: float = QUERY_NOISE) -> None:
+    A keyframe is ``normalize(mean + (c_place + spread n) @ basis + e)``: ``basis`` (rank x dim) carries the
+    spectrum, ``c`` and ``n`` are standard normal, ``e`` isotropic with ``isotropic_sigma`` per dimension.
+    ``power_law`` sets these by hand, and its query is the raw form of its source keyframe plus
+    ``query_noise (m @ basis + e')``. ``fitted`` measures them on real descriptors, and its query keeps a
+    correlation ``r`` with its source and is otherwise a new keyframe of the same statistics:
+    ``mean + r (x - mean) + sqrt(1 - r^2) sqrt(1 + spread^2) m @ basis``, with ``r`` drawn per query from
+    those measured on real queries.
+    """
+
+    def __init__(self, mean: np.ndarray, basis: np.ndarray, isotropic_sigma: float, in_place_spread: float,
+                 query_noise: float, seed: int, source: str, query_correlations: np.ndarray | None = None) -> None:
+        self.mean, self.basis = mean.astype(np.float32), basis.astype(np.float32)
+        self.query_correlations = query_correlations
+        self.dim, self.rank = basis.shape[1], basis.shape[0]
+        self.isotropic_sigma, self.in_place_spread, self.query_noise = isotropic_sigma, in_place_spread, query_noise
+        self.seed, self.source = seed, source
+        latent_energy = float((self.basis**2).sum()) * (1 + in_place_spread**2)
+        self.raw_norm = float(np.sqrt(float(self.mean @ self.mean) + latent_energy + isotropic_sigma**2 * self.dim))
+
+    @classmethod
+    def power_law(cls, dim: int, seed: int, query_noise: float = QUERY_NOISE) -> Descriptors:
+        """Zero mean, ``RANK`` random directions with spectrum ``(1 + j) ** -0.5``, a tenth of the energy isotropic."""
         rng = np.random.default_rng([seed, 1])
         basis = rng.standard_normal((RANK, dim)).astype(np.float32)
         basis /= np.linalg.norm(basis, axis=1, keepdims=True)
         spectrum = (1.0 + np.arange(RANK, dtype=np.float32)) ** -0.5
-        self.basis = spectrum[:, None] * basis
-        self.dim, self.seed, self.query_noise = dim, seed, query_noise
         latent_energy = float((spectrum**2).sum()) * (1 + IN_PLACE_SPREAD**2)
-        self.isotropic_sigma = float(np.sqrt(ISOTROPIC_ENERGY / (1 - ISOTROPIC_ENERGY) * latent_energy / dim))
-        self.raw_norm = float(np.sqrt(latent_energy + self.isotropic_sigma**2 * dim))
+        sigma = float(np.sqrt(ISOTROPIC_ENERGY / (1 - ISOTROPIC_ENERGY) * latent_energy / dim))
+        return cls(np.zeros(dim, np.float32), spectrum[:, None] * basis, sigma, IN_PLACE_SPREAD,
+                   query_noise * IN_PLACE_SPREAD, seed,
+                   f"power-law spectrum over {RANK} random directions, query noise {query_noise:g} x in-place spread")
+
+    @classmethod
+    def fitted(cls, sets: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], seed: int, source: str) -> Descriptors:
+        """Statistics of real descriptors: ``sets`` of (references in traversal order, queries, each query's
+        matching reference). The mean, and the covariance's principal directions and variances, come from
+        the references (each set centred on its own mean; the mean is theirs averaged). Keyframes of a place
+        keep the hand-set ``IN_PLACE_SPREAD`` (1 m apart, closer than the real sets' consecutive frames). A
+        query's correlation with its source is one of the real queries' ``1 - d(query, its nearest match) /
+        mean d(query, reference)``."""
+        centred = np.concatenate([refs - refs.mean(axis=0) for refs, _, _ in sets])
+        mean = np.mean([refs.mean(axis=0) for refs, _, _ in sets], axis=0)
+        _, singular, directions = np.linalg.svd(centred, full_matrices=False)
+        variances = singular**2 / (len(centred) - len(sets))
+        keep = variances > variances[0] * 1e-6
+        basis = np.sqrt(variances[keep])[:, None] * directions[keep]
+
+        correlations = []
+        for refs, queries, match in sets:  # 1 - d(query, its match) / mean d(query, any reference)
+            distances = ((queries**2).sum(axis=1)[:, None] - 2 * queries @ refs.T + (refs**2).sum(axis=1)[None, :])
+            correlations.append(1 - distances[np.arange(len(queries)), match] / distances.mean(axis=1))
+        correlations = np.clip(np.concatenate(correlations), 0.0, 1.0)
+        spread = IN_PLACE_SPREAD
+        return cls(mean, basis / np.sqrt(1 + spread**2), 0.0, spread, 0.0, seed,
+                   f"fitted on {source}: {len(centred)} references, {int(keep.sum())} principal directions; "
+                   f"{len(correlations)} queries, correlation with their match median {np.median(correlations):.2f}",
+                   correlations)
 
     def _embed(self, latent: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         x = latent @ self.basis
-        x += rng.standard_normal(x.shape, dtype=np.float32) * self.isotropic_sigma
+        x += self.mean
+        if self.isotropic_sigma:
+            x += rng.standard_normal(x.shape, dtype=np.float32) * self.isotropic_sigma
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         return x
 
@@ -86,22 +144,49 @@ class Descriptors:
         """Rows [start, start + count) of the database; start must be a multiple of CHUNK (or 0)."""
         rng = np.random.default_rng([self.seed, 2, start])
         places = -(-count // PLACE_SIZE)
-        centres = rng.standard_normal((places, RANK), dtype=np.float32)
+        centres = rng.standard_normal((places, self.rank), dtype=np.float32)
         latent = np.repeat(centres, PLACE_SIZE, axis=0)[:count]
-        latent += IN_PLACE_SPREAD * rng.standard_normal((count, RANK), dtype=np.float32)
+        latent += self.in_place_spread * rng.standard_normal((count, self.rank), dtype=np.float32)
         return self._embed(latent, rng)
 
     def queries(self, database_rows: np.ndarray, seed_offset: int) -> np.ndarray:
         """Perturbed, renormalised copies of (unit-norm) database rows."""
         rng = np.random.default_rng([self.seed, 3, seed_offset])
         count = len(database_rows)
-        latent_noise = (self.query_noise * IN_PLACE_SPREAD) * rng.standard_normal((count, RANK), dtype=np.float32)
-        perturbation = latent_noise @ self.basis
-        perturbation += (rng.standard_normal(perturbation.shape, dtype=np.float32)
-                         * (self.isotropic_sigma * self.query_noise))
+        if self.query_correlations is not None:
+            r = rng.choice(self.query_correlations, count).astype(np.float32)[:, None]
+            fresh = rng.standard_normal((count, self.rank), dtype=np.float32) @ self.basis
+            x = self.mean + r * (database_rows * self.raw_norm - self.mean)
+            x += np.sqrt(1 - r**2) * np.sqrt(1 + self.in_place_spread**2) * fresh
+            return x / np.linalg.norm(x, axis=1, keepdims=True)
+        perturbation = (self.query_noise * rng.standard_normal((count, self.rank), dtype=np.float32)) @ self.basis
+        if self.isotropic_sigma:
+            perturbation += (rng.standard_normal(perturbation.shape, dtype=np.float32)
+                             * (self.isotropic_sigma * self.query_noise / self.in_place_spread))
         x = database_rows * self.raw_norm + perturbation  # back on the scale the rows had before normalising
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         return x
+
+
+def real_descriptor_sets(directory: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(references, queries, each query's nearest matching reference) of every revisit set under ``directory``,
+    described by the shipped default with a vocabulary fitted on the set's references, as build_map does."""
+    from tscm_ros.describe.describer import describer_for
+    from tscm_ros.io.revisit_set import find_revisit_sets, read_rgb
+
+    describer = describer_for("default")
+    sets = []
+    for revisit_set in find_revisit_sets(directory):
+        references = [read_rgb(path) for path in revisit_set.references]
+        _, maps = describer.describe_with_maps(references)
+        adapted = describer.with_vocabulary(describer.fit_vocabulary([m[0] for m in maps]))
+        refs = adapted.describe(references)
+        queries = adapted.describe([read_rgb(path) for path in revisit_set.queries])
+        nearest = [matches[np.argmin(((refs[list(matches)] - query) ** 2).sum(axis=1))]
+                   for query, matches in zip(queries, revisit_set.matches)]
+        sets.append((refs, queries, np.array(nearest)))
+        print(f"  described {revisit_set.name}", file=sys.stderr, flush=True)
+    return sets
 
 
 @dataclass
@@ -179,9 +264,8 @@ def time_queries(keyframe_map: KeyframeMap, queries: np.ndarray, k: int, exclude
     return seconds
 
 
-def run_size(n: int, args: argparse.Namespace) -> str:
+def run_size(n: int, data: Descriptors, args: argparse.Namespace) -> str:
     """Build every configuration for an n-keyframe map, measure it, return a Markdown section."""
-    data = Descriptors(args.dim, args.seed, args.query_noise)
     sources = np.sort(np.random.default_rng([args.seed, 4, n]).choice(n, args.queries, replace=False))
     queries = make_queries(data, sources, n)
     timed_rows = np.random.default_rng([args.seed, 5, n]).permutation(args.queries)[: args.latency_queries]
@@ -234,12 +318,13 @@ def run_size(n: int, args: argparse.Namespace) -> str:
         gc.collect()
         print(f"  n={n}: {start + count} keyframes added", file=sys.stderr, flush=True)
 
+    revisits = best_id == sources  # queries whose exact top-1 is the keyframe they came from
     rows = []
     if chunked_exact:
         chunks = -(-n // CHUNK)
         rows.append(("exact (chunked)", f"Flat, summed over {chunks} chunks of {CHUNK:,}", "-",
                      f"{n * args.dim * 4 / 2**20:.0f} (not held)",
-                     np.median(exact_seconds), np.percentile(exact_seconds, 90), float("nan"), 1.0,
+                     np.median(exact_seconds), np.percentile(exact_seconds, 90), float("nan"), 1.0, 1.0,
                      float("nan"), float("nan"), 1.0))
     for config in configs:
         keyframe_map = maps[config.name]
@@ -253,6 +338,7 @@ def run_size(n: int, args: argparse.Namespace) -> str:
             batched = (time.perf_counter() - began) / len(queries)
             top1 = np.array([r[0].keyframe_id if r else -1 for r in results])
             recall = float(np.mean(top1 == best_id))
+            revisit_recall = float(np.mean(top1[revisits] == best_id[revisits]))
             name = " ".join([config.name, *(f"{key}={value}" for key, value in setting.items())])
             excluded_seconds = time_queries(keyframe_map, timed, args.k, timed_exclusions)
             results = keyframe_map.query_batch(queries, args.k, query_exclusions)
@@ -262,7 +348,7 @@ def run_size(n: int, args: argparse.Namespace) -> str:
             assert not any(((ids >= lo) & (ids < hi)).any()
                            for ids, (lo, hi) in zip(returned, excluded_ranges)), "an excluded keyframe was returned"
             rows.append((name, factory, f"{build_seconds[config.name]:.1f}", size,
-                         np.median(seconds), np.percentile(seconds, 90), batched, recall,
+                         np.median(seconds), np.percentile(seconds, 90), batched, recall, revisit_recall,
                          np.median(excluded_seconds), np.percentile(excluded_seconds, 90), excluded_recall))
         del keyframe_map
         maps[config.name] = None
@@ -271,14 +357,14 @@ def run_size(n: int, args: argparse.Namespace) -> str:
     lines = [f"### {n:,} keyframes x {args.dim}-d ({len(queries)} queries, {len(timed)} timed, k={args.k}; "
              f"exact top-1 = query's source for {np.mean(best_id == sources):.1%})", "",
              "| configuration | FAISS index | build s | index MiB | median ms/query | p90 ms | batched ms/query "
-             "| recall@1 vs exact | loss (points) | speed-up vs exact | excl.: median ms | excl.: p90 ms "
-             "| excl.: recall@1 vs exact |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, factory, build, size, median, p90, batched, recall, x_median, x_p90, x_recall in rows:
+             "| recall@1 vs exact | loss (points) | recall@1, revisits | speed-up vs exact | excl.: median ms "
+             "| excl.: p90 ms | excl.: recall@1 vs exact |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, factory, build, size, median, p90, batched, recall, revisit_recall, x_median, x_p90, x_recall in rows:
         batched_text = "-" if np.isnan(batched) else f"{batched * 1e3:.3f}"
         x_text = "-" if np.isnan(x_median) else f"{x_median * 1e3:.3f} | {x_p90 * 1e3:.3f}"
         lines.append(f"| {name} | {factory} | {build} | {size} | {median * 1e3:.3f} | {p90 * 1e3:.3f} | {batched_text} "
-                     f"| {recall:.1%} | {(1 - recall) * 100:.1f} | {baseline / median:.1f}x | "
+                     f"| {recall:.1%} | {(1 - recall) * 100:.1f} | {revisit_recall:.1%} | {baseline / median:.1f}x | "
                      f"{x_text if x_text != '-' else '- | -'} | {x_recall:.1%} |")
     return "\n".join(lines) + "\n"
 
@@ -302,8 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=1000, help="queries for recall@1")
     parser.add_argument("--latency-queries", type=int, default=300, help="single queries timed for latency")
     parser.add_argument("--k", type=int, default=10, help="candidates per query")
+    parser.add_argument("--real", metavar="DIR", default=None,
+                        help="revisit sets (ref/, query/, gt.csv) whose default-model descriptors the generator's "
+                             "statistics are fitted on (default: the hand-set power-law statistics)")
     parser.add_argument("--query-noise", type=float, default=QUERY_NOISE,
-                        help="query perturbation in units of the in-place spread (higher: harder)")
+                        help="without --real: query perturbation in units of the in-place spread (higher: harder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ef-search", default="128,256,512", help="HNSW efSearch values swept on each HNSW map")
     parser.add_argument("--configs", default="", help="comma-separated configuration names to run (default: all)")
@@ -312,9 +401,16 @@ def main(argv: list[str] | None = None) -> int:
         args.dim = shipped_dimension()
     args.ef_search = [int(v) for v in args.ef_search.split(",")]
     args.configs = [name for name in args.configs.split(",") if name]
+    if args.real:
+        data = Descriptors.fitted(real_descriptor_sets(args.real), args.seed, args.real)
+        if data.dim != args.dim:
+            parser.error(f"--dim {args.dim} differs from the {data.dim}-d descriptors of --real")
+    else:
+        data = Descriptors.power_law(args.dim, args.seed, args.query_noise)
+    print(f"descriptors: {data.dim}-d, {data.source}")
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, {os.cpu_count()} CPUs")
     for n in sorted(int(s) for s in args.sizes.split(",")):
-        print(run_size(n, args), flush=True)
+        print(run_size(n, data, args), flush=True)
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(f"peak resident memory so far: {peak_gib:.1f} GiB\n", flush=True)
     return 0
