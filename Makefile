@@ -33,10 +33,10 @@ demo-train: setup
 # the full recognition benchmark with training (about 40 minutes), distillation (about 40 minutes) and,
 # with REAL, the descriptor selection (10-17 minutes).
 bench: setup
-	. ./env.sh && python -m bench.descriptor_latency && python -m bench.map_search --sizes 1000,10000,100000 \
+	. ./env.sh && python -m bench.descriptor_latency && python -m bench.map_search --sizes 1000,10000,100000 $(if $(REAL),--real $(REAL)) \
 	  && python -m bench.node_throughput && python -m bench.node_soak --minutes $(if $(LONG),10,2) \
 	  && python -m bench.recognition $(if $(REAL),--real $(REAL)) $(if $(LONG),,--no-training) \
-	  $(if $(LONG),&& python -m bench.map_search --sizes 1000000 --configs pca256+hnsw+rerank16 \
+	  $(if $(LONG),&& python -m bench.map_search --sizes 1000000 $(if $(REAL),--real $(REAL)) --configs pca512+hnsw+rerank16 \
 	    --ef-search 512$(,)1024$(,)2048 && python -m bench.distillation \
 	  $(if $(REAL),&& python -m bench.descriptor_selection --real $(REAL)))
 

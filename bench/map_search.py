@@ -1,6 +1,6 @@
 """Benchmark: keyframe-map search latency and recall@1 against exact search, per index type and map size.
 
-Usage: python -m bench.map_search [--real DIR] [--sizes 1000,10000,100000] [--dim D] [--pca-dim 256]
+Usage: python -m bench.map_search [--real DIR] [--sizes 1000,10000,100000] [--dim D] [--pca-dims 256,512]
        [--ef-search 128,256,512] [--configs NAME,...]
 
 Synthetic descriptors (deterministic, seeded), generated in runs of ``PLACE_SIZE`` similar keyframes seen
@@ -196,24 +196,26 @@ class Config:
     sweep: list[dict] = field(default_factory=lambda: [{}])  # search settings measured on the built map
 
 
-def configurations(pca_dim: int, n: int, ef_search: Sequence[int] = (128, 256, 512)) -> list[Config]:
-    """What is compared; HNSW and re-ranking use the KeyframeMap defaults (M 32, efConstruction 200,
-    efSearch 128, k_factor 4). Plain full-dimension HNSW and PCA without re-ranking only run up to 10k keyframes
-    (they show what PCA alone loses; their builds dominate the run time). Above FULL_DESCRIPTOR_LIMIT only
-    configurations without a float32 copy of the full descriptors run."""
-    hnsw = IndexConfig(type="hnsw", pca_dim=pca_dim)
-    ivf = IndexConfig(type="ivfpq", pca_dim=pca_dim, nprobe=32)
+def configurations(pca_dims: Sequence[int], n: int, ef_search: Sequence[int] = (128, 256, 512)) -> list[Config]:
+    """What is compared, for each PCA dimension; HNSW and re-ranking use the KeyframeMap defaults (M 32,
+    efConstruction 200, efSearch 128, k_factor 4). Plain full-dimension HNSW and PCA without re-ranking only
+    run up to 10k keyframes (they show what PCA alone loses; their builds dominate the run time). Above
+    FULL_DESCRIPTOR_LIMIT only configurations without a float32 copy of the full descriptors run."""
     ef = [{"ef_search": value} for value in ef_search]
     probes = [{"nprobe": 32}, {"nprobe": 64}, {"nprobe": 128}]
-    return [config for config, largest in (
-        (Config("exact", IndexConfig()), FULL_DESCRIPTOR_LIMIT),
-        (Config("hnsw", IndexConfig(type="hnsw")), 10_000),
-        (Config(f"pca{pca_dim}+hnsw+rerank", hnsw, ef), FULL_DESCRIPTOR_LIMIT),
-        (Config(f"pca{pca_dim}+hnsw+rerank16", replace(hnsw, rerank_dtype="float16"), ef), None),
-        (Config(f"pca{pca_dim}+ivfpq+rerank16", replace(ivf, rerank_dtype="float16"), probes), None),
-        (Config(f"pca{pca_dim}+hnsw", replace(hnsw, rerank=False)), 10_000),
-        (Config(f"pca{pca_dim}+ivfpq", replace(ivf, rerank=False)), None),
-    ) if largest is None or n <= largest]
+    candidates = [(Config("exact", IndexConfig()), FULL_DESCRIPTOR_LIMIT),
+                  (Config("hnsw", IndexConfig(type="hnsw")), 10_000)]
+    for pca_dim in pca_dims:
+        hnsw = IndexConfig(type="hnsw", pca_dim=pca_dim)
+        ivf = IndexConfig(type="ivfpq", pca_dim=pca_dim, nprobe=32)
+        candidates += [
+            (Config(f"pca{pca_dim}+hnsw+rerank", hnsw, ef), FULL_DESCRIPTOR_LIMIT),
+            (Config(f"pca{pca_dim}+hnsw+rerank16", replace(hnsw, rerank_dtype="float16"), ef), None),
+            (Config(f"pca{pca_dim}+ivfpq+rerank16", replace(ivf, rerank_dtype="float16"), probes), None),
+            (Config(f"pca{pca_dim}+hnsw", replace(hnsw, rerank=False)), 10_000),
+            (Config(f"pca{pca_dim}+ivfpq", replace(ivf, rerank=False)), None),
+        ]
+    return [config for config, largest in candidates if largest is None or n <= largest]
 
 
 def index_bytes(keyframe_map: KeyframeMap) -> int:
@@ -276,7 +278,7 @@ def run_size(n: int, data: Descriptors, args: argparse.Namespace) -> str:
     best_allowed_distance = np.full(len(queries), np.inf, np.float32)
     best_allowed_id = np.full(len(queries), -1, np.int64)
     chunked_exact = n > FULL_DESCRIPTOR_LIMIT
-    configs = [c for c in configurations(args.pca_dim, n, args.ef_search)
+    configs = [c for c in configurations(args.pca_dims, n, args.ef_search)
                if not args.configs or c.name in args.configs]
     maps = {c.name: KeyframeMap(args.dim, "synthetic", {}, c.index, model_name="synthetic") for c in configs}
     build_seconds = dict.fromkeys(maps, 0.0)
@@ -384,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated map sizes (default 1000,10000,100000; 1000000 is the long run)")
     parser.add_argument("--dim", type=int, default=None,
                         help="descriptor dimension (default: the shipped default model's, 3840)")
-    parser.add_argument("--pca-dim", type=int, default=256, help="PCA reduction for the reduced configurations")
+    parser.add_argument("--pca-dims", default="256,512",
+                        help="comma-separated PCA reductions for the reduced configurations (default 256,512)")
     parser.add_argument("--queries", type=int, default=1000, help="queries for recall@1")
     parser.add_argument("--latency-queries", type=int, default=300, help="single queries timed for latency")
     parser.add_argument("--k", type=int, default=10, help="candidates per query")
@@ -400,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dim is None:
         args.dim = shipped_dimension()
     args.ef_search = [int(v) for v in args.ef_search.split(",")]
+    args.pca_dims = [int(v) for v in args.pca_dims.split(",")]
     args.configs = [name for name in args.configs.split(",") if name]
     if args.real:
         data = Descriptors.fitted(real_descriptor_sets(args.real), args.seed, args.real)
