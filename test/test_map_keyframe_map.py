@@ -15,7 +15,7 @@ from tscm_ros.describe.models.vlad import Vocabulary
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.io.geometry import Pose
 from tscm_ros.map.exclusion import Exclusion
-from tscm_ros.map.index import IndexConfig
+from tscm_ros.map.index import IndexConfig, fit_pca
 from tscm_ros.map.keyframe_map import KeyframeMap, KeyframeMeta
 from tscm_ros.map.storage import FORMAT_VERSION, INDEX_FILE, KEYFRAMES_FILE, MANIFEST_FILE, VOCABULARY_FILE
 
@@ -399,6 +399,25 @@ def test_the_descriptors_of_chosen_keyframes_come_back_without_reconstructing_th
         nearest = np.argmin(((got[:, None, :] - database[None, :, :]) ** 2).sum(axis=2), axis=1)
         np.testing.assert_array_equal(nearest, ids)
     assert keyframe_map.contents().index.descriptors(np.array([], np.int64)).shape == (0, DIM)
+
+
+@pytest.mark.parametrize("count", [300, 40])  # more descriptors than dimensions, and fewer
+def test_the_pca_is_fitted_as_faiss_fits_it(count):
+    sample = low_rank(count, seed=21)
+    ours, theirs = faiss.PCAMatrix(DIM, 16), faiss.PCAMatrix(DIM, 16)
+    fit_pca(ours, sample)
+    theirs.train(sample)
+    assert ours.is_trained
+    np.testing.assert_allclose(faiss.vector_to_array(ours.eigenvalues)[:16],
+                               faiss.vector_to_array(theirs.eigenvalues)[:16], rtol=1e-3)
+    projected, expected = ours.apply(sample[:20]), theirs.apply(sample[:20])  # the same up to each axis' sign
+    np.testing.assert_allclose(np.abs(projected), np.abs(expected), atol=1e-4)
+
+
+def test_a_pca_fitted_on_identical_descriptors_projects_without_nan():
+    pca = faiss.PCAMatrix(DIM, 16)
+    fit_pca(pca, np.repeat(low_rank(1, seed=22), 50, axis=0))
+    assert np.isfinite(pca.apply(low_rank(5, seed=23))).all()
 
 
 def test_pca_without_rerank_reports_projected_distance_lower_bound():

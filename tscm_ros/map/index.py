@@ -172,6 +172,32 @@ def auto_index_config(dim: int) -> IndexConfig:
     return IndexConfig()
 
 
+def fit_pca(pca: faiss.PCAMatrix, sample: np.ndarray) -> None:
+    """Train ``pca`` on ``sample`` (N, d_in) as FAISS would (the eigenvectors and eigenvalues of the centred
+    sample's scatter matrix), with NumPy's divide-and-conquer eigensolver: FAISS's own took 12 s for 2048
+    descriptors of 3840-d here, against 1.5 s for 1024, and a map growing past ``train_size`` waits for it."""
+    mean = sample.mean(axis=0)
+    centred = sample - mean
+    if len(sample) < pca.d_in:  # eigenvectors of the Gram matrix, mapped back: N x N instead of d x d
+        values, vectors = np.linalg.eigh(centred @ centred.T)
+        values, vectors = values[::-1], vectors[:, ::-1]
+        positive = values > values[0] * 1e-6
+        components = (vectors[:, positive].T @ centred) / np.sqrt(values[positive])[:, None]
+        values = values[positive]
+    else:
+        values, vectors = np.linalg.eigh(centred.T @ centred)
+        values, components = values[::-1], vectors[:, ::-1].T
+    if len(components) < pca.d_out:  # the sample spans fewer dimensions: the rest project to 0
+        missing = pca.d_out - len(components)
+        components = np.concatenate([components, np.zeros((missing, pca.d_in), components.dtype)])
+        values = np.concatenate([values, np.zeros(missing, values.dtype)])
+    faiss.copy_array_to_vector(np.ascontiguousarray(mean, dtype=np.float32), pca.mean)
+    faiss.copy_array_to_vector(np.ascontiguousarray(values, dtype=np.float32), pca.eigenvalues)
+    faiss.copy_array_to_vector(np.ascontiguousarray(components[: pca.d_out], dtype=np.float32).ravel(), pca.PCAMat)
+    pca.prepare_Ab()
+    pca.is_trained = True
+
+
 def sub_indexes(index: faiss.Index) -> list[faiss.Index]:
     """The index and the ones it wraps (refinement, pre-transform), outermost first."""
     chain = [faiss.downcast_index(index)]
@@ -282,7 +308,11 @@ class DescriptorIndex:
         index = faiss.index_factory(self._index.d, self._config.factory_string(), faiss.METRIC_L2)
         self._index = index
         self._configure()
-        index.train(np.ascontiguousarray(sample))
+        sample = np.ascontiguousarray(sample)
+        for sub in sub_indexes(index):
+            if isinstance(sub, faiss.IndexPreTransform):
+                fit_pca(faiss.downcast_VectorTransform(sub.chain.at(0)), sample)
+        index.train(sample)  # what is left to train: the quantisers of ivfpq
         index.add(vectors)
         self._trained = True
 
