@@ -29,7 +29,7 @@ demo-train: setup
 	. ./env.sh && bash tools/demo.sh --train
 
 # REAL: a folder of real revisit sets (ref/, query/, gt.csv), e.g. REAL=../shared/realdata
-# LONG=1 adds the long runs: the 1M-keyframe map search (20 minutes and more, 10+ GiB), a 10-minute soak,
+# LONG=1 adds the long runs: the 1M-keyframe map search (30 minutes and more, 16 GiB), a 10-minute soak,
 # the full recognition benchmark with training (about 40 minutes), distillation (about 40 minutes) and,
 # with REAL, the descriptor selection (10-17 minutes).
 bench: setup

@@ -9,11 +9,11 @@ Index types
 - ``ivfpq``: inverted lists with product quantisation (``nlist`` lists, ``pq_m`` bytes per vector,
   ``nprobe`` lists visited per query). Needs training.
 Measured by ``bench/map_search.py --real`` (3840-d descriptors of real-photo statistics, re-ranked, 2-core
-CPU): ``hnsw`` over PCA to 512 answers in 1.4 ms at 10k keyframes with 99.4 % recall@1 against exact search
-at the default ``ef_search`` 128, and in 1.8 ms with 90.4 % at 100k, where ``ef_search`` 512 gives 98.8 % in
-5.1 ms. PCA to 256 caps recall there: the exact top-1 is among its 40 nearest in PCA-256 space for 90 % of
-queries. Queries with exclusion on cost the same recall and up to 0.6 ms more. ``ivfpq`` is the choice when
-memory, not latency, is the limit.
+CPU): ``hnsw`` over PCA to 512 answers in 0.8 ms at 10k keyframes with 99.4 % recall@1 against exact search
+at the default ``ef_search`` 128, and in 2.4 ms with 90.4 % at 100k, where ``ef_search`` 512 gives 98.8 % in
+5.3 ms; at 1M, 2048 gives 95.3 % in 25 ms. PCA to 256 caps recall there: the exact top-1 is among its 40
+nearest in PCA-256 space for 90 % of queries. Queries with exclusion on cost the same recall and up to 0.6 ms
+more. ``ivfpq`` is the choice when memory, not latency, is the limit.
 
 Any type can put a PCA reduction to ``pca_dim`` (optionally whitened) in front; it is learned from the
 map's own descriptors. Types that need training (``ivfpq``, or any with ``pca_dim``) keep an exact flat
@@ -165,8 +165,8 @@ def auto_index_config(dim: int) -> IndexConfig:
     ``2 * AUTO_PCA_DIM`` dimensions, PCA to ``AUTO_PCA_DIM`` + HNSW with exact re-ranking, which searches
     exactly (flat) until the map holds ``train_size`` (2048) keyframes and trains then; smaller descriptors
     stay exact (flat). bench/map_search.py with descriptors of real-photo statistics (``--real``), 3840-d:
-    at 10k keyframes 1.4 ms median per query and 99.4 % recall@1 of exact search (PCA to 256: 0.6 ms and
-    98.1 %; exact 8.1 ms); at 100k 1.8 ms and 90.4 % (PCA to 256: 81.9 %)."""
+    at 10k keyframes 0.8 ms median per query and 99.4 % recall@1 of exact search (PCA to 256: 0.6 ms and
+    98.1 %; exact 8.0 ms); at 100k 2.4 ms and 90.4 % (PCA to 256: 81.9 %)."""
     if dim > 2 * AUTO_PCA_DIM:
         return IndexConfig(type="hnsw", pca_dim=AUTO_PCA_DIM)
     return IndexConfig()
