@@ -11,7 +11,7 @@ Index types
 Measured by ``bench/map_search.py --real`` (3840-d descriptors of real-photo statistics, re-ranked, 2-core
 CPU): ``hnsw`` over PCA to 512 answers in 0.8 ms at 10k keyframes with 99.4 % recall@1 against exact search
 at the default ``ef_search`` 128, and in 2.4 ms with 90.4 % at 100k, where ``ef_search`` 512 gives 98.8 % in
-5.3 ms; at 1M, 2048 gives 95.3 % in 25 ms. PCA to 256 caps recall there: the exact top-1 is among its 40
+5.3 ms; at 1M, 2048 gives 95.3 % in 30 ms. PCA to 256 caps recall there: the exact top-1 is among its 40
 nearest in PCA-256 space for 90 % of queries. Queries with exclusion on cost the same recall and up to 0.6 ms
 more. ``ivfpq`` is the choice when memory, not latency, is the limit.
 
