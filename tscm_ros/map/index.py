@@ -280,10 +280,10 @@ class DescriptorIndex:
         if not self._trained and len(self) >= self._config.train_size:
             self._train()
 
-    def descriptors(self, ids: np.ndarray | None = None) -> np.ndarray:
-        """The descriptors of ``ids`` (default: every keyframe, by id) as (N, dim) float32: exact for flat,
-        HNSW and float32 re-ranked indexes, the lossy index's reconstruction otherwise."""
-        ids = np.arange(len(self), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    def descriptors(self, ids: np.ndarray) -> np.ndarray:
+        """The descriptors of keyframes ``ids`` as (N, dim) float32: exact for flat, HNSW and float32
+        re-ranked indexes, the lossy index's reconstruction otherwise."""
+        ids = np.asarray(ids, dtype=np.int64)
         if len(ids) == 0:
             return np.zeros((0, self._index.d), dtype=np.float32)
         index = self._index
