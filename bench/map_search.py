@@ -180,7 +180,7 @@ def real_descriptor_sets(directory: str) -> list[tuple[np.ndarray, np.ndarray, n
         references = [read_rgb(path) for path in revisit_set.references]
         _, maps = describer.describe_with_maps(references)
         adapted = describer.with_vocabulary(describer.fit_vocabulary([m[0] for m in maps]))
-        refs = adapted.describe(references)
+        refs = adapted.aggregate(maps)
         queries = adapted.describe([read_rgb(path) for path in revisit_set.queries])
         nearest = [matches[np.argmin(((refs[list(matches)] - query) ** 2).sum(axis=1))]
                    for query, matches in zip(queries, revisit_set.matches)]
