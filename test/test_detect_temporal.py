@@ -1,82 +1,145 @@
-"""Temporal consistency: a candidate's sequence score is the support of the images before it along the map."""
+"""Sequence evidence: a candidate's sequence score is the support of the images before it along the map, in
+normalised similarity, and its margin is over the best sequence of another place."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tscm_ros.detect.temporal import TemporalConfig, TemporalConsistency
+from tscm_ros.detect.temporal import (
+    ORDER_SLOPES,
+    Normaliser,
+    SequenceMatcher,
+    TemporalConfig,
+    TemporalConsistency,
+    sequence_evidence,
+    sequence_margins,
+)
 from tscm_ros.errors import ConfigError
 
+DIM = 64
+KEYFRAMES = 60
 
-def _drive(temporal: TemporalConsistency, false_at: int, with_poses: bool):
-    """A robot driving along a map of keyframes every 2 m, one image per 2 m. Each image matches its true
-    keyframe with similarity 0.80 (and its neighbours 0.6); image ``false_at`` matches a far-away look-alike
-    better (0.90). Returns the best candidate's keyframe and sequence score for each image."""
-    coordinates = np.arange(100) * 2.0
-    best = []
-    for t in range(20):
-        true = 10 + t
-        ids = np.array([true, true - 1, true + 1, 80])
-        similarities = np.array([0.80, 0.60, 0.60, 0.90 if t == false_at else 0.30])
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def keyframes() -> np.ndarray:
+    """A route of keyframes every 2 m; keyframe 45 is a twin of keyframe 15 (a look-alike far along the map)."""
+    descriptors = _unit(np.random.default_rng(0).normal(size=(KEYFRAMES, DIM)))
+    descriptors[45] = descriptors[15]
+    return descriptors
+
+
+def _query(keyframes: np.ndarray, keyframe: int, rng) -> np.ndarray:
+    return _unit(keyframes[keyframe][None, :] + 0.6 * rng.normal(size=(1, DIM)) / np.sqrt(DIM))[0]
+
+
+def _drive(keyframes, images: list[int], with_poses: bool, window: int = 5):
+    """Images of the given keyframes, one per 2 m; per image the keyframe of the best sequence score and that
+    score, its evidence (sequence_evidence), and whether the history was full."""
+    rng = np.random.default_rng(1)
+    temporal = TemporalConsistency(TemporalConfig(window=window, tolerance_m=1.0))
+    positions = np.arange(KEYFRAMES) * 2.0
+    matcher = SequenceMatcher(KEYFRAMES, positions if with_poses else None, 1.0)
+    normaliser = Normaliser(keyframes)
+    same_place = np.abs(positions[:, None] - positions[None, :]) <= 4.0
+    out = []
+    for t, keyframe in enumerate(images):
+        descriptor = _query(keyframes, keyframe, rng)
+        similarities = keyframes @ descriptor
+        candidates = np.argsort(-similarities)[:10]
         position = np.array([2.0 * t, 0.0, 0.0]) if with_poses else None
-        scores, consistent = temporal.update(t * 400_000_000, position, coordinates[ids], similarities)
-        best.append((int(ids[np.argmax(scores)]), float(scores.max()), consistent))
-    return best
+        scores, unordered = temporal.update(t * 500_000_000, position, descriptor, normaliser, matcher,
+                                            lambda ids: keyframes[ids], candidates)
+        evidence = sequence_evidence(scores, unordered, same_place[np.ix_(candidates, candidates)])
+        best = int(np.argmax(scores))
+        out.append((int(candidates[best]), float(scores[best]), float(evidence[best]), temporal.full))
+    return out
 
 
 @pytest.mark.parametrize("with_poses", [True, False])
-def test_temporal_consistency_suppresses_an_isolated_false_match(with_poses):
-    temporal = TemporalConsistency(TemporalConfig(window=5, tolerance_m=1.0, max_step_m=3.0))
-    best = _drive(temporal, false_at=12, with_poses=with_poses)
-    assert [keyframe for keyframe, _, _ in best] == [10 + t for t in range(20)]  # the look-alike never wins
-    assert [consistent for _, _, consistent in best] == [t >= 4 for t in range(20)]
-    assert best[12][1] == pytest.approx(0.80)  # the true keyframe keeps the support of the images before it
+def test_a_revisit_in_order_wins_over_a_twin_that_only_one_image_supports(keyframes, with_poses):
+    route = list(range(8, 24))  # drives through keyframe 15, whose twin is keyframe 45
+    best = _drive(keyframes, route, with_poses)
+    assert [keyframe for keyframe, *_ in best[4:]] == route[4:]
+    assert [full for *_, full in best] == [t >= 4 for t in range(len(route))]
+    at_twin = route.index(15)
+    assert best[at_twin][2] > 0.5  # the images before it tell the place from its twin, in order
 
 
-def test_a_gap_in_the_images_restarts_the_sequence():
+def test_a_look_alike_without_the_images_before_it_gets_no_evidence(keyframes):
+    """Images of unrelated places, then one of the twinned keyframe: high on that one image, no sequence."""
+    rng = np.random.default_rng(2)
+    scattered = [int(k) for k in rng.choice(np.arange(30, 44), 4, replace=False)] + [15]
+    best = _drive(keyframes, scattered, with_poses=False)
+    keyframe, _, margin, full = best[-1]
+    assert full and keyframe in (15, 45)
+    assert margin < 0.2  # the twin scores about the same: nothing tells them apart (a revisit: > 0.5)
+
+
+def test_the_matcher_places_earlier_images_on_a_straight_path_back():
+    matcher = SequenceMatcher(10, np.arange(10) * 2.0, tolerance_m=1.0)
+    values = {lag: np.zeros(10) for lag in range(3)}
+    values[1][4], values[2][3] = 2.0, 2.0  # the images before the candidate 5 matched 4 and 3
+    score = matcher.scores(np.array([5]), np.array([2.0]), [0.0, 2.0, 4.0],
+                           lambda lag, ids: values[lag][ids], np.array([-1.0, -1.0, -1.0]))
+    assert score[0] == pytest.approx(2.0)
+    off_path = matcher.scores(np.array([5]), np.array([2.0]), [0.0, 6.0, 12.0],
+                              lambda lag, ids: values[lag][ids], np.array([-1.0, -1.0, -1.0]))
+    assert off_path[0] == pytest.approx((2.0 + 0.0 - 1.0) / 3)  # 9 m back is keyframe 1; 17 m back is none
+    by_order = SequenceMatcher(10, None, tolerance_m=1.0)
+    assert not by_order.by_path and 1.0 in ORDER_SLOPES
+    assert by_order.scores(np.array([5]), np.array([2.0]), None, lambda lag, ids: values[lag][ids],
+                           np.array([-1.0, -1.0, -1.0]))[0] == pytest.approx(2.0)
+
+
+def test_a_gap_in_the_images_restarts_the_sequence(keyframes):
     temporal = TemporalConsistency(TemporalConfig(window=3, max_gap_s=1.0))
+    matcher, normaliser = SequenceMatcher(KEYFRAMES, None, 1.0), Normaliser(keyframes)
     for t in range(3):
-        _, consistent = temporal.update(t * 100_000_000, None, np.array([2.0 * t]), np.array([0.8]))
-    assert consistent
-    _, consistent = temporal.update(10_000_000_000, None, np.array([8.0]), np.array([0.8]))
-    assert not consistent
+        temporal.update(t * 100_000_000, None, keyframes[t], normaliser, matcher, lambda ids: keyframes[ids],
+                        np.array([t]))
+    assert temporal.full
+    temporal.update(10_000_000_000, None, keyframes[3], normaliser, matcher, lambda ids: keyframes[ids],
+                    np.array([3]))
+    assert not temporal.full
 
 
-def test_the_settings_are_checked():
-    with pytest.raises(ConfigError, match="window"):
-        TemporalConfig(window=0)
-    with pytest.raises(ConfigError, match="tolerance_m"):
-        TemporalConfig(tolerance_m=-1.0)
-    with pytest.raises(ConfigError, match="max_gap_s"):
-        TemporalConfig(max_gap_s=0.0)
-
-
-def test_a_map_without_poses_is_followed_by_keyframe_order():
-    """Coordinates are keyframe ids: each image's true keyframe is the next id; a look-alike far back in
-    the map's order gets no support from the images before it."""
-    temporal = TemporalConsistency(TemporalConfig(window=3))
-    for t in range(3):
-        ids = np.array([10.0 + t, 50.0])
-        scores, consistent = temporal.update(t * 100_000_000, None, ids, np.array([0.7, 0.75 if t == 2 else 0.2]),
-                                             by_order=True)
-    assert consistent
-    assert scores[0] == pytest.approx(0.7)  # supported by the two images before it
-    assert scores[1] == pytest.approx((0.75 + 0.2 + 0.2) / 3)  # the images before it matched it weakly
-
-
-def test_a_keyframe_without_a_pose_keeps_its_own_similarity():
+def test_an_image_without_candidates_enters_the_history(keyframes):
     temporal = TemporalConsistency(TemporalConfig(window=2))
-    temporal.update(0, np.zeros(3), np.array([0.0]), np.array([0.3]))
-    scores, consistent = temporal.update(100_000_000, np.array([1.0, 0.0, 0.0]), np.array([1.0, np.nan]),
-                                         np.array([0.4, 0.9]))
-    assert consistent
-    assert scores[1] == pytest.approx(0.9)
+    matcher, normaliser = SequenceMatcher(KEYFRAMES, None, 1.0), Normaliser(keyframes)
+    scores, _ = temporal.update(0, None, keyframes[0], normaliser, matcher, lambda ids: keyframes[ids],
+                                np.zeros(0, dtype=np.int64))
+    assert len(scores) == 0
+    temporal.update(100_000_000, None, keyframes[1], normaliser, matcher, lambda ids: keyframes[ids], np.array([1]))
+    assert temporal.full
 
 
-def test_an_image_without_candidates_enters_the_history():
+def test_with_a_pose_missing_in_the_history_a_path_sequence_has_no_score(keyframes):
     temporal = TemporalConsistency(TemporalConfig(window=2))
-    scores, consistent = temporal.update(0, None, np.array([]), np.array([]))
-    assert len(scores) == 0 and not consistent
-    _, consistent = temporal.update(100_000_000, None, np.array([4.0]), np.array([0.8]))
-    assert consistent  # the empty image counts towards the window, and lends no support
+    matcher, normaliser = SequenceMatcher(KEYFRAMES, np.arange(KEYFRAMES) * 2.0, 1.0), Normaliser(keyframes)
+    temporal.update(0, None, keyframes[0], normaliser, matcher, lambda ids: keyframes[ids], np.array([0]))
+    scores, _ = temporal.update(100_000_000, np.zeros(3), keyframes[1], normaliser, matcher,
+                                lambda ids: keyframes[ids], np.array([1]))
+    assert np.isnan(scores).all()
+
+
+def test_evidence_is_the_smaller_of_the_margin_over_other_places_and_over_the_same_images_unordered():
+    same_place = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=bool)
+    np.testing.assert_allclose(sequence_margins(np.array([3.0, 2.5, 1.0]), same_place), [2.0, 1.5, -2.0])
+    np.testing.assert_allclose(sequence_margins(np.array([3.0, 2.0]), np.ones((2, 2), dtype=bool)), [1.0, 0.0])
+    np.testing.assert_allclose(sequence_evidence(np.array([3.0, 2.5, 1.0]), np.array([2.5, 0.0, 0.0]), same_place),
+                               [0.5, 1.5, -2.0])
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"window": 1}, "window"), ({"window": 2.5}, "window"), ({"tolerance_m": -1.0}, "tolerance_m"),
+    ({"tolerance_m": float("nan")}, "tolerance_m"), ({"max_gap_s": 0.0}, "max_gap_s"),
+    ({"max_gap_s": float("inf")}, "max_gap_s"),
+])
+def test_the_settings_are_checked(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        TemporalConfig(**settings)

@@ -85,16 +85,25 @@ def test_unmapped_places_score_below_min_score_and_revisits_pass_it(rtabmap_map,
     assert len(published) >= 15
 
 
-def test_temporal_consistency_in_a_map_without_poses_follows_its_keyframe_order(rtabmap_map):
+def test_sequences_publish_most_revisits_of_a_map_without_poses_and_nothing_it_never_saw(rtabmap_map,
+                                                                                          route_reference):
+    """The node's defaults (min_score 0.99, temporal consistency along the map's order): the revisit is
+    published for most of its images and always right; a sequence of a rendered town, a place this indoor
+    map never saw, is never published."""
+    from tscm_ros.io.bag import FrameSource
+
     revisit_set, keyframe_map, describer = rtabmap_map
-    staged = LoopDetector(describer, keyframe_map, MatchingConfig(k=5, exclude_recent_s=0.0),
-                          temporal=TemporalConfig())
+    staged = LoopDetector(describer, keyframe_map, MatchingConfig(exclude_recent_s=0.0), temporal=TemporalConfig())
+    assert "sequence margins, along the map's order" in staged.score_basis
     published = [staged.process(f.image, f.stamp_ns).accepted for f in revisit_set.query_frames()]
     assert staged.temporal_basis == "keyframe order (map without poses)"
     assert all(not accepted for accepted in published[:TemporalConfig().window - 1])  # history not yet full
     within = revisit_set.ground_truth()
     hits = [q for q, accepted in enumerate(published) if accepted]
-    assert len(hits) >= 12 and all(within[q, published[q][0].keyframe_id] for q in hits)
+    print(f"{len(hits)} of {len(published)} revisit images published")
+    assert len(hits) >= 0.6 * len(published) and all(within[q, published[q][0].keyframe_id] for q in hits)
+    unmapped = [staged.process(f.image, f.stamp_ns + 10**13) for f in FrameSource(route_reference).open()]
+    assert len(unmapped) >= 10 and not any(d.accepted for d in unmapped)
 
 
 @pytest.mark.parametrize("query, reference, expected", [

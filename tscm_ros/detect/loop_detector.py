@@ -13,21 +13,43 @@ publishes, everything else happens in this module.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from tscm_ros.describe.local_features import extract_local_features
 from tscm_ros.detect.detection import Detection, Match, MatchingConfig
-from tscm_ros.detect.temporal import TemporalConfig, TemporalConsistency
+from tscm_ros.detect.sequence_null import estimate_sequence_null
+from tscm_ros.detect.temporal import (
+    Normaliser,
+    SequenceMatcher,
+    TemporalConfig,
+    TemporalConsistency,
+    normalisation_sample,
+    sequence_evidence,
+)
 from tscm_ros.detect.verification import CameraIntrinsics, VerificationConfig, verify
 from tscm_ros.errors import ConfigError
 from tscm_ros.map.building import MAPPING_FIT_KEYFRAMES, KeyframeBuilder, KeyframeSelector
-from tscm_ros.map.calibration import MIN_KEYFRAMES, POOL, candidate_margins
+from tscm_ros.map.calibration import MIN_KEYFRAMES, POOL, MapCalibration, candidate_margins
 from tscm_ros.map.exclusion import Exclusion
 from tscm_ros.map.keyframe_map import KeyframeMap
 
 VERIFY_THREADS = 2  # OpenCV matching and RANSAC release the GIL: candidates are verified two at a time
+
+
+@dataclass
+class _SequenceState:
+    """What sequence scoring needs of the map, rebuilt as the map changes: the normalisation sample, the
+    matchers along its order and (with poses) its path, and their null calibrations."""
+
+    count: int
+    fingerprint: str
+    normaliser: Normaliser
+    by_order: SequenceMatcher
+    by_path: SequenceMatcher | None
+    null_by_order: MapCalibration | None
+    null_by_path: MapCalibration | None
 
 
 class LoopDetector:
@@ -64,7 +86,10 @@ class LoopDetector:
         self._verification = verification
         self._intrinsics = intrinsics
         self._temporal = None if temporal is None else TemporalConsistency(temporal)
+        self._sequence_state: _SequenceState | None = None
         self.temporal_basis = "off" if temporal is None else "no image yet"  # what temporal consistency measures along
+        if self._temporal is not None:
+            self._sequence()  # the null calibrations at start-up, not on the first image
         self._verifiers = (None if verification is None
                            else ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="tscm_verify"))
 
@@ -99,6 +124,12 @@ class LoopDetector:
     @property
     def score_basis(self) -> str:
         """What ``score`` is, as ``_scores`` computes it (for /diagnostics)."""
+        state = self._sequence_state
+        if state is not None and (state.null_by_order is not None or state.null_by_path is not None):
+            parts = [f"{name}: {null.summary()}" for name, null in (("along the path", state.null_by_path),
+                                                                   ("along the map's order", state.null_by_order))
+                     if null is not None]
+            return "sequence margins, " + "; ".join(parts)
         if self._map.calibration is not None:
             return self._map.calibration.summary()
         fallback = "the model's own calibration" if self.describer.calibration is not None else "raw similarity"
@@ -138,29 +169,60 @@ class LoopDetector:
         prior = self.describer.calibration
         return similarities if prior is None else np.asarray(prior(similarities), dtype=np.float64)
 
+    def _sequence(self) -> _SequenceState | None:
+        """The sequence state for the map as it is now; rebuilt when the map has doubled or was described anew
+        (mapping mode), the matchers whenever it grew. None for an empty map."""
+        count, state = len(self._map), self._sequence_state
+        if count == 0:
+            return None
+        if state is not None and state.count == count and state.fingerprint == self._map.model_fingerprint:
+            return state
+        lengths, tolerance = self._map.path_lengths(np.arange(count)), self._temporal.config.tolerance_m
+        by_order = SequenceMatcher(count, None, tolerance)
+        by_path = None if np.isnan(lengths).any() else SequenceMatcher(count, lengths, tolerance)
+        if state is None or state.fingerprint != self._map.model_fingerprint or count >= 2 * state.count:
+            normaliser = Normaliser(normalisation_sample(self._map))
+            config = self._temporal.config
+            state = _SequenceState(count, self._map.model_fingerprint, normaliser, by_order, by_path,
+                                   estimate_sequence_null(self._map, config, by_order, normaliser),
+                                   None if by_path is None else estimate_sequence_null(self._map, config, by_path,
+                                                                                       normaliser))
+        else:  # grown, not doubled: new keyframes to place, the same null
+            state = replace(state, count=count, by_order=by_order, by_path=by_path)
+        self._sequence_state = state
+        return state
+
     def _match(self, descriptor: np.ndarray, exclusion: Exclusion, stamp_ns: int,
                position: np.ndarray | None) -> list[Match]:
-        """The best ``k`` candidates by similarity that score at least ``min_score``. With temporal consistency,
-        a candidate is ``consistent`` when the images before it support its place: the candidate of the best
-        sequence score (tscm_ros/detect/temporal.py) shows the same place, and the history is full."""
+        """The best ``k`` candidates by similarity that score at least ``min_score``. With temporal consistency
+        the score is that of the candidate's sequence margin (tscm_ros/detect/temporal.py), calibrated by the
+        map's null of sequence margins (tscm_ros/detect/sequence_null.py), and a candidate is ``consistent``
+        when it shows the place of the best sequence and the history is full."""
         pool = self._map.query(descriptor, max(self._matching.k, POOL), exclusion, 0.0)
         ids = np.array([c.keyframe_id for c in pool], dtype=np.int64)
         similarities = np.array([c.score for c in pool], dtype=np.float64)
         same_place = self._map.same_place(ids, ids)
         matches = [Match(candidate, float(score)) for candidate, score in zip(pool, self._scores(similarities,
                                                                                                  same_place))]
-        if self._temporal is not None:  # every image enters the history, whatever min_score
-            path = self._map.path_lengths(ids)
-            by_order = len(ids) > 0 and bool(np.isnan(path).any())  # a map without poses: keyframe order
-            sequence, full = self._temporal.update(stamp_ns, None if by_order else position,
-                                                   ids.astype(np.float64) if by_order else path, similarities,
-                                                   by_order=by_order)
-            self.temporal_basis = ("keyframe order (map without poses)" if by_order
-                                   else "path, odometry" if position is not None else "path, no odometry")
-            if len(sequence):
-                supported = same_place[:, int(np.argmax(sequence))]
-                for i, (score, support) in enumerate(zip(sequence, supported)):
-                    matches[i] = replace(matches[i], sequence_score=float(score), consistent=bool(full and support))
+        state = self._sequence() if self._temporal is not None else None
+        if state is not None:  # every image enters the history, whatever min_score
+            along_path = position is not None and state.by_path is not None
+            matcher = state.by_path if along_path else state.by_order
+            null = state.null_by_path if along_path else state.null_by_order
+            sequence, backward = self._temporal.update(stamp_ns, position, descriptor, state.normaliser, matcher,
+                                                       self._map.descriptors, ids)
+            self.temporal_basis = ("path, odometry" if along_path else "keyframe order, no odometry"
+                                   if state.by_path is not None else "keyframe order (map without poses)")
+            if len(sequence) and not np.isnan(sequence).all():
+                supported = same_place[:, int(np.nanargmax(sequence))]
+                evidence = sequence_evidence(np.nan_to_num(sequence, nan=-np.inf), np.nan_to_num(backward, nan=0.0),
+                                             same_place)
+                scores = [m.score for m in matches] if null is None else null.score(evidence)
+                full = self._temporal.full
+                matches = [replace(match, score=float(score), sequence_score=float(value),
+                                   consistent=bool(full and support))
+                           for match, score, value, support in zip(matches, scores, sequence, supported)]
+                matches.sort(key=lambda m: -np.nan_to_num(m.sequence_score, nan=-np.inf))  # the evidence first
         return [m for m in matches[: self._matching.k] if m.score >= self._matching.min_score]
 
     def _verify(self, image: np.ndarray, matches: list[Match]):

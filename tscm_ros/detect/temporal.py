@@ -1,63 +1,189 @@
-"""Temporal consistency: a loop is the current image *and the images before it* matching the map in order.
+"""Sequence evidence: a loop is the current image *and the images before it* matching the map in order.
 
-SeqSLAM's idea, made online and odometry-aware. Each processed query leaves in a short history its
-candidate keyframes and their similarities. A candidate keyframe ``j`` of the current query is scored by
-the mean, over the last ``window`` queries, of the best similarity each of them had to a keyframe where
-it should have been if ``j`` is right: the keyframe's position along the map's path (path length,
-``KeyframeMap.path_lengths``) minus the distance the robot travelled since that query (from the query
-poses), within ``tolerance_m``. Without a query pose the travel is unknown: any keyframe between
-``max_step_m`` per query behind and ``tolerance_m`` ahead counts. In a map without poses (``by_order``),
-the coordinate is the keyframe's place in the map's order (its id), and any keyframe between
-``ORDER_MAX_STEP`` keyframes per query behind and ``ORDER_TOLERANCE`` ahead counts. A query whose history
-has no candidate in the window contributes the lowest similarity it had among its candidates.
+SeqSLAM's idea, made online and odometry-aware, and used as a graded score. Similarities are first
+normalised (``Normaliser``): centred against hubs, and taken relative to the query's mean similarity to
+the map, so that a query under other light, which matches everything less, is judged by how much its
+match stands out.
 
-A single look-alike image scores high alone but gets no support from the images before it, so its
-sequence score is low: isolated false matches are suppressed, and a copied stretch of street is told
-apart from the original by what was seen before entering it. A candidate is ``consistent`` once the
-history holds ``window`` queries (the first images after start-up or a gap longer than ``max_gap_s``
-are never consistent). Keyframes are assumed to be in driving order along the map (as build_map and
-online mapping add them) and revisits to be driven in the mapped direction.
+A candidate keyframe ``j`` of the current query is scored by the *sequence score*: the mean, over the last
+``window`` queries, of each query's normalised similarity to the keyframe where it should have been if
+``j`` is right, on a straight path back through the map (``SequenceMatcher``):
+
+- with odometry (a query pose, and a map with poses), query ``t - L`` should be at the keyframe nearest to
+  ``j``'s path length minus the distance travelled since, within ``tolerance_m``;
+- without (no query pose, or a map without poses), at the keyframe ``v * L`` places before ``j`` in the
+  map's order, for the best of the speeds ``v`` in ``ORDER_SLOPES`` keyframes per image.
+
+The current query counts with its similarity to ``j`` itself. A query with no keyframe where it should be
+(past the map's start, or in a stretch the null estimate removed) counts with the lowest normalised
+similarity it has. A candidate's *sequence margin* is its sequence score minus the best sequence score of
+a candidate of another place: a look-alike seen once gets no support from the images before it, and a
+place that twins another keeps a small margin unless the sequence tells them apart.
+tscm_ros/detect/sequence_null.py turns the margin into a score without labels.
+
+The history restarts after a gap longer than ``max_gap_s``; a candidate is ``consistent`` only once the
+history holds ``window`` queries and it is of the best sequence's place. Keyframes are assumed to be in
+driving order along the map (as build_map and online mapping add them) and revisits to be driven in the
+mapped direction. Without odometry the node should see about one image per keyframe spacing or fewer
+(``max_rate_hz``); with odometry any rate works.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from tscm_ros.errors import ConfigError
 
-ORDER_TOLERANCE = 2.0  # keyframes, in a map without poses
-ORDER_MAX_STEP = 2.0  # keyframes per query, in a map without poses
+ORDER_SLOPES = (0.5, 1.0, 1.5, 2.0)  # keyframes per image, without odometry
+ORDER_TOLERANCE = 0.5  # keyframes: the nearest one to the straight path
+NORMALISATION_SAMPLE = 1024  # keyframes a query's mean and spread of similarity are taken over
 
 
 @dataclass(frozen=True)
 class TemporalConfig:
-    """Settings of temporal consistency; see the module doc."""
+    """Settings of the sequence evidence; see the module doc."""
 
     window: int = 5
     tolerance_m: float = 3.0
-    max_step_m: float = 3.0
     max_gap_s: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.window < 1:
-            raise ConfigError(f"temporal consistency window must be >= 1 query, got {self.window}")
-        if self.tolerance_m < 0 or self.max_step_m < 0 or self.max_gap_s <= 0:
-            raise ConfigError("temporal consistency: tolerance_m and max_step_m must be >= 0, max_gap_s > 0")
+        if not (isinstance(self.window, (int, np.integer)) and self.window >= 2):
+            raise ConfigError(f"temporal consistency window must be an integer >= 2 images, got {self.window}")
+        if not (np.isfinite(self.tolerance_m) and self.tolerance_m >= 0):
+            raise ConfigError(f"temporal consistency: tolerance_m must be finite and >= 0, got {self.tolerance_m}")
+        if not (np.isfinite(self.max_gap_s) and self.max_gap_s > 0):
+            raise ConfigError(f"temporal consistency: max_gap_s must be finite and > 0, got {self.max_gap_s}")
+
+
+class Normaliser:
+    """Similarities made comparable across queries and keyframes, as differences from what is typical.
+
+    Against hubs: a keyframe close to the map's mean descriptor is similar to every image that does not
+    look like the map (a sequence of an unmapped place then matches the same few keyframes in a row), so
+    each keyframe's similarity to the mean is subtracted first (centring, as in hubness reduction). Then
+    per query: minus its mean (centred) similarity to a fixed sample of the map's keyframes, so that a query
+    under other light, which matches everything less, is judged by how far its match stands out. Not
+    divided by the query's spread: an image of a place unlike the whole map has a small spread, and
+    dividing by it would blow its noise up into matches."""
+
+    def __init__(self, sample: np.ndarray) -> None:
+        self._sample = np.asarray(sample, dtype=np.float32)
+        self.mean_descriptor = self._sample.mean(axis=0)
+        self._sample_bias = self._sample @ self.mean_descriptor
+
+    def similarity(self, descriptor: np.ndarray, keyframe_descriptors: np.ndarray) -> np.ndarray:
+        """The centred similarity of one query descriptor to keyframes."""
+        keyframe_descriptors = np.asarray(keyframe_descriptors, dtype=np.float32)
+        return (keyframe_descriptors @ (np.asarray(descriptor, dtype=np.float32) - self.mean_descriptor)
+                ).astype(np.float64)
+
+    def stats(self, descriptors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per query (rows of ``descriptors``): mean and lowest centred similarity to the sample."""
+        similarities = np.asarray(descriptors, dtype=np.float32) @ self._sample.T - self._sample_bias[None, :]
+        return similarities.mean(axis=1).astype(np.float64), similarities.min(axis=1).astype(np.float64)
+
+
+def normalisation_sample(keyframe_map) -> np.ndarray:
+    """The descriptors of at most ``NORMALISATION_SAMPLE`` keyframes spread over the map."""
+    count = len(keyframe_map)
+    ids = np.unique(np.linspace(0, count - 1, min(count, NORMALISATION_SAMPLE)).round().astype(np.int64))
+    return keyframe_map.descriptors(ids)
+
+
+class SequenceMatcher:
+    """Where each earlier query should have been along the map if a candidate is right, and the resulting
+    sequence scores. ``coordinates``: every keyframe's path length (odometry) or None (map order)."""
+
+    def __init__(self, count: int, path_lengths: np.ndarray | None, tolerance_m: float) -> None:
+        self.count = count
+        self.by_path = path_lengths is not None
+        self.tolerance = tolerance_m if self.by_path else ORDER_TOLERANCE
+        coordinates = np.asarray(path_lengths, dtype=np.float64) if self.by_path else np.arange(count, dtype=np.float64)
+        self._order = np.argsort(coordinates, kind="stable")
+        self._sorted = coordinates[self._order]
+        self.coordinates = coordinates
+
+    def _nearest(self, targets: np.ndarray) -> np.ndarray:
+        """The keyframe nearest to each target coordinate, -1 where none is within the tolerance."""
+        right = np.clip(np.searchsorted(self._sorted, targets), 1, len(self._sorted) - 1)
+        left = right - 1
+        use_left = np.abs(targets - self._sorted[left]) <= np.abs(self._sorted[right] - targets)
+        position = np.where(use_left, left, right)
+        found = self._order[position]
+        return np.where(np.abs(self._sorted[position] - targets) <= self.tolerance, found, -1)
+
+    def scores(self, candidates: np.ndarray, current: np.ndarray, offsets: list[float] | None,
+               similarity: Callable[[int, np.ndarray], np.ndarray], lowest: np.ndarray,
+               direction: float = 1.0) -> np.ndarray:
+        """Sequence scores of ``candidates`` (keyframe ids) for a history of ``len(lowest)`` queries, newest
+        first. ``current``: the newest query's normalised similarity to each candidate. ``offsets[L]``: the
+        travel between query ``L`` and the newest (with odometry), None for map order. ``similarity(L, ids)``:
+        query ``L``'s normalised similarity to keyframes ``ids`` (NaN for keyframes it may not use);
+        ``lowest[L]``: what it counts where it has no keyframe to match. ``direction`` -1: the path driven the
+        other way (the earlier images ahead of the candidate along the map); 0: standing at the candidate."""
+        candidates = np.asarray(candidates, dtype=np.int64)
+        lags = len(lowest)
+        slopes = tuple(direction * v for v in ((1.0,) if offsets is not None else ORDER_SLOPES))
+        coordinates = self.coordinates[candidates]
+        targets = np.array([[coordinates - slope * (offsets[lag] if offsets is not None else lag)
+                             for lag in range(1, lags)] for slope in slopes])  # (slopes, lags - 1, candidates)
+        nearest = self._nearest(targets.ravel()).reshape(targets.shape)
+        totals = np.zeros((len(slopes), len(candidates))) + np.asarray(current, dtype=np.float64)
+        for lag in range(1, lags):
+            ids = nearest[:, lag - 1]
+            values = np.full(ids.shape, lowest[lag])
+            found = ids >= 0
+            if found.any():
+                unique, inverse = np.unique(ids[found], return_inverse=True)
+                looked_up = similarity(lag, unique)[inverse]
+                values[found] = np.where(np.isnan(looked_up), lowest[lag], looked_up)
+            totals += values
+        return totals.max(axis=0) / lags
+
+
+def sequence_margins(scores: np.ndarray, same_place: np.ndarray) -> np.ndarray:
+    """Each candidate's sequence score minus the best of a candidate of another place (``same_place``: (n, n)
+    bool); minus the lowest when every candidate is of its place."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) == 0:
+        return scores
+    others = np.where(same_place, -np.inf, scores[None, :]).max(axis=1)
+    return scores - np.where(np.isfinite(others), others, scores.min())
+
+
+def sequence_evidence(forward: np.ndarray, unordered: np.ndarray, same_place: np.ndarray) -> np.ndarray:
+    """The gate statistic of each candidate: the smaller of its sequence margin over other places and of
+    its sequence score over ``unordered``, the best score of the same images placed without the mapped
+    order (driven the other way, or standing at the candidate). The second is what a sequence of an
+    unmapped place lacks: its images all match the same few look-alike keyframes, in any order."""
+    forward = np.asarray(forward, dtype=np.float64)
+    return np.minimum(sequence_margins(forward, same_place), forward - np.asarray(unordered, dtype=np.float64))
+
+
+def ordered_and_unordered(matcher: SequenceMatcher, candidates, current, offsets, similarity,
+                          lowest) -> tuple[np.ndarray, np.ndarray]:
+    """``matcher.scores`` in the mapped direction, and the better of backwards and standing still."""
+    forward, backward, still = (matcher.scores(candidates, current, offsets, similarity, lowest, direction)
+                                for direction in (1.0, -1.0, 0.0))
+    return forward, np.maximum(backward, still)
 
 
 @dataclass
 class _Query:
     stamp_ns: int
     travel_m: float | None  # path length of the query trajectory, None without a pose
-    coordinates: np.ndarray  # along-map coordinates of its candidates (NaN: keyframe without a pose)
-    similarities: np.ndarray
+    descriptor: np.ndarray
+    mean: float
+    lowest: float  # lowest normalised similarity to the sample
 
 
 class TemporalConsistency:
-    """The query history and the sequence score of each new query's candidates."""
+    """The query history and the sequence scores of each new query's candidates."""
 
     def __init__(self, config: TemporalConfig) -> None:
         self.config = config
@@ -68,6 +194,10 @@ class TemporalConsistency:
         self._history.clear()
         self._last_position = None
 
+    @property
+    def full(self) -> bool:
+        return len(self._history) == self.config.window
+
     def _travel(self, position: np.ndarray | None) -> float | None:
         if position is None:
             self._last_position = None
@@ -77,36 +207,34 @@ class TemporalConsistency:
         self._last_position = np.asarray(position, dtype=np.float64)
         return step if previous is None else previous + step
 
-    def update(self, stamp_ns: int, position: np.ndarray | None, coordinates: np.ndarray,
-               similarities: np.ndarray, by_order: bool = False) -> tuple[np.ndarray, bool]:
-        """Record a query (its candidates' along-map ``coordinates`` and raw ``similarities``) and return
-        the candidates' sequence scores and whether the history is long enough to call them consistent.
-        ``by_order``: the coordinates are keyframe ids (a map without poses; ``position`` is ignored)."""
-        coordinates = np.asarray(coordinates, dtype=np.float64)
-        similarities = np.asarray(similarities, dtype=np.float64)
+    def update(self, stamp_ns: int, position: np.ndarray | None, descriptor: np.ndarray, normaliser: Normaliser,
+               matcher: SequenceMatcher, descriptors_of: Callable[[np.ndarray], np.ndarray],
+               candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Record a query and return its candidates' sequence scores, in the mapped direction and without
+        the order (the better of driven backwards and standing still; see ``sequence_evidence``).
+        ``matcher`` is along the path when the query has a pose and the map has poses, else along the map's
+        order; ``descriptors_of(ids)`` gives keyframe descriptors."""
         if self._history and abs(stamp_ns - self._history[-1].stamp_ns) > self.config.max_gap_s * 1e9:
             self.reset()
-        self._history.append(_Query(stamp_ns, self._travel(position), coordinates, similarities))
-        if not len(similarities):
-            return similarities, False
-        now = self._history[-1]
-        total = np.zeros(len(coordinates))
-        for lag, past in enumerate(reversed(self._history)):
-            if not len(past.similarities):
-                continue
-            if by_order:
-                low = coordinates - lag * ORDER_MAX_STEP - ORDER_TOLERANCE
-                high = coordinates + ORDER_TOLERANCE
-            elif now.travel_m is not None and past.travel_m is not None:
-                travelled = now.travel_m - past.travel_m
-                low = coordinates - travelled - self.config.tolerance_m
-                high = coordinates - travelled + self.config.tolerance_m
-            else:
-                low = coordinates - lag * self.config.max_step_m - self.config.tolerance_m
-                high = coordinates + self.config.tolerance_m
-            inside = (past.coordinates[None, :] >= low[:, None]) & (past.coordinates[None, :] <= high[:, None])
-            best = np.where(inside, past.similarities[None, :], -np.inf).max(axis=1)
-            total += np.where(np.isfinite(best), best, past.similarities.min())
-        # A keyframe without a pose cannot be placed along the path: it keeps its own similarity only.
-        scores = np.where(np.isnan(coordinates), similarities, total / len(self._history))
-        return scores, len(self._history) == self.config.window
+        mean, lowest = (float(x[0]) for x in normaliser.stats(descriptor[None, :]))
+        travel = self._travel(position) if matcher.by_path else None
+        if not matcher.by_path:
+            self._last_position = None
+        self._history.append(_Query(stamp_ns, travel, np.asarray(descriptor, dtype=np.float32), mean,
+                                    lowest - mean))
+        if not len(candidates):
+            return np.zeros(0), np.zeros(0)
+        history = list(reversed(self._history))
+        offsets = None
+        if matcher.by_path:
+            if any(q.travel_m is None for q in history):
+                return np.full(len(candidates), np.nan), np.full(len(candidates), np.nan)
+            offsets = [history[0].travel_m - q.travel_m for q in history]
+
+        def similarity(lag: int, ids: np.ndarray) -> np.ndarray:
+            query = history[lag]
+            return normaliser.similarity(query.descriptor, descriptors_of(ids)) - query.mean
+
+        current = similarity(0, np.asarray(candidates, dtype=np.int64))
+        lowest = np.array([q.lowest for q in history])
+        return ordered_and_unordered(matcher, candidates, current, offsets, similarity, lowest)

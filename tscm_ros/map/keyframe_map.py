@@ -206,6 +206,10 @@ class KeyframeMap:
         """Path length travelled up to each of ``keyframe_ids`` (see map/exclusion.py), NaN for those without a pose."""
         return self._track.path_lengths(keyframe_ids)
 
+    def descriptors(self, keyframe_ids) -> np.ndarray:
+        """(N, dim) float32 descriptors of ``keyframe_ids`` as the index holds them (DescriptorIndex.descriptors)."""
+        return self._index.descriptors(np.asarray(keyframe_ids, dtype=np.int64))
+
     def same_place(self, first_ids, second_ids) -> np.ndarray:
         """(len(first), len(second)) bool: the keyframes show the same place. With poses: within
         ``SAME_PLACE_M`` of each other; otherwise (a map without odometry): from the same recording, within

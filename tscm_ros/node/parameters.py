@@ -74,13 +74,12 @@ PARAMETERS = [
     Parameter("camera_info_topic", "", "sensor_msgs/CameraInfo of the camera: verification then fits the essential "
               "matrix and fills the relative pose; empty = camera_intrinsics or none (fundamental matrix, no pose)"),
     Parameter("camera_intrinsics", "", "'fx fy cx cy' in pixels, used when camera_info_topic is empty"),
-    Parameter("temporal_consistency", True, "a loop needs the previous temporal_window images to support its place "
-              "along the map: its path with poses, its keyframe order without (sequence score; "
-              "tscm_ros/detect/temporal.py)"),
-    Parameter("temporal_window", 5, "temporal consistency: images in the sequence, the current one included"),
-    Parameter("temporal_tolerance_m", 3.0, "temporal consistency: tolerance along the map's path, metres"),
-    Parameter("temporal_max_step_m", 3.0, "temporal consistency without pose_topic: the most the robot travels "
-              "between two processed images, metres (with poses the travel is measured)"),
+    Parameter("temporal_consistency", True, "a loop needs the previous temporal_window images to match the map in "
+              "order: along its path with poses, along its keyframe order without; the score is then that of the "
+              "sequence, calibrated on the map's own sequences (tscm_ros/detect/temporal.py, sequence_null.py)"),
+    Parameter("temporal_window", 5, "temporal consistency: images in the sequence, the current one included (>= 2)"),
+    Parameter("temporal_tolerance_m", 3.0, "temporal consistency with poses: how far from where the odometry puts an "
+              "earlier image its keyframe may be, metres"),
     Parameter("publish_unverified", False, "also publish candidates that failed verification or temporal "
               "consistency, with their flags (for debugging); normally only accepted loops are published",
               runtime=True),
@@ -154,8 +153,7 @@ def check_runtime_values(values: dict) -> None:
 def stages(p: dict) -> tuple[VerificationConfig | None, TemporalConfig | None, CameraIntrinsics | None]:
     """The verification and temporal-consistency stages the parameters switch on, and the fixed intrinsics."""
     verification = VerificationConfig(min_inliers=p["min_inliers"]) if p["verify"] else None
-    temporal = (TemporalConfig(window=p["temporal_window"], tolerance_m=p["temporal_tolerance_m"],
-                               max_step_m=p["temporal_max_step_m"])
+    temporal = (TemporalConfig(window=p["temporal_window"], tolerance_m=p["temporal_tolerance_m"])
                 if p["temporal_consistency"] else None)
     try:
         intrinsics = CameraIntrinsics.from_values(str(p["camera_intrinsics"]).replace(",", " ").split())

@@ -1,0 +1,103 @@
+"""The score of a sequence, calibrated per map without labels: how rarely a sequence of queries from a place
+the map does not hold would stand out as much as a candidate's does (its evidence,
+tscm_ros/detect/temporal.py).
+
+The map gives such sequences itself. Each pseudo-query is a run of ``window`` consecutive keyframes of the
+map, newest last, matched against the map *without the stretch they show*: for every keyframe of the run,
+the contiguous keyframes around it along the map that still look like it (centred similarity above its
+mean over the map) and the keyframes of its place (``KeyframeMap.same_place``). The rest of the map is
+then, for that run, a map that does not hold its place, and the evidence of its best candidate
+(``sequence_evidence``, the very code the online detector runs) is one sample of the null distribution.
+Removing the whole look-alike stretch matters: a fixed radius leaves the keyframes just outside it, which
+show the same place from a little further on, and made the null margins as large as a true revisit's.
+
+The samples make a ``MapCalibration`` (tscm_ros/map/calibration.py: false-alarm rate with an exponential
+tail, score = one minus it). Where the map holds twins (copied street blocks, identical corridors), a run
+in one twin matches the other as distinctly as a revisit matches its own place, and the scores are
+accordingly cautious: appearance alone cannot tell a twin from a revisit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tscm_ros.detect.temporal import (
+    Normaliser,
+    SequenceMatcher,
+    TemporalConfig,
+    ordered_and_unordered,
+    sequence_evidence,
+)
+from tscm_ros.map.calibration import MAX_PSEUDO_QUERIES, MIN_KEYFRAMES, NEIGHBOURS_SEARCHED, POOL, MapCalibration
+
+STRETCH_BLOCK = 16  # keyframes compared at a time while walking along a look-alike stretch
+
+
+def _look_alike_stretch(keyframe_map, normaliser: Normaliser, member: int, descriptor: np.ndarray,
+                        level: float) -> tuple[int, int]:
+    """The ids [lo, hi] around ``member`` along the map whose (centred) similarity to it stays at least
+    ``level``."""
+    count = len(keyframe_map)
+    bounds = []
+    for step in (-1, 1):
+        edge = member
+        while True:
+            block = np.arange(edge + step, edge + step * (STRETCH_BLOCK + 1), step)
+            block = block[(block >= 0) & (block < count)]
+            if not len(block):
+                break
+            below = np.flatnonzero(normaliser.similarity(descriptor, keyframe_map.descriptors(block)) < level)
+            if len(below):
+                edge = int(block[below[0]]) - step
+                break
+            edge = int(block[-1])
+        bounds.append(edge)
+    return bounds[0], bounds[1]
+
+
+def estimate_sequence_null(keyframe_map, config: TemporalConfig, matcher: SequenceMatcher,
+                           normaliser: Normaliser) -> MapCalibration | None:
+    """The map's calibration of sequence margins for ``matcher``'s way of placing queries (along the path
+    with odometry, along the map's order without); None below ``MIN_KEYFRAMES`` usable runs."""
+    count = len(keyframe_map)
+    window = config.window
+    if count < max(MIN_KEYFRAMES, window + 1):
+        return None
+    ends = np.unique(np.linspace(window - 1, count - 1, min(count - window + 1, MAX_PSEUDO_QUERIES))
+                     .round().astype(np.int64))
+    searched = min(count, NEIGHBOURS_SEARCHED + POOL)
+    null = []
+    for end in ends:
+        members = np.arange(end, end - window, -1)  # newest first
+        if matcher.by_path:
+            lengths = matcher.coordinates[members]
+            if np.isnan(lengths).any():
+                continue
+            offsets = list(lengths[0] - lengths)
+        else:
+            offsets = None
+        descriptors = keyframe_map.descriptors(members)
+        means, lowest = normaliser.stats(descriptors)
+        excluded = np.zeros(count, dtype=bool)
+        excluded |= keyframe_map.same_place(members, np.arange(count)).any(axis=0)
+        for member, descriptor, mean in zip(members, descriptors, means):
+            lo, hi = _look_alike_stretch(keyframe_map, normaliser, int(member), descriptor, mean)
+            excluded[lo:hi + 1] = True
+        found = keyframe_map.query(descriptors[0], searched)
+        pool = np.array([c.keyframe_id for c in found if not excluded[c.keyframe_id]][:POOL], dtype=np.int64)
+        if len(pool) < 2:
+            continue
+        def similarity(lag: int, ids: np.ndarray, descriptors=descriptors, means=means,
+                       excluded=excluded) -> np.ndarray:
+            values = normaliser.similarity(descriptors[lag], keyframe_map.descriptors(ids)) - means[lag]
+            return np.where(excluded[ids], np.nan, values)
+
+        current = similarity(0, pool)
+
+        lowest = lowest - means
+        forward, unordered = ordered_and_unordered(matcher, pool, current, offsets, similarity, lowest)
+        evidence = sequence_evidence(forward, unordered, keyframe_map.same_place(pool, pool))
+        null.append(float(evidence[int(np.argmax(forward))]))
+    if len(null) < MIN_KEYFRAMES:
+        return None
+    return MapCalibration(np.array(null), count)
