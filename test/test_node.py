@@ -208,7 +208,6 @@ def test_published_loops_are_verified_and_consistent_over_dds(reference_map, rev
     focal = 60.0 / math.tan(math.radians(35.0))  # the simulator's 70 degree vertical field of view, 160x120
     stages = {"map_path": str(reference_map), "exclude_recent_s": 0.0, "min_score": 0.0, "k": 3,
               "verify": True, "min_inliers": 12, "temporal_window": 3, "temporal_tolerance_m": 4.0,
-              "temporal_max_step_m": 10.0,
               "camera_intrinsics": f"{focal} {focal} 80 60"}
     drive = revisit_frames[:12]
     h = Harness(stages)
@@ -220,7 +219,7 @@ def test_published_loops_are_verified_and_consistent_over_dds(reference_map, rev
     published = [c for answer in answers for c in answer.candidates]
     assert len(published) >= 5, f"only {len(published)} loops published over {len(drive)} revisited places"
     for c in published:
-        assert c.verified and c.inliers >= 12 and c.consistent and 0.0 < c.sequence_score <= 1.0
+        assert c.verified and c.inliers >= 12 and c.consistent and math.isfinite(c.sequence_score)
         assert c.relative_pose_valid
         position, orientation = c.relative_pose.position, c.relative_pose.orientation
         assert math.hypot(position.x, position.y, position.z) == pytest.approx(1.0, abs=1e-4)

@@ -89,8 +89,9 @@ build_map --bag "$REFERENCE" --out "$OUT/map" --force --device cpu "${STUDENT_AR
 say "start place_recognition_node (ROS_DOMAIN_ID=$ROS_DOMAIN_ID) and replay traversal 2 to it over DDS"
 model_param=()
 [ "$TRAIN" = 1 ] && model_param=(-p "model_path:=$OUT/runs/student/best.pt")
-place_recognition_node --ros-args -p "map_path:=$OUT/map" -p exclude_recent_s:=0.0 -p min_score:=0.0 \
-  -p k:=5 -p device:=cpu -p "camera_intrinsics:=$INTRINSICS" "${model_param[@]}" > "$OUT/node.log" 2>&1 &
+# The node at its shipped defaults (config/place_recognition.yaml): only the map, the CPU and the intrinsics.
+place_recognition_node --ros-args -p "map_path:=$OUT/map" -p device:=cpu -p "camera_intrinsics:=$INTRINSICS" \
+  "${model_param[@]}" > "$OUT/node.log" 2>&1 &
 node_pid=$!
 stop_node() {
   if kill -0 "$node_pid" 2>/dev/null; then
