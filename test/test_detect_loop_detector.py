@@ -117,3 +117,57 @@ def test_mapping_mode_adds_the_keyframes_its_selector_accepts():
     assert added == [0, None, 1, None, 2, None]
     assert len(keyframe_map) == 3
     assert keyframe_map.local_features(1) is not None
+
+
+class WideDescriber(Describer):
+    """The stand-in with 64-d descriptors, read from an 8x8 image."""
+
+    dim = 64
+    fingerprint = "w" * 16
+
+    def describe(self, images) -> np.ndarray:
+        vectors = np.stack([image.reshape(-1)[:64].astype(np.float32) for image in images])
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def wide_image(vector) -> np.ndarray:
+    image = np.zeros((8, 8, 3), np.uint8)
+    image.reshape(-1)[:64] = np.round(np.asarray(vector, np.float64) / np.max(vector) * 250)
+    return image
+
+
+def twin_route():
+    """60 keyframes every 2 m, one a second, without poses; keyframe 45 looks exactly like keyframe 15."""
+    places = np.random.default_rng(0).random((60, 64)) ** 4  # sparse-ish, non-negative: an image can hold them
+    places[45] = places[15]
+    keyframe_map = KeyframeMap(64, WideDescriber.fingerprint, {}, model_name=WideDescriber.model_name)
+    descriptors = places / np.linalg.norm(places, axis=1, keepdims=True)
+    keyframe_map.add(descriptors.astype(np.float32),
+                     [KeyframeMeta(stamp_ns=i * SECOND, pose=None, bag="route") for i in range(60)])
+    return places, keyframe_map
+
+
+def test_the_default_gate_publishes_a_revisit_in_order_and_not_a_look_alike_without_the_images_before_it():
+    """The node's defaults (min_score 0.99, temporal consistency along the map's order): a revisit through the
+    twinned keyframe is published, right, once the images before it agree; a look-alike image after images of
+    places the map does not hold is not, though it matches its keyframe as well as the revisit did."""
+    places, keyframe_map = twin_route()
+    rng = np.random.default_rng(1)
+
+    def query(vector):
+        return wide_image(vector + 0.05 * rng.random(64))
+
+    detector = LoopDetector(WideDescriber(), keyframe_map, MatchingConfig(), temporal=TemporalConfig())
+    assert detector.score_basis.startswith("sequence margins, along the map's order")
+    revisit = [detector.process(query(places[k]), (1000 + t) * SECOND) for t, k in enumerate(range(8, 28))]
+    published = [(t, d.accepted[0].keyframe_id) for t, d in enumerate(revisit) if d.accepted]
+    assert all(t >= 4 for t, _ in published)  # the history is full from the fifth image on
+    assert all(abs(keyframe - (8 + t)) <= 1 for t, keyframe in published)
+    assert len(published) >= 12 and any(keyframe == 15 for _, keyframe in published)
+
+    stranger = LoopDetector(WideDescriber(), keyframe_map, MatchingConfig(), temporal=TemporalConfig())
+    unmapped = np.random.default_rng(2).random((4, 64)) ** 4
+    for t, vector in enumerate(unmapped):
+        assert not stranger.process(query(vector), (2000 + t) * SECOND).accepted
+    look_alike = stranger.process(query(places[15]), 2004 * SECOND)
+    assert not look_alike.accepted

@@ -28,16 +28,17 @@ from tscm_ros.detect.temporal import (
     ordered_and_unordered,
     sequence_evidence,
 )
-from tscm_ros.map.calibration import MAX_PSEUDO_QUERIES, MIN_KEYFRAMES, NEIGHBOURS_SEARCHED, POOL, MapCalibration
+from tscm_ros.map.calibration import MIN_KEYFRAMES, NEIGHBOURS_SEARCHED, POOL, MapCalibration
 
-STRETCH_BLOCK = 16  # keyframes compared at a time while walking along a look-alike stretch
+STRETCH_BLOCK = 64  # keyframes compared at a time while walking along a look-alike stretch
+MAX_RUNS = 1000  # pseudo-queries, spread over the map: the 99th percentile from 1000 samples, a start-up of seconds
+HELD_DESCRIPTORS = 8192  # maps up to this size are read into memory once for the estimate (126 MB at 3840-d)
 
 
-def _look_alike_stretch(keyframe_map, normaliser: Normaliser, member: int, descriptor: np.ndarray,
+def _look_alike_stretch(descriptors_of, count: int, normaliser: Normaliser, member: int, descriptor: np.ndarray,
                         level: float) -> tuple[int, int]:
     """The ids [lo, hi] around ``member`` along the map whose (centred) similarity to it stays at least
     ``level``."""
-    count = len(keyframe_map)
     bounds = []
     for step in (-1, 1):
         edge = member
@@ -46,7 +47,7 @@ def _look_alike_stretch(keyframe_map, normaliser: Normaliser, member: int, descr
             block = block[(block >= 0) & (block < count)]
             if not len(block):
                 break
-            below = np.flatnonzero(normaliser.similarity(descriptor, keyframe_map.descriptors(block)) < level)
+            below = np.flatnonzero(normaliser.similarity(descriptor, descriptors_of(block)) < level)
             if len(below):
                 edge = int(block[below[0]]) - step
                 break
@@ -63,41 +64,54 @@ def estimate_sequence_null(keyframe_map, config: TemporalConfig, matcher: Sequen
     window = config.window
     if count < max(MIN_KEYFRAMES, window + 1):
         return None
-    ends = np.unique(np.linspace(window - 1, count - 1, min(count - window + 1, MAX_PSEUDO_QUERIES))
+    ends = np.unique(np.linspace(window - 1, count - 1, min(count - window + 1, MAX_RUNS))
                      .round().astype(np.int64))
-    searched = min(count, NEIGHBOURS_SEARCHED + POOL)
+    held = keyframe_map.descriptors(np.arange(count)) if count <= HELD_DESCRIPTORS else None
+    held_stats = normaliser.stats(held) if held is not None else None
     null = []
     for end in ends:
         members = np.arange(end, end - window, -1)  # newest first
+        offsets = None
         if matcher.by_path:
             lengths = matcher.coordinates[members]
             if np.isnan(lengths).any():
                 continue
             offsets = list(lengths[0] - lengths)
-        else:
-            offsets = None
-        descriptors = keyframe_map.descriptors(members)
-        means, lowest = normaliser.stats(descriptors)
-        excluded = np.zeros(count, dtype=bool)
-        excluded |= keyframe_map.same_place(members, np.arange(count)).any(axis=0)
-        for member, descriptor, mean in zip(members, descriptors, means):
-            lo, hi = _look_alike_stretch(keyframe_map, normaliser, int(member), descriptor, mean)
-            excluded[lo:hi + 1] = True
-        found = keyframe_map.query(descriptors[0], searched)
-        pool = np.array([c.keyframe_id for c in found if not excluded[c.keyframe_id]][:POOL], dtype=np.int64)
-        if len(pool) < 2:
-            continue
-        def similarity(lag: int, ids: np.ndarray, descriptors=descriptors, means=means,
-                       excluded=excluded) -> np.ndarray:
-            values = normaliser.similarity(descriptors[lag], keyframe_map.descriptors(ids)) - means[lag]
-            return np.where(excluded[ids], np.nan, values)
-
-        current = similarity(0, pool)
-
-        lowest = lowest - means
-        forward, unordered = ordered_and_unordered(matcher, pool, current, offsets, similarity, lowest)
-        evidence = sequence_evidence(forward, unordered, keyframe_map.same_place(pool, pool))
-        null.append(float(evidence[int(np.argmax(forward))]))
+        sample = _run_null_sample(keyframe_map, held, held_stats, normaliser, matcher, members, offsets)
+        if sample is not None:
+            null.append(sample)
     if len(null) < MIN_KEYFRAMES:
         return None
     return MapCalibration(np.array(null), count)
+
+
+def _run_null_sample(keyframe_map, held: np.ndarray | None, held_stats, normaliser: Normaliser,
+                     matcher: SequenceMatcher, members: np.ndarray, offsets: list[float] | None) -> float | None:
+    """The evidence of the best candidate of one run of keyframes (``members``, newest first) matched against
+    the map without its look-alike stretch; None when fewer than 2 candidates are left."""
+    count = len(keyframe_map)
+    descriptors_of = keyframe_map.descriptors if held is None else held.__getitem__
+    descriptors = descriptors_of(members)
+    means, lowest = (normaliser.stats(descriptors) if held_stats is None
+                     else (held_stats[0][members], held_stats[1][members]))
+    excluded = keyframe_map.same_place(members, np.arange(count)).any(axis=0)
+    for member, descriptor, mean in zip(members, descriptors, means):
+        lo, hi = _look_alike_stretch(descriptors_of, count, normaliser, int(member), descriptor, mean)
+        excluded[lo:hi + 1] = True
+    if held is None:
+        found = np.array([c.keyframe_id for c in keyframe_map.query(descriptors[0], min(count, NEIGHBOURS_SEARCHED
+                                                                                          + POOL))], dtype=np.int64)
+    else:
+        found = np.argsort(-(held @ descriptors[0]), kind="stable")
+    pool = found[~excluded[found]][:POOL]
+    if len(pool) < 2:
+        return None
+
+    def similarity(lag: int, ids: np.ndarray) -> np.ndarray:
+        values = normaliser.similarity(descriptors[lag], descriptors_of(ids)) - means[lag]
+        return np.where(excluded[ids], np.nan, values)
+
+    forward, unordered = ordered_and_unordered(matcher, pool, similarity(0, pool), offsets, similarity,
+                                               lowest - means)
+    evidence = sequence_evidence(forward, unordered, keyframe_map.same_place(pool, pool))
+    return float(evidence[int(np.argmax(forward))])
