@@ -276,6 +276,10 @@ def test_bad_start_up_is_a_clear_error(tmp_path, reference_map):
         Harness({"map_path": str(reference_map), "min_inliers": 2})
     with pytest.raises(ConfigError, match="camera_intrinsics"):
         Harness({"map_path": str(reference_map), "camera_intrinsics": "100 100 80"})
+    for name in ("diagnostics_period_s", "pose_history_s", "pose_max_gap_s", "exclude_recent_s"):
+        for value in (math.nan, math.inf):
+            with pytest.raises(ConfigError, match=f"parameter {name} must be a finite number"):
+                Harness({"map_path": str(reference_map), name: value})
 
 
 def test_map_of_another_model_is_refused(tmp_path, reference_map):
@@ -362,6 +366,8 @@ def test_matching_parameters_change_at_run_time(harness, reference_frames):
     assert not refused.successful and "min_score" in refused.reason
     assert not harness.set_parameters(k=0)[0].successful
     assert not harness.set_parameters(max_rate_hz=-1.0)[0].successful
+    assert not harness.set_parameters(max_rate_hz=math.nan)[0].successful
+    assert not harness.set_parameters(exclude_recent_s=math.nan)[0].successful
     assert not harness.set_parameters(min_inliers=2)[0].successful  # verification's threshold: checked the same way
     assert harness.set_parameters(min_inliers=30)[0].successful
     assert not harness.set_parameters(verify=True)[0].successful  # switching a stage needs a restart (read-only)

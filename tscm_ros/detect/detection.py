@@ -37,8 +37,10 @@ class MatchingConfig:
             raise ConfigError(f"k must be >= 1, got {self.k}")
         if not 0.0 <= self.min_score <= 1.0:
             raise ConfigError(f"min_score must be in [0, 1], got {self.min_score}")
-        if self.exclude_recent_s < 0 or self.exclude_within_m < 0:
-            raise ConfigError("exclude_recent_s and exclude_within_m must be >= 0")
+        if not (math.isfinite(self.exclude_recent_s) and math.isfinite(self.exclude_within_m)
+                and self.exclude_recent_s >= 0 and self.exclude_within_m >= 0):
+            raise ConfigError("exclude_recent_s and exclude_within_m must be finite and >= 0, got "
+                              f"{self.exclude_recent_s} and {self.exclude_within_m}")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
@@ -142,8 +143,17 @@ def matching_config(p: dict) -> MatchingConfig:
                           exclude_within_m=p["exclude_within_m"])
 
 
+def check_finite(values: dict) -> None:
+    """ConfigError naming the first number parameter in ``values`` that is NaN or infinite: no parameter of
+    the node means anything at either."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"parameter {name} must be a finite number, got {value}")
+
+
 def check_runtime_values(values: dict) -> None:
     """ConfigError when the run-time parameters' ``values`` are invalid (as at start-up)."""
+    check_finite(values)
     if values["max_rate_hz"] < 0:
         raise ConfigError(f"parameter max_rate_hz must be >= 0, got {values['max_rate_hz']}")
     matching_config(values)
@@ -165,6 +175,7 @@ def stages(p: dict) -> tuple[VerificationConfig | None, TemporalConfig | None, C
 
 def validate(p: dict) -> None:
     """ConfigError naming the first invalid start-up parameter in ``p`` (every parameter's value)."""
+    check_finite(p)
     if p["device"] not in ("auto", "cpu", "cuda") and not str(p["device"]).startswith("cuda:"):
         raise ConfigError(f"parameter device: expected auto, cpu or cuda, got {p['device']!r}")
     if p["qos"] not in ("sensor_data", "reliable"):
