@@ -84,16 +84,18 @@ def test_the_matcher_places_earlier_images_on_a_straight_path_back():
     matcher = SequenceMatcher(10, np.arange(10) * 2.0, tolerance_m=1.0)
     values = {lag: np.zeros(10) for lag in range(3)}
     values[1][4], values[2][3] = 2.0, 2.0  # the images before the candidate 5 matched 4 and 3
-    score = matcher.scores(np.array([5]), np.array([2.0]), [0.0, 2.0, 4.0],
-                           lambda lag, ids: values[lag][ids], np.array([-1.0, -1.0, -1.0]))
-    assert score[0] == pytest.approx(2.0)
+    forward, backward, still = matcher.scores(np.array([5]), np.array([2.0]), [0.0, 2.0, 4.0],
+                                              lambda lag, ids: values[lag][ids], np.array([-1.0, -1.0, -1.0]),
+                                              (1.0, -1.0, 0.0))
+    assert forward[0] == pytest.approx(2.0)
+    assert backward[0] == pytest.approx(2.0 / 3) and still[0] == pytest.approx(2.0 / 3)  # 6 and 7 ahead, 5 itself
     off_path = matcher.scores(np.array([5]), np.array([2.0]), [0.0, 6.0, 12.0],
-                              lambda lag, ids: values[lag][ids], np.array([-1.0, -1.0, -1.0]))
-    assert off_path[0] == pytest.approx((2.0 + 0.0 - 1.0) / 3)  # 9 m back is keyframe 1; 17 m back is none
+                              lambda lag, ids: values[lag][ids], np.array([-1.0, -1.0, -1.0]))[0]
+    assert off_path[0] == pytest.approx((2.0 + 0.0 - 1.0) / 3)  # 6 m back: keyframe 2; 12 m back: before the map
     by_order = SequenceMatcher(10, None, tolerance_m=1.0)
     assert not by_order.by_path and 1.0 in ORDER_SLOPES
     assert by_order.scores(np.array([5]), np.array([2.0]), None, lambda lag, ids: values[lag][ids],
-                           np.array([-1.0, -1.0, -1.0]))[0] == pytest.approx(2.0)
+                           np.array([-1.0, -1.0, -1.0]))[0, 0] == pytest.approx(2.0)
 
 
 def test_a_gap_in_the_images_restarts_the_sequence(keyframes):

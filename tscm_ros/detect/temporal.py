@@ -119,16 +119,19 @@ class SequenceMatcher:
 
     def scores(self, candidates: np.ndarray, current: np.ndarray, offsets: list[float] | None,
                similarity: Callable[[int, np.ndarray], np.ndarray], lowest: np.ndarray,
-               direction: float = 1.0) -> np.ndarray:
+               directions: tuple[float, ...] = (1.0,)) -> np.ndarray:
         """Sequence scores of ``candidates`` (keyframe ids) for a history of ``len(lowest)`` queries, newest
         first. ``current``: the newest query's normalised similarity to each candidate. ``offsets[L]``: the
         travel between query ``L`` and the newest (with odometry), None for map order. ``similarity(L, ids)``:
         query ``L``'s normalised similarity to keyframes ``ids`` (NaN for keyframes it may not use);
-        ``lowest[L]``: what it counts where it has no keyframe to match. ``direction`` -1: the path driven the
-        other way (the earlier images ahead of the candidate along the map); 0: standing at the candidate."""
+        ``lowest[L]``: what it counts where it has no keyframe to match. One row of scores per entry of
+        ``directions``: 1 the mapped direction, -1 the path driven the other way (the earlier images ahead of
+        the candidate along the map), 0 standing at the candidate."""
         candidates = np.asarray(candidates, dtype=np.int64)
         lags = len(lowest)
-        slopes = tuple(direction * v for v in ((1.0,) if offsets is not None else ORDER_SLOPES))
+        speeds = (1.0,) if offsets is not None else ORDER_SLOPES
+        slopes = [direction * v for direction in directions for v in (speeds if direction else (1.0,))]
+        group = np.repeat(np.arange(len(directions)), [len(speeds) if d else 1 for d in directions])
         coordinates = self.coordinates[candidates]
         targets = np.array([[coordinates - slope * (offsets[lag] if offsets is not None else lag)
                              for lag in range(1, lags)] for slope in slopes])  # (slopes, lags - 1, candidates)
@@ -143,7 +146,9 @@ class SequenceMatcher:
                 looked_up = similarity(lag, unique)[inverse]
                 values[found] = np.where(np.isnan(looked_up), lowest[lag], looked_up)
             totals += values
-        return totals.max(axis=0) / lags
+        best = np.full((len(directions), len(candidates)), -np.inf)
+        np.maximum.at(best, group, totals / lags)
+        return best
 
 
 def sequence_margins(scores: np.ndarray, same_place: np.ndarray) -> np.ndarray:
@@ -168,8 +173,7 @@ def sequence_evidence(forward: np.ndarray, unordered: np.ndarray, same_place: np
 def ordered_and_unordered(matcher: SequenceMatcher, candidates, current, offsets, similarity,
                           lowest) -> tuple[np.ndarray, np.ndarray]:
     """``matcher.scores`` in the mapped direction, and the better of backwards and standing still."""
-    forward, backward, still = (matcher.scores(candidates, current, offsets, similarity, lowest, direction)
-                                for direction in (1.0, -1.0, 0.0))
+    forward, backward, still = matcher.scores(candidates, current, offsets, similarity, lowest, (1.0, -1.0, 0.0))
     return forward, np.maximum(backward, still)
 
 
