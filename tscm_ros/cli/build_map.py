@@ -9,7 +9,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_args, run_main
+from tscm_ros.cli.common import add_frame_reader_arguments, finite_number, frame_source_from_args, run_main
 from tscm_ros.describe.describer import DEFAULT_MODEL, PRETRAINED, describer_for
 from tscm_ros.errors import ConfigError
 from tscm_ros.map.building import (
@@ -41,11 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"'{DEFAULT_MODEL}' (the training-free VLAD that fits its vocabulary on this map; the "
                         f"default), '{PRETRAINED}' (the GeM baseline) or a checkpoint from train")
     add_frame_reader_arguments(parser)
-    parser.add_argument("--min-distance", type=float, default=2.0, metavar="M",
+    parser.add_argument("--min-distance", type=finite_number, default=2.0, metavar="M",
                         help="a keyframe needs this much travel since the previous one (default 2.0; 0 = off)")
-    parser.add_argument("--min-interval", type=float, default=0.0, metavar="S",
+    parser.add_argument("--min-interval", type=finite_number, default=0.0, metavar="S",
                         help="a keyframe needs this much time since the previous one (default 0 = off)")
-    parser.add_argument("--max-similarity", type=float, metavar="SCORE",
+    parser.add_argument("--max-similarity", type=finite_number, metavar="SCORE",
                         help="skip frames whose descriptor scores at least this against the previous keyframe")
     parser.add_argument("--index", choices=("auto", *INDEX_TYPES), default="auto",
                         help="FAISS index type. auto (the default): for descriptors over "

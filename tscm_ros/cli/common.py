@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,13 +32,32 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         return 130
 
 
+def finite_number(text: str) -> float:
+    """An option's number: NaN and infinity mean nothing for any of the tools' options."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """A finite number above 0."""
+    value = finite_number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
 def add_frame_reader_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--image-topic, --pose-topic and --max-pose-gap: how every tool reads frames from bags (tscm_ros.io.bag)."""
     parser.add_argument("--image-topic",
                         help="sensor_msgs/Image or CompressedImage topic (default: the bag's only one)")
     parser.add_argument("--pose-topic", help="pose topic: Odometry, PoseStamped, PoseWithCovarianceStamped or "
                         "NavSatFix (default: the bag's only one, if any)")
-    parser.add_argument("--max-pose-gap", type=float, default=1.0, metavar="S",
+    parser.add_argument("--max-pose-gap", type=positive_number, default=1.0, metavar="S",
                         help="frames across a gap longer than S seconds in the pose stream get no pose (default 1.0)")
 
 

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_args, run_main
+from tscm_ros.cli.common import add_frame_reader_arguments, finite_number, frame_source_from_args, run_main
 from tscm_ros.describe.describer import DEFAULT_MODEL, PRETRAINED, describer_for
 from tscm_ros.detect.verification import CameraIntrinsics
 from tscm_ros.errors import BagError, ConfigError
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for recall.md, recall.png, recall.json")
     parser.add_argument("--split", choices=("train", "val", "test"), default="test",
                         help="dataset split (default test)")
-    parser.add_argument("--radius-m", type=float, default=None, metavar="M",
+    parser.add_argument("--radius-m", type=finite_number, default=None, metavar="M",
                         help="a retrieved frame is correct within M metres of the query "
                         "(default 25 with --data, 10 with --bag)")
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 5, 10, 20], metavar="N",
@@ -101,7 +101,7 @@ def add_bag_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--query-bag", metavar="DIR",
                        help="with --bag: the traversal whose frames are the queries (revisits the --bag route)")
     add_frame_reader_arguments(group)
-    group.add_argument("--keyframe-distance", type=float, default=2.0, metavar="M",
+    group.add_argument("--keyframe-distance", type=finite_number, default=2.0, metavar="M",
                        help="map keyframe every M metres of travel on the reference, as build_map (default 2.0)")
     group.add_argument("--baselines", default=",".join(BASELINES), metavar="LIST",
                        help="comma-separated built-in methods to include: gem (pretrained backbone + GeM), "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from tscm_ros.cli.common import add_frame_reader_arguments, frame_source_from_args, run_main
+from tscm_ros.cli.common import add_frame_reader_arguments, finite_number, frame_source_from_args, run_main
 from tscm_ros.io.dataset_extraction import SPLIT_MODES, SamplingConfig, SplitConfig, extract_dataset
 
 DESCRIPTION = """\
@@ -37,20 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rosbag2 directory (repeat for several traversals; order sets sequence ids)")
     parser.add_argument("--out", required=True, metavar="DIR", help="dataset directory to create")
     add_frame_reader_arguments(parser)
-    parser.add_argument("--every-m", type=float, default=0.0, metavar="M",
+    parser.add_argument("--every-m", type=finite_number, default=0.0, metavar="M",
                         help="keep a frame only after travelling M metres since the last kept one (default 0: off)")
-    parser.add_argument("--every-s", type=float, default=0.0, metavar="S",
+    parser.add_argument("--every-s", type=finite_number, default=0.0, metavar="S",
                         help="keep a frame only S seconds after the last kept one (default 0: off)")
     parser.add_argument("--split", choices=SPLIT_MODES, default="auto", dest="split_mode",
                         help="auto (default): 'traversal' for a site under 300 m across with >= 3 bags, else "
                         "'places'; traversal: the last bag is the val queries; places: grid cells")
-    parser.add_argument("--cell-m", type=float, default=None, metavar="M",
+    parser.add_argument("--cell-m", type=finite_number, default=None, metavar="M",
                         help="places split: size of the square place cells assigned whole to one split "
                         "(default: an eighth of the site's extent, 5 to 50 m)")
-    parser.add_argument("--val-fraction", type=float, default=0.15,
+    parser.add_argument("--val-fraction", type=finite_number, default=0.15,
                         help="share of frames for validation (default 0.15)")
-    parser.add_argument("--test-fraction", type=float, default=0.15, help="share of frames for testing (default 0.15)")
-    parser.add_argument("--buffer-m", type=float, default=None, metavar="M",
+    parser.add_argument("--test-fraction", type=finite_number, default=0.15,
+                        help="share of frames for testing (default 0.15)")
+    parser.add_argument("--buffer-m", type=finite_number, default=None, metavar="M",
                         help="places split: drop frames closer than M metres to a place of a later split "
                         "(default: half a cell, at most 10)")
     parser.add_argument("--database-bags", type=int, default=1, metavar="N",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from rosbags.rosbag2 import Reader
 
-from tscm_ros.cli.common import run_main
+from tscm_ros.cli.common import finite_number, run_main
 from tscm_ros.errors import ConfigError
 from tscm_ros.sim.appearance import CONDITIONS
 from tscm_ros.sim.simulate import IMAGE_TOPIC, STORAGES, WORLDS, simulate_route
@@ -50,17 +50,17 @@ examples:
                                                                      for name, scene in WORLDS.items()))
     parser.add_argument("--traversal", type=int, default=0, help="0 = reference appearance, >= 1 changed (default 0)")
     parser.add_argument("--frames", type=int, default=100, help="images per lap (default 100)")
-    parser.add_argument("--route-length", type=float, default=300.0, metavar="M",
+    parser.add_argument("--route-length", type=finite_number, default=300.0, metavar="M",
                         help="lap length in metres (default 300)")
     parser.add_argument("--laps", type=int, default=1, help="laps driven in this bag (2+ = loops within one run)")
     parser.add_argument("--width", type=int, default=320, help="image width (default 320)")
     parser.add_argument("--height", type=int, default=240, help="image height (default 240)")
-    parser.add_argument("--appearance-change", type=float, default=0.6, metavar="X",
+    parser.add_argument("--appearance-change", type=finite_number, default=0.6, metavar="X",
                         help="strength of the appearance change of traversals >= 1, in [0, 1] (default 0.6)")
     parser.add_argument("--condition", choices=list(CONDITIONS), default="auto",
                         help="the change of appearance (default auto): "
                         + "; ".join(f"{name}: {text}" for name, text in CONDITIONS.items()))
-    parser.add_argument("--aliasing", type=float, default=0.0, metavar="X",
+    parser.add_argument("--aliasing", type=finite_number, default=0.0, metavar="X",
                         help="fraction in [0, 1] of the 20 m street blocks whose buildings, poles and pavements copy "
                         "an earlier block, so that distinct places look alike; part of the world, so give every "
                         "traversal of a --seed the same value (default 0)")
