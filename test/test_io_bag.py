@@ -301,6 +301,10 @@ def test_compressed_images():
     (dict(height=4, width=4, encoding="rgb8", step=5, data=np.zeros(20, np.uint8)), "step 5 is smaller"),
     (dict(height=4, width=4, encoding="rgb8", step=12, data=np.zeros(20, np.uint8)), "20 bytes, expected"),
     (dict(height=4, width=4, encoding="yuv_fancy9", step=12, data=np.zeros(48, np.uint8)), "unknown image encoding"),
+    (dict(height=1, width=1, encoding="rgb8", step=3, data=np.zeros(3, np.uint8)), "1x1 is too small"),
+    (dict(height=4, width=1, encoding="rgb8", step=3, data=np.zeros(12, np.uint8)), "1x4 is too small"),
+    (dict(height=4, width=5, encoding="yuv422", step=10, data=np.zeros(40, np.uint8)),
+     r"cannot convert 'yuv422' \(5x4\) to RGB"),  # OpenCV needs an even width for yuv422
 ])
 def test_malformed_raw_images(fields, problem):
     with pytest.raises(ImageDecodeError, match=problem):
@@ -320,11 +324,12 @@ def test_malformed_image_in_a_bag_is_skipped_and_counted(tmp_path):
     broken = raw_image(np.zeros((4, 4, 3), np.uint8), START_NS + 3)
     broken.step = 5
     messages.insert(3, ("/camera/image_raw", broken))
+    messages.insert(4, ("/camera/image_raw", raw_image(np.zeros((1, 1, 3), np.uint8), START_NS + 5)))  # too small
     bag = write_bag(tmp_path / "bag", messages)
     # the same bag plus one message of garbage bytes
     write_bag(tmp_path / "garbled", messages,
               raw=[("/camera/image_raw", START_NS + 4, b"\x00\x01\x00\x00\xff\xff\xff\x7f")])
-    for path, malformed in [(bag, 1), (tmp_path / "garbled", 2)]:
+    for path, malformed in [(bag, 2), (tmp_path / "garbled", 3)]:
         reader = FrameSource(path).open()
         assert len(list(reader)) == 4
         assert f"{malformed} malformed images skipped" in reader.summary()

@@ -49,6 +49,8 @@ class LocalFeatures:
 def extract_local_features(image: np.ndarray, max_features: int = DEFAULT_MAX_FEATURES) -> LocalFeatures:
     """ORB features of an HxWx3 uint8 RGB image (or HxW grey), at most ``max_features``."""
     grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    if min(grey.shape[:2]) < 2:  # ORB's pyramid cannot shrink a one-pixel side: no features to find anyway
+        return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8))
     orb = cv2.ORB_create(nfeatures=max_features, fastThreshold=10)
     keypoints, descriptors = orb.detectAndCompute(_CLAHE.apply(grey), None)
     if descriptors is None:

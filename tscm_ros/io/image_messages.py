@@ -12,6 +12,8 @@ from rosbags.image.image import ImageError, to_cvtype
 
 from tscm_ros.errors import TscmError
 
+MIN_IMAGE_SIDE = 2  # pixels: an image one pixel high or wide is no camera image (OpenCV's ORB pyramid fails on it)
+
 
 class ImageDecodeError(TscmError):
     """One image message cannot be converted (bad size, step, data length, encoding or compression); ``kind``
@@ -25,8 +27,9 @@ class ImageDecodeError(TscmError):
 def image_message_to_rgb(msg) -> np.ndarray:
     """HxWx3 uint8 RGB from a sensor_msgs/Image or CompressedImage (rosbags or rclpy message).
 
-    Raises ImageDecodeError for a zero-size image, a row step too small for the width, data shorter than
-    step * height, an unknown encoding, or compressed data that does not decode.
+    Raises ImageDecodeError for a zero-size image or one under ``MIN_IMAGE_SIDE`` pixels a side, a row step
+    too small for the width, data shorter than step * height, an unknown encoding, an encoding OpenCV cannot
+    convert at that size (odd-width yuv422), or compressed data that does not decode.
     """
     if hasattr(msg, "format"):
         data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
@@ -37,11 +40,11 @@ def image_message_to_rgb(msg) -> np.ndarray:
         if image is None:
             raise ImageDecodeError(f"compressed image ({msg.format or 'no format'}, {data.size} bytes) does not decode",
                                    "undecodable compressed image")
+        _check_size(image.shape[1], image.shape[0])
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     height, width, step, encoding = int(msg.height), int(msg.width), int(msg.step), str(msg.encoding)
-    if height <= 0 or width <= 0:
-        raise ImageDecodeError(f"image has zero size ({width}x{height})", "zero size")
+    _check_size(width, height)
     try:
         depth_bits, _, _, channels = to_cvtype(encoding)
     except ImageError:
@@ -64,6 +67,16 @@ def image_message_to_rgb(msg) -> np.ndarray:
                              is_bigendian=bool(msg.is_bigendian), step=row_bytes, data=data)
     try:
         rgb = message_to_cvimage(packed, "rgb8")
-    except ImageError as exc:
-        raise ImageDecodeError(f"cannot convert {encoding!r} to RGB: {exc}", "conversion failed") from None
+    except (ImageError, cv2.error) as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ImageDecodeError(f"cannot convert {encoding!r} ({width}x{height}) to RGB: {reason}",
+                               "conversion failed") from None
     return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+
+def _check_size(width: int, height: int) -> None:
+    if height <= 0 or width <= 0:
+        raise ImageDecodeError(f"image has zero size ({width}x{height})", "zero size")
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise ImageDecodeError(f"image of {width}x{height} is too small (under {MIN_IMAGE_SIDE} pixels a side)",
+                               "too small")
