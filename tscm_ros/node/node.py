@@ -341,15 +341,17 @@ def main(args=None) -> int:
     the first one stops spinning, and any further one (``ros2 launch`` sends a second SIGINT, then SIGTERM)
     while the worker stops and a mapping map is saved is only logged.
     """
-    stop = threading.Event()
+    # A plain flag, not a threading.Event: a handler runs between two bytecodes of the main thread, so a second
+    # signal can arrive inside the first handler's Event.set(), which would wait forever for its own lock.
+    stopping = [False]
 
     def on_signal(signum, _frame) -> None:
-        if stop.is_set():  # a plain write: ROS logging also publishes on /rosout, which must not run in a handler
+        if stopping[0]:  # a plain write: ROS logging also publishes on /rosout, which must not run in a handler
             try:
                 os.write(2, f"[{NODE_NAME}] {signal.Signals(signum).name} again: already shutting down\n".encode())
             except OSError:  # stderr gone (a closed pipe): the shutdown, and the map's save, must go on
                 pass
-        stop.set()
+        stopping[0] = True
 
     previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
@@ -358,7 +360,7 @@ def main(args=None) -> int:
     try:
         node = PlaceRecognitionNode()
         executor.add_node(node)
-        while not stop.is_set() and rclpy.ok():
+        while not stopping[0] and rclpy.ok():
             executor.spin_once(timeout_sec=0.1)  # wakes up for the signal flag
     except TscmError as exc:
         rclpy.logging.get_logger(NODE_NAME).fatal(str(exc))
@@ -366,7 +368,7 @@ def main(args=None) -> int:
     except rclpy.executors.ExternalShutdownException:
         pass
     finally:
-        stop.set()  # from here on, signals are only logged
+        stopping[0] = True  # from here on, signals are only logged
         try:
             executor.shutdown()
             if node is not None:
