@@ -160,3 +160,22 @@ def test_force_killed_while_writing_leaves_a_whole_map_and_the_next_run_cleans_u
     assert build_map.main(["--bag", str(route_reference), "--out", str(target), "--force", "--min-distance", "20"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map"]
     assert counts[1] < len(KeyframeMap.load(target)) < old_count
+
+
+def test_odometry_with_nan_or_infinity_is_skipped_and_counted_naming_the_bag_and_topic(tmp_path, capsys):
+    from bag_support import BAD_POSES, write_drive
+
+    bag = write_drive(tmp_path / "bag", images=6, bad_poses=BAD_POSES)
+    assert build_map.main(["--bag", str(bag), "--out", str(tmp_path / "map"), "--min-distance", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"{bag}: 6 frames from /camera/image_raw, poses from /odom (22 messages (4 more skipped" in out
+    keyframe_map = KeyframeMap.load(tmp_path / "map")
+    assert len(keyframe_map) == 6
+    assert np.isfinite(keyframe_map.positions).all()
+    assert all(np.isfinite(keyframe_map.keyframe(i).pose.orientation).all() for i in range(6))
+    every = {i: ((np.inf, 0.0, 0.0), (0, 0, 0, 1.0)) for i in range(30)}
+    bad = write_drive(tmp_path / "bad", images=6, bad_poses=every)
+    assert build_map.main(["--bag", str(bad), "--out", str(tmp_path / "bad_map")]) == 2
+    assert capsys.readouterr().err == (f"error: {bad}: pose topic /odom has no usable message (26 with a NaN or "
+                                       "infinite position or orientation, or a zero quaternion)\n")
+    assert not (tmp_path / "bad_map").exists()

@@ -364,3 +364,33 @@ def test_an_empty_directory_given_as_a_bag_is_one_error_line_in_every_tool(tmp_p
         error = capsys.readouterr().err
         assert error == f"error: {empty}: not a rosbag2 recording (an empty directory)\n", (tool.__name__, error)
         assert not out.exists()
+
+
+def test_odometry_with_nan_infinity_or_a_zero_quaternion_is_skipped_and_counted(tmp_path, caplog):
+    from bag_support import BAD_POSES, write_drive
+
+    reader = FrameSource(write_drive(tmp_path / "bag", images=6, bad_poses=BAD_POSES)).open()
+    frames = list(reader)
+    assert len(frames) == 6 and all(f.pose is not None for f in frames)
+    for frame in frames:  # the poses around a skipped message interpolate across it
+        assert np.isfinite(frame.pose.position).all() and np.isfinite(frame.pose.orientation).all()
+        assert abs(np.linalg.norm(frame.pose.orientation) - 1) < 1e-9
+    assert reader.poses_invalid == 4 and len(reader.poses) == 26 - 4
+    summary = reader.summary()
+    assert summary.startswith(f"{tmp_path / 'bag'}: ")
+    assert "poses from /odom (22 messages (4 more skipped: a NaN" in summary
+    assert "0 frames without pose" in summary
+    assert "/odom" in caplog.text and "zero quaternion" in caplog.text
+    # only bad odometry: one error naming the bag, the topic and why
+    every = {i: ((math.nan, 0.0, 0.0), (0, 0, 0, 1.0)) for i in range(30)}
+    with pytest.raises(BagError, match=r"bad: pose topic /odom has no usable message \(26 with a NaN or infinite"):
+        FrameSource(write_drive(tmp_path / "bad", images=6, bad_poses=every)).open()
+
+
+def test_positions_too_large_to_interpolate_give_frames_without_pose(tmp_path):
+    from bag_support import write_drive
+
+    huge = {i: ((1.7e308 * (-1) ** i, 0.0, 0.0), (0, 0, 0, 1.0)) for i in range(30)}  # finite, differences are not
+    reader = FrameSource(write_drive(tmp_path / "bag", images=3, bad_poses=huge)).open()
+    assert [f.pose for f in reader] == [None] * 3
+    assert "3 frames without pose" in reader.summary() and "3 interpolated to a non-finite pose" in reader.summary()

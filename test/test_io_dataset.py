@@ -267,3 +267,16 @@ def test_extract_refuses_missing_bags_and_existing_output(route_reference: Path,
     (tmp_path / "taken").mkdir()
     assert _extract([route_reference], tmp_path / "taken") == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_extract_skips_and_counts_odometry_with_nan_or_infinity(tmp_path: Path, caplog):
+    from bag_support import BAD_POSES, write_drive
+
+    caplog.set_level("INFO")
+    bag = write_drive(tmp_path / "bag", images=6, bad_poses=BAD_POSES)
+    assert _extract([bag], tmp_path / "dataset", "--buffer-m", "0") == 0
+    dataset = load_dataset(tmp_path / "dataset")
+    assert len(dataset) == 6 and np.isfinite(dataset.positions).all()
+    manifest = json.loads((tmp_path / "dataset" / "manifest.json").read_text())
+    assert manifest["bags"][0]["poses_invalid"] == 4
+    assert f"{bag}: 6 frames from /camera/image_raw, poses from /odom (22 messages (4 more skipped" in caplog.text

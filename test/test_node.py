@@ -438,12 +438,13 @@ def test_pose_topic_gives_query_poses_with_a_bounded_history(reference_map, refe
         poses = h.tester.create_publisher(Odometry, "/odom", qos_profile_sensor_data)
         assert spin_until(h.executor, lambda: poses.get_subscription_count() > 0)
         start = 50 * 10**9
-        for i in range(300):  # 3 s of poses, x = 1 m per second
-            poses.publish(odometry(start + i * 10**7, i / 100.0))
+        for i in range(300):  # 3 s of poses, x = 1 m per second; every 50th a NaN, skipped and counted
+            poses.publish(odometry(start + i * 10**7, i / 100.0 if i % 50 != 25 else math.nan))
             h.executor.spin_once(timeout_sec=0.005)  # best effort: let the node take them as they come
         assert spin_until(h.executor, lambda: h.node.statistics()["poses received"] >= 200, timeout_s=30)
         stats = h.node.statistics()
         assert stats["poses held"] <= 1.5 * 101 + 1, stats  # 1 s of history, not every pose received
+        assert 1 <= stats["poses invalid (skipped)"] <= 6, stats
 
         frame = reference_frames[0]
         answer = h.send(image_message(frame.image, start + 2_505 * 10**6))

@@ -28,7 +28,14 @@ from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
 
 from tscm_ros.errors import BagError, TscmError
-from tscm_ros.io.geometry import NavSatFixToLocal, Pose, PoseInterpolator, pose_from_message, stamp_to_ns
+from tscm_ros.io.geometry import (
+    NavSatFixToLocal,
+    Pose,
+    PoseInterpolator,
+    pose_from_message,
+    pose_is_finite,
+    stamp_to_ns,
+)
 from tscm_ros.io.image_messages import ImageDecodeError, image_message_to_rgb
 from tscm_ros.progress import progress
 
@@ -88,6 +95,7 @@ class FrameReader:
         self.progress = progress
         self.poses = PoseInterpolator(max_gap_s=max_gap_s)
         self.pose_frame_id = ""
+        self.poses_invalid = 0  # pose messages with a NaN or infinite value or a zero quaternion, skipped
         self._reset_counts()
         if not self.path.exists():
             raise BagError(f"{self.path}: no such bag")
@@ -139,16 +147,26 @@ class FrameReader:
         for log_time, msg in self._messages(reader, connection.topic):
             if msg is None:
                 continue
-            pose = to_local(msg) if to_local else pose_from_message(msg)
+            if to_local:
+                pose = to_local(msg)  # a fix without a position is no pose, as the node takes it too
+            elif (pose := pose_from_message(msg)) is None:
+                self.poses_invalid += 1
+                if self.poses_invalid == 1:
+                    log.warning("%s: skipped the %s message on %s at %d: a NaN or infinite position or "
+                                "orientation, or a zero quaternion (the summary counts all)", self.path,
+                                connection.msgtype, connection.topic, log_time)
             if pose is not None:
                 self.pose_frame_id = self.pose_frame_id or msg.header.frame_id
                 self.poses.add(stamp_to_ns(msg.header.stamp) or log_time, pose)
         if len(self.poses) == 0:
-            raise BagError(f"{self.path}: pose topic {connection.topic} has no usable message")
+            invalid = (f" ({self.poses_invalid} with a NaN or infinite position or orientation, or a zero "
+                       "quaternion)" if self.poses_invalid else "")
+            raise BagError(f"{self.path}: pose topic {connection.topic} has no usable message{invalid}")
 
     def _reset_counts(self) -> None:
         self.frames_read = self.frames_malformed = 0
         self.frames_without_pose = self.frames_outside_poses = self.frames_in_pose_gap = 0
+        self.frames_with_nonfinite_pose = 0  # interpolated between finite poses too large to subtract
 
     def __len__(self) -> int:
         """Image messages on the image topic (malformed ones included)."""
@@ -175,7 +193,11 @@ class FrameReader:
                 stamp_ns = stamp_to_ns(msg.header.stamp) or log_time
                 pose = self.poses.at(stamp_ns) if self.pose_topic else None
                 self.frames_read += 1
-                if pose is None:
+                if pose is not None and not pose_is_finite(pose):
+                    pose = None
+                    self.frames_without_pose += 1
+                    self.frames_with_nonfinite_pose += 1
+                elif pose is None:
                     self.frames_without_pose += 1
                     if self.pose_topic:
                         first, last = self.poses.time_range_ns
@@ -207,9 +229,13 @@ class FrameReader:
     def summary(self) -> str:
         """One line: what was read, and what was skipped or has no pose."""
         if self.pose_topic:
-            poses = (f"poses from {self.pose_topic} ({len(self.poses)} messages), {self.frames_without_pose} "
-                     f"frames without pose ({self.frames_outside_poses} outside the pose stream, "
-                     f"{self.frames_in_pose_gap} in gaps over {self.poses.max_gap_ns / 1e9:g} s)")
+            nonfinite = (f", {self.frames_with_nonfinite_pose} interpolated to a non-finite pose"
+                         if self.frames_with_nonfinite_pose else "")
+            invalid = (f" ({self.poses_invalid} more skipped: a NaN or infinite position or orientation, or a "
+                       "zero quaternion)" if self.poses_invalid else "")
+            poses = (f"poses from {self.pose_topic} ({len(self.poses)} messages{invalid}), "
+                     f"{self.frames_without_pose} frames without pose ({self.frames_outside_poses} outside the pose "
+                     f"stream, {self.frames_in_pose_gap} in gaps over {self.poses.max_gap_ns / 1e9:g} s{nonfinite})")
         else:
             poses = f"no pose topic, {self.frames_without_pose} frames without pose"
         return (f"{self.path}: {self.frames_read} frames from {self.image_topic}, {poses}, "

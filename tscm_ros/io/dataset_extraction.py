@@ -172,6 +172,7 @@ class _BagReport:
     frames_read: int = 0
     frames_without_pose: int = 0
     frames_malformed: int = 0
+    poses_invalid: int = 0
     frames_sampled: int = 0
 
 
@@ -226,6 +227,7 @@ def _sample_bag(
     report.frames_read = reader.frames_read
     report.frames_without_pose = reader.frames_without_pose
     report.frames_malformed = reader.frames_malformed
+    report.poses_invalid = reader.poses_invalid
     report.frames_sampled = len(rows)
     if reader.frames_read == 0:
         problem = (

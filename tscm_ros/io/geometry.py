@@ -28,16 +28,24 @@ def stamp_to_ns(stamp) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
-def pose_from_message(msg) -> Pose:
-    """Pose of an Odometry, PoseStamped or PoseWithCovarianceStamped message."""
+def pose_from_message(msg) -> Pose | None:
+    """Pose of an Odometry, PoseStamped or PoseWithCovarianceStamped message (orientation normalised), or None
+    when it holds no usable pose: a NaN or infinite position or orientation, or a zero quaternion."""
     pose = msg.pose
     if hasattr(pose, "pose"):  # Odometry and PoseWithCovarianceStamped wrap a PoseWithCovariance
         pose = pose.pose
     p, q = pose.position, pose.orientation
+    position = np.array([p.x, p.y, p.z], dtype=np.float64)
     orientation = np.array([q.x, q.y, q.z, q.w], dtype=np.float64)
     norm = np.linalg.norm(orientation)
-    return Pose(position=np.array([p.x, p.y, p.z], dtype=np.float64),
-                orientation=orientation / norm if norm > 0 else IDENTITY_QUATERNION.copy())
+    if not (np.isfinite(position).all() and np.isfinite(orientation).all() and math.isfinite(norm) and norm > 0):
+        return None
+    return Pose(position=position, orientation=orientation / norm)
+
+
+def pose_is_finite(pose: Pose) -> bool:
+    """Whether position and orientation are all finite numbers."""
+    return bool(np.isfinite(pose.position).all() and np.isfinite(pose.orientation).all())
 
 
 def slerp(q0: np.ndarray, q1: np.ndarray, t: float) -> np.ndarray:
@@ -107,8 +115,9 @@ class PoseInterpolator:
             return None
         a, b = self._poses[i - 1], self._poses[i]
         t = (stamp_ns - t0) / (t1 - t0)
-        return Pose(position=a.position + t * (b.position - a.position),
-                    orientation=slerp(a.orientation, b.orientation, t))
+        with np.errstate(over="ignore", invalid="ignore"):  # positions near the float limit: the caller checks
+            position = a.position + t * (b.position - a.position)
+        return Pose(position=position, orientation=slerp(a.orientation, b.orientation, t))
 
 
 def _geodetic_to_ecef(latitude_deg: float, longitude_deg: float, altitude_m: float) -> np.ndarray:

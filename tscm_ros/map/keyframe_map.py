@@ -288,7 +288,7 @@ class KeyframeMap:
                 orientation = np.asarray(meta.pose.orientation, dtype=np.float64)
                 if position.shape != (3,) or orientation.shape != (4,) or not (
                         np.isfinite(position).all() and np.isfinite(orientation).all()):
-                    raise MapError(f"add: keyframe at stamp {meta.stamp_ns} has an invalid pose "
+                    raise MapError(f"add: keyframe at stamp {meta.stamp_ns} from {meta.bag} has an invalid pose "
                                    f"(need finite position (3,) and orientation (4,))")
                 positions[row], orientations[row] = position, orientation
             bag = str(meta.bag)

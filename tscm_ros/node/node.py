@@ -93,6 +93,7 @@ class PlaceRecognitionNode(Node):
         self._pose_frame_id = ""
         self._pose_topic, self._pose_qos, self._pose_type = p["pose_topic"], p["pose_qos"], p["pose_type"]
         self._poses_received = 0
+        self._poses_invalid = 0
         self._pose_publishers_since: float | None = None
         self._pose_warning = ""
         if p["pose_topic"]:
@@ -191,7 +192,11 @@ class PlaceRecognitionNode(Node):
             self._pose_frame_id = message.header.frame_id
             if self._mapping and not self._map.frame_id:  # a map started here takes the frame of its poses
                 self._map.frame_id = message.header.frame_id
-            self._poses.add(stamp_to_ns(message.header.stamp), pose_from_message(message))
+            pose = pose_from_message(message)
+            if pose is None:  # NaN or infinity, or a zero quaternion: counted on /diagnostics
+                self._poses_invalid += 1
+                return
+            self._poses.add(stamp_to_ns(message.header.stamp), pose)
 
     def _on_camera_info(self, message) -> None:
         intrinsics = CameraIntrinsics.from_camera_info(message)
@@ -276,6 +281,7 @@ class PlaceRecognitionNode(Node):
                 "map score calibration": self.detector.score_basis,
                 "temporal consistency along": self.detector.temporal_basis,
                 "poses received": self._poses_received,
+                "poses invalid (skipped)": self._poses_invalid,
                 "poses held": len(self._poses) if self._poses is not None else 0,
                 "device": str(self.detector.device),
                 **(self._saver.status() if self._saver is not None else {}),
