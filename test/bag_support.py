@@ -45,20 +45,24 @@ def textured_image(index: int, stamp_ns: int, height: int = 48, width: int = 64)
 
 
 def write_drive(path: Path, images: int = 8, bad_poses: dict[int, tuple] | None = None,
-                speed_m_s: float = 1.0, start_ns: int = START_NS) -> Path:
+                speed_m_s: float = 1.0, start_ns: int = START_NS, odometry_topic: str | None = "/odom",
+                odometry_offset_ns: int = 0) -> Path:
     """A sqlite3 rosbag2 of ``images`` images on /camera/image_raw along a straight drive along x at
     ``speed_m_s``, with /odom at 20 Hz; ``bad_poses`` maps an odometry message's number to the (position,
-    orientation) it carries instead of the true one."""
+    orientation) it carries instead of the true one; ``odometry_topic`` None: images only; the odometry's
+    stamps are ``odometry_offset_ns`` off the images'."""
     bad_poses = bad_poses or {}
     with Writer(path, version=9) as writer:
-        odom = writer.add_connection("/odom", "nav_msgs/msg/Odometry", typestore=STORE)
+        odom = odometry_topic and writer.add_connection(odometry_topic, "nav_msgs/msg/Odometry", typestore=STORE)
         camera = writer.add_connection("/camera/image_raw", "sensor_msgs/msg/Image", typestore=STORE)
         for i in range(IMAGE_EVERY * images + 2):
             stamp = start_ns + i * POSE_PERIOD_NS
             position, orientation = bad_poses.get(i, ((speed_m_s * i * POSE_PERIOD_NS / 1e9, 0.0, 0.0),
                                                       (0.0, 0.0, math.sin(0.01 * i), math.cos(0.01 * i))))
-            writer.write(odom, stamp, STORE.serialize_cdr(odometry(stamp, position, orientation),
-                                                          "nav_msgs/msg/Odometry"))
+            if odom:
+                odometry_stamp = stamp + odometry_offset_ns
+                writer.write(odom, odometry_stamp, STORE.serialize_cdr(odometry(odometry_stamp, position, orientation),
+                                                                       "nav_msgs/msg/Odometry"))
             if i % IMAGE_EVERY == 1 and i // IMAGE_EVERY < images:
                 image_stamp = stamp + POSE_PERIOD_NS // 2
                 writer.write(camera, image_stamp, STORE.serialize_cdr(textured_image(i, image_stamp),

@@ -265,3 +265,31 @@ def test_matches_png_shows_the_highest_scored_false_matches_then_true_ones(route
     assert write_matches_figure(run, FrameSource(route_query), FrameSource(route_reference), path, 10.0)
     picture = matplotlib.image.imread(path)
     assert picture.shape[0] > picture.shape[1]  # seven rows of two images
+
+
+def test_a_reference_bag_without_poses_and_query_bag_beside_data_are_refused(tmp_path, capsys):
+    from bag_support import write_drive
+
+    from tscm_ros.cli import evaluate
+
+    posed = write_drive(tmp_path / "posed", images=4)
+    no_topic = write_drive(tmp_path / "no_topic", images=4, odometry_topic=None)
+    elsewhere = write_drive(tmp_path / "elsewhere", images=4, odometry_offset_ns=3600 * 10**9)  # an hour off
+    out = tmp_path / "out"
+    common = ["--out", str(out), "--device", "cpu", "--baselines", "bow", "--bow-words", "2", "--stages", "none"]
+    assert evaluate.main(["--bag", str(no_topic), "--query-bag", str(posed), *common]) == 2
+    assert capsys.readouterr().err == (f"error: reference bag {no_topic} has no pose topic: loops are judged by "
+                                       "where the query and the map's keyframes are (give --pose-topic, or record "
+                                       "odometry)\n")
+    assert evaluate.main(["--bag", str(posed), "--query-bag", str(no_topic), *common]) == 2
+    assert f"error: query bag {no_topic} has no pose topic" in capsys.readouterr().err
+    assert evaluate.main(["--bag", str(elsewhere), "--query-bag", str(posed), *common]) == 2
+    assert capsys.readouterr().err.endswith(f"error: reference bag {elsewhere}: none of its keyframes has a pose: "
+                                            "nothing to judge loops by (check that the pose stream covers the "
+                                            "images)\n")
+    assert not out.exists()
+    # --query-bag belongs to --bag: beside --data (or --revisit-set) it is refused, not ignored
+    assert evaluate.main(["--data", str(tmp_path / "data"), "--query-bag", str(posed), "--model", "pretrained",
+                          "--out", str(out)]) == 2
+    assert capsys.readouterr().err == ("error: --query-bag goes with --bag (loop closures on a reference and a query "
+                                       "traversal), not with --data\n")

@@ -15,6 +15,8 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from tscm_ros.cli.common import add_frame_reader_arguments, finite_number, frame_source_from_args, run_main
 from tscm_ros.describe.describer import DEFAULT_MODEL, PRETRAINED, describer_for
 from tscm_ros.detect.verification import CameraIntrinsics
@@ -185,11 +187,18 @@ def run_bag_evaluation(args: argparse.Namespace) -> int:
     intrinsics = CameraIntrinsics.from_values(args.intrinsics or [])
     reference = frame_source_from_args(args, args.bag)
     queries = frame_source_from_args(args, args.query_bag)
+    for role, source in (("reference", reference), ("query", queries)):
+        if source.open().pose_topic is None:  # opening reads the bag's topics and pose stream, not its images
+            raise BagError(f"{role} bag {source.bag} has no pose topic: loops are judged by where the query and the "
+                           "map's keyframes are (give --pose-topic, or record odometry)")
     specs = method_specs(args.baselines, args.model or [])
     runs = run_methods(specs, lambda: reference_keyframes(reference, args.keyframe_distance), _stages(args),
                        lambda name, detector: run_queries(name, detector, queries, radius_m, ns,
                                                           odometry=not args.no_odometry),
                        ns, reference.bag, intrinsics, args.device, args.batch_size, args.bow_words)
+    if not np.isfinite(runs[0].map_positions).any():
+        raise BagError(f"reference bag {args.bag}: none of its keyframes has a pose: nothing to judge loops by "
+                       "(check that the pose stream covers the images)")
     first = runs[0].metrics
     title = (f"Loop closure: {first.num_queries} queries from {Path(args.query_bag).name} "
              f"({first.num_with_loop} with a true loop) against {Path(args.bag).name}, "
@@ -230,6 +239,9 @@ def run_revisit_evaluation(args: argparse.Namespace) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.query_bag and not args.bag:
+        raise ConfigError(f"--query-bag goes with --bag (loop closures on a reference and a query traversal), not "
+                          f"with {'--data' if args.data else '--revisit-set'}")
     if args.bag:
         return run_bag_evaluation(args)
     if args.revisit_set:
