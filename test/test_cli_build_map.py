@@ -179,3 +179,17 @@ def test_odometry_with_nan_or_infinity_is_skipped_and_counted_naming_the_bag_and
     assert capsys.readouterr().err == (f"error: {bad}: pose topic /odom has no usable message (26 with a NaN or "
                                        "infinite position or orientation, or a zero quaternion)\n")
     assert not (tmp_path / "bad_map").exists()
+
+
+def test_force_onto_a_folder_that_is_not_a_map_is_refused_before_the_work(tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("keep me")
+    from bag_support import write_drive
+
+    bag = write_drive(tmp_path / "bag", images=4)
+    assert build_map.main(["--bag", str(bag), "--out", str(folder), "--force"]) == 2
+    # one line, before a frame is read (was: after the whole map was built)
+    assert capsys.readouterr().err == (f"error: cannot save the map to {folder}: it exists and is not a keyframe map; "
+                                       "refusing to replace it\n")
+    assert (folder / "todo.txt").read_text() == "keep me"

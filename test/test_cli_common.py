@@ -28,3 +28,23 @@ def test_max_pose_gap_must_be_above_zero(gap, capsys):
     with pytest.raises(SystemExit):
         build_map.build_parser().parse_args(["--bag", "b", "--out", "m", "--max-pose-gap", gap])
     assert "--max-pose-gap: expected a number above 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool, argv", [
+    (build_map, ["--bag", "missing_bag", "--out", "{out}"]),
+    (extract_dataset, ["--bag", "missing_bag", "--out", "{out}", "--no-progress"]),
+    (evaluate, ["--bag", "missing_bag", "--query-bag", "missing_bag", "--out", "{out}"]),
+    (evaluate, ["--data", "missing_data", "--model", "pretrained", "--out", "{out}"]),
+    ("train", ["teacher", "--data", "missing_data", "--out", "{out}"]),
+])
+def test_an_output_under_a_file_is_refused_before_any_work(tool, argv, tmp_path, monkeypatch, capsys):
+    if tool == "train":
+        from tscm_ros.cli import train as tool
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile.txt").write_text("not a folder")
+    assert tool.main([arg.format(out="afile.txt/sub") for arg in argv]) == 2
+    assert capsys.readouterr().err == ("error: --out afile.txt/sub: cannot create it, afile.txt is a file, not a "
+                                       "directory\n")  # not 'missing_bag': before the inputs are read
+    assert tool.main([arg.format(out="afile.txt") for arg in argv]) == 2
+    assert "afile.txt" in capsys.readouterr().err
+    assert (tmp_path / "afile.txt").read_text() == "not a folder"

@@ -9,7 +9,13 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from tscm_ros.cli.common import add_frame_reader_arguments, finite_number, frame_source_from_args, run_main
+from tscm_ros.cli.common import (
+    add_frame_reader_arguments,
+    check_output_path,
+    finite_number,
+    frame_source_from_args,
+    run_main,
+)
 from tscm_ros.describe.describer import DEFAULT_MODEL, PRETRAINED, describer_for
 from tscm_ros.errors import ConfigError
 from tscm_ros.map.building import (
@@ -81,6 +87,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_output_path(args.out)
     readers = [frame_source_from_args(args, bag).open() for bag in args.bag]
     describer = describer_for(args.model, device=args.device, batch_size=args.batch_size)
     settings = BuildSettings(min_distance_m=args.min_distance, min_interval_s=args.min_interval,

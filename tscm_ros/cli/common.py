@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tscm_ros.errors import TscmError
+from tscm_ros.errors import ConfigError, TscmError
 
 if TYPE_CHECKING:
     from tscm_ros.io.bag import FrameSource
@@ -49,6 +49,20 @@ def positive_number(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
     return value
+
+
+def check_output_path(path: str | Path, option: str = "--out", directory: bool = True) -> Path:
+    """``path`` as a Path, refused before any work (ConfigError) when it cannot be written: the nearest folder
+    above it that exists is a file, or, for a ``directory`` output, the path itself is a file."""
+    path = Path(path)
+    for above in path.parents:
+        if above.exists() or above.is_symlink():
+            if not above.is_dir():
+                raise ConfigError(f"{option} {path}: cannot create it, {above} is a file, not a directory")
+            break
+    if directory and path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file; give a directory to write")
+    return path
 
 
 def add_frame_reader_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

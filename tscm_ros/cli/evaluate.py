@@ -17,7 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tscm_ros.cli.common import add_frame_reader_arguments, finite_number, frame_source_from_args, run_main
+from tscm_ros.cli.common import (
+    add_frame_reader_arguments,
+    check_output_path,
+    finite_number,
+    frame_source_from_args,
+    run_main,
+)
 from tscm_ros.describe.describer import DEFAULT_MODEL, PRETRAINED, describer_for
 from tscm_ros.detect.verification import CameraIntrinsics
 from tscm_ros.errors import BagError, ConfigError
@@ -154,7 +160,7 @@ def _check_common(args: argparse.Namespace) -> tuple[list[int], Path]:
         raise ConfigError("--ns and --batch-size must be positive")
     if args.keyframe_distance < 0 or args.bow_words < 2:
         raise ConfigError("--keyframe-distance must be >= 0 and --bow-words >= 2")
-    out = Path(args.out)
+    out = check_output_path(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
     return ns, out
@@ -253,7 +259,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.radius_m <= 0 or any(n < 1 for n in args.ns) or args.batch_size < 1:
         raise ConfigError("--radius-m, --ns and --batch-size must be positive")
     args.ns = sorted(set(args.ns))
-    out = Path(args.out)
+    out = check_output_path(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"output {out} already exists (choose another path or pass --overwrite)")
     results, title = _run_data(args)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from tscm_ros.cli.common import add_frame_reader_arguments, finite_number, frame_source_from_args, run_main
+from tscm_ros.cli.common import (
+    add_frame_reader_arguments,
+    check_output_path,
+    finite_number,
+    frame_source_from_args,
+    run_main,
+)
 from tscm_ros.io.dataset_extraction import SPLIT_MODES, SamplingConfig, SplitConfig, extract_dataset
 
 DESCRIPTION = """\
@@ -65,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    check_output_path(args.out)
     manifest = extract_dataset(
         sources=[frame_source_from_args(args, bag) for bag in args.bag],
         out=args.out,

@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 
-from tscm_ros.cli.common import run_main
+from tscm_ros.cli.common import check_output_path, run_main
 
 DESCRIPTION = """\
 Train on a dataset made by extract_dataset. `train teacher` trains the large teacher with a triplet
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    check_output_path(args.out)
     from pathlib import Path
 
     from tscm_ros.train.config import default_config_path, load_train_config

@@ -38,6 +38,7 @@ from tscm_ros.describe.local_features import LocalFeatures, extract_local_featur
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.map.index import IndexConfig
 from tscm_ros.map.keyframe_map import KeyframeMap, KeyframeMeta
+from tscm_ros.map.storage import check_replaceable
 from tscm_ros.progress import progress as progress_bar
 
 if TYPE_CHECKING:
@@ -301,6 +302,8 @@ def _open_target(out: Path, describer: Describer, settings: BuildSettings, repla
                  append: bool) -> KeyframeBuilder:
     if out.exists() and not (replace or append):
         raise MapError(f"{out} already exists: pass --force to replace it or --append to add to it")
+    if replace:
+        check_replaceable(out)  # before the work, not once the new map is built
     if append:
         if not out.exists():
             raise MapError(f"--append: {out} does not exist")

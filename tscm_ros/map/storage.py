@@ -90,13 +90,19 @@ def _sha256(path: Path) -> str:
 # ----- writing -------------------------------------------------------------------------------------------
 
 
-def write_map(contents: MapContents, directory: str | os.PathLike) -> None:
-    """Write a map to ``directory`` atomically, replacing a map already there only once complete."""
+def check_replaceable(directory: str | os.PathLike) -> None:
+    """MapError unless a map may be written to ``directory``: it does not exist, is empty, or holds a map."""
     target = Path(directory)
     if target.exists() and not (target.is_dir()
                                 and ((target / MANIFEST_FILE).is_file() or not any(target.iterdir()))):
         raise MapError(f"cannot save the map to {target}: it exists and is not a keyframe map; "
                        "refusing to replace it")
+
+
+def write_map(contents: MapContents, directory: str | os.PathLike) -> None:
+    """Write a map to ``directory`` atomically, replacing a map already there only once complete."""
+    target = Path(directory)
+    check_replaceable(target)
     with atomic_directory(target) as staging:
         _write_files(contents, staging)
 
