@@ -280,3 +280,28 @@ def test_extract_skips_and_counts_odometry_with_nan_or_infinity(tmp_path: Path, 
     manifest = json.loads((tmp_path / "dataset" / "manifest.json").read_text())
     assert manifest["bags"][0]["poses_invalid"] == 4
     assert f"{bag}: 6 frames from /camera/image_raw, poses from /odom (22 messages (4 more skipped" in caplog.text
+
+
+def test_load_dataset_refuses_damaged_files_naming_them(tmp_path: Path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"")
+    (tmp_path / "manifest.json").write_bytes(np.random.default_rng(0).bytes(300))
+    (tmp_path / "frames.csv").write_text("")
+    with pytest.raises(DatasetError, match="manifest.json is not valid JSON"):
+        load_dataset(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "tscm_ros.dataset", "version": "one"}))
+    with pytest.raises(DatasetError, match="format version 'one', not a number"):
+        load_dataset(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "tscm_ros.dataset", "version": 1}))
+    for damage in (np.random.default_rng(1).bytes(3000), b"image,x\n\x00\x00\n"):
+        (tmp_path / "frames.csv").write_bytes(damage)
+        with pytest.raises(DatasetError, match=r"frames.csv (is not a UTF-8 CSV table|lacks columns)"):
+            load_dataset(tmp_path)
+    good = ["images/a.png", 1, 0, 0, 0, 0, 0, 0, 1, "bag", 0, "train", "database"]
+    for column, value, what in ((2, "nan", "position"), (4, "-inf", "position"), (8, "nan", "orientation")):
+        row = list(good)
+        row[column] = value
+        with open(tmp_path / "frames.csv", "w", newline="") as stream:
+            csv.writer(stream).writerows([FRAME_COLUMNS, good, row])
+        with pytest.raises(DatasetError, match=f"frames.csv has a NaN or infinite {what} in 1 row"):
+            load_dataset(tmp_path)

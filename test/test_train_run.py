@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +102,44 @@ def test_a_damaged_last_pt_is_refused_with_its_name(tmp_path):
     (run_dir / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot resume from .*last.pt"):
         start_run(run_dir, True, TrainConfig(model="tiny"), "teacher", None, ALONE)
+
+
+def test_a_new_run_that_fails_before_a_checkpoint_leaves_no_run_folder(tmp_path, capsys):
+    """An image of the dataset is unreadable: train fails once the run folder exists, and removes it, so the
+    same command runs again (and fails the same way, not with 'already exists')."""
+    from bag_support import write_drive
+
+    from tscm_ros.cli import extract_dataset, train
+
+    bags = [write_drive(tmp_path / f"drive{t}", images=12, speed_m_s=25.0, start_ns=(1_700_000 + 1000 * t) * 10**9)
+            for t in range(3)]
+    data = tmp_path / "data"
+    assert extract_dataset.main([*(arg for bag in bags for arg in ("--bag", str(bag))), "--out", str(data),
+                                 "--split", "traversal", "--no-progress"]) == 0
+    (data / "images" / "seq00_000003.png").write_bytes(b"not a png")
+    run = tmp_path / "run"
+    config = Path(__file__).parent.parent / "config" / "train_tiny.yaml"
+    argv = ["teacher", "--data", str(data), "--out", str(run), "--config", str(config), "--set", "device=cpu",
+            "--no-progress"]
+    for _ in range(2):
+        assert train.main(argv) == 2
+        error = capsys.readouterr().err
+        assert error == f"error: dataset {data}: image images/seq00_000003.png is missing or unreadable\n"
+        assert not run.exists()
+    run.mkdir()  # an empty folder given as the run: left empty
+    assert train.main(argv) == 2
+    assert run.is_dir() and not any(run.iterdir())
+
+
+def test_a_failed_run_folder_holding_a_checkpoint_is_never_removed(tmp_path):
+    from tscm_ros.train.run import abandon_new_run
+
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    (run / "sub" / "best.pt").write_bytes(b"weights")
+    (run / "config.yaml").write_text("x: 1")
+    assert not abandon_new_run(run, existed=False)
+    assert (run / "sub" / "best.pt").read_bytes() == b"weights" and (run / "config.yaml").is_file()
+    (run / "sub" / "best.pt").unlink()
+    assert abandon_new_run(run, existed=True) and run.is_dir() and not any(run.iterdir())
+    assert abandon_new_run(run, existed=False) and not run.exists()

@@ -127,21 +127,26 @@ def load_dataset(root: str | Path) -> Dataset:
             raise DatasetError(f"dataset {root}: {path.name} is missing (not a dataset made by extract_dataset?)")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatasetError(f"dataset {root}: manifest.json is not valid JSON ({exc})") from exc
-    if manifest.get("format") != DATASET_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
         raise DatasetError(f"dataset {root}: manifest.json is not a {DATASET_FORMAT} manifest")
-    if int(manifest.get("version", -1)) > DATASET_VERSION:
+    version = manifest.get("version", -1)
+    if not isinstance(version, int):
+        raise DatasetError(f"dataset {root}: manifest.json has format version {version!r}, not a number")
+    if version > DATASET_VERSION:
         raise DatasetError(
-            f"dataset {root}: format version {manifest.get('version')} is newer than this tscm_ros reads "
-            f"({DATASET_VERSION})"
+            f"dataset {root}: format version {version} is newer than this tscm_ros reads ({DATASET_VERSION})"
         )
-    with open(frames_path, newline="", encoding="utf-8") as stream:
-        reader = csv.DictReader(stream)
-        missing = set(FRAME_COLUMNS) - set(reader.fieldnames or ())
-        if missing:
-            raise DatasetError(f"dataset {root}: frames.csv lacks columns {sorted(missing)}")
-        rows = list(reader)
+    try:
+        with open(frames_path, newline="", encoding="utf-8") as stream:
+            reader = csv.DictReader(stream)
+            missing = set(FRAME_COLUMNS) - set(reader.fieldnames or ())
+            if missing:
+                raise DatasetError(f"dataset {root}: frames.csv lacks columns {sorted(missing)}")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"dataset {root}: frames.csv is not a UTF-8 CSV table ({exc})") from exc
     if not rows:
         raise DatasetError(f"dataset {root}: frames.csv has no frames (empty dataset)")
     try:
@@ -159,6 +164,11 @@ def load_dataset(root: str | Path) -> Dataset:
         )
     except (ValueError, TypeError) as exc:
         raise DatasetError(f"dataset {root}: frames.csv has a malformed value ({exc})") from exc
+    for what, values in (("position", dataset.positions), ("orientation", dataset.orientations)):
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        if len(bad):
+            raise DatasetError(f"dataset {root}: frames.csv has a NaN or infinite {what} in {len(bad)} row(s), "
+                               f"the first for {dataset.images[bad[0]]}")
     if not np.isin(dataset.splits, SPLITS).all() or not np.isin(dataset.roles, ROLES).all():
         raise DatasetError(f"dataset {root}: frames.csv has an unknown split or role (splits {SPLITS}, roles {ROLES})")
     for relative in dataset.images:

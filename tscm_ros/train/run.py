@@ -8,6 +8,7 @@ import fcntl
 import logging
 import math
 import os
+import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,23 @@ def start_run(run_dir: Path, resume: bool, config: TrainConfig, kind: str, teach
         if lock is not None:
             lock.release()
         raise
+
+
+def abandon_new_run(run_dir: Path, existed: bool) -> bool:
+    """After a new run failed before its first checkpoint: leave ``run_dir`` as it was found (removed when the run
+    created it, emptied when it was an empty folder), so the same command can simply be run again. A folder
+    holding a checkpoint (``*.pt``) is never touched. Whether it was cleaned up."""
+    if not run_dir.is_dir() or any(run_dir.rglob("*.pt")):
+        return False
+    if not existed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return True
+    for entry in run_dir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return True
 
 
 def _resume(run_dir: Path, config: TrainConfig, kind: str, teacher_fingerprint: str | None,

@@ -48,6 +48,7 @@ from tscm_ros.train.mining import PlaceGraph, Triplets, mine_triplets
 from tscm_ros.train.run import (
     Distributed,
     Progress,
+    abandon_new_run,
     init_distributed,
     restore_state,
     save_best,
@@ -153,6 +154,7 @@ def train(
     With ``resume`` the run continues after the last completed epoch of ``out/last.pt``.
     """
     setup = _set_up(kind, data, Path(out), config, teacher_path)
+    existed = setup.run_dir.exists()
     saved, lock = start_run(setup.run_dir, resume, setup.used_config, kind, setup.teacher_fingerprint,
                             setup.distributed)
     try:
@@ -168,6 +170,13 @@ def train(
             if setup.distributed.is_main:
                 _save_epoch(loop, row, recall, improved)
         return _finish(loop)
+    except (Exception, KeyboardInterrupt):
+        if lock is not None:
+            lock.release()
+            lock = None
+            if not resume and abandon_new_run(setup.run_dir, existed):  # failed before any checkpoint
+                LOG.info("removed what this run had written to %s (no checkpoint yet)", setup.run_dir)
+        raise
     finally:
         if lock is not None:
             lock.release()
