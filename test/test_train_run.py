@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,37 @@ def test_a_failed_run_folder_holding_a_checkpoint_is_never_removed(tmp_path):
     (run / "sub" / "best.pt").unlink()
     assert abandon_new_run(run, existed=True) and run.is_dir() and not any(run.iterdir())
     assert abandon_new_run(run, existed=False) and not run.exists()
+
+
+def test_extract_dataset_overwrite_refuses_a_run_folder_a_trainer_holds(tmp_path, capsys):
+    """The run lock train --resume checks: held by another process, extract_dataset --overwrite leaves the run."""
+    import subprocess
+    import sys
+
+    from bag_support import write_drive
+
+    from tscm_ros.cli import extract_dataset
+
+    bag = write_drive(tmp_path / "drive", images=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: tiny\n")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from tscm_ros.train.run import RunLock; "
+        f"RunLock(Path({str(run)!r})); print('locked', flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        argv = ["--bag", str(bag), "--out", str(run), "--overwrite", "--no-progress"]
+        assert extract_dataset.main(argv) == 2
+        assert capsys.readouterr().err == (f"error: --overwrite: {run} is a training run in use: train process "
+                                           f"{holder.pid} on {os.uname().nodename} is training in it; replacing it "
+                                           "would pull the run out from under that process (wait for it to end, or "
+                                           "stop it)\n")
+        assert (run / "config.yaml").read_text() == "model: tiny\n"
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    # the holder gone, the lock is free: --overwrite does what it says
+    assert extract_dataset.main(argv) == 0
+    assert (run / "frames.csv").is_file() and not (run / "config.yaml").exists()

@@ -12,6 +12,7 @@ from tscm_ros.cli.common import (
     frame_source_from_args,
     run_main,
 )
+from tscm_ros.errors import ConfigError
 from tscm_ros.io.dataset_extraction import SPLIT_MODES, SamplingConfig, SplitConfig, extract_dataset
 
 DESCRIPTION = """\
@@ -71,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    check_output_path(args.out)
+    out = check_output_path(args.out)
+    if args.overwrite and out.is_dir():
+        from tscm_ros.train.run import run_lock_holder  # torch: only for a directory to replace
+
+        holder = run_lock_holder(out)
+        if holder is not None:
+            raise ConfigError(f"--overwrite: {out} is a training run in use: {holder} is training in it; replacing "
+                              "it would pull the run out from under that process (wait for it to end, or stop it)")
     manifest = extract_dataset(
         sources=[frame_source_from_args(args, bag) for bag in args.bag],
         out=args.out,

@@ -92,19 +92,39 @@ class Progress:
         return {} if self.best_key is None else dict(zip(BEST_KEY, self.best_key))
 
 
+def _lock_or_holder(fd: int) -> str | None:
+    """Take the run lock on the open lock file ``fd``: None when taken, else who holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    return None
+
+
+def run_lock_holder(run_dir: Path) -> str | None:
+    """Who trains in ``run_dir`` now ('train process PID on HOST'), or None when no process holds its lock.
+    For tools that would replace a directory under a running ``train``."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        return _lock_or_holder(fd)  # the lock, when taken here, goes with the descriptor
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """This process's exclusive hold on a run directory while it trains there: an advisory lock (flock) on
     ``.train.lock``, which the kernel drops when the process ends, however it ends."""
 
     def __init__(self, run_dir: Path) -> None:
         fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        holder = _lock_or_holder(fd)
+        if holder is not None:
             os.close(fd)
             raise ConfigError(f"run directory {run_dir} is in use: {holder} is training in it (wait for it to end, "
-                              "or stop it, before resuming)") from None
+                              "or stop it, before resuming)")
         os.ftruncate(fd, 0)
         os.write(fd, f"train process {os.getpid()} on {socket.gethostname()}".encode())
         self._fd: int | None = fd
