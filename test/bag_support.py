@@ -37,20 +37,21 @@ def odometry(stamp_ns: int, position, orientation):
                                       twist=twist)
 
 
-def textured_image(index: int, stamp_ns: int, height: int = 48, width: int = 64):
-    """An rgb8 sensor_msgs/Image of seeded noise, different per ``index``."""
-    rgb = np.random.default_rng(index).integers(0, 256, (height, width, 3), dtype=np.uint8)
+def textured_image(seed: int, stamp_ns: int, height: int = 48, width: int = 64):
+    """An rgb8 sensor_msgs/Image of noise, different per ``seed``."""
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return T["sensor_msgs/msg/Image"](header=_header(stamp_ns, "camera"), height=height, width=width,
                                       encoding="rgb8", is_bigendian=0, step=width * 3, data=rgb.reshape(-1))
 
 
 def write_drive(path: Path, images: int = 8, bad_poses: dict[int, tuple] | None = None,
                 speed_m_s: float = 1.0, start_ns: int = START_NS, odometry_topic: str | None = "/odom",
-                odometry_offset_ns: int = 0) -> Path:
+                odometry_offset_ns: int = 0, image_seed: int = 0, image_size: tuple[int, int] = (48, 64)) -> Path:
     """A sqlite3 rosbag2 of ``images`` images on /camera/image_raw along a straight drive along x at
     ``speed_m_s``, with /odom at 20 Hz; ``bad_poses`` maps an odometry message's number to the (position,
     orientation) it carries instead of the true one; ``odometry_topic`` None: images only; the odometry's
-    stamps are ``odometry_offset_ns`` off the images'."""
+    stamps are ``odometry_offset_ns`` off the images'; ``image_seed`` changes every image
+    of ``image_size`` (height, width)."""
     bad_poses = bad_poses or {}
     with Writer(path, version=9) as writer:
         odom = odometry_topic and writer.add_connection(odometry_topic, "nav_msgs/msg/Odometry", typestore=STORE)
@@ -65,8 +66,8 @@ def write_drive(path: Path, images: int = 8, bad_poses: dict[int, tuple] | None 
                                                                        "nav_msgs/msg/Odometry"))
             if i % IMAGE_EVERY == 1 and i // IMAGE_EVERY < images:
                 image_stamp = stamp + POSE_PERIOD_NS // 2
-                writer.write(camera, image_stamp, STORE.serialize_cdr(textured_image(i, image_stamp),
-                                                                      "sensor_msgs/msg/Image"))
+                image = textured_image(image_seed + i, image_stamp, *image_size)
+                writer.write(camera, image_stamp, STORE.serialize_cdr(image, "sensor_msgs/msg/Image"))
     return path
 
 

@@ -193,3 +193,39 @@ def test_force_onto_a_folder_that_is_not_a_map_is_refused_before_the_work(tmp_pa
     assert capsys.readouterr().err == (f"error: cannot save the map to {folder}: it exists and is not a keyframe map; "
                                        "refusing to replace it\n")
     assert (folder / "todo.txt").read_text() == "keep me"
+
+
+def test_the_same_recording_twice_is_refused_and_the_map_is_left_as_it_was(tmp_path, capsys):
+    """--append rerun after a kill that struck just after the save added every keyframe a second time."""
+    from bag_support import write_drive
+
+    from tscm_ros.describe.checkpoint import load_model_config, save_checkpoint
+    from tscm_ros.describe.models import build_model
+
+    config, preprocess = load_model_config("tiny", kind="student")  # quick to load, as every build here does
+    tiny = tmp_path / "tiny.pt"
+    save_checkpoint(tiny, build_model(config), config, preprocess)
+    bag = write_drive(tmp_path / "bag", images=5, image_size=(120, 160))  # large enough for ORB features
+    other = write_drive(tmp_path / "other", images=5, start_ns=1_800_000_000 * 10**9)
+    out = tmp_path / "map"
+    assert build_map.main(["--bag", str(bag), "--out", str(out), "--min-distance", "0", "--model", str(tiny)]) == 0
+    saved = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    capsys.readouterr()
+    for argv in (["--bag", str(bag), "--out", str(out), "--append"],
+                 ["--bag", str(other), "--bag", str(bag), "--out", str(out), "--append"]):
+        assert build_map.main([*argv, "--min-distance", "0", "--model", str(tiny)]) == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert error.startswith(f"error: {bag}: its image stamped ") and error.endswith(
+            f"is keyframe 0 of the map already (from {bag}): this recording is in the map; nothing written")
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == saved
+    # the same recording given twice in one build
+    assert build_map.main(["--bag", str(bag), "--bag", f"{bag}/", "--out", str(tmp_path / "twice"), "--model",
+                           str(tiny)]) == 2
+    assert capsys.readouterr().err.endswith(" is given more than once: its keyframes would be in the map twice\n")
+    assert not (tmp_path / "twice").exists()
+    # another recording appends as before, also one whose stamps are the map's (simulation time) but not its images
+    same_stamps = write_drive(tmp_path / "same_stamps", images=5, image_seed=100, image_size=(120, 160))
+    for recording in (other, same_stamps):
+        assert build_map.main(["--bag", str(recording), "--out", str(out), "--append", "--min-distance", "0",
+                               "--model", str(tiny)]) == 0
+    assert len(KeyframeMap.load(out)) == 15

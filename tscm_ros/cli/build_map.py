@@ -88,6 +88,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_output_path(args.out)
+    twice = sorted({bag for bag in args.bag if [Path(b).resolve() for b in args.bag].count(Path(bag).resolve()) > 1})
+    if twice:
+        raise ConfigError(f"--bag {twice[0]} is given more than once: its keyframes would be in the map twice")
     readers = [frame_source_from_args(args, bag).open() for bag in args.bag]
     describer = describer_for(args.model, device=args.device, batch_size=args.batch_size)
     settings = BuildSettings(min_distance_m=args.min_distance, min_interval_s=args.min_interval,

@@ -288,7 +288,7 @@ def build_map(readers: Sequence[FrameReader], describer: Describer, out: str | P
     appearance = KeyframeSelector(max_similarity=settings.max_similarity)
     counts = {"read": 0}
     started = time.perf_counter()
-    frames = _frames_in_background(readers, describer.batch_size, motion, counts)
+    frames = _frames_in_background(readers, describer.batch_size, motion, counts, _AlreadyMapped(keyframe_map))
     added = builder.add_frames(frames, appearance, thumbnails=settings.thumbnails)
     builder.finish()
     if added == 0:
@@ -326,9 +326,36 @@ def _pose_frame_id(readers: Sequence[FrameReader], keyframe_map: KeyframeMap) ->
     return frame_ids.pop() if frame_ids else keyframe_map.frame_id
 
 
+class _AlreadyMapped:
+    """Tells a frame that is a keyframe of the map already (``--append`` of a recording appended before): the
+    same stamp and the same image, told by its local features (a keyframe stored without any: by its pose, the
+    same or none). Two recordings may share stamps (simulation time starts at 0 in each), not images."""
+
+    def __init__(self, keyframe_map: KeyframeMap) -> None:
+        self.map = keyframe_map
+        self._ids = {int(stamp): keyframe_id for keyframe_id, stamp in enumerate(keyframe_map.stamps)}
+
+    def check(self, frame: Frame, path) -> None:
+        keyframe_id = self._ids.get(int(frame.stamp_ns))
+        if keyframe_id is None:
+            return
+        stored = self.map.local_features(keyframe_id)
+        if stored is not None and len(stored):
+            if not np.array_equal(stored.descriptors, extract_local_features(frame.image).descriptors):
+                return
+        else:
+            position = self.map.positions[keyframe_id]
+            if (frame.pose is None) != np.isnan(position).any() or (
+                    frame.pose is not None and not np.allclose(frame.pose.position, position, rtol=0, atol=1e-6)):
+                return
+        raise MapError(f"{path}: its image stamped {frame.stamp_ns} is keyframe {keyframe_id} of the map already (from "
+                       f"{self.map.bags[keyframe_id]}): this recording is in the map; nothing written")
+
+
 def _frames_in_background(readers: Sequence[FrameReader], batch_size: int, motion: KeyframeSelector,
-                          counts: dict) -> Iterator[Frame]:
-    """Frames that pass the travel/time test, decoded in a thread so decoding overlaps inference."""
+                          counts: dict, mapped: _AlreadyMapped) -> Iterator[Frame]:
+    """Frames that pass the travel/time test, decoded in a thread so decoding overlaps inference; MapError on a
+    frame that is in the map already (``mapped``)."""
     frames: queue.Queue = queue.Queue(maxsize=4 * batch_size)
     done = object()
 
@@ -341,6 +368,7 @@ def _frames_in_background(readers: Sequence[FrameReader], batch_size: int, motio
                         counts["read"] += 1
                         position = frame.pose.position if frame.pose is not None else None
                         if motion.accept(frame.stamp_ns, position, None):
+                            mapped.check(frame, reader.path)
                             frames.put(frame)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             frames.put(exc)
