@@ -13,22 +13,17 @@ every other parameter is read-only.
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from collections import deque
 from pathlib import Path
 
 import numpy as np
-import rclpy
-import rclpy.executors
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter as RosParameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
-from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_srvs.srv import Trigger
 
@@ -58,6 +53,7 @@ from tscm_ros.node.parameters import (
     stages,
     validate,
 )
+from tscm_ros.node.spin import spin_until_signal
 
 NODE_NAME = "tscm_place_recognition"
 OUTPUT_TOPIC = "/tscm/loop_candidates"
@@ -341,47 +337,7 @@ class PlaceRecognitionNode(Node):
 
 
 def main(args=None) -> int:
-    """Run the node until SIGINT or SIGTERM; a bad parameter, model or map is one clear error line and exit code 2.
-
-    The node handles the signals itself (not rclpy's handlers, whose KeyboardInterrupt could land anywhere):
-    the first one stops spinning, and any further one (``ros2 launch`` sends a second SIGINT, then SIGTERM)
-    while the worker stops and a mapping map is saved is only logged.
-    """
-    # A plain flag, not a threading.Event: a handler runs between two bytecodes of the main thread, so a second
-    # signal can arrive inside the first handler's Event.set(), which would wait forever for its own lock.
-    stopping = [False]
-
-    def on_signal(signum, _frame) -> None:
-        if stopping[0]:  # a plain write: ROS logging also publishes on /rosout, which must not run in a handler
-            try:
-                os.write(2, f"[{NODE_NAME}] {signal.Signals(signum).name} again: already shutting down\n".encode())
-            except OSError:  # stderr gone (a closed pipe): the shutdown, and the map's save, must go on
-                pass
-        stopping[0] = True
-
-    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    node = None
-    executor = rclpy.executors.SingleThreadedExecutor()
-    try:
-        node = PlaceRecognitionNode()
-        executor.add_node(node)
-        while not stopping[0] and rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)  # wakes up for the signal flag
-    except TscmError as exc:
-        rclpy.logging.get_logger(NODE_NAME).fatal(str(exc))
-        return 2
-    except rclpy.executors.ExternalShutdownException:
-        pass
-    finally:
-        stopping[0] = True  # from here on, signals are only logged
-        try:
-            executor.shutdown()
-            if node is not None:
-                node.shutdown()
-                node.destroy_node()
-        finally:
-            rclpy.try_shutdown()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-    return 0
+    """Run the node until SIGINT or SIGTERM (tscm_ros/node/spin.py); a bad parameter, model or map is one clear
+    error line and exit code 2. A second signal while the worker stops and a mapping map is saved is only
+    logged."""
+    return spin_until_signal(NODE_NAME, PlaceRecognitionNode, args)
