@@ -11,6 +11,7 @@ from setuptools import find_packages, setup
 PACKAGE = "tscm_ros"
 EXECUTABLES = [
     "place_recognition_node",
+    "pose_graph_node",
     "build_map",
     "extract_dataset",
     "train",

@@ -5,6 +5,8 @@
 Launch arguments override the common parameters; everything else comes from the parameter file
 (params_file:=... to use another one). An argument left empty keeps the parameter file's value.
 
+pose_graph:=true also starts the pose-graph back-end (pose_graph.launch.py, with its odom_topic:=...).
+
 The launch ends with the node: when it exits, everything launched shuts down, and when it failed (a bad
 parameter, a missing map: exit code 2; a crash) `ros2 launch` itself exits non-zero, so scripts and CI see it.
 
@@ -18,7 +20,15 @@ driver, which writes the images, needs it too: launch it after this, or export t
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable, Shutdown
+from launch.actions import (
+    DeclareLaunchArgument,
+    IncludeLaunchDescription,
+    OpaqueFunction,
+    SetEnvironmentVariable,
+    Shutdown,
+)
+from launch.conditions import IfCondition
+from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -98,4 +108,12 @@ def generate_launch_description():
                                        "names one; none: leave the environment alone")]
     arguments += [DeclareLaunchArgument(name, default_value="", description=description)
                   for name, (_, _, description) in COMMON_ARGUMENTS.items()]
-    return LaunchDescription(arguments + [OpaqueFunction(function=_dds_profile), OpaqueFunction(function=_node)])
+    arguments.append(DeclareLaunchArgument("pose_graph", default_value="false",
+                                           description="also start the pose-graph back-end (pose_graph.launch.py; "
+                                           "its odom_topic argument names the odometry)"))
+    pose_graph = IncludeLaunchDescription(
+        PythonLaunchDescriptionSource(os.path.join(get_package_share_directory("tscm_ros"), "launch",
+                                                   "pose_graph.launch.py")),
+        condition=IfCondition(LaunchConfiguration("pose_graph")))
+    return LaunchDescription(arguments + [OpaqueFunction(function=_dds_profile), OpaqueFunction(function=_node),
+                                          pose_graph])

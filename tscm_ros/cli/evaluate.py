@@ -25,6 +25,7 @@ from tscm_ros.cli.common import (
     run_main,
 )
 from tscm_ros.describe.describer import DEFAULT_MODEL, PRETRAINED, describer_for
+from tscm_ros.detect.detection import DEFAULT_MIN_SCORE
 from tscm_ros.detect.verification import CameraIntrinsics
 from tscm_ros.errors import BagError, ConfigError
 from tscm_ros.evaluate.loop_evaluation import MethodRun, reference_keyframes, run_queries, run_revisit_set
@@ -32,10 +33,14 @@ from tscm_ros.evaluate.match_figure import write_matches_figure
 from tscm_ros.evaluate.methods import BASELINES, STAGES, matches_run, method_specs, run_methods
 from tscm_ros.evaluate.reporting import (
     loop_closure_table_markdown,
+    pose_graph_table_markdown,
     recall_table_markdown,
     write_loop_closure_report,
+    write_pose_graph_report,
     write_recall_report,
 )
+from tscm_ros.evaluate.trajectory import OdometryDrift, trajectory_figures
+from tscm_ros.io.geometry import Pose
 from tscm_ros.io.revisit_set import RevisitSet
 
 DATA_RADIUS_M = 25.0  # --radius-m default with --data
@@ -124,6 +129,20 @@ def add_bag_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-odometry", action="store_true",
                        help="the detector gets no query poses, as a node without pose_topic (they still give the "
                        "ground truth): temporal consistency and exclusion then work without odometry")
+    group.add_argument("--pose-graph", action="store_true",
+                       help="also close each method's published loops (score >= the node's default min_score) in the "
+                       "pose-graph back-end, on the query run's odometry drifted by --drift, and write the trajectory "
+                       "errors (ATE RMSE after rigid alignment) to pose_graph.md/.json/.png")
+    group.add_argument("--drift", metavar="BIAS,NOISE,POS", default="0.3,0.1,0.02",
+                       type=lambda text: [finite_number(v) for v in text.split(",")],
+                       help="with --pose-graph: the drift added to the query poses as odometry: heading bias in "
+                       "degrees per metre, heading noise in degrees per square-root metre, position noise as a "
+                       "fraction of each step (default 0.3,0.1,0.02; 0,0,0 for a recording whose odometry "
+                       "already drifts)")
+    group.add_argument("--drift-seed", type=int, default=0, metavar="N", help="seed of --drift (default 0)")
+    group.add_argument("--false-loops", type=finite_number, default=0.05, metavar="SHARE",
+                       help="with --pose-graph: the share of published loops moved to a random keyframe at least "
+                       "2 x --radius-m away, for the robustness column (default 0.05)")
     group.add_argument("--intrinsics", metavar="FX,FY,CX,CY", type=lambda text: text.split(","),
                        help="camera intrinsics in pixels: verification fits the essential matrix (and the relative "
                        "pose) instead of the fundamental matrix")
@@ -216,12 +235,45 @@ def run_bag_evaluation(args: argparse.Namespace) -> int:
                 "odometry": not args.no_odometry, "device": args.device}
     shown = matches_run(runs, specs)
     settings["matches_png"] = shown.name
+    pose_graph = _pose_graph(args, runs, radius_m) if args.pose_graph else None
 
     def matches(directory: Path) -> None:
         write_matches_figure(shown, queries, reference, directory / "matches.png", radius_m)
+        if pose_graph is not None:
+            write_pose_graph_report(directory, *pose_graph)
 
     _report(runs, title, out, radius_m, args.overwrite, settings, matches)
+    if pose_graph is not None:
+        print(pose_graph_table_markdown(pose_graph[0], pose_graph[4]), end="")
+        print(f"wrote {out / 'pose_graph.md'}, {out / 'pose_graph.png'}")
     return 0
+
+
+def _pose_graph(args: argparse.Namespace, runs: list[MethodRun], radius_m: float) -> tuple:
+    """Each run's loops at the node's default min_score closed in the back-end on drifted odometry: the arguments
+    of ``write_pose_graph_report``."""
+    if len(args.drift) != 3:
+        raise ConfigError(f"--drift: expected BIAS,NOISE,POS (3 numbers), got {len(args.drift)}")
+    if not 0.0 <= args.false_loops <= 1.0:
+        raise ConfigError(f"--false-loops must be a share in [0, 1], got {args.false_loops}")
+    drift = OdometryDrift(*args.drift, seed=args.drift_seed)
+    first = runs[0]
+    truth_poses = [Pose(p, q) for p, q in zip(first.query_positions, first.query_orientations)]
+    odometry = drift.apply(truth_poses)
+    figures = []
+    for run in runs:
+        loops = [ids[scores >= DEFAULT_MIN_SCORE] for ids, scores in zip(run.ranked_ids, run.ranked_scores)]
+        figures.append(trajectory_figures(run.name, run.query_stamps, run.query_positions, odometry, loops,
+                                          run.map_positions, args.false_loops, 2 * radius_m,
+                                          seed=args.drift_seed))
+    title = (f"Drift corrected: the query run's odometry drifted by {args.drift[0]:g} deg/m heading bias, "
+             f"{args.drift[1]:g} deg/sqrt(m) heading noise, {100 * args.drift[2]:g} % position noise (seed "
+             f"{args.drift_seed}), closed with each method's loops at min_score {DEFAULT_MIN_SCORE:g}; false loops: "
+             f"{100 * args.false_loops:g} % of them moved >= {2 * radius_m:g} m")
+    settings = {"drift": args.drift, "drift_seed": args.drift_seed, "false_loops": args.false_loops,
+                "min_score": DEFAULT_MIN_SCORE}
+    drifted = np.array([pose.position for pose in odometry]).reshape(-1, 3)
+    return figures, first.query_positions, drifted, first.map_positions, title, settings
 
 
 def run_revisit_evaluation(args: argparse.Namespace) -> int:
@@ -245,6 +297,8 @@ def run_revisit_evaluation(args: argparse.Namespace) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.pose_graph and not args.bag:
+        raise ConfigError("--pose-graph goes with --bag and --query-bag: it needs the query run's poses")
     if args.query_bag and not args.bag:
         raise ConfigError(f"--query-bag goes with --bag (loop closures on a reference and a query traversal), not "
                           f"with {'--data' if args.data else '--revisit-set'}")

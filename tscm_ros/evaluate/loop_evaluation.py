@@ -38,6 +38,7 @@ class MethodRun:
     map_positions: np.ndarray
     query_stamps: np.ndarray
     query_positions: np.ndarray
+    query_orientations: np.ndarray  # (N, 4) x, y, z, w; NaN rows without pose
     ranked_ids: list[np.ndarray]
     ranked_scores: list[np.ndarray]
     latencies_ms: np.ndarray
@@ -94,11 +95,11 @@ def build_bow_detector(keyframes: Iterable[Frame], matching, num_words: int, max
 
 
 def _run(name: str, detector: Detector, frames: Iterable[Frame], total: int | None, odometry: bool = True) -> dict:
-    """Every frame through ``detector.process`` (the node's path), timed: per query its stamp, position (NaN
-    without pose), accepted candidates, the top one's descriptor distance and keyframe stamp, and latency.
+    """Every frame through ``detector.process`` (the node's path), timed: per query its stamp, pose (NaN
+    without one), accepted candidates, the top one's descriptor distance and keyframe stamp, and latency.
     Without ``odometry`` the detector gets no query pose (a node without pose_topic); the position is still
     recorded, for the ground truth."""
-    stamps, positions, ranked_ids, ranked_scores, latencies = [], [], [], [], []
+    stamps, positions, orientations, ranked_ids, ranked_scores, latencies = [], [], [], [], [], []
     top1_distances, top1_stamps = [], []
     for frame in progress(frames, total=total, desc=name, unit="query", leave=False):
         pose = frame.pose if odometry else None
@@ -109,6 +110,7 @@ def _run(name: str, detector: Detector, frames: Iterable[Frame], total: int | No
         latencies.append(1000.0 * (time.perf_counter() - started))
         stamps.append(frame.stamp_ns)
         positions.append(np.full(3, np.nan) if frame.pose is None else frame.pose.position)
+        orientations.append(np.full(4, np.nan) if frame.pose is None else frame.pose.orientation)
         ranked_ids.append(np.array([c.keyframe_id for c in detection.accepted], dtype=np.int64))
         ranked_scores.append(np.array([c.score for c in detection.accepted], dtype=np.float64))
         top = detection.accepted[0] if detection.accepted else None
@@ -116,6 +118,7 @@ def _run(name: str, detector: Detector, frames: Iterable[Frame], total: int | No
         top1_stamps.append(-1 if top is None else top.stamp_ns)
     return {"query_stamps": np.asarray(stamps, dtype=np.int64),
             "query_positions": np.asarray(positions, dtype=np.float64).reshape(-1, 3),
+            "query_orientations": np.asarray(orientations, dtype=np.float64).reshape(-1, 4),
             "ranked_ids": ranked_ids, "ranked_scores": ranked_scores, "latencies_ms": np.asarray(latencies),
             "top1_distance": np.asarray(top1_distances, dtype=np.float64),
             "top1_stamp_ns": np.asarray(top1_stamps, dtype=np.int64)}

@@ -279,3 +279,50 @@ def write_loop_closure_report(runs: Sequence[MethodRun], title: str, out: Path, 
         (staging / "loop_closure.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         if extra is not None:
             extra(staging)
+
+
+def pose_graph_table_markdown(figures: Sequence, title: str) -> str:
+    """A Markdown table of the trajectory errors per method (tscm_ros/evaluate/trajectory.py)."""
+    lines = [f"## {title}", "",
+             "| method | loops published | ATE odometry only (m) | ATE with loops (m) | ratio | "
+             "ATE with false loops (m) | false loops |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for f in figures:
+        ratio = f.ate_loops / f.ate_odometry if f.ate_odometry > 0 else math.nan
+        lines.append(f"| {f.name} | {f.loops} | {f.ate_odometry:.2f} | {f.ate_loops:.2f} | {ratio:.2f} | "
+                     f"{f.ate_false_loops:.2f} | {f.false_loops} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_pose_graph_report(directory: Path, figures: Sequence, truth: np.ndarray, odometry: np.ndarray,
+                            keyframes: np.ndarray, title: str, settings: dict) -> None:
+    """pose_graph.md, pose_graph.json and pose_graph.png (ground truth, drifted odometry and each method's
+    corrected path) into ``directory``."""
+    (directory / "pose_graph.md").write_text(pose_graph_table_markdown(figures, title), encoding="utf-8")
+    summary = {"title": title, "settings": settings, "methods": [
+        {"name": f.name, "loops": f.loops, "loops_used": f.loops_used, "ate_odometry_m": _nan_to_none(f.ate_odometry),
+         "ate_loops_m": _nan_to_none(f.ate_loops), "ate_false_loops_m": _nan_to_none(f.ate_false_loops),
+         "false_loops": f.false_loops} for f in figures]}
+    (directory / "pose_graph.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plt = pyplot()
+    columns = min(2, len(figures))
+    rows = math.ceil(len(figures) / columns)
+    figure, axes_grid = plt.subplots(rows, columns, figsize=(6 * columns, 5 * rows), squeeze=False)
+    for axes, f in zip(axes_grid.flat, figures):
+        axes.plot(keyframes[:, 0], keyframes[:, 1], ".", color="0.7", markersize=3, label="map keyframes")
+        axes.plot(truth[:, 0], truth[:, 1], "-", color="black", linewidth=1.0, label="ground truth")
+        axes.plot(odometry[:, 0], odometry[:, 1], "-", color="tab:red", linewidth=0.8,
+                  label=f"drifted odometry (ATE {f.ate_odometry:.2f} m)")
+        axes.plot(f.corrected[:, 0], f.corrected[:, 1], "-", color="tab:green", linewidth=1.0,
+                  label=f"with {f.loops} loops (ATE {f.ate_loops:.2f} m)")
+        axes.set_aspect("equal", adjustable="datalim")
+        axes.set_xlabel("x (m)")
+        axes.set_ylabel("y (m)")
+        axes.set_title(f.name, fontsize="small")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="x-small", loc="best")
+    for axes in list(axes_grid.flat)[len(figures):]:
+        axes.set_visible(False)
+    figure.tight_layout()
+    figure.savefig(directory / "pose_graph.png", dpi=90)
+    plt.close(figure)

@@ -103,14 +103,16 @@ RUNTIME_PARAMETERS = frozenset(p.name for p in PARAMETERS if p.runtime)
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def declare_parameters(node: Node) -> dict:
-    """Declare every parameter on ``node`` (read-only unless changeable at run time) and return their values.
+def declare_parameters(node: Node, table: list[Parameter] | None = None) -> dict:
+    """Declare every parameter of ``table`` (default: the place recognition node's ``PARAMETERS``) on ``node``
+    (read-only unless changeable at run time) and return their values.
 
     An integer given for a number (``min_score: 1`` in YAML, ``-p min_score:=1``) is taken as that number;
     any other type mismatch is a ConfigError naming the parameter.
     """
+    table = PARAMETERS if table is None else table
     overrides = getattr(node, "_parameter_overrides", {})  # rclpy: -p, --params-file and constructor overrides
-    for parameter in PARAMETERS:
+    for parameter in table:
         descriptor = ParameterDescriptor(description=parameter.description, read_only=not parameter.runtime)
         override = overrides.get(parameter.name)
         given = None if override is None else override.value
@@ -122,7 +124,7 @@ def declare_parameters(node: Node) -> dict:
         except InvalidParameterTypeException:
             raise ConfigError(f"parameter {parameter.name}: expected {_EXPECTED[type(parameter.default)]}, "
                               f"got {given!r}") from None
-    return {parameter.name: node.get_parameter(parameter.name).value for parameter in PARAMETERS}
+    return {parameter.name: node.get_parameter(parameter.name).value for parameter in table}
 
 
 def integers_as_numbers(changes: list[RosParameter]) -> list[RosParameter]:
