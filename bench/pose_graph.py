@@ -11,15 +11,26 @@ Robustness: a 40 m square driven three times with seeded drifting odometry (head
 loops every 4th pose of laps 2 and 3, then a share of them moved to a random keyframe >= 20 m away. Reported
 per kernel, drift and share of false loops: ATE with loops / ATE of the odometry alone (worst of 3 seeds).
 
-    . ./env.sh && python -m bench.pose_graph [--nodes 10000]
+Rendered worlds (``--worlds``): ``evaluate --bag REF --query-bag QUERY --pose-graph`` on the demo's season
+revisit and on the recognition benchmark's held-out traversals (box towns 11 and 12, the garden), rendered
+into the caches when missing: per set and method, the loops published at the node's default min_score and
+the ATE of the query run's drifted odometry (evaluate's default drift) alone, closed with them, and with 5 %
+of them made false.
+
+    . ./env.sh && python -m bench.pose_graph [--nodes 10000] [--worlds]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -108,10 +119,67 @@ def robustness() -> dict:
     return table
 
 
+WORLD_METHODS = ("default model (training-free VLAD) + temporal", "GeM baseline (pretrained, no training) + temporal",
+                 "ORB bag of words")
+
+
+def world_routes() -> list[tuple[str, Path, Path]]:
+    """(name, reference, query) of the demo and the recognition benchmark's held-out traversals, rendered when
+    missing."""
+    from bench.recognition import GARDEN_SITE, TOWN_SITES, render, simulator_cache
+
+    cache = simulator_cache()
+    demo = cache.parent.parent / "demo" / cache.name
+    routes = []
+    for traversal, condition in ((0, "day"), (1, "season")):
+        out = demo / f"world0_t{traversal}_{condition}"
+        if not out.exists():
+            subprocess.run([sys.executable, "-m", "tscm_ros.cli.simulate_route", "--out", str(out), "--seed", "0",
+                            "--traversal", str(traversal), "--condition", condition, "--aliasing", "0.3",
+                            "--frames", "120"], check=True)
+    routes.append(("demo town, season", demo / "world0_t0_day", demo / "world0_t1_season"))
+    for world, (seed, length) in [("town", site) for site in TOWN_SITES[:2]] + [("garden", GARDEN_SITE)]:
+        reference = render(cache, world, seed, length, 0, "day", skip=True)
+        for traversal, condition in ((3, "night"), (4, "haze"), (5, "season"), (6, "clutter")):
+            routes.append((f"{world} {seed}, {condition}", reference,
+                           render(cache, world, seed, length, traversal, condition, skip=False)))
+    return routes
+
+
+def worlds() -> list[tuple[str, dict]]:
+    """``evaluate --pose-graph`` on every route: (set, its pose_graph.json)."""
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, reference, query in world_routes():
+            out = Path(scratch) / "evaluation"
+            subprocess.run([sys.executable, "-m", "tscm_ros.cli.evaluate", "--bag", str(reference), "--query-bag",
+                            str(query), "--radius-m", "5", "--pose-graph", "--overwrite", "--out", str(out)],
+                           check=True, stdout=subprocess.DEVNULL)
+            results.append((name, json.loads((out / "pose_graph.json").read_text())))
+            print(f"bench.pose_graph: {name} done", file=sys.stderr, flush=True)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=10000, help="pose nodes of the speed route (default 10000)")
+    parser.add_argument("--worlds", action="store_true", help="only the rendered worlds (about 15 minutes)")
     args = parser.parse_args()
+    if args.worlds:
+        print("## Rendered worlds: ATE (m) of the query run, odometry alone / with the loops published at the "
+              "node's defaults / with 5 % of them false\n")
+        print("| set | method | loops published | in the graph | ATE odometry | ATE with loops | ratio | "
+              "ATE with 5 % false |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for name, result in worlds():
+            for method in result["methods"]:
+                if method["name"] not in WORLD_METHODS:
+                    continue
+                ratio = method["ate_loops_m"] / method["ate_odometry_m"]
+                print(f"| {name} | {method['name']} | {method['loops']} | {method['loops_used']} | "
+                      f"{method['ate_odometry_m']:.2f} | {method['ate_loops_m']:.2f} | {ratio:.2f} | "
+                      f"{method['ate_false_loops_m']:.2f} |")
+        return 0
     print(f"## Speed: {args.nodes} pose nodes, odometry at 10 Hz (1 m/s), this machine\n")
     print("| run | nodes | loops | median ms | p95 ms | max ms | p95 ratio to odometry only | peak RSS growth MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -248,6 +248,7 @@ def test_matches_png_shows_the_highest_scored_false_matches_then_true_ones(route
         map_positions=np.array([k.pose.position for k in keyframes]),
         query_stamps=np.array([f.stamp_ns for f in queries]),
         query_positions=np.array([f.pose.position for f in queries]),
+        query_orientations=np.array([f.pose.orientation for f in queries]),
         ranked_ids=[np.array([] if q == 6 else [top[q]]) for q in range(8)],
         ranked_scores=[np.array([] if q == 6 else [scores[q]]) for q in range(8)], latencies_ms=np.ones(8),
         metrics=LoopMetrics({}, PRCurve(np.zeros(0), np.zeros(0), np.zeros(0)), 0, 0, 0, 8, 8, 1),

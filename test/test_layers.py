@@ -19,6 +19,7 @@ LAYERS = [
     {"describe"},
     {"map"},
     {"detect"},
+    {"graph"},
     {"evaluate", "node"},
     {"train"},
     {"cli"},
