@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from tscm_ros.describe.local_features import extract_local_features
+from tscm_ros.describe.local_features import LocalFeatures, extract_local_features
 from tscm_ros.detect.detection import Detection, Match, MatchingConfig
 from tscm_ros.detect.sequence_null import estimate_sequence_null
 from tscm_ros.detect.temporal import (
@@ -28,7 +28,8 @@ from tscm_ros.detect.temporal import (
     normalisation_sample,
     sequence_evidence,
 )
-from tscm_ros.detect.verification import CameraIntrinsics, VerificationConfig, verify
+from tscm_ros.detect.verification import AUTO_VERIFY_MIN_SIDE, CameraIntrinsics, VerificationConfig, verify
+from tscm_ros.detect.verification_null import combined_rate, estimate_inlier_null
 from tscm_ros.errors import ConfigError
 from tscm_ros.map.building import MAPPING_FIT_KEYFRAMES, KeyframeBuilder, KeyframeSelector
 from tscm_ros.map.calibration import MIN_KEYFRAMES, POOL, MapCalibration, candidate_margins
@@ -50,6 +51,7 @@ class _SequenceState:
     by_path: SequenceMatcher | None
     null_by_order: MapCalibration | None
     null_by_path: MapCalibration | None
+    null_inliers: MapCalibration | None
 
 
 class LoopDetector:
@@ -62,12 +64,16 @@ class LoopDetector:
     def __init__(self, describer, keyframe_map: KeyframeMap, matching: MatchingConfig,
                  mapping: KeyframeSelector | None = None, source: str = "live", *,
                  verification: VerificationConfig | None = None, temporal: TemporalConfig | None = None,
-                 intrinsics: CameraIntrinsics | None = None, vocabulary_keyframes: int = MAPPING_FIT_KEYFRAMES) -> None:
+                 intrinsics: CameraIntrinsics | None = None, vocabulary_keyframes: int = MAPPING_FIT_KEYFRAMES,
+                 auto_verify_min_side: int = AUTO_VERIFY_MIN_SIDE) -> None:
         """``describer`` is the map's (``map.building.describer_for_map``). ``verification`` / ``temporal`` None
-        turn that stage off. Verification needs a map whose keyframes carry local features (ConfigError
-        otherwise); ``intrinsics`` (settable later, e.g. from CameraInfo) give it the essential matrix and the
-        relative pose. In mapping mode, a map started empty fits its own vocabulary once it has
-        ``vocabulary_keyframes`` keyframes."""
+        turn that stage off. The verification stage needs a map whose keyframes carry local features
+        (ConfigError otherwise); ``intrinsics`` (settable later, e.g. from CameraInfo) give it the essential
+        matrix and the relative pose. With temporal consistency on, an image whose smaller side has at least
+        ``auto_verify_min_side`` pixels (0: never) gets its best candidate verified, and the inliers count as
+        evidence in its score (``_verification_evidence``), whether the verification stage is on or not. In
+        mapping mode, a map started empty fits its own vocabulary once it has ``vocabulary_keyframes``
+        keyframes."""
         if keyframe_map.model_fingerprint != describer.fingerprint:
             raise ConfigError(
                 f"the map was built with model {keyframe_map.model_name or '?'} "
@@ -87,6 +93,7 @@ class LoopDetector:
         self._intrinsics = intrinsics
         self._temporal = None if temporal is None else TemporalConsistency(temporal)
         self._sequence_state: _SequenceState | None = None
+        self._auto_verify_min_side = int(auto_verify_min_side)
         self.temporal_basis = "off" if temporal is None else "no image yet"  # what temporal consistency measures along
         if self._temporal is not None:
             self._sequence()  # the null calibrations at start-up, not on the first image
@@ -129,6 +136,10 @@ class LoopDetector:
             parts = [f"{name}: {null.summary()}" for name, null in (("along the path", state.null_by_path),
                                                                    ("along the map's order", state.null_by_order))
                      if null is not None]
+            if state.null_inliers is not None:
+                parts.append(f"verification of images {self._auto_verify_min_side} px and larger: inliers of a "
+                             f"look-alike median {np.median(state.null_inliers.null):.0f}, 99th percentile "
+                             f"{np.quantile(state.null_inliers.null, 0.99):.0f}")
             return "sequence margins, " + "; ".join(parts)
         if self._map.calibration is not None:
             return self._map.calibration.summary()
@@ -186,18 +197,21 @@ class LoopDetector:
             state = _SequenceState(count, self._map.model_fingerprint, normaliser, by_order, by_path,
                                    estimate_sequence_null(self._map, config, by_order, normaliser),
                                    None if by_path is None else estimate_sequence_null(self._map, config, by_path,
-                                                                                       normaliser))
+                                                                                       normaliser),
+                                   None if self._auto_verify_min_side <= 0
+                                   else estimate_inlier_null(self._map, normaliser, VerificationConfig()))
         else:  # grown, not doubled: new keyframes to place, the same null
             state = replace(state, count=count, by_order=by_order, by_path=by_path)
         self._sequence_state = state
         return state
 
     def _match(self, descriptor: np.ndarray, exclusion: Exclusion, stamp_ns: int,
-               position: np.ndarray | None) -> list[Match]:
+               position: np.ndarray | None, image: np.ndarray) -> tuple[list[Match], LocalFeatures | None]:
         """The best ``k`` candidates by similarity that score at least ``min_score``. With temporal consistency
         the score is that of the candidate's sequence margin (tscm_ros/detect/temporal.py), calibrated by the
         map's null of sequence margins (tscm_ros/detect/sequence_null.py), and a candidate is ``consistent``
         when it shows the place of the best sequence and the history is full."""
+        features = None
         pool = self._map.query(descriptor, max(self._matching.k, POOL), exclusion, 0.0)
         ids = np.array([c.keyframe_id for c in pool], dtype=np.int64)
         similarities = np.array([c.score for c in pool], dtype=np.float64)
@@ -223,19 +237,37 @@ class LoopDetector:
                                    consistent=bool(full and support))
                            for match, score, value, support in zip(matches, scores, sequence, supported)]
                 matches.sort(key=lambda m: -np.nan_to_num(m.sequence_score, nan=-np.inf))  # the evidence first
-        return [m for m in matches[: self._matching.k] if m.score >= self._matching.min_score]
+                if null is not None and matches and matches[0].consistent:
+                    matches[0], features = self._verification_evidence(image, matches[0], state.null_inliers)
+        return [m for m in matches[: self._matching.k] if m.score >= self._matching.min_score], features
 
-    def _verify(self, image: np.ndarray, matches: list[Match]):
-        """``matches`` with their geometric verification, and the query's local features (None when verification
-        is off or when there is nothing to verify)."""
-        if self._verification is None or not matches:
-            return matches, None
+    def _verification_evidence(self, image: np.ndarray, match: Match,
+                               null_inliers: MapCalibration | None) -> tuple[Match, LocalFeatures | None]:
+        """The best candidate of a camera-sized image, verified, its score raised by the inliers: one minus the
+        smaller of the sequence's false-alarm rate and Fisher's combination of it with the inliers' (from the
+        map's look-alike pairs, tscm_ros/detect/verification_null.py). Uninformative inliers leave the score as
+        it was; the smaller of two rates at most doubles the false-alarm rate of either alone. The image's local
+        features are returned for the stages after; (match, None) when it does not apply."""
+        keyframe_features = self._map.local_features(match.keyframe_id)
+        if null_inliers is None or keyframe_features is None or min(image.shape[:2]) < self._auto_verify_min_side:
+            return match, None
         features = extract_local_features(image)
+        check = verify(features, keyframe_features, self._verification or VerificationConfig(), self._intrinsics)
+        sequence_rate = 1.0 - match.score
+        rate = min(sequence_rate, combined_rate(sequence_rate, float(null_inliers.false_alarm_rate(check.inliers))))
+        return replace(match, score=1.0 - rate, verification=check), features
+
+    def _verify(self, image: np.ndarray, matches: list[Match], features: LocalFeatures | None):
+        """``matches`` with their geometric verification, and the query's local features (``features`` when
+        already extracted; None when verification is off or when there is nothing to verify)."""
+        if self._verification is None or not matches:
+            return matches, features
+        features = extract_local_features(image) if features is None else features
         config, intrinsics = self._verification, self._intrinsics
 
         def check(match: Match) -> Match:
             keyframe_features = self._map.local_features(match.keyframe_id)
-            if keyframe_features is None:
+            if keyframe_features is None or match.verification is not None:
                 return match
             return replace(match, verification=verify(features, keyframe_features, config, intrinsics))
 
@@ -258,7 +290,7 @@ class LoopDetector:
         exclusion = Exclusion(min_time_gap_s=self._matching.exclude_recent_s,
                               min_distance_m=self._matching.exclude_within_m,
                               query_stamp_ns=stamp_ns, query_position=position)
-        candidates, features = self._verify(image, self._match(descriptor, exclusion, stamp_ns, position))
+        candidates, features = self._verify(image, *self._match(descriptor, exclusion, stamp_ns, position, image))
         detection = Detection(descriptor=descriptor, fingerprint=describer.fingerprint, candidates=candidates,
                               accepted=[c for c in candidates if self.accepts(c)])
         if self._mapping is not None:

@@ -35,7 +35,7 @@ MAX_RUNS = 1000  # pseudo-queries, spread over the map: the 99th percentile from
 HELD_DESCRIPTORS = 8192  # maps up to this size are read into memory once for the estimate (126 MB at 3840-d)
 
 
-def _look_alike_stretch(descriptors_of, count: int, normaliser: Normaliser, member: int, descriptor: np.ndarray,
+def look_alike_stretch(descriptors_of, count: int, normaliser: Normaliser, member: int, descriptor: np.ndarray,
                         level: float) -> tuple[int, int]:
     """The ids [lo, hi] around ``member`` along the map whose (centred) similarity to it stays at least
     ``level``."""
@@ -96,7 +96,7 @@ def _run_null_sample(keyframe_map, held: np.ndarray | None, held_stats, normalis
                      else (held_stats[0][members], held_stats[1][members]))
     excluded = keyframe_map.same_place(members, np.arange(count)).any(axis=0)
     for member, descriptor, mean in zip(members, descriptors, means):
-        lo, hi = _look_alike_stretch(descriptors_of, count, normaliser, int(member), descriptor, mean)
+        lo, hi = look_alike_stretch(descriptors_of, count, normaliser, int(member), descriptor, mean)
         excluded[lo:hi + 1] = True
     if held is None:
         found = np.array([c.keyframe_id for c in keyframe_map.query(descriptors[0], min(count, NEIGHBOURS_SEARCHED

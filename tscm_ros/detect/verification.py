@@ -20,6 +20,8 @@ from tscm_ros.describe.local_features import LocalFeatures
 from tscm_ros.errors import ConfigError
 
 DEFAULT_MIN_INLIERS = 12  # the least of 8-20 that kept published precision >= 99 % on the tuning worlds
+AUTO_VERIFY_MIN_SIDE = 360  # camera-sized images (480p and up) carry local features worth verifying; renders at
+# 320x240 and thumbnails do not (bench/verification.py)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ class PlaceRecognitionNode(Node):
         self.detector = LoopDetector(describer, keyframe_map, matching_config(p), selector,
                                      source=f"live:{self.get_name()}", verification=verification,
                                      temporal=temporal, intrinsics=intrinsics,
-                                     vocabulary_keyframes=p["vocabulary_keyframes"])
+                                     vocabulary_keyframes=p["vocabulary_keyframes"],
+                                     auto_verify_min_side=p["auto_verify_min_side"])
         if p["camera_info_topic"]:
             self.create_subscription(CameraInfo, p["camera_info_topic"], self._on_camera_info,
                                      qos_profile_sensor_data)

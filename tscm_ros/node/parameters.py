@@ -20,7 +20,12 @@ from rclpy.qos import QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
 
 from tscm_ros.detect.detection import DEFAULT_MIN_SCORE, MatchingConfig
 from tscm_ros.detect.temporal import TemporalConfig
-from tscm_ros.detect.verification import DEFAULT_MIN_INLIERS, CameraIntrinsics, VerificationConfig
+from tscm_ros.detect.verification import (
+    AUTO_VERIFY_MIN_SIDE,
+    DEFAULT_MIN_INLIERS,
+    CameraIntrinsics,
+    VerificationConfig,
+)
 from tscm_ros.errors import ConfigError
 from tscm_ros.map.building import MAPPING_FIT_KEYFRAMES, MIN_FIT_KEYFRAMES
 
@@ -72,6 +77,10 @@ PARAMETERS = [
               "turn it on for camera-sized textured images, and for the relative pose"),
     Parameter("min_inliers", DEFAULT_MIN_INLIERS, "verification: RANSAC inliers a candidate needs to be verified",
               runtime=True),
+    Parameter("auto_verify_min_side", AUTO_VERIFY_MIN_SIDE, "with temporal consistency, images whose smaller side has "
+              "at least this many pixels (camera-sized) get their best candidate verified whatever verify says, and "
+              "its inliers raise its score when a look-alike of another place in the map would rarely give as "
+              "many; 0 = never"),
     Parameter("camera_info_topic", "", "sensor_msgs/CameraInfo of the camera: verification then fits the essential "
               "matrix and fills the relative pose; empty = camera_intrinsics or none (fundamental matrix, no pose)"),
     Parameter("camera_intrinsics", "", "'fx fy cx cy' in pixels, used when camera_info_topic is empty"),
@@ -188,8 +197,8 @@ def validate(p: dict) -> None:
         raise ConfigError(f"parameter pose_qos: expected {' or '.join(POSE_QOS)}, got {p['pose_qos']!r}")
     if not p["image_topic"]:
         raise ConfigError("parameter image_topic must not be empty")
-    for name in ("pose_max_gap_s", "keyframe_min_distance_m", "keyframe_min_interval_s", "autosave_keyframes",
-                 "autosave_period_s"):
+    for name in ("auto_verify_min_side", "pose_max_gap_s", "keyframe_min_distance_m", "keyframe_min_interval_s",
+                 "autosave_keyframes", "autosave_period_s"):
         if p[name] < 0:
             raise ConfigError(f"parameter {name} must be >= 0, got {p[name]}")
     if p["pose_history_s"] <= p["pose_max_gap_s"]:
