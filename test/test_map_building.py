@@ -92,3 +92,35 @@ def test_a_model_without_vocabulary_builds_as_before_and_mismatches_are_refused(
         KeyframeBuilder(default, builder.map)
     with pytest.raises(ConfigError, match="at least"):
         KeyframeBuilder(default, KeyframeMap.for_describer(default), fit_keyframes=MIN_FIT_KEYFRAMES - 1)
+
+
+def test_a_map_saved_before_it_fitted_fits_once_resumed(tmp_path, default, frames):
+    """Mapping mode's autosave, then a restart: the resumed session still fits the map's own vocabulary, on
+    the keyframes saved and the new ones, as an uninterrupted session would."""
+    before = build(default, frames[:14], fit_keyframes=MIN_FIT_KEYFRAMES)
+    assert before.fitting
+    KeyframeMap.from_contents(before.map.snapshot(), "autosave").save(tmp_path / "map")
+    loaded = KeyframeMap.load(tmp_path / "map", expected_fingerprint=default.fingerprint)
+    assert len(loaded.vocabulary_samples) == 14
+    resumed = KeyframeBuilder(describer_for_map(default, loaded), loaded, fit_keyframes=MIN_FIT_KEYFRAMES)
+    assert resumed.fitting
+    resumed.add([f.image for f in frames[14:21]], metas(frames[14:21]))
+    assert resumed.map.vocabulary.source == "map" and resumed.map.vocabulary.images == 21
+    assert resumed.map.vocabulary_samples is None
+    uninterrupted = build(default, frames[:21], fit_keyframes=MIN_FIT_KEYFRAMES)
+    np.testing.assert_allclose(stored_descriptors(resumed.map), stored_descriptors(uninterrupted.map), atol=2e-3)
+    resumed.map.save(tmp_path / "fitted")
+    assert not (tmp_path / "fitted" / "vocabulary_samples.npz").exists()
+    assert KeyframeMap.load(tmp_path / "fitted").vocabulary_samples is None
+
+
+def test_a_saved_sample_table_that_does_not_match_the_map_is_refused(tmp_path, default, frames):
+    import json
+
+    before = build(default, frames[:5], fit_keyframes=MIN_FIT_KEYFRAMES)
+    before.map.save(tmp_path / "map")
+    manifest = json.loads((tmp_path / "map" / "manifest.json").read_text())
+    manifest["vocabulary_samples"]["keyframes"] = 4
+    (tmp_path / "map" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MapError, match="vocabulary_samples.npz does not hold one sample per keyframe"):
+        KeyframeMap.load(tmp_path / "map")

@@ -146,9 +146,14 @@ class KeyframeBuilder:
         self.describer = describer
         self.map = keyframe_map
         self.fit_keyframes = int(fit_keyframes)
+        samples = keyframe_map.vocabulary_samples
+        resumed = samples is not None and len(samples) == len(keyframe_map)  # a saved map that had not fitted yet
         fits = (describer.adapts_to_map and keyframe_map.vocabulary is not None
-                and keyframe_map.vocabulary.source == "generic" and len(keyframe_map) == 0)
-        self._held: list[tuple[np.ndarray, ...]] | None = [] if fits else None
+                and keyframe_map.vocabulary.source == "generic" and (len(keyframe_map) == 0 or resumed))
+        # The feature maps are held in the map itself, so that a save before the fit (mapping mode's autosave,
+        # build_map of a map too small to fit) keeps them and a session resumed from it still fits.
+        self._held: list[tuple[np.ndarray, ...]] | None = (samples if resumed else []) if fits else None
+        keyframe_map.vocabulary_samples = self._held
         self.calibrate_while_adding = calibrate_while_adding
         self._calibrated_at = len(keyframe_map) if keyframe_map.calibration is not None else 0
 
@@ -224,6 +229,7 @@ class KeyframeBuilder:
 
     def _fit(self) -> None:
         held, self._held = self._held, None
+        self.map.vocabulary_samples = None
         vocabulary = self.describer.fit_vocabulary([maps[0] for maps in held])
         adapted = self.describer.with_vocabulary(vocabulary)
         descriptors = adapted.aggregate([tuple(x.astype(np.float32) for x in maps) for maps in held])

@@ -94,6 +94,7 @@ class KeyframeMap:
         self.base_fingerprint = str(base_fingerprint or model_fingerprint)
         self.vocabulary = vocabulary
         self.calibration: MapCalibration | None = None  # scores of this map (map/calibration.py); calibrate()
+        self.vocabulary_samples: list[tuple[np.ndarray, ...]] | None = None  # map/building.py, until it fits
         self.model_name = str(model_name)
         self.frame_id = str(frame_id)  # frame of the keyframe poses (the recording's odometry/map frame)
         self.preprocess = dict(preprocess)
@@ -123,6 +124,7 @@ class KeyframeMap:
         keyframe_map._index = contents.index
         keyframe_map._source = source
         keyframe_map.calibration = contents.calibration
+        keyframe_map.vocabulary_samples = contents.vocabulary_samples
         keyframes = contents.keyframes
         keyframe_map._append(keyframes.stamp_ns, keyframes.position, keyframes.orientation, keyframes.bag_index)
         keyframe_map._bags = list(keyframes.bag_names)
@@ -140,7 +142,8 @@ class KeyframeMap:
         return MapContents(dim=self.dim, model_fingerprint=self.model_fingerprint, model_name=self.model_name,
                            frame_id=self.frame_id, preprocess=self.preprocess, index=self._index,
                            keyframes=keyframes, base_fingerprint=self.base_fingerprint, vocabulary=self.vocabulary,
-                           calibration=self.calibration)
+                           calibration=self.calibration, vocabulary_samples=(
+                               None if self.vocabulary_samples is None else list(self.vocabulary_samples)))
 
     def snapshot(self) -> MapContents:
         """Everything the map holds, copied: it can be written while the map grows."""

@@ -47,7 +47,9 @@ THUMBNAILS_FILE = "thumbnails.npz"
 LOCAL_FEATURES_FILE = "local_features.npz"
 VOCABULARY_FILE = "vocabulary.npz"
 CALIBRATION_FILE = "calibration.npz"
-MAP_FILES = (INDEX_FILE, KEYFRAMES_FILE, THUMBNAILS_FILE, LOCAL_FEATURES_FILE, VOCABULARY_FILE, CALIBRATION_FILE)
+VOCABULARY_SAMPLES_FILE = "vocabulary_samples.npz"
+MAP_FILES = (INDEX_FILE, KEYFRAMES_FILE, THUMBNAILS_FILE, LOCAL_FEATURES_FILE, VOCABULARY_FILE, CALIBRATION_FILE,
+             VOCABULARY_SAMPLES_FILE)
 
 
 @dataclass
@@ -77,6 +79,9 @@ class MapContents:
     base_fingerprint: str
     vocabulary: Vocabulary | None
     calibration: MapCalibration | None = None
+    # Per keyframe, the feature maps (float16) its own vocabulary will be fitted on, while the map still has the
+    # generic one (tscm_ros/map/building.py); None once fitted or for models without a vocabulary.
+    vocabulary_samples: list[tuple[np.ndarray, ...]] | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -137,6 +142,11 @@ def _write_files(contents: MapContents, directory: Path) -> None:
     if calibration is not None:
         np.savez(directory / CALIBRATION_FILE, null_margins=calibration.null)
         files.append(CALIBRATION_FILE)
+    samples = contents.vocabulary_samples
+    if samples:
+        np.savez(directory / VOCABULARY_SAMPLES_FILE,
+                 **{f"part{j}": np.stack([sample[j] for sample in samples]) for j in range(len(samples[0]))})
+        files.append(VOCABULARY_SAMPLES_FILE)
     settings = contents.index.config.to_dict()
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -148,6 +158,7 @@ def _write_files(contents: MapContents, directory: Path) -> None:
             "source": vocabulary.source, "fingerprint": vocabulary.fingerprint()},
         "calibration": None if calibration is None else {"keyframes": calibration.keyframes,
                                                          "samples": len(calibration.null)},
+        "vocabulary_samples": {"keyframes": len(samples), "parts": len(samples[0])} if samples else None,
         "frame_id": contents.frame_id,
         "dim": contents.dim,
         "preprocess": contents.preprocess,
@@ -204,7 +215,8 @@ def read_map(directory: str | os.PathLike, expected_fingerprint: str | None = No
                        preprocess=manifest["preprocess"], index=index,
                        keyframes=_read_keyframes(root, manifest["count"]),
                        base_fingerprint=manifest["base_model_fingerprint"], vocabulary=_read_vocabulary(root, manifest),
-                       calibration=_read_calibration(root, manifest))
+                       calibration=_read_calibration(root, manifest),
+                       vocabulary_samples=_read_vocabulary_samples(root, manifest))
 
 
 def _refuse_other_model(root: Path, manifest: dict, expected_fingerprint: str,
@@ -391,3 +403,19 @@ def _read_calibration(root: Path, manifest: dict) -> MapCalibration | None:
     if len(calibration.null) != entry["samples"]:
         raise MapError(f"{path} does not match the calibration {root / MANIFEST_FILE} describes")
     return calibration
+
+
+def _read_vocabulary_samples(root: Path, manifest: dict) -> list[tuple[np.ndarray, ...]] | None:
+    entry = _optional_entry(root, manifest, "vocabulary_samples", VOCABULARY_SAMPLES_FILE,
+                            {"keyframes": int, "parts": int})
+    if entry is None:
+        return None
+    path = root / VOCABULARY_SAMPLES_FILE
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            parts = [data[f"part{j}"] for j in range(entry["parts"])]
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise MapError(f"{path} is not a valid table of vocabulary samples: {exc}") from exc
+    if entry["keyframes"] != manifest["count"] or any(len(part) != entry["keyframes"] for part in parts):
+        raise MapError(f"{path} does not hold one sample per keyframe, as {root / MANIFEST_FILE} says it must")
+    return [tuple(part[i] for part in parts) for i in range(entry["keyframes"])]
