@@ -4,8 +4,8 @@
 #   1. render two traversals of a small simulated route (cached in .cache/demo/, rendered once);
 #   2. build a keyframe map from traversal 1 with the default model (training-free VLAD, which fits its
 #      vocabulary on the map's own images);
-#   3. start the real place_recognition_node, replay traversal 2 to it over DDS and print the loop
-#      candidates as they arrive; stop the node;
+#   3. start the real place_recognition_node and pose_graph_node, replay traversal 2 to them over DDS (its
+#      odometry drifted for the back-end) and print the loop candidates as they arrive; stop both;
 #   4. evaluate every method on the same traversals (pretrained GeM baseline, the default model, ORB bag of
 #      words, plus the trained teacher and student with --train) and print the table; close each method's
 #      loops at the node's defaults in the pose-graph back-end on traversal 2's odometry with drift added,
@@ -88,7 +88,7 @@ fi
 say "build a keyframe map from traversal 1 with the $MAP_MODEL"
 build_map --bag "$REFERENCE" --out "$OUT/map" --force --device cpu "${STUDENT_ARGS[@]}"
 
-say "start place_recognition_node (ROS_DOMAIN_ID=$ROS_DOMAIN_ID) and replay traversal 2 to it over DDS"
+say "start place_recognition_node and pose_graph_node (ROS_DOMAIN_ID=$ROS_DOMAIN_ID) and replay traversal 2 to them over DDS, its odometry drifted for the back-end"
 model_param=()
 [ "$TRAIN" = 1 ] && model_param=(-p "model_path:=$OUT/runs/student/best.pt")
 # The node at its shipped defaults (config/place_recognition.yaml): only the map, the CPU and the intrinsics.
@@ -108,9 +108,21 @@ stop_node() {
     echo "node stopped (exit code $code; its log: $OUT/node.log)"
   fi
 }
-trap stop_node EXIT
-python tools/replay_bag.py "$QUERY" --rate 4 || { echo "demo: the replay failed; node log:" >&2; cat "$OUT/node.log" >&2; exit 1; }
+# The pose-graph back-end behind it, on the revisit's odometry with drift added (the replay publishes it).
+pose_graph_node --ros-args -p odom_topic:=/odom > "$OUT/pose_graph.log" 2>&1 &
+graph_pid=$!
+stop_graph() {
+  if kill -0 "$graph_pid" 2>/dev/null; then
+    kill -INT "$graph_pid" 2>/dev/null || true
+    wait "$graph_pid" 2>/dev/null || true
+    echo "pose graph stopped: $(grep -o "pose graph: {.*}" "$OUT/pose_graph.log" | tail -1)"
+  fi
+}
+trap 'stop_node; stop_graph' EXIT
+python tools/replay_bag.py "$QUERY" --rate 4 --odometry-drift 0.3,0.1,0.02 \
+  || { echo "demo: the replay failed; node log:" >&2; cat "$OUT/node.log" >&2; exit 1; }
 stop_node
+stop_graph
 trap - EXIT
 
 say "evaluate all methods on the same traversals: map from traversal 1, every frame of traversal 2 as a query; each method's loops at the node's defaults closed by the pose-graph back-end on traversal 2's odometry with drift added"
@@ -120,7 +132,7 @@ evaluate --bag "$REFERENCE" --query-bag "$QUERY" --out "$OUT/evaluation" --pose-
 echo
 echo "=== demo done in $((SECONDS - started)) s. Outputs in $OUT/:"
 echo "  map/                        keyframe map of traversal 1 (build_map)"
-echo "  node.log                    the node's log"
+echo "  node.log, pose_graph.log    the nodes' logs"
 echo "  evaluation/loop_closure.md  the table above; loop_closure.json, queries_*.csv per query"
 echo "  evaluation/pr_curve.png     top-1 precision-recall curves"
 echo "  evaluation/trajectories.png trajectories with true (green) and false (red) loop closures"

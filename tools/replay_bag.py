@@ -5,7 +5,9 @@ Used by `make demo`: publishes every frame of BAG as sensor_msgs/Image (rgb8, th
 IMAGE_TOPIC at a fixed rate, subscribes to /tscm/loop_candidates, and prints for each LoopCandidates
 message the query stamp, the top candidate's keyframe id and score, and whether it is a true loop:
 the keyframe's pose (carried in the message) within --radius-m of the query's ground-truth pose (from
-the bag's odometry). Waits for the node to appear first; ends with a summary line.
+the bag's odometry). Waits for the node to appear first; ends with a summary line. With --odometry-drift it
+also publishes the bag's poses as nav_msgs/Odometry on /odom (frame odom), drifted as `evaluate --drift`
+drifts them, one per image just before it: the odometry a pose-graph back-end closes the loops on.
 Run after `. ./env.sh` (needs rclpy and the built tscm_ros messages).
 """
 
@@ -17,13 +19,16 @@ import time
 
 import numpy as np
 import rclpy
+from nav_msgs.msg import Odometry
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile
 from sensor_msgs.msg import Image
 from tscm_ros.msg import LoopCandidates
 
+from tscm_ros.evaluate.trajectory import OdometryDrift
 from tscm_ros.io.bag import FrameSource
+from tscm_ros.node.messages import fill_pose
 
 OUTPUT_TOPIC = "/tscm/loop_candidates"
 
@@ -35,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-topic", default="/camera/image_raw", help="topic to publish images on")
     parser.add_argument("--radius-m", type=float, default=10.0, help="a true loop is within this distance (default 10)")
     parser.add_argument("--wait-node-s", type=float, default=120.0, help="how long to wait for the node (default 120)")
+    parser.add_argument("--odometry-drift", metavar="BIAS,NOISE,POS",
+                        help="also publish the poses, drifted (heading bias deg/m, heading noise deg/sqrt(m), "
+                        "position noise fraction; seed 0), as odometry on /odom")
     return parser.parse_args(argv)
 
 
@@ -51,6 +59,7 @@ class Replayer(Node):
         self.with_candidates = 0
         self.true_loops = 0
         self.publisher = self.create_publisher(Image, image_topic, QoSProfile(depth=10))
+        self.odometry = self.create_publisher(Odometry, "/odom", QoSProfile(depth=10))
         self.subscription = self.create_subscription(LoopCandidates, OUTPUT_TOPIC, self.on_candidates, 100)
 
     def on_candidates(self, message: LoopCandidates) -> None:
@@ -100,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replay: {args.bag} has no images", file=sys.stderr)
         return 1
     node = Replayer(args.image_topic, args.radius_m, positions, frames[0].stamp_ns)
+    drifted = {}
+    if args.odometry_drift:
+        posed = [frame for frame in frames if frame.pose is not None]
+        drift = OdometryDrift(*(float(v) for v in args.odometry_drift.split(",")))
+        drifted = dict(zip((frame.stamp_ns for frame in posed), drift.apply([frame.pose for frame in posed])))
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
@@ -114,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         spin_for(executor, 1.0)  # let both matched endpoints settle before the first image
         print(f"replay: publishing {len(frames)} images from {args.bag} at {args.rate:g} Hz", flush=True)
         for frame in frames:
+            if frame.stamp_ns in drifted:
+                odometry = Odometry()
+                odometry.header.stamp.sec, odometry.header.stamp.nanosec = divmod(frame.stamp_ns, 1_000_000_000)
+                odometry.header.frame_id = "odom"
+                fill_pose(odometry.pose.pose, drifted[frame.stamp_ns])
+                node.odometry.publish(odometry)
             node.publisher.publish(to_image_message(frame.image, frame.stamp_ns))
             spin_for(executor, 1.0 / args.rate)
         deadline = time.monotonic() + 15.0
