@@ -76,6 +76,15 @@ def test_a_single_false_loop_does_not_raise_the_error_beyond_odometry_alone(revi
     assert ate_rmse(corrected, truth) <= ate_rmse(drifted, truth) + 1e-6
 
 
+def test_repeated_matches_to_one_wrong_keyframe_do_not_support_each_other(revisit):
+    stamps, truth, odometry, _, keyframes = revisit
+    repeated = [np.zeros(0, np.int64)] * len(stamps)
+    for i in range(-45, -35):  # ten images in a row, over 10 m, all matched to keyframe 5, 35 m away
+        repeated[i] = np.array([5])
+    _, graph = close_loops(stamps, odometry, repeated, keyframes)
+    assert graph.loops == 0
+
+
 def test_a_false_loop_beside_true_ones_does_not_raise_the_error(revisit):
     stamps, truth, odometry, loops, keyframes = revisit
     with_false = list(loops)
@@ -108,10 +117,14 @@ def test_bad_input_is_counted_and_skipped_never_raised():
     assert graph.add_loop(20, [np.inf, 0.0, 0.0]) == "non-finite keyframe position"
     assert graph.add_loop(20, [1.0, 0.0, 0.0]) == "pending"
     graph.add_odometry(30, Pose(np.array([2.0, 0.0, 0.0]), identity))
-    assert graph.add_loop(30, [2.0, 0.0, 0.0]) == "added"  # 1 m on, 1 m apart: the two loops agree
-    assert graph.loops == 2
+    assert graph.add_loop(30, [1.0, 0.0, 0.0]) == "waiting for support"  # too close to the first to support it
+    assert graph.add_loop(30, [1.0, 0.0, 0.0]) == "the same loop again"
+    assert not graph.add_odometry(40, Pose(np.array([5e3, 0.0, 0.0]), identity))
+    graph.add_odometry(50, Pose(np.array([8.0, 0.0, 0.0]), identity))
+    assert graph.add_loop(50, [8.0, 0.0, 0.0]) == "added"  # 7 m on, 7 m apart: agrees with both before it
+    assert graph.loops == 3
     assert graph.skipped == {"before the first odometry": 1, "non-finite odometry": 2, "odometry out of order": 1,
-                             "non-finite keyframe position": 1}
+                             "non-finite keyframe position": 1, "the same loop again": 1, "odometry jump": 1}
     assert np.isfinite(graph.corrected().position).all()
 
 
@@ -121,7 +134,7 @@ def test_map_to_odom_is_the_identity_until_a_loop_moves_the_path():
     for i in range(100):
         graph.add_odometry(i * 10**9, Pose(np.array([float(i), 0.0, 0.0]), identity))
     np.testing.assert_allclose(graph.map_to_odom().position, 0.0, atol=1e-6)
-    assert graph.add_loop(95 * 10**9, [95.0, 2.0, 0.0]) == "waiting for support"
+    assert graph.add_loop(90 * 10**9, [90.0, 2.0, 0.0]) == "waiting for support"
     graph.add_loop(99 * 10**9, [99.0, 2.0, 0.0])  # the map says the robot is 2 m to the left of its odometry
     assert graph.loops == 2
     corrected = graph.corrected().position

@@ -245,16 +245,18 @@ class LoopDetector:
                                null_inliers: MapCalibration | None) -> tuple[Match, LocalFeatures | None]:
         """The best candidate of a camera-sized image, verified, its score raised by the inliers: one minus the
         smaller of the sequence's false-alarm rate and Fisher's combination of it with the inliers' (from the
-        map's look-alike pairs, tscm_ros/detect/verification_null.py). Uninformative inliers leave the score as
-        it was; the smaller of two rates at most doubles the false-alarm rate of either alone. The image's local
-        features are returned for the stages after; (match, None) when it does not apply."""
+        map's look-alike pairs, tscm_ros/detect/verification_null.py). Fewer inliers than ``min_inliers`` (a
+        fundamental matrix fits any 8 matches) and uninformative ones leave the score as it was; the smaller
+        of two rates at most doubles the false-alarm rate of either alone. The image's local features are
+        returned for the stages after; (match, None) when it does not apply."""
         keyframe_features = self._map.local_features(match.keyframe_id)
         if null_inliers is None or keyframe_features is None or min(image.shape[:2]) < self._auto_verify_min_side:
             return match, None
         features = extract_local_features(image)
         check = verify(features, keyframe_features, self._verification or VerificationConfig(), self._intrinsics)
         sequence_rate = 1.0 - match.score
-        rate = min(sequence_rate, combined_rate(sequence_rate, float(null_inliers.false_alarm_rate(check.inliers))))
+        inlier_rate = float(null_inliers.false_alarm_rate(check.inliers)) if check.verified else 1.0
+        rate = min(sequence_rate, combined_rate(sequence_rate, inlier_rate))
         return replace(match, score=1.0 - rate, verification=check), features
 
     def _verify(self, image: np.ndarray, matches: list[Match], features: LocalFeatures | None):

@@ -4,7 +4,8 @@ Each sampled keyframe is verified (tscm_ros/detect/verification.py, fundamental 
 most similar to it *outside the stretch that still looks like it* and outside its place
 (tscm_ros/detect/sequence_null.py's look-alike stretch): the hardest look-alike of another place. Its inlier
 count is one sample of the null distribution, a ``MapCalibration`` (tscm_ros/map/calibration.py) whose
-false-alarm rate of an inlier count is the share of look-alikes with as many or more (the tail extrapolated).
+false-alarm rate of an inlier count is the share of look-alikes with as many or more (the tail extrapolated,
+at least one inlier wide).
 
 The online detector combines it with the sequence's false-alarm rate (Fisher's method, ``combined_rate``).
 """
@@ -41,7 +42,11 @@ def estimate_inlier_null(keyframe_map, normaliser: Normaliser, config: Verificat
         if len(order):
             null.append(verify(keyframe_map.local_features(int(member)), keyframe_map.local_features(int(order[0])),
                                config).inliers)
-    return MapCalibration(np.array(null, dtype=np.float64), count) if len(null) >= MIN_KEYFRAMES else None
+    if len(null) < MIN_KEYFRAMES:
+        return None
+    # Inliers are counts: a tail at least one inlier wide, so that a null with no spread (a textureless map,
+    # every look-alike at 0) does not make a handful of inliers look impossible.
+    return MapCalibration(np.array(null, dtype=np.float64), count, min_tail_scale=1.0)
 
 
 def combined_rate(sequence_rate: float, inlier_rate: float) -> float:

@@ -34,23 +34,32 @@ class OdometryDrift:
             raise ConfigError(f"odometry drift needs a finite heading bias and finite noises >= 0, got {values}")
 
     def apply(self, truth: Sequence[Pose]) -> list[Pose]:
-        """Odometry that starts at ``truth[0]`` and integrates the true steps with the drift (yaw about z)."""
+        """Odometry that starts at ``truth[0]`` and integrates the true steps with the drift (yaw about z). A
+        pose without a finite value stays so (NaN), and the odometry goes on from the next finite one with the
+        step across the gap."""
         import gtsam
 
-        from tscm_ros.graph.pose_graph import to_pose, to_pose3
+        from tscm_ros.graph.pose_graph import finite_pose, to_pose, to_pose3
 
         rng = np.random.default_rng(self.seed)
-        if not truth:
-            return []
-        poses = [to_pose3(pose) for pose in truth]
-        current, drifted = poses[0], [to_pose(poses[0])]
-        for before, after in zip(poses, poses[1:]):
-            step = before.between(after)
-            length = float(np.linalg.norm(step.translation()))
-            turn = math.radians(self.heading_bias_deg_per_m * length
-                                + self.heading_noise_deg_per_sqrt_m * math.sqrt(length) * rng.standard_normal())
-            moved = np.asarray(step.translation()) + self.position_noise * length * rng.standard_normal(3)
-            current = current.compose(gtsam.Pose3(step.rotation().compose(gtsam.Rot3.Rz(turn)), moved))
+        nan = Pose(np.full(3, np.nan), np.full(4, np.nan))
+        previous = current = None
+        drifted = []
+        for pose in truth:
+            if not finite_pose(pose):
+                drifted.append(nan)
+                continue
+            true = to_pose3(pose)
+            if previous is None:
+                current = true
+            else:
+                step = previous.between(true)
+                length = float(np.linalg.norm(step.translation()))
+                turn = math.radians(self.heading_bias_deg_per_m * length + self.heading_noise_deg_per_sqrt_m
+                                    * math.sqrt(length) * rng.standard_normal())
+                moved = np.asarray(step.translation()) + self.position_noise * length * rng.standard_normal(3)
+                current = current.compose(gtsam.Pose3(step.rotation().compose(gtsam.Rot3.Rz(turn)), moved))
+            previous = true
             drifted.append(to_pose(current))
         return drifted
 

@@ -42,6 +42,7 @@ class MapCalibration:
 
     null: np.ndarray
     keyframes: int
+    min_tail_scale: float = 1e-6  # the exponential tail's scale is at least this (in the null's unit)
 
     def __post_init__(self) -> None:
         null = np.sort(np.asarray(self.null, dtype=np.float32))
@@ -56,7 +57,7 @@ class MapCalibration:
         empirical = (1 + len(null) - np.searchsorted(null, margins, side="left")) / (1 + len(null))
         threshold = np.quantile(null, TAIL_QUANTILE)
         excess = null[null > threshold] - threshold
-        scale = max(float(excess.mean()) if len(excess) else 0.0, 1e-6)
+        scale = max(float(excess.mean()) if len(excess) else 0.0, self.min_tail_scale)
         tail = (1 - TAIL_QUANTILE) * np.exp(-(margins - threshold) / scale)
         return np.where(margins > threshold, tail, empirical)
 

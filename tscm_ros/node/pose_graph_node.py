@@ -5,10 +5,11 @@ Odometry in, loop candidates (/tscm/loop_candidates) in; out: the corrected path
 (geometry_msgs/TransformStamped on /tscm/map_to_odom after every odometry message, and on /tf where the ROS
 install has tf2_msgs). The graph is tscm_ros/graph/pose_graph.py; this module moves messages.
 
-Every candidate of a LoopCandidates message is a loop (the place recognition node publishes only accepted
-candidates unless publish_unverified is on). Bad input is logged once per kind, counted and skipped: odometry
-with NaN or infinite values or out of order, candidates whose keyframe has no pose, whose map frame is not the
-odometry frame, or whose stamp the odometry does not cover.
+Every candidate of a LoopCandidates message is a loop: the place recognition node publishes only accepted
+candidates, unless publish_unverified is on (a debugging setting; leave it off behind a back-end). Bad input is
+logged once per kind, counted and skipped, never fatal: odometry with NaN or infinite values, out of order or
+jumping implausibly, candidates whose keyframe has no pose, whose map frame is not the odometry frame, or
+whose stamp the odometry does not cover, and (never seen with valid input) a solver failure.
 """
 
 from __future__ import annotations
@@ -116,12 +117,15 @@ class PoseGraphNode(Node):
             self._skip("odometry with NaN or infinite values")
             return
         self._odom_frame = message.header.frame_id
-        before = sum(self.graph.skipped.values())
-        self.graph.add_odometry(stamp_to_ns(message.header.stamp), pose)
-        if sum(self.graph.skipped.values()) > before:
-            self._log_graph_skips()
+        stamp_ns = stamp_to_ns(message.header.stamp)
+        try:
+            self.graph.add_odometry(stamp_ns, pose)
+        except RuntimeError as exc:  # the solver: never seen with valid input, but it must not stop the node
+            self._skip(f"the solver failed on an odometry message ({str(exc).strip().splitlines()[0]})")
             return
-        self._publish_transform(message.header.stamp)
+        self._log_graph_skips()
+        if self.graph.newest_odometry_ns == stamp_ns:
+            self._publish_transform(message.header.stamp)
 
     def _on_loops(self, message: LoopCandidates) -> None:
         stamp_ns = stamp_to_ns(message.header.stamp)
@@ -134,7 +138,10 @@ class PoseGraphNode(Node):
                            "the map must be built in the odometry's frame")
                 continue
             p = candidate.keyframe_pose.position
-            self.graph.add_loop(stamp_ns, (p.x, p.y, p.z))
+            try:
+                self.graph.add_loop(stamp_ns, (p.x, p.y, p.z))
+            except RuntimeError as exc:
+                self._skip(f"the solver failed on a loop ({str(exc).strip().splitlines()[0]})")
         self._log_graph_skips()
 
     def _log_graph_skips(self) -> None:
@@ -145,7 +152,7 @@ class PoseGraphNode(Node):
 
     def _publish_transform(self, stamp) -> None:
         transform = self.graph.map_to_odom()
-        if transform is None:
+        if transform is None or self._odom_frame in ("", self._map_frame):
             return
         message = TransformStamped()
         message.header.stamp = stamp
