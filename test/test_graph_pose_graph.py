@@ -85,6 +85,15 @@ def test_repeated_matches_to_one_wrong_keyframe_do_not_support_each_other(revisi
     assert graph.loops == 0
 
 
+def test_several_candidates_of_one_image_and_loops_long_past_are_handled(revisit):
+    stamps, truth, odometry, loops, keyframes = revisit
+    several = [np.array([i, i + 1]) if len(ids) else ids for i, ids in enumerate(loops)]
+    several = [ids % len(keyframes) for ids in several]
+    corrected, graph = close_loops(stamps, odometry, several, keyframes)  # loops leave the support window
+    assert graph.skipped["loop without support"] == 0 and graph.loops > 0
+    assert ate_rmse(corrected, truth) < 0.3 * ate_rmse(np.array([p.position for p in odometry]), truth)
+
+
 def test_a_false_loop_beside_true_ones_does_not_raise_the_error(revisit):
     stamps, truth, odometry, loops, keyframes = revisit
     with_false = list(loops)

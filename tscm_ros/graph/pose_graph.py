@@ -97,7 +97,7 @@ def _loop_noise(config: PoseGraphConfig):
     return gtsam.noiseModel.Robust.Create(estimators[config.kernel].Create(config.kernel_width), gaussian)
 
 
-@dataclass
+@dataclass(eq=False)  # one loop is itself only (its fields hold arrays)
 class _Loop:
     """A loop placed on the graph: the node before its image, the odometry from that node to the image, where
     the odometry put the image, the keyframe's position, and whether it is in the graph yet."""
