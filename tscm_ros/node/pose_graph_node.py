@@ -9,7 +9,7 @@ Every candidate of a LoopCandidates message is a loop: the place recognition nod
 candidates, unless publish_unverified is on (a debugging setting; leave it off behind a back-end). Bad input is
 logged once per kind, counted and skipped, never fatal: odometry with NaN or infinite values, out of order or
 jumping implausibly, candidates whose keyframe has no pose, whose map frame is not the odometry frame, or
-whose stamp the odometry does not cover, and (never seen with valid input) a solver failure.
+whose stamp the odometry does not cover, and any failure of the back-end itself (logged, never fatal).
 """
 
 from __future__ import annotations
@@ -81,6 +81,11 @@ def graph_config(p: dict) -> PoseGraphConfig:
         raise ConfigError(f"parameter {exc}".replace("parameter pose graph ", "parameter ")) from None
 
 
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 class PoseGraphNode(Node):
     """The ROS 2 node; ``PoseGraph`` does the work."""
 
@@ -120,8 +125,8 @@ class PoseGraphNode(Node):
         stamp_ns = stamp_to_ns(message.header.stamp)
         try:
             self.graph.add_odometry(stamp_ns, pose)
-        except RuntimeError as exc:  # the solver: never seen with valid input, but it must not stop the node
-            self._skip(f"the solver failed on an odometry message ({str(exc).strip().splitlines()[0]})")
+        except Exception as exc:  # the solver, or a fault of ours: logged and counted, never fatal
+            self._skip(f"the back-end failed on an odometry message ({_first_line(exc)})")
             return
         self._log_graph_skips()
         if self.graph.newest_odometry_ns == stamp_ns:
@@ -140,8 +145,8 @@ class PoseGraphNode(Node):
             p = candidate.keyframe_pose.position
             try:
                 self.graph.add_loop(stamp_ns, (p.x, p.y, p.z))
-            except RuntimeError as exc:
-                self._skip(f"the solver failed on a loop ({str(exc).strip().splitlines()[0]})")
+            except Exception as exc:  # as for odometry
+                self._skip(f"the back-end failed on a loop ({_first_line(exc)})")
         self._log_graph_skips()
 
     def _log_graph_skips(self) -> None:
