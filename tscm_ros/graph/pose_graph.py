@@ -9,8 +9,8 @@ keyframe positions are fixed: the map is the reference.
 
 False loops are met twice:
 - A loop enters the graph only with support: another loop, within ``support_window_m`` of travel and taken
-  at least twice ``loop_sigma_m`` from it, whose keyframe lies as far from its own as the odometry says the
-  two images were (within ``loop_sigma_m``). A lone false loop, which the odometry's drift alone could not
+  at least ``node_spacing_m`` from it, whose keyframe, another one, lies as far from its own as the odometry
+  says the two images were (within ``loop_sigma_m``). A lone false loop, which the odometry's drift alone could not
   refute, never enters, nor do repeated matches to one wrong keyframe; a true revisit gives loops in a row
   that agree.
 - A robust kernel on the loops down-weights one that disagrees with the others and the odometry. Huber by
@@ -291,14 +291,13 @@ class PoseGraph:
         return "added"
 
     def _agree(self, first: _Loop, second: _Loop) -> bool:
-        """Whether two loops support each other: taken at least twice ``loop_sigma_m`` apart, their keyframes
-        lie as far apart as the odometry says the images were (within ``loop_sigma_m``), so at least
-        ``loop_sigma_m`` apart: repeated matches to one wrong keyframe do not support each other."""
+        """Whether two loops support each other: taken at least ``node_spacing_m`` apart, at keyframes at least
+        that far apart (repeated matches to one wrong keyframe do not support each other), which lie as far
+        apart as the odometry says the images were, within ``loop_sigma_m``."""
         travelled = float(np.linalg.norm(second.odometry_position - first.odometry_position))
-        if travelled < 2 * self.config.loop_sigma_m:
-            return False
         apart = float(np.linalg.norm(second.position - first.position))
-        return abs(apart - travelled) <= self.config.loop_sigma_m
+        spacing = self.config.node_spacing_m
+        return travelled >= spacing and apart >= spacing and abs(apart - travelled) <= self.config.loop_sigma_m
 
     def _add_pending(self) -> None:
         newest = self._odometry_stamps[-1]
