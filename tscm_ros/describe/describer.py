@@ -162,6 +162,7 @@ class Describer:
         self.batch_size = int(batch_size)
         self.calibration = calibration  # from the checkpoint; None: scores are raw similarity
         self.vocabulary = self._own_vocabulary = vocabulary if isinstance(model, VladNet) else None
+        self._adapts_to_map = isinstance(model, VladNet) and model.adapts_to_map
         self._network = prepare_for_inference(model).to(self.device)
         self._vocabulary_tensors = self._tensors(self.vocabulary)
         self._runner: Any = None
@@ -180,8 +181,8 @@ class Describer:
 
     @property
     def adapts_to_map(self) -> bool:
-        """Whether a map fits this model's vocabulary from its own images."""
-        return self.vocabulary is not None
+        """Whether a map fits this model's vocabulary from its own images (a distilled student keeps its own)."""
+        return self._adapts_to_map
 
     def with_vocabulary(self, vocabulary: Vocabulary) -> Describer:
         """This model with ``vocabulary`` in place of its own (sharing the network); its fingerprint combines
@@ -282,7 +283,8 @@ def load_named_model(model: str | Path | None) -> NamedModel:
     vocabulary = None
     if isinstance(loaded.model, VladNet):
         arrays = dict(zip(VOCABULARY_INPUTS, (t.numpy() for t in loaded.model.vlad.vocabulary_tensors())))
-        vocabulary = Vocabulary(**arrays, images=0, source="generic")
+        vocabulary = Vocabulary(**arrays, images=int(loaded.extra.get("vocabulary_images", 0)),
+                                source="generic" if loaded.model.adapts_to_map else "distilled")
     return NamedModel(loaded.model, loaded.preprocess, loaded.fingerprint,
                       str(loaded.model_config.get("name", loaded.kind)),
                       None if calibration is None else ScoreCalibration.from_dict(calibration, str(model)), vocabulary)

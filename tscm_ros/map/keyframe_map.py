@@ -113,7 +113,7 @@ class KeyframeMap:
         """An empty map for the descriptors of ``describer`` (a :class:`~tscm_ros.describe.describer.Describer`)."""
         return cls(describer.dim, describer.fingerprint, describer.preprocess_config.to_dict(), index_config,
                    model_name=describer.model_name, base_fingerprint=describer.base_fingerprint,
-                   vocabulary=describer.vocabulary)
+                   vocabulary=describer.vocabulary if describer.adapts_to_map else None)
 
     @classmethod
     def from_contents(cls, contents: MapContents, source: str) -> KeyframeMap:

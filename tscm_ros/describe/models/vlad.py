@@ -31,9 +31,10 @@ from tscm_ros.describe.models.options import REQUIRED, check_keys, config_sectio
 from tscm_ros.errors import ConfigError
 
 ASSIGNMENTS = ("hard", "soft")
+VOCABULARY_ORIGINS = ("map", "model")  # who provides a VladNet's vocabulary: each map, or the model itself
 FIT_TOKENS = 200_000  # tokens the fit sees at most, sampled with a fixed seed
 FIT_ITERATIONS = 25
-VOCABULARY_SOURCES = ("map", "generic")
+VOCABULARY_SOURCES = ("map", "generic", "distilled")
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ class Vocabulary:
 
     def describe(self) -> str:
         """One line for logs: where it comes from and its size."""
-        origin = f"fitted on {self.images} images of the map" if self.source == "map" else "the generic one"
+        origin = {"map": f"fitted on {self.images} images of the map", "generic": "the generic one",
+                  "distilled": f"distilled on {self.images} images"}[self.source]
         return f"vocabulary of {self.clusters} words ({origin})"
 
 
@@ -171,7 +173,12 @@ class VladNet(nn.Module):
         where = f"vlad config {config.get('name', '')!r}"
         check_keys(config, {"kind", "name", "seed", "backbone", "vlad"}, where)
         vlad = config_section(config, "vlad", {"clusters": REQUIRED, "token_dim": None, "assignment": "hard",
-                                               "softness": 20.0, "power": 1.0}, where)
+                                               "softness": 20.0, "power": 1.0, "vocabulary": "map"}, where)
+        if vlad["vocabulary"] not in VOCABULARY_ORIGINS:
+            raise ConfigError(f"{where}: vlad.vocabulary must be one of {VOCABULARY_ORIGINS}, "
+                              f"got {vlad['vocabulary']!r}")
+        # 'model': the vocabulary is part of the trained model (a distilled student's), and maps keep it
+        self.adapts_to_map = vlad["vocabulary"] == "map"
         self.name = str(config.get("name", "vlad"))
         self.backbone = build_backbone(config.get("backbone"), load_pretrained=load_pretrained)
         clusters = int(vlad["clusters"])
