@@ -59,7 +59,7 @@ import numpy as np
 
 from tscm_ros.io.geometry import Pose
 from tscm_ros.map.exclusion import Exclusion
-from tscm_ros.map.index import IndexConfig
+from tscm_ros.map.index import AUTO_PCA_DIM, IndexConfig
 from tscm_ros.map.keyframe_map import KeyframeMap, KeyframeMeta
 
 RANK = 256
@@ -168,19 +168,30 @@ class Descriptors:
         return x
 
 
-def real_descriptor_sets(directory: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def real_descriptor_sets(directory: str, student: bool = False) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(references, queries, each query's nearest matching reference) of every revisit set under ``directory``,
-    described by the shipped default with a vocabulary fitted on the set's references, as build_map does."""
+    described by the shipped default with a vocabulary fitted on the set's references, as build_map does, or
+    with ``student`` by the distilled student, distilled on the set's references as ``train student --bag`` does."""
+    import tempfile
+
     from tscm_ros.describe.describer import describer_for
     from tscm_ros.io.revisit_set import find_revisit_sets, read_rgb
+    from tscm_ros.train.distillation import STUDENT_FILE, distil, load_distill_config
 
     describer = describer_for("default")
     sets = []
     for revisit_set in find_revisit_sets(directory):
         references = [read_rgb(path) for path in revisit_set.references]
-        _, maps = describer.describe_with_maps(references)
-        adapted = describer.with_vocabulary(describer.fit_vocabulary([m[0] for m in maps]))
-        refs = adapted.aggregate(maps)
+        if student:
+            with tempfile.TemporaryDirectory() as run:
+                distil(lambda: references, len(references), run, load_distill_config(None), revisit_set.name,
+                       show_progress=False)
+                adapted = describer_for(os.path.join(run, STUDENT_FILE))
+            refs = adapted.describe(references)
+        else:
+            _, maps = describer.describe_with_maps(references)
+            adapted = describer.with_vocabulary(describer.fit_vocabulary([m[0] for m in maps]))
+            refs = adapted.aggregate(maps)
         queries = adapted.describe([read_rgb(path) for path in revisit_set.queries])
         nearest = [matches[np.argmin(((refs[list(matches)] - query) ** 2).sum(axis=1))]
                    for query, matches in zip(queries, revisit_set.matches)]
@@ -196,15 +207,19 @@ class Config:
     sweep: list[dict] = field(default_factory=lambda: [{}])  # search settings measured on the built map
 
 
-def configurations(pca_dims: Sequence[int], n: int, ef_search: Sequence[int] = (128, 256, 512)) -> list[Config]:
+def configurations(pca_dims: Sequence[int], n: int, ef_search: Sequence[int] = (128, 256, 512),
+                   dim: int = 3840) -> list[Config]:
     """What is compared, for each PCA dimension; HNSW and re-ranking use the KeyframeMap defaults (M 32,
     efConstruction 200, efSearch 128, k_factor 4). Plain full-dimension HNSW and PCA without re-ranking only
     run up to 10k keyframes (they show what PCA alone loses; their builds dominate the run time). Above
-    FULL_DESCRIPTOR_LIMIT only configurations without a float32 copy of the full descriptors run."""
+    FULL_DESCRIPTOR_LIMIT only configurations without a float32 copy of the full descriptors run. Compact
+    descriptors (``dim`` up to 2 * AUTO_PCA_DIM, the distilled student's) get plain HNSW with the efSearch sweep
+    at every size: it stores them once, at 2 GiB for 1M 512-d keyframes."""
+    compact = dim <= 2 * AUTO_PCA_DIM
     ef = [{"ef_search": value} for value in ef_search]
     probes = [{"nprobe": 32}, {"nprobe": 64}, {"nprobe": 128}]
     candidates = [(Config("exact", IndexConfig()), FULL_DESCRIPTOR_LIMIT),
-                  (Config("hnsw", IndexConfig(type="hnsw")), 10_000)]
+                  (Config("hnsw", IndexConfig(type="hnsw"), ef if compact else [{}]), None if compact else 10_000)]
     for pca_dim in pca_dims:
         hnsw = IndexConfig(type="hnsw", pca_dim=pca_dim)
         ivf = IndexConfig(type="ivfpq", pca_dim=pca_dim, nprobe=32)
@@ -278,7 +293,7 @@ def run_size(n: int, data: Descriptors, args: argparse.Namespace) -> str:
     best_allowed_distance = np.full(len(queries), np.inf, np.float32)
     best_allowed_id = np.full(len(queries), -1, np.int64)
     chunked_exact = n > FULL_DESCRIPTOR_LIMIT
-    configs = [c for c in configurations(args.pca_dims, n, args.ef_search)
+    configs = [c for c in configurations(args.pca_dims, n, args.ef_search, args.dim)
                if not args.configs or c.name in args.configs]
     maps = {c.name: KeyframeMap(args.dim, "synthetic", {}, c.index, model_name="synthetic") for c in configs}
     build_seconds = dict.fromkeys(maps, 0.0)
@@ -393,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", metavar="DIR", default=None,
                         help="revisit sets (ref/, query/, gt.csv) whose default-model descriptors the generator's "
                              "statistics are fitted on (default: the hand-set power-law statistics)")
+    parser.add_argument("--student", action="store_true",
+                        help="with --real: the distilled student's descriptors (512-d; distilled on each set's "
+                             "references), not the default's")
     parser.add_argument("--query-noise", type=float, default=QUERY_NOISE,
                         help="without --real: query perturbation in units of the in-place spread (higher: harder)")
     parser.add_argument("--seed", type=int, default=0)
@@ -400,12 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="", help="comma-separated configuration names to run (default: all)")
     args = parser.parse_args(argv)
     if args.dim is None:
-        args.dim = shipped_dimension()
+        args.dim = 512 if args.student else shipped_dimension()
     args.ef_search = [int(v) for v in args.ef_search.split(",")]
     args.pca_dims = [int(v) for v in args.pca_dims.split(",")]
     args.configs = [name for name in args.configs.split(",") if name]
     if args.real:
-        data = Descriptors.fitted(real_descriptor_sets(args.real), args.seed, args.real)
+        data = Descriptors.fitted(real_descriptor_sets(args.real, args.student), args.seed,
+                                  f"{args.real} ({'distilled student' if args.student else 'default model'})")
         if data.dim != args.dim:
             parser.error(f"--dim {args.dim} differs from the {data.dim}-d descriptors of --real")
     else:

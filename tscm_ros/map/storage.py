@@ -227,8 +227,8 @@ def _refuse_other_model(root: Path, manifest: dict, expected_fingerprint: str,
         raise MapError(
             f"map {root} was built with an earlier version of {built_with} (fingerprint "
             f"{manifest['base_model_fingerprint']}; the loaded one is {expected_fingerprint}), for example the "
-            f"previous default model: rebuild the map with build_map, or use --model with the checkpoint it "
-            f"was built with")
+            f"previous default model, or a student distilled again from the same recording: rebuild the map with "
+            f"build_map, or use --model with the checkpoint it was built with")
     raise MapError(
         f"map {root} was built with model {built_with} (fingerprint {manifest['base_model_fingerprint']}); "
         f"the loaded model {loaded}has fingerprint {expected_fingerprint}. Use --model with the checkpoint "
