@@ -39,8 +39,8 @@ from tscm_ros.train.distillation import STUDENT_FILE, distil, load_distill_confi
 SHIPPED = "shipped"
 # name -> changes to config/model_student_distilled.yaml: (backbone variant, input height, width, token_dim, clusters)
 VARIANTS = {
-    SHIPPED: (0, 144, 192, 32, 16),
-    "lite0 120x160": (0, 120, 160, 32, 16),
+    SHIPPED: (0, 120, 160, 32, 16),
+    "lite0 144x192": (0, 144, 192, 32, 16),
     "lite0 192x256": (0, 192, 256, 32, 16),
     "lite0 144x192 64x8": (0, 144, 192, 64, 8),
 }

@@ -77,6 +77,26 @@ def test_students_map_serves_the_node_over_dds(student, route_reference, tmp_pat
         harness.close()
 
 
+def test_the_student_maps_online_and_its_map_reloads(student, tmp_path, reference_frames):
+    """Mapping mode with the student: the map keeps no vocabulary of its own, finds a revisit, and saves."""
+    from tscm_ros.map.keyframe_map import KeyframeMap
+
+    map_dir = tmp_path / "online_map"
+    harness = Harness({"mapping": True, "map_path": str(map_dir), "model_path": str(student / "student.pt"),
+                       "keyframe_min_distance_m": 0.0, "keyframe_min_interval_s": 0.0, "exclude_recent_s": 0.0,
+                       "min_score": 0.0, **RETRIEVAL_ONLY})
+    try:
+        for frame in reference_frames[:6]:
+            harness.send(image_message(frame.image, frame.stamp_ns))
+        first = reference_frames[0]
+        again = harness.send(image_message(first.image, first.stamp_ns + 1))
+        assert again.candidates[0].keyframe_id == 0
+    finally:
+        harness.close()
+    saved = KeyframeMap.load(map_dir)
+    assert len(saved) == 7 and saved.vocabulary is None and saved.model_name.startswith("tscm_student_distilled")
+
+
 def test_a_student_from_another_map_is_refused_naming_both(student, route_reference, route_query, tmp_path):
     other = tmp_path / "other"
     assert train.main(["student", "--bag", str(route_query), "--out", str(other), *QUICK]) == 0

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train", description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="{teacher,student}")
-    kinds_help = (("teacher", "train the teacher (triplet loss)"), ("student", "distil the student from a teacher"))
+    kinds_help = (("teacher", "train the teacher (triplet loss)"),
+                  ("student", "distil the compact student from a recording (--bag, no labels) or from a trained "
+                   "teacher (--data)"))
     for kind, help_text in kinds_help:
         sub = kinds.add_parser(kind, help=help_text, description=help_text)
         if kind == "student":

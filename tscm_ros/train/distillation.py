@@ -13,7 +13,8 @@ Steps, each resumable from the run directory:
    tscm_ros/train/augment.py does, seeded per frame and view), in float16.
 2. The teacher describes every frame: a teacher with a vocabulary fits it on these frames first, as
    build_map does.
-3. The student's vocabulary starts as k-means on its tokens of the recorded views, then learns by cross-metric distillation (TSCM's
+3. The student's vocabulary starts as k-means on its tokens of the recorded views (the augmented ones would
+   steer the token projection towards the augmentations), then learns by cross-metric distillation (TSCM's
    idea: match distances, not only targets): for a batch of views of different frames, the student's cosine
    similarities between the views are to reproduce the teacher's between their frames, as distributions
    over the batch (listwise KL divergence at a temperature) and as values (squared difference). Two views of
