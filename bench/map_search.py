@@ -220,7 +220,7 @@ def configurations(pca_dims: Sequence[int], n: int, ef_search: Sequence[int] = (
     probes = [{"nprobe": 32}, {"nprobe": 64}, {"nprobe": 128}]
     candidates = [(Config("exact", IndexConfig()), FULL_DESCRIPTOR_LIMIT),
                   (Config("hnsw", IndexConfig(type="hnsw"), ef if compact else [{}]), None if compact else 10_000)]
-    for pca_dim in pca_dims:
+    for pca_dim in (d for d in pca_dims if d < dim):
         hnsw = IndexConfig(type="hnsw", pca_dim=pca_dim)
         ivf = IndexConfig(type="ivfpq", pca_dim=pca_dim, nprobe=32)
         candidates += [

@@ -4,6 +4,7 @@ serving build_map and the node over DDS, resuming, and the refusals."""
 from __future__ import annotations
 
 import csv
+import logging
 
 import numpy as np
 import pytest
@@ -41,9 +42,8 @@ def test_distillation_from_a_bag_gives_a_compact_student_that_keeps_its_vocabula
 
 
 def test_distilled_student_learns_the_teachers_metric(tmp_path, route_reference, route_query):
-    """Distilling brings the student's ranking closer to the teacher's, from its k-means start, on frames it
-    never saw (the other traversal): more queries share the teacher's top-1, and the similarities correlate
-    better."""
+    """Distilling brings the student's similarities closer to the teacher's, from its k-means start, on frames it
+    never saw (the other traversal): they correlate better, and no fewer queries share the teacher's top-1."""
     from tscm_ros.io.bag import FrameSource
 
     frames = [frame.image for frame in FrameSource(route_reference).open()]
@@ -60,7 +60,17 @@ def test_distilled_student_learns_the_teachers_metric(tmp_path, route_reference,
         similarity = student.describe(unseen) @ student.describe(frames).T
         agreement.append(float(np.mean(similarity.argmax(axis=1) == target.argmax(axis=1))))
         correlation.append(float(np.mean([np.corrcoef(s, t)[0, 1] for s, t in zip(similarity, target)])))
-    assert agreement[1] > agreement[0] and correlation[1] > correlation[0], (agreement, correlation)
+    assert correlation[1] > correlation[0] + 0.02 and agreement[1] >= agreement[0], (agreement, correlation)
+
+
+def test_a_teacher_without_a_vocabulary_teaches_from_its_descriptors(route_reference, tmp_path):
+    """Any model can teach: the pretrained GeM baseline (no vocabulary to fit) gives its descriptors."""
+    from tscm_ros.io.bag import FrameSource
+
+    frames = [frame.image for frame in FrameSource(route_reference).open()][:12]
+    result = distil(lambda: frames, len(frames), tmp_path / "run", DistillConfig(teacher="pretrained", epochs=1,
+                    views=2), "reference", show_progress=False)
+    assert result.teacher == "gem_baseline_offline" and result.frames == 12
 
 
 def test_students_map_serves_the_node_over_dds(student, route_reference, tmp_path, reference_frames):
@@ -109,15 +119,18 @@ def test_a_student_from_another_map_is_refused_naming_both(student, route_refere
     assert f"({route_reference.name})" in message and f"({route_query.name})" in message, message
 
 
-def test_an_interrupted_distillation_resumes_and_recomputes_nothing(student, route_reference, tmp_path):
+def test_an_interrupted_distillation_resumes_and_recomputes_nothing(student, route_reference, tmp_path, caplog):
     run = tmp_path / "run"
     assert train.main(["student", "--bag", str(route_reference), "--out", str(run), "--set", "epochs=1",
                        "--set", "views=2", "--no-progress"]) == 0
     features = sorted((run / "features").iterdir())
     written = [path.stat().st_mtime_ns for path in features]
     (run / "student.pt").unlink()  # as if stopped before the end
-    assert train.main(["student", "--bag", str(route_reference), "--out", str(run), "--resume", "--set", "epochs=2",
-                       "--no-progress"]) == 0
+    with caplog.at_level(logging.INFO, logger="train"):
+        assert train.main(["student", "--bag", str(route_reference), "--out", str(run), "--resume",
+                           "--set", "epochs=2", "--no-progress"]) == 0
+    log = caplog.text
+    assert "resuming after epoch 1 of 2" in log and "epoch 1/2" not in log, log
     assert [path.stat().st_mtime_ns for path in features] == written
     with (run / "metrics.csv").open() as stream:
         assert [row["epoch"] for row in csv.DictReader(stream)] == ["1", "2"]
@@ -125,12 +138,24 @@ def test_an_interrupted_distillation_resumes_and_recomputes_nothing(student, rou
     assert load_checkpoint(run / "student.pt").fingerprint == load_checkpoint(student / "student.pt").fingerprint
 
 
-def test_bad_settings_and_runs_are_clear_errors(student, route_reference, tmp_path, capsys):
+def test_bad_settings_and_runs_are_clear_errors(student, route_reference, route_query, tmp_path, capsys):
     with pytest.raises(ConfigError, match="lr"):
         load_distill_config(None, ["lr=.nan"])
     with pytest.raises(ConfigError, match="vocabulary: model"):
         student_model_config(DistillConfig(model="vlad_default"))  # the default is no student
+    with pytest.raises(ConfigError, match="seed"):
+        load_distill_config(None, ["seed=-1"])
     assert train.main(["student", "--bag", str(route_reference), "--out", str(student), *QUICK]) == 2
     assert "not empty" in capsys.readouterr().err
+    # a bad teacher fails before the run directory exists, so the corrected command starts afresh
+    assert train.main(["student", "--bag", str(route_reference), "--out", str(tmp_path / "typo"),
+                       "--teacher", str(tmp_path / "no_such.pt"), *QUICK]) == 2
+    assert "no_such.pt" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    # resuming on another recording, or with fewer epochs than done, is refused
+    assert train.main(["student", "--bag", str(route_query), "--out", str(student), "--resume", *QUICK]) == 2
+    assert "another recording" in capsys.readouterr().err
+    assert train.main(["student", "--bag", str(route_reference), "--out", str(student), "--resume",
+                       "--set", "epochs=1", "--no-progress"]) == 2
+    assert "epochs >= 2" in capsys.readouterr().err
     assert train.main(["student", "--bag", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]) == 2
     assert "no such bag" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -53,6 +54,7 @@ from tscm_ros.train.config import _read_yaml, default_config_path, parse_overrid
 LOG = logging.getLogger("train")
 CHUNK_FRAMES = 256  # frames per feature file
 STUDENT_FILE, LAST_FILE, METRICS_FILE, CONFIG_FILE = "student.pt", "last.pt", "metrics.csv", "config.yaml"
+RECORDING_FILE = "recording.json"  # which recording (name, frames) a run learns from: --resume must give the same
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,8 @@ class DistillConfig:
                     value <= 0 if name != "similarity_weight" else value < 0):
                 raise ConfigError(f"distillation setting {name} must be a finite number "
                                   f"{'>= 0' if name == 'similarity_weight' else '> 0'}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"distillation setting seed must be an integer >= 0, got {self.seed!r}")
         if self.device != "auto" and not (self.device == "cpu" or str(self.device).startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         self.augmentation()
@@ -196,34 +200,47 @@ def _feature_file(out: Path, chunk: int) -> Path:
     return out / "features" / f"chunk_{chunk:05d}.npz"
 
 
-def _write_features(path: Path, numbers: list[int], teacher_maps: np.ndarray, student_tokens: np.ndarray) -> None:
+FEATURES_DONE = "features/complete.json"  # the chunks there are, once every frame was read
+TEACHER_KEYS = ("teacher_maps", "teacher_descriptors")  # a teacher's feature maps (it fits a vocabulary), or not
+
+
+def _write_features(path: Path, numbers: list[int], teacher: tuple[str, np.ndarray],
+                    student_tokens: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as temp, open(temp, "wb") as stream:
-        np.savez(stream, frames=np.asarray(numbers), teacher_maps=teacher_maps, student_tokens=student_tokens)
+        np.savez(stream, frames=np.asarray(numbers), student_tokens=student_tokens, **{teacher[0]: teacher[1]})
 
 
 def _read_features(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in ("frames", "teacher_maps", "student_tokens")}
-    except (OSError, KeyError, ValueError) as exc:
+            teacher = [key for key in TEACHER_KEYS if key in data.files]
+            return {name: data[name] for name in ("frames", "student_tokens", *teacher[:1])} | {"teacher": teacher[0]}
+    except (OSError, KeyError, ValueError, IndexError) as exc:
         raise ConfigError(f"{path} is damaged ({exc}); delete it and run again with --resume") from exc
 
 
 def compute_features(frames: Callable[[], Iterable[np.ndarray]], count: int, out: Path, config: DistillConfig,
                      teacher: Describer, student: Describer, show_progress: bool) -> list[Path]:
-    """Step 1 of the module doc: the feature files of the kept frames, computing only the missing ones."""
+    """Step 1 of the module doc: the feature files of the kept frames, computing only the missing ones.
+    Frames the recording counts but cannot decode are not there; the chunks read are recorded once all are."""
+    done = out / FEATURES_DONE
+    if done.is_file():
+        return [_feature_file(out, c) for c in range(json.loads(done.read_text(encoding="utf-8"))["chunks"])]
     keep = _thinned(count, config.max_frames)
     augment = config.augmentation()
-    files = [_feature_file(out, c) for c in range((len(keep) + CHUNK_FRAMES - 1) // CHUNK_FRAMES)]
-    if all(path.is_file() for path in files):
-        return files
+    chunks = 0
     bar = progress_bar(total=len(keep), desc="distil: teacher and student features", unit="frame",
                        enabled=show_progress)
     with bar:
         for chunk, numbers, images in _chunks(frames(), keep):
-            if not files[chunk].is_file():
-                teacher_maps = np.stack([maps[0] for maps in teacher.describe_with_maps(images)[1]])
+            chunks = chunk + 1
+            path = _feature_file(out, chunk)
+            if not path.is_file():
+                if teacher.adapts_to_map:
+                    taught = ("teacher_maps", np.stack([maps[0] for maps in teacher.describe_with_maps(images)[1]]))
+                else:
+                    taught = ("teacher_descriptors", teacher.describe(images))
                 views = []
                 for view in range(config.views):
                     if view == 0:
@@ -234,12 +251,13 @@ def compute_features(frames: Callable[[], Iterable[np.ndarray]], count: int, out
                     views.append(np.stack([maps[0] for maps in student.describe_with_maps(shown)[1]]))
                 tokens = feature_map_to_tokens(torch.from_numpy(np.stack(views, axis=1).reshape(
                     -1, *views[0].shape[1:]))).numpy().reshape(len(images), config.views, -1, views[0].shape[1])
-                _write_features(files[chunk], numbers, teacher_maps.astype(np.float16), tokens.astype(np.float16))
+                _write_features(path, numbers, (taught[0], taught[1].astype(np.float16)), tokens.astype(np.float16))
             bar.update(len(images))
-    missing = [path for path in files if not path.is_file()]
-    if missing:
-        raise ConfigError(f"the recording gave fewer frames than it counted ({count}): {missing[0]} was not written")
-    return files
+    if chunks == 0:
+        raise ConfigError("the recording gave no frame that could be decoded")
+    with atomic_file(done) as temp:
+        temp.write_text(json.dumps({"chunks": chunks}), encoding="utf-8")
+    return [_feature_file(out, c) for c in range(chunks)]
 
 
 def _listwise_loss(student: torch.Tensor, target: torch.Tensor, config: DistillConfig) -> torch.Tensor:
@@ -281,30 +299,39 @@ def distil(frames: Callable[[], Iterable[np.ndarray]], count: int, out: str | Pa
         raise ConfigError(f"run directory {out} is not empty: give a new --out, or --resume to continue it")
     if count < 2:
         raise ConfigError(f"{recording}: distillation needs at least 2 frames, got {count}")
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / CONFIG_FILE
+    from tscm_ros.describe.describer import resolve_device
+
+    device = resolve_device(config.device)
+    model_config, preprocess = student_model_config(config)  # bad settings fail before the run directory exists
+    network = build_model(model_config)
+    teacher = _describer(config.teacher, device)
+    config_path, recording_path = out / CONFIG_FILE, out / RECORDING_FILE
+    source = {"recording": recording, "frames": count}
     if resume and config_path.is_file():
         saved = load_distill_config(config_path)
         if dataclasses.replace(saved, epochs=config.epochs) != config:
             raise ConfigError(f"{out} was started with other settings ({config_path}); resume with the same ones "
                               "(only epochs may change)")
+        if recording_path.is_file() and json.loads(recording_path.read_text(encoding="utf-8")) != source:
+            raise ConfigError(f"{out} was started on another recording ({recording_path}: "
+                              f"{recording_path.read_text(encoding='utf-8').strip()}), not {source}")
+    out.mkdir(parents=True, exist_ok=True)
     with atomic_file(config_path) as temp:
         temp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    from tscm_ros.describe.describer import resolve_device
-
-    device = resolve_device(config.device)
-    model_config, preprocess = student_model_config(config)
-    network = build_model(model_config)
-    teacher = _describer(config.teacher, device)
+    with atomic_file(recording_path) as temp:
+        temp.write_text(json.dumps(source), encoding="utf-8")
     student = Describer(network, preprocess, "untrained", "student", device, 32, "auto",
                         _placeholder_vocabulary(network))
     files = compute_features(frames, count, out, config, teacher, student, show_progress)
     features = [_read_features(path) for path in files]
-    teacher_maps = [m for f in features for m in f["teacher_maps"].astype(np.float32)]
     if teacher.adapts_to_map:
+        teacher_maps = [m for f in features for m in f["teacher_maps"].astype(np.float32)]
         teacher = teacher.with_vocabulary(teacher.fit_vocabulary(teacher_maps))
-    targets = torch.from_numpy(teacher.aggregate([(m,) for m in teacher_maps])).to(device)
-    del teacher_maps
+        targets = torch.from_numpy(teacher.aggregate([(m,) for m in teacher_maps])).to(device)
+        del teacher_maps
+    else:
+        targets = torch.nn.functional.normalize(torch.from_numpy(np.concatenate(
+            [f["teacher_descriptors"] for f in features]).astype(np.float32)), dim=1).to(device)
     tokens = torch.from_numpy(np.concatenate([f["student_tokens"] for f in features]))  # (N, V, T, C) float16
     frame_count, views = tokens.shape[:2]
     tokens = tokens.reshape(frame_count * views, *tokens.shape[2:])
@@ -326,6 +353,8 @@ def distil(frames: Callable[[], Iterable[np.ndarray]], count: int, out: str | Pa
                 param.copy_(saved)
         optimiser.load_state_dict(state["optimiser"])
         start, losses = int(state["epoch"]), list(state["losses"])
+        if start > config.epochs:
+            raise ConfigError(f"{out} has trained {start} epochs already; resume with epochs >= {start}")
         LOG.info("distil: resuming after epoch %d of %d", start, config.epochs)
     owner = torch.arange(frame_count).repeat_interleave(views)
     batch = min(config.batch_size, len(tokens))
