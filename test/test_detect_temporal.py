@@ -140,8 +140,15 @@ def test_evidence_is_the_smaller_of_the_margin_over_other_places_and_over_the_sa
 @pytest.mark.parametrize("settings, message", [
     ({"window": 1}, "window"), ({"window": 2.5}, "window"), ({"tolerance_m": -1.0}, "tolerance_m"),
     ({"tolerance_m": float("nan")}, "tolerance_m"), ({"max_gap_s": 0.0}, "max_gap_s"),
-    ({"max_gap_s": float("inf")}, "max_gap_s"),
+    ({"max_gap_s": float("inf")}, "max_gap_s"), ({"long_window": 5}, "long_window"),
+    ({"window": 25}, "long_window"), ({"long_window": -1}, "long_window"), ({"long_window": 30.0}, "long_window"),
 ])
 def test_the_settings_are_checked(settings, message):
     with pytest.raises(ConfigError, match=message):
         TemporalConfig(**settings)
+
+
+def test_the_sequence_lengths_scored():
+    assert TemporalConfig().windows == (5, 20)
+    assert TemporalConfig(window=3, long_window=0).windows == (3,)
+    assert TemporalConfig(window=25, long_window=40).windows == (25, 40)

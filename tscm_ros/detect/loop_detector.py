@@ -42,16 +42,25 @@ VERIFY_THREADS = 2  # OpenCV matching and RANSAC release the GIL: candidates are
 @dataclass
 class _SequenceState:
     """What sequence scoring needs of the map, rebuilt as the map changes: the normalisation sample, the
-    matchers along its order and (with poses) its path, and their null calibrations."""
+    matchers along its order and (with poses) its path, and their null calibrations, one per sequence length
+    (``TemporalConfig.windows``)."""
 
     count: int
     fingerprint: str
     normaliser: Normaliser
     by_order: SequenceMatcher
     by_path: SequenceMatcher | None
-    null_by_order: MapCalibration | None
-    null_by_path: MapCalibration | None
+    null_by_order: tuple[MapCalibration | None, ...]
+    null_by_path: tuple[MapCalibration | None, ...]
     null_inliers: MapCalibration | None
+
+
+def _strength(scale: tuple) -> float:
+    """The false-alarm rate of a sequence length's best candidate (``_sequence_scales``), inf where it has no
+    rate or may not be published."""
+    sequence, rates, consistent = scale
+    best = int(np.nanargmax(sequence))
+    return float(rates[best]) if rates is not None and consistent[best] else np.inf
 
 
 class LoopDetector:
@@ -91,7 +100,9 @@ class LoopDetector:
         self._source = source
         self._verification = verification
         self._intrinsics = intrinsics
-        self._temporal = None if temporal is None else TemporalConsistency(temporal)
+        self._temporal = temporal
+        self._sequences = [] if temporal is None else [
+            TemporalConsistency(replace(temporal, window=window, long_window=0)) for window in temporal.windows]
         self._sequence_state: _SequenceState | None = None
         self._auto_verify_min_side = int(auto_verify_min_side)
         self.temporal_basis = "off" if temporal is None else "no image yet"  # what temporal consistency measures along
@@ -132,10 +143,11 @@ class LoopDetector:
     def score_basis(self) -> str:
         """What ``score`` is, as ``_scores`` computes it (for /diagnostics)."""
         state = self._sequence_state
-        if state is not None and (state.null_by_order is not None or state.null_by_path is not None):
-            parts = [f"{name}: {null.summary()}" for name, null in (("along the path", state.null_by_path),
-                                                                   ("along the map's order", state.null_by_order))
-                     if null is not None]
+        if state is not None and any(null is not None for null in state.null_by_order + state.null_by_path):
+            parts = [f"{name}, {window} images: {null.summary()}"
+                     for name, nulls in (("along the path", state.null_by_path),
+                                         ("along the map's order", state.null_by_order))
+                     for window, null in zip(self._temporal.windows, nulls) if null is not None]
             if state.null_inliers is not None:
                 parts.append(f"verification of images {self._auto_verify_min_side} px and larger: inliers of a "
                              f"look-alike median {np.median(state.null_inliers.null):.0f}, 99th percentile "
@@ -188,16 +200,18 @@ class LoopDetector:
             return None
         if state is not None and state.count == count and state.fingerprint == self._map.model_fingerprint:
             return state
-        lengths, tolerance = self._map.path_lengths(np.arange(count)), self._temporal.config.tolerance_m
+        lengths, tolerance = self._map.path_lengths(np.arange(count)), self._temporal.tolerance_m
         by_order = SequenceMatcher(count, None, tolerance)
         by_path = None if np.isnan(lengths).any() else SequenceMatcher(count, lengths, tolerance)
         if state is None or state.fingerprint != self._map.model_fingerprint or count >= 2 * state.count:
             normaliser = Normaliser(normalisation_sample(self._map))
-            config = self._temporal.config
+            configs = [sequence.config for sequence in self._sequences]
             state = _SequenceState(count, self._map.model_fingerprint, normaliser, by_order, by_path,
-                                   estimate_sequence_null(self._map, config, by_order, normaliser),
-                                   None if by_path is None else estimate_sequence_null(self._map, config, by_path,
-                                                                                       normaliser),
+                                   tuple(estimate_sequence_null(self._map, config, by_order, normaliser)
+                                         for config in configs),
+                                   tuple(None if by_path is None
+                                         else estimate_sequence_null(self._map, config, by_path, normaliser)
+                                         for config in configs),
                                    None if self._auto_verify_min_side <= 0
                                    else estimate_inlier_null(self._map, normaliser, VerificationConfig()))
         else:  # grown, not doubled: new keyframes to place, the same null
@@ -221,25 +235,44 @@ class LoopDetector:
         state = self._sequence() if self._temporal is not None else None
         if state is not None:  # every image enters the history, whatever min_score
             along_path = position is not None and state.by_path is not None
-            matcher = state.by_path if along_path else state.by_order
-            null = state.null_by_path if along_path else state.null_by_order
-            sequence, backward = self._temporal.update(stamp_ns, position, descriptor, state.normaliser, matcher,
-                                                       self._map.descriptors, ids)
             self.temporal_basis = ("path, odometry" if along_path else "keyframe order, no odometry"
                                    if state.by_path is not None else "keyframe order (map without poses)")
-            if len(sequence) and not np.isnan(sequence).all():
-                supported = same_place[:, int(np.nanargmax(sequence))]
-                evidence = sequence_evidence(np.nan_to_num(sequence, nan=-np.inf), np.nan_to_num(backward, nan=0.0),
-                                             same_place)
-                scores = [m.score for m in matches] if null is None else null.score(evidence)
-                full = self._temporal.full
-                matches = [replace(match, score=float(score), sequence_score=float(value),
-                                   consistent=bool(full and support))
-                           for match, score, value, support in zip(matches, scores, sequence, supported)]
+            scales = self._sequence_scales(state, along_path, stamp_ns, position, descriptor, ids, same_place)
+            if not along_path and state.by_path is not None:  # a map with poses, a query without: the short one
+                scales = scales[:1]
+            if scales:
+                sequence, rates, consistent = min(scales, key=_strength)  # on a tie, the shortest
+                scores = ([m.score for m in matches] if rates is None
+                          else 1.0 - np.minimum(1.0, rates * len(scales)))
+                matches = [replace(match, score=float(score), sequence_score=float(value), consistent=bool(flag))
+                           for match, score, value, flag in zip(matches, scores, sequence, consistent)]
                 matches.sort(key=lambda m: -np.nan_to_num(m.sequence_score, nan=-np.inf))  # the evidence first
-                if null is not None and matches and matches[0].consistent:
+                if rates is not None and matches and matches[0].consistent:
                     matches[0], features = self._verification_evidence(image, matches[0], state.null_inliers)
         return [m for m in matches[: self._matching.k] if m.score >= self._matching.min_score], features
+
+    def _sequence_scales(self, state: _SequenceState, along_path: bool, stamp_ns: int, position, descriptor,
+                         ids: np.ndarray, same_place: np.ndarray) -> list[tuple]:
+        """Per sequence length (``TemporalConfig.windows``): the candidates' sequence scores, the false-alarm
+        rates of their evidence (None where that length has no null) and whether each is ``consistent`` (the
+        history of that length is full and the candidate shows the place of its best sequence). Every length
+        keeps its own history; lengths with no score for any candidate are left out. A map with poses queried
+        without odometry uses the short length alone (``_match``): its keyframes are spaced by distance and the
+        images come at any rate, and a straight path along the keyframe order drifts off over 20 images (on
+        rendered routes it published near misses 5-8 m off)."""
+        scales = []
+        nulls = state.null_by_path if along_path else state.null_by_order
+        matcher = state.by_path if along_path else state.by_order
+        for sequence_state, null in zip(self._sequences, nulls):
+            sequence, unordered = sequence_state.update(stamp_ns, position, descriptor, state.normaliser, matcher,
+                                                        self._map.descriptors, ids)
+            if not len(sequence) or np.isnan(sequence).all():
+                continue
+            evidence = sequence_evidence(np.nan_to_num(sequence, nan=-np.inf), np.nan_to_num(unordered, nan=0.0),
+                                         same_place)
+            consistent = same_place[:, int(np.nanargmax(sequence))] & sequence_state.full
+            scales.append((sequence, None if null is None else null.false_alarm_rate(evidence), consistent))
+        return scales
 
     def _verification_evidence(self, image: np.ndarray, match: Match,
                                null_inliers: MapCalibration | None) -> tuple[Match, LocalFeatures | None]:

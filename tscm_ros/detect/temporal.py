@@ -19,7 +19,8 @@ The current query counts with its similarity to ``j`` itself. A query with no ke
 similarity it has. A candidate's *sequence margin* is its sequence score minus the best sequence score of
 a candidate of another place: a look-alike seen once gets no support from the images before it, and a
 place that twins another keeps a small margin unless the sequence tells them apart.
-tscm_ros/detect/sequence_null.py turns the margin into a score without labels.
+tscm_ros/detect/sequence_null.py turns the margin into a score without labels. The detector scores two
+lengths of sequence (``TemporalConfig.windows``: 5 and 20 images), each with its own history and null.
 
 The history restarts after a gap longer than ``max_gap_s``; a candidate is ``consistent`` only once the
 history holds ``window`` queries and it is of the best sequence's place. Keyframes are assumed to be in
@@ -48,16 +49,26 @@ class TemporalConfig:
     """Settings of the sequence evidence; see the module doc."""
 
     window: int = 5
+    long_window: int = 20
     tolerance_m: float = 3.0
     max_gap_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.window, (int, np.integer)) and self.window >= 2):
             raise ConfigError(f"temporal consistency window must be an integer >= 2 images, got {self.window}")
+        if not (isinstance(self.long_window, (int, np.integer))
+                and (self.long_window == 0 or self.long_window > self.window)):
+            raise ConfigError("temporal consistency: long_window must be 0 (off) or an integer above window "
+                              f"({self.window}), got {self.long_window}")
         if not (np.isfinite(self.tolerance_m) and self.tolerance_m >= 0):
             raise ConfigError(f"temporal consistency: tolerance_m must be finite and >= 0, got {self.tolerance_m}")
         if not (np.isfinite(self.max_gap_s) and self.max_gap_s > 0):
             raise ConfigError(f"temporal consistency: max_gap_s must be finite and > 0, got {self.max_gap_s}")
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        """The sequence lengths scored: ``window``, and ``long_window`` unless it is 0."""
+        return (self.window,) if self.long_window == 0 else (self.window, self.long_window)
 
 
 class Normaliser:

@@ -88,6 +88,8 @@ PARAMETERS = [
               "order: along its path with poses, along its keyframe order without; the score is then that of the "
               "sequence, calibrated on the map's own sequences (tscm_ros/detect/temporal.py, sequence_null.py)"),
     Parameter("temporal_window", 5, "temporal consistency: images in the sequence, the current one included (>= 2)"),
+    Parameter("temporal_long_window", 20, "temporal consistency: a second, longer sequence scored beside it (each with "
+              "its own calibration; a candidate takes the stronger, its false-alarm rate doubled); 0 = off"),
     Parameter("temporal_tolerance_m", 3.0, "temporal consistency with poses: how far from where the odometry puts an "
               "earlier image its keyframe may be, metres"),
     Parameter("publish_unverified", False, "also publish candidates that failed verification or temporal "
@@ -174,7 +176,8 @@ def check_runtime_values(values: dict) -> None:
 def stages(p: dict) -> tuple[VerificationConfig | None, TemporalConfig | None, CameraIntrinsics | None]:
     """The verification and temporal-consistency stages the parameters switch on, and the fixed intrinsics."""
     verification = VerificationConfig(min_inliers=p["min_inliers"]) if p["verify"] else None
-    temporal = (TemporalConfig(window=p["temporal_window"], tolerance_m=p["temporal_tolerance_m"])
+    temporal = (TemporalConfig(window=p["temporal_window"], long_window=p["temporal_long_window"],
+                               tolerance_m=p["temporal_tolerance_m"])
                 if p["temporal_consistency"] else None)
     try:
         intrinsics = CameraIntrinsics.from_values(str(p["camera_intrinsics"]).replace(",", " ").split())
