@@ -171,3 +171,28 @@ def test_the_default_gate_publishes_a_revisit_in_order_and_not_a_look_alike_with
         assert not stranger.process(query(vector), (2000 + t) * SECOND).accepted
     look_alike = stranger.process(query(places[15]), 2004 * SECOND)
     assert not look_alike.accepted
+
+
+
+def test_no_candidate_scores_above_the_best_sequences_keyframe():
+    """On a route whose neighbours look alike, a neighbour of the best sequence's keyframe has that keyframe
+    beside it, not among its other places, so its own margin can be the larger: it must not be published where
+    the best one is not (6 of 58 images scored a neighbour higher before)."""
+    rng = np.random.default_rng(0)
+    raw = rng.random((60, 64)) ** 4
+    places = raw.copy()
+    for i in range(1, 60):
+        places[i] = 0.7 * places[i - 1] + 0.3 * raw[i]
+    keyframe_map = KeyframeMap(64, WideDescriber.fingerprint, {}, model_name=WideDescriber.model_name)
+    keyframe_map.add((places / np.linalg.norm(places, axis=1, keepdims=True)).astype(np.float32),
+                     [KeyframeMeta(stamp_ns=i * SECOND, pose=None, bag="route") for i in range(60)])
+    noise = np.random.default_rng(5)
+    detector = LoopDetector(WideDescriber(), keyframe_map, MatchingConfig(k=20, min_score=0.0),
+                            temporal=TemporalConfig())
+    checked = 0
+    for t, k in enumerate(range(2, 60)):
+        candidates = detector.process(wide_image(places[k] + noise.random(64)), (1000 + t) * SECOND).candidates
+        if candidates and candidates[0].consistent:
+            assert all(c.score <= candidates[0].score for c in candidates)
+            checked += 1
+    assert checked >= 40

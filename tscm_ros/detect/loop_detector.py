@@ -20,6 +20,7 @@ import numpy as np
 from tscm_ros.describe.local_features import LocalFeatures, extract_local_features
 from tscm_ros.detect.detection import Detection, Match, MatchingConfig
 from tscm_ros.detect.sequence_null import estimate_sequence_null
+from tscm_ros.detect.stream_null import SEARCHED, StreamNull, wrong_place_candidates
 from tscm_ros.detect.temporal import (
     Normaliser,
     SequenceMatcher,
@@ -104,6 +105,7 @@ class LoopDetector:
         self._sequences = [] if temporal is None else [
             TemporalConsistency(replace(temporal, window=window, long_window=0)) for window in temporal.windows]
         self._sequence_state: _SequenceState | None = None
+        self._stream = StreamNull()
         self._auto_verify_min_side = int(auto_verify_min_side)
         self.temporal_basis = "off" if temporal is None else "no image yet"  # what temporal consistency measures along
         if self._temporal is not None:
@@ -152,6 +154,7 @@ class LoopDetector:
                 parts.append(f"verification of images {self._auto_verify_min_side} px and larger: inliers of a "
                              f"look-alike median {np.median(state.null_inliers.null):.0f}, 99th percentile "
                              f"{np.quantile(state.null_inliers.null, 0.99):.0f}")
+            parts.append(self._stream.summary(state.normaliser.map_spread))
             return "sequence margins, " + "; ".join(parts)
         if self._map.calibration is not None:
             return self._map.calibration.summary()
@@ -226,7 +229,9 @@ class LoopDetector:
         map's null of sequence margins (tscm_ros/detect/sequence_null.py), and a candidate is ``consistent``
         when it shows the place of the best sequence and the history is full."""
         features = None
-        pool = self._map.query(descriptor, max(self._matching.k, POOL), exclusion, 0.0)
+        size = max(self._matching.k, POOL)
+        found = self._map.query(descriptor, size if self._temporal is None else max(size, SEARCHED), exclusion, 0.0)
+        pool = found[:size]
         ids = np.array([c.keyframe_id for c in pool], dtype=np.int64)
         similarities = np.array([c.score for c in pool], dtype=np.float64)
         same_place = self._map.same_place(ids, ids)
@@ -237,13 +242,16 @@ class LoopDetector:
             along_path = position is not None and state.by_path is not None
             self.temporal_basis = ("path, odometry" if along_path else "keyframe order, no odometry"
                                    if state.by_path is not None else "keyframe order (map without poses)")
-            scales = self._sequence_scales(state, along_path, stamp_ns, position, descriptor, ids, same_place)
-            if not along_path and state.by_path is not None:  # a map with poses, a query without: the short one
-                scales = scales[:1]
+            used = 1 if not along_path and state.by_path is not None else len(self._sequences)
+            self._stream.observe(state.normaliser.spread(descriptor))
+            scales = self._sequence_scales(state, along_path, stamp_ns, position, descriptor, ids, same_place,
+                                           np.array([c.keyframe_id for c in found], dtype=np.int64), used)
             if scales:
                 sequence, rates, consistent = min(scales, key=_strength)  # on a tie, the shortest
-                scores = ([m.score for m in matches] if rates is None
-                          else 1.0 - np.minimum(1.0, rates * len(scales)))
+                scores = ([m.score for m in matches] if rates is None  # none above the best sequence's:
+                          else np.minimum(*np.broadcast_arrays(  # its neighbour is not the likelier revisit
+                              1.0 - np.minimum(1.0, rates * len(scales)),
+                              1.0 - min(1.0, rates[int(np.nanargmax(sequence))] * len(scales)))))
                 matches = [replace(match, score=float(score), sequence_score=float(value), consistent=bool(flag))
                            for match, score, value, flag in zip(matches, scores, sequence, consistent)]
                 matches.sort(key=lambda m: -np.nan_to_num(m.sequence_score, nan=-np.inf))  # the evidence first
@@ -252,27 +260,49 @@ class LoopDetector:
         return [m for m in matches[: self._matching.k] if m.score >= self._matching.min_score], features
 
     def _sequence_scales(self, state: _SequenceState, along_path: bool, stamp_ns: int, position, descriptor,
-                         ids: np.ndarray, same_place: np.ndarray) -> list[tuple]:
-        """Per sequence length (``TemporalConfig.windows``): the candidates' sequence scores, the false-alarm
-        rates of their evidence (None where that length has no null) and whether each is ``consistent`` (the
-        history of that length is full and the candidate shows the place of its best sequence). Every length
-        keeps its own history; lengths with no score for any candidate are left out. A map with poses queried
-        without odometry uses the short length alone (``_match``): its keyframes are spaced by distance and the
-        images come at any rate, and a straight path along the keyframe order drifts off over 20 images (on
-        rendered routes it published near misses 5-8 m off)."""
+                         ids: np.ndarray, same_place: np.ndarray, found: np.ndarray, used: int) -> list[tuple]:
+        """Per sequence length (``TemporalConfig.windows``, the first ``used`` of them): the candidates'
+        sequence scores, the false-alarm rates of their evidence (None where that length has no null; the map's
+        null and the stream's, tscm_ros/detect/stream_null.py) and whether each is ``consistent`` (the history
+        of that length is full and the candidate shows the place of its best sequence). Every length keeps its
+        own history; lengths with no score for any candidate are left out. A map with poses queried without
+        odometry uses the short length alone (``_match``): its keyframes are spaced by distance and the images
+        come at any rate, and a straight path along the keyframe order drifts off over 20 images (on rendered
+        routes it published near misses 5-8 m off). ``found``: the candidates searched for wrong places."""
         scales = []
         nulls = state.null_by_path if along_path else state.null_by_order
         matcher = state.by_path if along_path else state.by_order
-        for sequence_state, null in zip(self._sequences, nulls):
+        for index, (sequence_state, null) in enumerate(zip(self._sequences, nulls)):
             sequence, unordered = sequence_state.update(stamp_ns, position, descriptor, state.normaliser, matcher,
                                                         self._map.descriptors, ids)
-            if not len(sequence) or np.isnan(sequence).all():
+            if index >= used or not len(sequence) or np.isnan(sequence).all():
                 continue
             evidence = sequence_evidence(np.nan_to_num(sequence, nan=-np.inf), np.nan_to_num(unordered, nan=0.0),
                                          same_place)
-            consistent = same_place[:, int(np.nanargmax(sequence))] & sequence_state.full
-            scales.append((sequence, None if null is None else null.false_alarm_rate(evidence), consistent))
+            best = int(np.nanargmax(sequence))
+            consistent = same_place[:, best] & sequence_state.full
+            key = (along_path, sequence_state.config.window)
+            rates = None
+            if null is not None:
+                rates = self._stream.false_alarm_rate(key, evidence, null, state.normaliser.map_spread)
+                if sequence_state.full:
+                    self._add_wrong_place(key, sequence_state, state, matcher, descriptor, found, int(ids[best]))
+            scales.append((sequence, rates, consistent))
         return scales
+
+    def _add_wrong_place(self, key: tuple[bool, int], sequence_state: TemporalConsistency, state: _SequenceState,
+                         matcher: SequenceMatcher, descriptor: np.ndarray, found: np.ndarray, top: int) -> None:
+        """The stream's sample of a wrong place's evidence for this image (tscm_ros/detect/stream_null.py)."""
+        others = wrong_place_candidates(self._map, state.normaliser, descriptor, found, top,
+                                        sequence_state.config.window, POOL)
+        if len(others) < 2:
+            return
+        sequence, unordered = sequence_state.scores(state.normaliser, matcher, self._map.descriptors, others)
+        if np.isnan(sequence).all():
+            return
+        evidence = sequence_evidence(np.nan_to_num(sequence, nan=-np.inf), np.nan_to_num(unordered, nan=0.0),
+                                     self._map.same_place(others, others))
+        self._stream.add(key, float(evidence[int(np.nanargmax(sequence))]))
 
     def _verification_evidence(self, image: np.ndarray, match: Match,
                                null_inliers: MapCalibration | None) -> tuple[Match, LocalFeatures | None]:

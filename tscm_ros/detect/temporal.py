@@ -31,6 +31,7 @@ mapped direction. Without odometry the node should see about one image per keyfr
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from tscm_ros.errors import ConfigError
 ORDER_SLOPES = (0.5, 1.0, 1.5, 2.0)  # keyframes per image, without odometry
 ORDER_TOLERANCE = 0.5  # keyframes: the nearest one to the straight path
 NORMALISATION_SAMPLE = 1024  # keyframes a query's mean and spread of similarity are taken over
+SPREAD_ROWS = 256  # of them, whose spreads give the map's own
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class Normaliser:
         self._sample = np.asarray(sample, dtype=np.float32)
         self.mean_descriptor = self._sample.mean(axis=0)
         self._sample_bias = self._sample @ self.mean_descriptor
+        self._last: tuple[bytes, np.ndarray] | None = None  # one query's similarities, asked for several times
 
     def similarity(self, descriptor: np.ndarray, keyframe_descriptors: np.ndarray) -> np.ndarray:
         """The centred similarity of one query descriptor to keyframes."""
@@ -93,9 +96,37 @@ class Normaliser:
         return (keyframe_descriptors @ (np.asarray(descriptor, dtype=np.float32) - self.mean_descriptor)
                 ).astype(np.float64)
 
+    def _to_sample(self, descriptor: np.ndarray) -> np.ndarray:
+        """One descriptor's centred similarities to the sample (the last one's kept: the detector asks for
+        its mean and spread several times per image)."""
+        vector = np.asarray(descriptor, dtype=np.float32)
+        key, last = vector.tobytes(), self._last
+        if last is None or last[0] != key:
+            last = (key, self._sample @ vector - self._sample_bias)
+            self._last = last
+        return last[1]
+
+    def spread(self, descriptor: np.ndarray) -> float:
+        """The standard deviation of one descriptor's centred similarity to the sample: how distinctly it
+        matches anything of the map."""
+        return float(self._to_sample(descriptor).std())
+
+    @functools.cached_property
+    def map_spread(self) -> float:
+        """The median ``spread`` of the sample's own keyframes (at most ``SPREAD_ROWS`` of them, each against
+        the others): how distinctly the map's images match each other, under the light of the recording."""
+        if len(self._sample) < 2:
+            return 0.0
+        rows = np.unique(np.linspace(0, len(self._sample) - 1, min(len(self._sample), SPREAD_ROWS)).astype(np.int64))
+        similarities = self._sample[rows] @ self._sample.T - self._sample_bias[None, :]
+        similarities[np.arange(len(rows)), rows] = np.nan
+        return float(np.median(np.nanstd(similarities, axis=1)))
+
     def stats(self, descriptors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per query (rows of ``descriptors``): mean and lowest centred similarity to the sample."""
-        similarities = np.asarray(descriptors, dtype=np.float32) @ self._sample.T - self._sample_bias[None, :]
+        descriptors = np.asarray(descriptors, dtype=np.float32)
+        similarities = (self._to_sample(descriptors[0])[None, :] if len(descriptors) == 1
+                        else descriptors @ self._sample.T - self._sample_bias[None, :])
         return similarities.mean(axis=1).astype(np.float64), similarities.min(axis=1).astype(np.float64)
 
 
@@ -237,6 +268,12 @@ class TemporalConsistency:
             self._last_position = None
         self._history.append(_Query(stamp_ns, travel, np.asarray(descriptor, dtype=np.float32), mean,
                                     lowest - mean))
+        return self.scores(normaliser, matcher, descriptors_of, candidates)
+
+    def scores(self, normaliser: Normaliser, matcher: SequenceMatcher,
+               descriptors_of: Callable[[np.ndarray], np.ndarray],
+               candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The sequence scores of more candidates for the query ``update`` recorded last (as ``update``)."""
         if not len(candidates):
             return np.zeros(0), np.zeros(0)
         history = list(reversed(self._history))
