@@ -91,9 +91,11 @@ build_map --bag "$REFERENCE" --out "$OUT/map" --force --device cpu "${STUDENT_AR
 say "start place_recognition_node and pose_graph_node (ROS_DOMAIN_ID=$ROS_DOMAIN_ID) and replay traversal 2 to them over DDS, its odometry drifted for the back-end"
 model_param=()
 [ "$TRAIN" = 1 ] && model_param=(-p "model_path:=$OUT/runs/student/best.pt")
-# The node at its shipped defaults (config/place_recognition.yaml): only the map, the CPU and the intrinsics.
+# The node at its shipped defaults (config/place_recognition.yaml): only the map, the CPU, the intrinsics and
+# the robot's odometry (the replay's drifted /odom, as the back-end gets it: the sequence evidence follows the
+# distance travelled).
 place_recognition_node --ros-args -p "map_path:=$OUT/map" -p device:=cpu -p "camera_intrinsics:=$INTRINSICS" \
-  "${model_param[@]}" > "$OUT/node.log" 2>&1 &
+  -p pose_topic:=/odom "${model_param[@]}" > "$OUT/node.log" 2>&1 &
 node_pid=$!
 stop_node() {
   if kill -0 "$node_pid" 2>/dev/null; then
