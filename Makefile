@@ -36,6 +36,7 @@ bench: setup
 	. ./env.sh && python -m bench.descriptor_latency && python -m bench.map_search --sizes 1000,10000,100000 $(if $(REAL),--real $(REAL)) \
 	  && python -m bench.node_throughput && python -m bench.node_soak --minutes $(if $(LONG),10,2) \
 	  && python -m bench.recognition $(if $(REAL),--real $(REAL)) $(if $(LONG),,--no-training) \
+	  $(if $(REAL),&& python -m bench.unmapped --real $(REAL)) \
 	  $(if $(LONG),&& python -m bench.map_search --sizes 1000000 $(if $(REAL),--real $(REAL)) --configs pca512+hnsw+rerank16 \
 	    --ef-search 512$(,)1024$(,)2048 && python -m bench.distillation \
 	  $(if $(REAL),&& python -m bench.descriptor_selection --real $(REAL)))
