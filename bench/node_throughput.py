@@ -47,6 +47,9 @@ CONFIGURATIONS = {  # row name -> node parameters
 }
 
 
+START_TIMEOUT_S = 600  # the node loads the model and the map and estimates its sequence nulls first
+
+
 def make_map(frames, describer: Describer, size: int, out: Path) -> Path:
     """The route's real keyframes plus perturbed copies of them up to ``size`` keyframes."""
     real = describer.describe([f.image for f in frames])
@@ -60,8 +63,12 @@ def make_map(frames, describer: Describer, size: int, out: Path) -> Path:
     keyframe_map.add(real, [KeyframeMeta(stamp_ns=f.stamp_ns, pose=f.pose, bag="bench", local_features=lf)
                             for f, lf in zip(frames, features)])
     copied = rng.integers(len(features), size=len(filler))
-    keyframe_map.add(filler.astype(np.float32), [KeyframeMeta(stamp_ns=0, pose=None, bag="filler",
-                                                              local_features=features[i]) for i in copied])
+    # A second recording one image a second, so that its keyframes are places of their own (stamped alike,
+    # they would all be one place, and the map would have no sequence null for the shipped stages to use).
+    start_ns = frames[-1].stamp_ns + 3600 * 10**9
+    keyframe_map.add(filler.astype(np.float32), [KeyframeMeta(stamp_ns=start_ns + n * 10**9, pose=None, bag="filler",
+                                                              local_features=features[i])
+                                                 for n, i in enumerate(copied)])
     keyframe_map.save(out)
     return out
 
@@ -152,9 +159,13 @@ def main() -> int:
                 [shutil.which("place_recognition_node"), "--ros-args", "-p", f"map_path:={map_dir}",
                  "-p", "exclude_recent_s:=0.0", "-p", "min_score:=0.0", *parameters], env=env)
             try:
-                deadline = time.monotonic() + 120
-                while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
+                started, deadline = time.monotonic(), time.monotonic() + START_TIMEOUT_S
+                while publisher.get_subscription_count() == 0:
+                    if time.monotonic() > deadline or node_process.poll() is not None:
+                        raise RuntimeError(f"{name}: the node did not subscribe to the images within "
+                                           f"{START_TIMEOUT_S} s (exit code {node_process.poll()})")
                     executor.spin_once(timeout_sec=0.1)
+                print(f"{name}: the node subscribed {time.monotonic() - started:.0f} s after its start", flush=True)
                 run_rate(node, executor, publisher, images, 5.0, 3.0)  # warm-up
                 rows = [run_rate(node, executor, publisher, images, rate, args.duration) for rate in args.rates]
                 results[name] = (rows, peak_rss_mb(node_process.pid))
