@@ -84,18 +84,43 @@ def test_the_matcher_places_earlier_images_on_a_straight_path_back():
     matcher = SequenceMatcher(10, np.arange(10) * 2.0, tolerance_m=1.0)
     values = {lag: np.zeros(10) for lag in range(3)}
     values[1][4], values[2][3] = 2.0, 2.0  # the images before the candidate 5 matched 4 and 3
+
+    def table(ids):
+        return np.stack([values[lag][ids] for lag in range(3)])
+
     forward, backward, still = matcher.scores(np.array([5]), np.array([2.0]), [0.0, 2.0, 4.0],
-                                              lambda lag, ids: values[lag][ids], np.array([-1.0, -1.0, -1.0]),
+                                              table, np.array([-1.0, -1.0, -1.0]),
                                               (1.0, -1.0, 0.0))
     assert forward[0] == pytest.approx(2.0)
     assert backward[0] == pytest.approx(2.0 / 3) and still[0] == pytest.approx(2.0 / 3)  # 6 and 7 ahead, 5 itself
     off_path = matcher.scores(np.array([5]), np.array([2.0]), [0.0, 6.0, 12.0],
-                              lambda lag, ids: values[lag][ids], np.array([-1.0, -1.0, -1.0]))[0]
+                              table, np.array([-1.0, -1.0, -1.0]))[0]
     assert off_path[0] == pytest.approx((2.0 + 0.0 - 1.0) / 3)  # 6 m back: keyframe 2; 12 m back: before the map
     by_order = SequenceMatcher(10, None, tolerance_m=1.0)
     assert not by_order.by_path and 1.0 in ORDER_SLOPES
-    assert by_order.scores(np.array([5]), np.array([2.0]), None, lambda lag, ids: values[lag][ids],
+    assert by_order.scores(np.array([5]), np.array([2.0]), None, table,
                            np.array([-1.0, -1.0, -1.0]))[0, 0] == pytest.approx(2.0)
+
+
+def test_candidates_scored_again_for_the_same_image_give_what_a_fresh_history_gives(keyframes):
+    """The detector scores the wrong places after the pool for one image: a candidate scored twice, or among
+    others, keeps its score, and a new image scores afresh."""
+    matcher, normaliser = SequenceMatcher(KEYFRAMES, None, 1.0), Normaliser(keyframes)
+    rng = np.random.default_rng(3)
+    images = [_query(keyframes, k, rng) for k in (20, 21, 22, 23, 24)]
+    reused, fresh = TemporalConsistency(TemporalConfig(window=4)), None
+    for t, descriptor in enumerate(images):
+        reused.update(t * 100_000_000, None, descriptor, normaliser, matcher, lambda ids: keyframes[ids],
+                      np.array([24, 40]))
+        fresh = TemporalConsistency(TemporalConfig(window=4))
+        for u in range(max(0, t - 3), t + 1):
+            fresh.update(u * 100_000_000, None, images[u], normaliser, matcher, lambda ids: keyframes[ids],
+                         np.zeros(0, dtype=np.int64))
+        more = np.array([40, 23, 5, 24, 23])
+        got = reused.scores(normaliser, matcher, lambda ids: keyframes[ids], more)
+        expected = fresh.scores(normaliser, matcher, lambda ids: keyframes[ids], more)
+        np.testing.assert_allclose(got, expected, rtol=1e-5)  # float32 products: the rounding of other rows
+    assert got[0][1] == got[0][4] and got[0][3] == got[0].max()  # 24, where the images are, the best
 
 
 def test_a_gap_in_the_images_restarts_the_sequence(keyframes):

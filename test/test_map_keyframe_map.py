@@ -118,6 +118,20 @@ def test_flat_query_matches_brute_force_with_distance_and_score():
     assert [c.score for c in candidates] == sorted((c.score for c in candidates), reverse=True)
 
 
+def test_search_gives_the_query_as_arrays_and_nothing_from_an_empty_map():
+    database = clustered(200)
+    keyframe_map = new_map()
+    assert [len(a) for a in keyframe_map.search_batch(database[:1], 3)[0]] == [0, 0, 0]
+    keyframe_map.add(database, metas(200))
+    queries = perturbed(database[[7, 150]])
+    exclusion = Exclusion(min_time_gap_s=5.0, min_distance_m=0.0, query_stamp_ns=7 * SECOND // 2, query_position=None)
+    for (ids, distances, scores), candidates in zip(keyframe_map.search_batch(queries, 8, exclusion),
+                                                    keyframe_map.query_batch(queries, 8, exclusion)):
+        assert ids.tolist() == [c.keyframe_id for c in candidates] and ids.dtype == np.int64
+        assert distances.tolist() == pytest.approx([c.distance for c in candidates])
+        assert scores.tolist() == [c.score for c in candidates]
+
+
 def test_online_adds_one_at_a_time_equal_one_bulk_add_and_batch_equals_single_queries():
     database = clustered(300)
     bulk, online = new_map(), new_map()

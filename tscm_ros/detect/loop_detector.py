@@ -230,10 +230,10 @@ class LoopDetector:
         when it shows the place of the best sequence and the history is full."""
         features = None
         size = max(self._matching.k, POOL)
-        found = self._map.query(descriptor, size if self._temporal is None else max(size, SEARCHED), exclusion, 0.0)
-        pool = found[:size]
-        ids = np.array([c.keyframe_id for c in pool], dtype=np.int64)
-        similarities = np.array([c.score for c in pool], dtype=np.float64)
+        found, distances, similarities = self._map.search_batch(
+            np.asarray(descriptor)[None, :], size if self._temporal is None else max(size, SEARCHED), exclusion)[0]
+        ids, similarities = found[:size], similarities[:size]
+        pool = [self._map.candidate(int(i), float(d), float(s)) for i, d, s in zip(ids, distances, similarities)]
         same_place = self._map.same_place(ids, ids)
         matches = [Match(candidate, float(score)) for candidate, score in zip(pool, self._scores(similarities,
                                                                                                  same_place))]
@@ -245,7 +245,7 @@ class LoopDetector:
             used = 1 if not along_path and state.by_path is not None else len(self._sequences)
             self._stream.observe(state.normaliser.spread(descriptor))
             scales = self._sequence_scales(state, along_path, stamp_ns, position, descriptor, ids, same_place,
-                                           np.array([c.keyframe_id for c in found], dtype=np.int64), used)
+                                           found, used)
             if scales:
                 sequence, rates, consistent = min(scales, key=_strength)  # on a tie, the shortest
                 scores = ([m.score for m in matches] if rates is None  # none above the best sequence's:

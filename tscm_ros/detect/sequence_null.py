@@ -99,19 +99,18 @@ def _run_null_sample(keyframe_map, held: np.ndarray | None, held_stats, normalis
         lo, hi = look_alike_stretch(descriptors_of, count, normaliser, int(member), descriptor, mean)
         excluded[lo:hi + 1] = True
     if held is None:
-        found = np.array([c.keyframe_id for c in keyframe_map.query(descriptors[0], min(count, NEIGHBOURS_SEARCHED
-                                                                                          + POOL))], dtype=np.int64)
+        found = keyframe_map.search_batch(descriptors[:1], min(count, NEIGHBOURS_SEARCHED + POOL))[0][0]
     else:
         found = np.argsort(-(held @ descriptors[0]), kind="stable")
     pool = found[~excluded[found]][:POOL]
     if len(pool) < 2:
         return None
 
-    def similarity(lag: int, ids: np.ndarray) -> np.ndarray:
-        values = normaliser.similarity(descriptors[lag], descriptors_of(ids)) - means[lag]
-        return np.where(excluded[ids], np.nan, values)
+    def similarities(ids: np.ndarray) -> np.ndarray:
+        values = normaliser.similarities(descriptors, descriptors_of(ids)) - means[:, None]
+        return np.where(excluded[ids][None, :], np.nan, values)
 
-    forward, unordered = ordered_and_unordered(matcher, pool, similarity(0, pool), offsets, similarity,
-                                               lowest - means)
+    current = normaliser.similarity(descriptors[0], descriptors_of(pool)) - means[0]
+    forward, unordered = ordered_and_unordered(matcher, pool, current, offsets, similarities, lowest - means)
     evidence = sequence_evidence(forward, unordered, keyframe_map.same_place(pool, pool))
     return float(evidence[int(np.argmax(forward))])

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from tscm_ros.errors import ConfigError
 
@@ -73,6 +74,18 @@ class TemporalConfig:
         return (self.window,) if self.long_window == 0 else (self.window, self.long_window)
 
 
+@functools.cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def single_threaded_blas():
+    """A context in which BLAS uses one thread. An image's products are small, and the second BLAS thread
+    waits for a core that another thread of the node (the network's) holds: the same product then takes
+    tens of milliseconds instead of five."""
+    return _blas().limit(limits=1, user_api="blas")
+
+
 class Normaliser:
     """Similarities made comparable across queries and keyframes, as differences from what is typical.
 
@@ -92,8 +105,12 @@ class Normaliser:
 
     def similarity(self, descriptor: np.ndarray, keyframe_descriptors: np.ndarray) -> np.ndarray:
         """The centred similarity of one query descriptor to keyframes."""
+        return self.similarities(np.asarray(descriptor)[None, :], keyframe_descriptors)[0]
+
+    def similarities(self, descriptors: np.ndarray, keyframe_descriptors: np.ndarray) -> np.ndarray:
+        """(queries, keyframes): the centred similarity of each query descriptor to each keyframe."""
         keyframe_descriptors = np.asarray(keyframe_descriptors, dtype=np.float32)
-        return (keyframe_descriptors @ (np.asarray(descriptor, dtype=np.float32) - self.mean_descriptor)
+        return ((np.asarray(descriptors, dtype=np.float32) - self.mean_descriptor) @ keyframe_descriptors.T
                 ).astype(np.float64)
 
     def _to_sample(self, descriptor: np.ndarray) -> np.ndarray:
@@ -160,34 +177,32 @@ class SequenceMatcher:
         return np.where(np.abs(self._sorted[position] - targets) <= self.tolerance, found, -1)
 
     def scores(self, candidates: np.ndarray, current: np.ndarray, offsets: list[float] | None,
-               similarity: Callable[[int, np.ndarray], np.ndarray], lowest: np.ndarray,
+               similarities: Callable[[np.ndarray], np.ndarray], lowest: np.ndarray,
                directions: tuple[float, ...] = (1.0,)) -> np.ndarray:
         """Sequence scores of ``candidates`` (keyframe ids) for a history of ``len(lowest)`` queries, newest
         first. ``current``: the newest query's normalised similarity to each candidate. ``offsets[L]``: the
-        travel between query ``L`` and the newest (with odometry), None for map order. ``similarity(L, ids)``:
-        query ``L``'s normalised similarity to keyframes ``ids`` (NaN for keyframes it may not use);
-        ``lowest[L]``: what it counts where it has no keyframe to match. One row of scores per entry of
-        ``directions``: 1 the mapped direction, -1 the path driven the other way (the earlier images ahead of
-        the candidate along the map), 0 standing at the candidate."""
+        travel between query ``L`` and the newest (with odometry), None for map order. ``similarities(ids)``:
+        (queries, len(ids)), every query's normalised similarity to keyframes ``ids`` (NaN for keyframes it may
+        not use), asked once for all the keyframes the paths reach; ``lowest[L]``: what query ``L`` counts where
+        it has no keyframe to match. One row of scores per entry of ``directions``: 1 the mapped direction, -1
+        the path driven the other way (the earlier images ahead of the candidate along the map), 0 standing at
+        the candidate."""
         candidates = np.asarray(candidates, dtype=np.int64)
         lags = len(lowest)
         speeds = (1.0,) if offsets is not None else ORDER_SLOPES
-        slopes = [direction * v for direction in directions for v in (speeds if direction else (1.0,))]
+        slopes = np.array([direction * v for direction in directions for v in (speeds if direction else (1.0,))])
         group = np.repeat(np.arange(len(directions)), [len(speeds) if d else 1 for d in directions])
-        coordinates = self.coordinates[candidates]
-        targets = np.array([[coordinates - slope * (offsets[lag] if offsets is not None else lag)
-                             for lag in range(1, lags)] for slope in slopes])  # (slopes, lags - 1, candidates)
-        nearest = self._nearest(targets.ravel()).reshape(targets.shape)
-        totals = np.zeros((len(slopes), len(candidates))) + np.asarray(current, dtype=np.float64)
-        for lag in range(1, lags):
-            ids = nearest[:, lag - 1]
-            values = np.full(ids.shape, lowest[lag])
-            found = ids >= 0
-            if found.any():
-                unique, inverse = np.unique(ids[found], return_inverse=True)
-                looked_up = similarity(lag, unique)[inverse]
-                values[found] = np.where(np.isnan(looked_up), lowest[lag], looked_up)
-            totals += values
+        travel = np.array([offsets[lag] if offsets is not None else lag for lag in range(1, lags)], dtype=np.float64)
+        targets = self.coordinates[candidates][None, None, :] - slopes[:, None, None] * travel[None, :, None]
+        nearest = self._nearest(targets.ravel()).reshape(targets.shape)  # (slopes, lags - 1, candidates)
+        values = np.broadcast_to(np.asarray(lowest, dtype=np.float64)[1:, None], nearest.shape).copy()
+        found = nearest >= 0
+        if found.any():
+            unique, inverse = np.unique(nearest[found], return_inverse=True)
+            lag = np.broadcast_to(np.arange(1, lags)[None, :, None], nearest.shape)[found]
+            looked_up = np.asarray(similarities(unique), dtype=np.float64)[lag, inverse]
+            values[found] = np.where(np.isnan(looked_up), values[found], looked_up)
+        totals = np.asarray(current, dtype=np.float64)[None, :] + values.sum(axis=1)
         best = np.full((len(directions), len(candidates)), -np.inf)
         np.maximum.at(best, group, totals / lags)
         return best
@@ -212,10 +227,11 @@ def sequence_evidence(forward: np.ndarray, unordered: np.ndarray, same_place: np
     return np.minimum(sequence_margins(forward, same_place), forward - np.asarray(unordered, dtype=np.float64))
 
 
-def ordered_and_unordered(matcher: SequenceMatcher, candidates, current, offsets, similarity,
+def ordered_and_unordered(matcher: SequenceMatcher, candidates, current, offsets, similarities,
                           lowest) -> tuple[np.ndarray, np.ndarray]:
     """``matcher.scores`` in the mapped direction, and the better of backwards and standing still."""
-    forward, backward, still = matcher.scores(candidates, current, offsets, similarity, lowest, (1.0, -1.0, 0.0))
+    forward, backward, still = matcher.scores(candidates, current, offsets, similarities, lowest,
+                                              (1.0, -1.0, 0.0))
     return forward, np.maximum(backward, still)
 
 
@@ -235,10 +251,12 @@ class TemporalConsistency:
         self.config = config
         self._history: deque[_Query] = deque(maxlen=config.window)
         self._last_position: np.ndarray | None = None
+        self._scored: tuple[SequenceMatcher | None, dict[int, tuple[float, float]]] = (None, {})
 
     def reset(self) -> None:
         self._history.clear()
         self._last_position = None
+        self._scored = (None, {})
 
     @property
     def full(self) -> bool:
@@ -268,14 +286,27 @@ class TemporalConsistency:
             self._last_position = None
         self._history.append(_Query(stamp_ns, travel, np.asarray(descriptor, dtype=np.float32), mean,
                                     lowest - mean))
+        self._scored = (matcher, {})
         return self.scores(normaliser, matcher, descriptors_of, candidates)
 
     def scores(self, normaliser: Normaliser, matcher: SequenceMatcher,
                descriptors_of: Callable[[np.ndarray], np.ndarray],
                candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The sequence scores of more candidates for the query ``update`` recorded last (as ``update``)."""
-        if not len(candidates):
-            return np.zeros(0), np.zeros(0)
+        """The sequence scores of more candidates for the query ``update`` recorded last (as ``update``);
+        candidates already scored for it are not scored again."""
+        candidates = np.asarray(candidates, dtype=np.int64).tolist()
+        if self._scored[0] is not matcher:
+            self._scored = (matcher, {})
+        scored = self._scored[1]
+        missing = list(dict.fromkeys(c for c in candidates if c not in scored))
+        if missing:
+            scored.update(zip(missing, zip(*self._score(normaliser, matcher, descriptors_of, np.array(missing)))))
+        pairs = np.array([scored[c] for c in candidates], dtype=np.float64).reshape(-1, 2)
+        return pairs[:, 0], pairs[:, 1]
+
+    def _score(self, normaliser: Normaliser, matcher: SequenceMatcher,
+               descriptors_of: Callable[[np.ndarray], np.ndarray],
+               candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         history = list(reversed(self._history))
         offsets = None
         if matcher.by_path:
@@ -283,10 +314,13 @@ class TemporalConsistency:
                 return np.full(len(candidates), np.nan), np.full(len(candidates), np.nan)
             offsets = [history[0].travel_m - q.travel_m for q in history]
 
-        def similarity(lag: int, ids: np.ndarray) -> np.ndarray:
-            query = history[lag]
-            return normaliser.similarity(query.descriptor, descriptors_of(ids)) - query.mean
+        queries = np.stack([q.descriptor for q in history])
+        means = np.array([q.mean for q in history])
 
-        current = similarity(0, np.asarray(candidates, dtype=np.int64))
+        def similarities(ids: np.ndarray) -> np.ndarray:
+            return normaliser.similarities(queries, descriptors_of(ids)) - means[:, None]
+
         lowest = np.array([q.lowest for q in history])
-        return ordered_and_unordered(matcher, candidates, current, offsets, similarity, lowest)
+        with single_threaded_blas():
+            current = normaliser.similarity(queries[0], descriptors_of(candidates)) - means[0]
+            return ordered_and_unordered(matcher, candidates, current, offsets, similarities, lowest)

@@ -220,7 +220,7 @@ class KeyframeMap:
         first, second = np.asarray(first_ids, dtype=np.int64), np.asarray(second_ids, dtype=np.int64)
         positions = self._track.positions
         a, b = positions[first][:, None, :], positions[second][None, :, :]
-        near = np.linalg.norm(a - b, axis=2) <= SAME_PLACE_M
+        near = ((a - b) ** 2).sum(axis=2) <= SAME_PLACE_M ** 2
         posed = ~np.isnan(a[..., 0]) & ~np.isnan(b[..., 0])
         stamps, bags = self._track.stamps, self._bag_index.values
         close_in_time = (np.abs(stamps[first][:, None] - stamps[second][None, :]) <= SAME_PLACE_S * 1e9) \
@@ -367,6 +367,19 @@ class KeyframeMap:
                     exclusion: Exclusion | Sequence[Exclusion | None] | None = None,
                     min_score: float = 0.0) -> list[list[Candidate]]:
         """``query`` for N descriptors (N, dim) in one FAISS call; ``exclusion`` is one for all or one per query."""
+        return [[self.candidate(int(i), float(d), float(score)) for i, d, score in zip(ids, distances, scores)
+                 if score >= min_score] for ids, distances, scores in self.search_batch(descriptors, k, exclusion)]
+
+    def candidate(self, keyframe_id: int, distance: float, score: float) -> Candidate:
+        """A search result as a ``Candidate`` (the keyframe's stamp and pose)."""
+        return Candidate(keyframe_id=keyframe_id, stamp_ns=int(self._track.stamps[keyframe_id]),
+                         pose=self._pose(keyframe_id), distance=distance, score=score)
+
+    def search_batch(self, descriptors: np.ndarray, k: int,
+                     exclusion: Exclusion | Sequence[Exclusion | None] | None = None
+                     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``query_batch`` as arrays, without building candidates: per descriptor the keyframe ids, squared
+        distances and scores of the (up to) k most similar, best first."""
         vectors = self._check_descriptors(descriptors, "query descriptors")
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise MapError(f"query: k must be a positive integer, got {k!r}")
@@ -376,7 +389,8 @@ class KeyframeMap:
             exclusions = list(exclusion)
             if len(exclusions) != len(vectors):
                 raise MapError(f"query: {len(vectors)} descriptors but {len(exclusions)} exclusions")
-        results: list[list[Candidate]] = [[] for _ in vectors]
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float64))
+        results = [empty for _ in vectors]
         if len(self) == 0:
             return results
         k = min(int(k), len(self))
@@ -389,12 +403,6 @@ class KeyframeMap:
             distances, ids = self._index.search(vectors[rows], k, selector)
             for row, row_distances, row_ids in zip(rows, distances, ids):
                 found = row_ids >= 0
-                row_ids = row_ids[found]
                 row_distances = np.maximum(row_distances[found], 0.0)  # rounding can give -1e-7
-                scores = score_from_distance(row_distances)
-                results[row] = [
-                    Candidate(keyframe_id=int(i), stamp_ns=int(self._track.stamps[i]), pose=self._pose(int(i)),
-                              distance=float(d), score=float(score))
-                    for i, d, score in zip(row_ids, row_distances, scores) if score >= min_score
-                ]
+                results[row] = (row_ids[found].astype(np.int64), row_distances, score_from_distance(row_distances))
         return results
