@@ -19,8 +19,9 @@ default min_score (calibrated models), median ms per query.
 
 Methods everywhere: ORB bag of words, the pretrained GeM baseline, the default model (training-free VLAD
 with the map's own vocabulary), the teacher and student trained on the first site of the box town (on that
-world's sites each site's own), and any ``--model NAME=CKPT``. Rendered routes are cached in .cache/bench/
-per version of the simulator.
+world's sites each site's own), and any ``--model NAME=CKPT``. With ``--students``, each real set also gets
+the shipped student distilled on its own ref/ images (``train student``'s code, no labels), judged on its
+queries beside the default. Rendered routes are cached in .cache/bench/ per version of the simulator.
 
     python -m bench.recognition --real ../shared/realdata      # 2 town sites + the garden: about 40 minutes
     python -m bench.recognition --real DIR --no-training       # the methods nobody trains here (minutes)
@@ -49,7 +50,7 @@ from tscm_ros.evaluate.loop_metrics import (
     max_recall_at_full_precision,
     precision_recall_curve,
 )
-from tscm_ros.io.revisit_set import find_revisit_sets
+from tscm_ros.io.revisit_set import find_revisit_sets, read_rgb
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -246,9 +247,24 @@ def gate_table(rows: list[tuple]) -> list[str]:
     return lines + [""]
 
 
-def real_track(real: Path, out: Path, models: list[str]) -> tuple[list[str], list[tuple]]:
+STUDENT = "student (distilled on ref/)"
+
+
+def distilled_student(revisit_set, run: Path) -> Path:
+    """The shipped student distilled on the set's ref/ images alone, into ``run`` (kept: a rerun resumes)."""
+    from tscm_ros.train.distillation import STUDENT_FILE, distil, load_distill_config
+
+    if not (run / STUDENT_FILE).is_file():
+        shutil.rmtree(run, ignore_errors=True)
+        references = [read_rgb(path) for path in revisit_set.references]
+        distil(lambda: references, len(references), run, load_distill_config(None), revisit_set.name,
+               show_progress=False)
+    return run / STUDENT_FILE
+
+
+def real_track(real: Path, out: Path, models: list[str], students: bool = False) -> tuple[list[str], list[tuple]]:
     """Every revisit set under ``real`` through evaluate --revisit-set (its stages in the map's keyframe
-    order): the table rows and the gate rows."""
+    order): the table rows and the gate rows. ``students``: with each set's own distilled student too."""
     lines = ["### Real photographs (" + str(real.name) + ")", "",
              "| set | method | R@1 % | R@1 report half % | vs GeM (points) | R@5 % | max R @ P=100 % | "
              "median ms/query |",
@@ -256,8 +272,9 @@ def real_track(real: Path, out: Path, models: list[str]) -> tuple[list[str], lis
     gates = []
     for revisit_set in find_revisit_sets(real):
         evaluation = out / "real" / revisit_set.name
+        own = [f"{STUDENT}={distilled_student(revisit_set, out / 'students' / revisit_set.name)}"] if students else []
         run(["tscm_ros.cli.evaluate", "--revisit-set", str(revisit_set.root), "--out", str(evaluation), "--overwrite",
-             "--device", "cpu", "--ns", "1", "5", *[a for m in models for a in ("--model", m)]],
+             "--device", "cpu", "--ns", "1", "5", *[a for m in models + own for a in ("--model", m)]],
             f"evaluate {revisit_set.name}")
         summary = json.loads((evaluation / "loop_closure.json").read_text())
         report_half = slice(len(revisit_set.queries) // 2, None)
@@ -289,6 +306,8 @@ def main() -> int:
                         help="skip site training: only ORB bag of words, GeM, the default and --model")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=CKPT",
                         help="another model to evaluate everywhere (repeatable)")
+    parser.add_argument("--students", action="store_true",
+                        help="also each real set's own student, distilled on its ref/ images")
     parser.add_argument("--out", default=str(REPO / "bench_output" / "recognition"), help="output directory")
     args = parser.parse_args()
     if not 0 <= args.sites <= len(TOWN_SITES):
@@ -311,7 +330,7 @@ def main() -> int:
              ""]
     gates: list[tuple] = []
     for real in args.real:
-        real_lines, real_gates = real_track(Path(real), out, trained_models + args.model)
+        real_lines, real_gates = real_track(Path(real), out, trained_models + args.model, args.students)
         lines += real_lines
         gates += real_gates
     if not args.no_garden:
