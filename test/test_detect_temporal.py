@@ -102,6 +102,31 @@ def test_the_matcher_places_earlier_images_on_a_straight_path_back():
                            np.array([-1.0, -1.0, -1.0]))[0, 0] == pytest.approx(2.0)
 
 
+def test_without_odometry_a_stretch_the_map_skips_is_a_gap_a_sequence_has_to_cross():
+    """A map with poses queried without odometry: the keyframes after a 24 m stretch the map skips are not
+    one keyframe further on. Images of the keyframes before the stretch support a candidate past it only
+    along the plain order."""
+    lengths = np.array([0.0, 2.0, 4.0, 6.0, 8.0, 32.0, 34.0, 36.0, 40.0, 44.0])  # 8 -> 32 m: skipped
+    along_path = SequenceMatcher(10, lengths, tolerance_m=3.0, odometry=False)
+    assert not along_path.by_path  # no offsets: the images' speed is one of the slopes
+    np.testing.assert_allclose(along_path.coordinates[:5], np.arange(5))  # in median spacings (2 m)
+    values = {lag: np.full(10, -1.0) for lag in range(4)}
+    values[1][4], values[2][3], values[3][2] = 2.0, 2.0, 2.0  # the images before matched 4, 3 and 2
+
+    def table(ids):
+        return np.stack([values[lag][ids] for lag in range(4)])
+
+    lowest = np.full(4, -1.0)
+    plain = SequenceMatcher(10, None, tolerance_m=3.0, odometry=False)
+    assert plain.scores(np.array([5]), np.array([2.0]), None, table, lowest)[0, 0] == pytest.approx(2.0)
+    assert along_path.scores(np.array([5]), np.array([2.0]), None, table, lowest)[0, 0] == pytest.approx(-0.25)
+    assert along_path.scores(np.array([4]), np.array([2.0]), None, table,
+                             np.full(4, -1.0))[0, 0] < 2.0  # 4 itself: 3, 2, 1 should then have matched
+    on_sparse_keyframes = along_path.scores(np.array([9]), np.array([2.0]), None,
+                                            lambda ids: np.stack([np.where(ids >= 6, 2.0, -1.0)] * 4), lowest)
+    assert on_sparse_keyframes[0, 0] == pytest.approx(2.0)  # 4 m apart at the end: still one a keyframe
+
+
 def test_candidates_scored_again_for_the_same_image_give_what_a_fresh_history_gives(keyframes):
     """The detector scores the wrong places after the pool for one image: a candidate scored twice, or among
     others, keeps its score, and a new image scores afresh."""

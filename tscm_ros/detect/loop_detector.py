@@ -204,8 +204,9 @@ class LoopDetector:
         if state is not None and state.count == count and state.fingerprint == self._map.model_fingerprint:
             return state
         lengths, tolerance = self._map.path_lengths(np.arange(count)), self._temporal.tolerance_m
-        by_order = SequenceMatcher(count, None, tolerance)
-        by_path = None if np.isnan(lengths).any() else SequenceMatcher(count, lengths, tolerance)
+        posed = not np.isnan(lengths).any()
+        by_order = SequenceMatcher(count, lengths if posed else None, tolerance, odometry=False)
+        by_path = SequenceMatcher(count, lengths, tolerance) if posed else None
         if state is None or state.fingerprint != self._map.model_fingerprint or count >= 2 * state.count:
             normaliser = Normaliser(normalisation_sample(self._map))
             configs = [sequence.config for sequence in self._sequences]
@@ -240,7 +241,7 @@ class LoopDetector:
         state = self._sequence() if self._temporal is not None else None
         if state is not None:  # every image enters the history, whatever min_score
             along_path = position is not None and state.by_path is not None
-            self.temporal_basis = ("path, odometry" if along_path else "keyframe order, no odometry"
+            self.temporal_basis = ("path, odometry" if along_path else "keyframe order along the map's path, no odometry"
                                    if state.by_path is not None else "keyframe order (map without poses)")
             used = 1 if not along_path and state.by_path is not None else len(self._sequences)
             self._stream.observe(state.normaliser.spread(descriptor))

@@ -12,7 +12,10 @@ A candidate keyframe ``j`` of the current query is scored by the *sequence score
 - with odometry (a query pose, and a map with poses), query ``t - L`` should be at the keyframe nearest to
   ``j``'s path length minus the distance travelled since, within ``tolerance_m``;
 - without (no query pose, or a map without poses), at the keyframe ``v * L`` places before ``j`` in the
-  map's order, for the best of the speeds ``v`` in ``ORDER_SLOPES`` keyframes per image.
+  map's order, for the best of the speeds ``v`` in ``ORDER_SLOPES`` keyframes per image. On a map with
+  poses the places are counted along its path, in its median keyframe spacing: a stretch the map skips
+  stays a gap the images have to cross (a detour past the end of a mapped street otherwise continued
+  straight into the keyframe after the gap).
 
 The current query counts with its similarity to ``j`` itself. A query with no keyframe where it should be
 (past the map's start, or in a stretch the null estimate removed) counts with the lowest normalised
@@ -43,6 +46,7 @@ from tscm_ros.errors import ConfigError
 
 ORDER_SLOPES = (0.5, 1.0, 1.5, 2.0)  # keyframes per image, without odometry
 ORDER_TOLERANCE = 0.5  # keyframes: the nearest one to the straight path
+GAP_TOLERANCE = 1.0  # keyframe spacings, along a map's path without odometry (sparser keyframes at turns)
 NORMALISATION_SAMPLE = 1024  # keyframes a query's mean and spread of similarity are taken over
 SPREAD_ROWS = 256  # of them, whose spreads give the map's own
 
@@ -147,6 +151,13 @@ class Normaliser:
         return similarities.mean(axis=1).astype(np.float64), similarities.min(axis=1).astype(np.float64)
 
 
+def _in_spacings(path_lengths: np.ndarray) -> np.ndarray:
+    """Path lengths divided by the median distance between consecutive keyframes (1 where it is 0)."""
+    steps = np.diff(path_lengths)
+    steps = steps[steps > 0]
+    return path_lengths / (float(np.median(steps)) if len(steps) else 1.0)
+
+
 def normalisation_sample(keyframe_map) -> np.ndarray:
     """The descriptors of at most ``NORMALISATION_SAMPLE`` keyframes spread over the map."""
     count = len(keyframe_map)
@@ -156,13 +167,20 @@ def normalisation_sample(keyframe_map) -> np.ndarray:
 
 class SequenceMatcher:
     """Where each earlier query should have been along the map if a candidate is right, and the resulting
-    sequence scores. ``coordinates``: every keyframe's path length (odometry) or None (map order)."""
+    sequence scores. ``path_lengths``: every keyframe's path length, or None (a map without poses: along its
+    order, one keyframe apart). ``odometry`` False with path lengths: queries without odometry on a map with
+    poses, placed along the map's path in units of its median keyframe spacing, so that a stretch the map
+    skips is a gap a sequence has to cross, not one keyframe further on."""
 
-    def __init__(self, count: int, path_lengths: np.ndarray | None, tolerance_m: float) -> None:
+    def __init__(self, count: int, path_lengths: np.ndarray | None, tolerance_m: float, odometry: bool = True) -> None:
         self.count = count
-        self.by_path = path_lengths is not None
-        self.tolerance = tolerance_m if self.by_path else ORDER_TOLERANCE
-        coordinates = np.asarray(path_lengths, dtype=np.float64) if self.by_path else np.arange(count, dtype=np.float64)
+        self.by_path = path_lengths is not None and odometry
+        if self.by_path:
+            self.tolerance, coordinates = tolerance_m, np.asarray(path_lengths, dtype=np.float64)
+        elif path_lengths is None:
+            self.tolerance, coordinates = ORDER_TOLERANCE, np.arange(count, dtype=np.float64)
+        else:
+            self.tolerance, coordinates = GAP_TOLERANCE, _in_spacings(np.asarray(path_lengths, dtype=np.float64))
         self._order = np.argsort(coordinates, kind="stable")
         self._sorted = coordinates[self._order]
         self.coordinates = coordinates
