@@ -241,8 +241,9 @@ class LoopDetector:
         state = self._sequence() if self._temporal is not None else None
         if state is not None:  # every image enters the history, whatever min_score
             along_path = position is not None and state.by_path is not None
-            self.temporal_basis = ("path, odometry" if along_path else "keyframe order along the map's path, no odometry"
-                                   if state.by_path is not None else "keyframe order (map without poses)")
+            self.temporal_basis = ("path, odometry" if along_path
+                                   else "keyframe order along the map's path, no odometry" if state.by_path is not None
+                                   else "keyframe order (map without poses)")
             used = 1 if not along_path and state.by_path is not None else len(self._sequences)
             self._stream.observe(state.normaliser.spread(descriptor))
             scales = self._sequence_scales(state, along_path, stamp_ns, position, descriptor, ids, same_place,
