@@ -12,6 +12,7 @@ publishes, everything else happens in this module.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -28,6 +29,7 @@ from tscm_ros.detect.temporal import (
     TemporalConsistency,
     normalisation_sample,
     sequence_evidence,
+    single_threaded_blas,
 )
 from tscm_ros.detect.verification import AUTO_VERIFY_MIN_SIDE, CameraIntrinsics, VerificationConfig, verify
 from tscm_ros.detect.verification_null import combined_rate, estimate_inlier_null
@@ -245,9 +247,10 @@ class LoopDetector:
                                    else "keyframe order along the map's path, no odometry" if state.by_path is not None
                                    else "keyframe order (map without poses)")
             used = 1 if not along_path and state.by_path is not None else len(self._sequences)
-            self._stream.observe(state.normaliser.spread(descriptor))
-            scales = self._sequence_scales(state, along_path, stamp_ns, position, descriptor, ids, same_place,
-                                           found, used)
+            with single_threaded_blas():
+                self._stream.observe(state.normaliser.spread(descriptor))
+                scales = self._sequence_scales(state, along_path, stamp_ns, position, descriptor, ids, same_place,
+                                               found, used)
             if scales:
                 sequence, rates, consistent = min(scales, key=_strength)  # on a tie, the shortest
                 scores = ([m.score for m in matches] if rates is None  # none above the best sequence's:
@@ -256,7 +259,8 @@ class LoopDetector:
                               1.0 - min(1.0, rates[int(np.nanargmax(sequence))] * len(scales)))))
                 matches = [replace(match, score=float(score), sequence_score=float(value), consistent=bool(flag))
                            for match, score, value, flag in zip(matches, scores, sequence, consistent)]
-                matches.sort(key=lambda m: -np.nan_to_num(m.sequence_score, nan=-np.inf))  # the evidence first
+                # the evidence first
+                matches.sort(key=lambda m: np.inf if math.isnan(m.sequence_score) else -m.sequence_score)
                 if rates is not None and matches and matches[0].consistent:
                     matches[0], features = self._verification_evidence(image, matches[0], state.null_inliers)
         return [m for m in matches[: self._matching.k] if m.score >= self._matching.min_score], features

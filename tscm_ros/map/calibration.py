@@ -22,6 +22,7 @@ light match less distinctly, so the rate is an overestimate for them and the sco
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,14 +51,20 @@ class MapCalibration:
             raise MapError(f"a map calibration needs at least 2 finite null margins, got shape {null.shape}")
         object.__setattr__(self, "null", null)
 
+    @functools.cached_property
+    def _tail(self) -> tuple[float, float]:
+        """Where the exponential tail starts, and its scale."""
+        null = self.null.astype(np.float64)
+        threshold = float(np.quantile(null, TAIL_QUANTILE))
+        excess = null[null > threshold] - threshold
+        return threshold, max(float(excess.mean()) if len(excess) else 0.0, self.min_tail_scale)
+
     def false_alarm_rate(self, margins: np.ndarray | float) -> np.ndarray:
         """Estimated share of unmapped-place queries whose best candidate would have at least this margin."""
         margins = np.asarray(margins, dtype=np.float64)
-        null = self.null.astype(np.float64)
+        null = self.null
         empirical = (1 + len(null) - np.searchsorted(null, margins, side="left")) / (1 + len(null))
-        threshold = np.quantile(null, TAIL_QUANTILE)
-        excess = null[null > threshold] - threshold
-        scale = max(float(excess.mean()) if len(excess) else 0.0, self.min_tail_scale)
+        threshold, scale = self._tail
         tail = (1 - TAIL_QUANTILE) * np.exp(-(margins - threshold) / scale)
         return np.where(margins > threshold, tail, empirical)
 
