@@ -210,16 +210,21 @@ class Config:
 def configurations(pca_dims: Sequence[int], n: int, ef_search: Sequence[int] = (128, 256, 512),
                    dim: int = 3840) -> list[Config]:
     """What is compared, for each PCA dimension; HNSW and re-ranking use the KeyframeMap defaults (M 32,
-    efConstruction 200, efSearch 128, k_factor 4). Plain full-dimension HNSW and PCA without re-ranking only
-    run up to 10k keyframes (they show what PCA alone loses; their builds dominate the run time). Above
-    FULL_DESCRIPTOR_LIMIT only configurations without a float32 copy of the full descriptors run. Compact
-    descriptors (``dim`` up to 2 * AUTO_PCA_DIM, the distilled student's) get plain HNSW with the efSearch sweep
-    at every size: it stores them once, at 2 GiB for 1M 512-d keyframes."""
+    efConstruction 200, efSearch 128, k_factor 4); ``pq`` (4-bit codes of every keyframe scanned) re-ranks
+    k * k_factor but at least 320: 320 and 640 at k 10 (k_factor 4, the default, and 64). Plain full-dimension
+    HNSW and PCA without re-ranking only run up to 10k keyframes (they show what PCA alone loses; their builds
+    dominate the run time). Above FULL_DESCRIPTOR_LIMIT only configurations without a float32 copy of the full
+    descriptors run. Compact descriptors (``dim`` up to 2 * AUTO_PCA_DIM, the distilled student's) get plain
+    HNSW with the efSearch sweep at every size: it stores them once, at 2 GiB for 1M 512-d keyframes."""
     compact = dim <= 2 * AUTO_PCA_DIM
     ef = [{"ef_search": value} for value in ef_search]
     probes = [{"nprobe": 32}, {"nprobe": 64}, {"nprobe": 128}]
+    shortlists = [{"k_factor": 4}, {"k_factor": 64}]
+    pq = IndexConfig(type="pq")
     candidates = [(Config("exact", IndexConfig()), FULL_DESCRIPTOR_LIMIT),
-                  (Config("hnsw", IndexConfig(type="hnsw"), ef if compact else [{}]), None if compact else 10_000)]
+                  (Config("hnsw", IndexConfig(type="hnsw"), ef if compact else [{}]), None if compact else 10_000),
+                  (Config("pq+rerank", pq, shortlists), FULL_DESCRIPTOR_LIMIT),
+                  (Config("pq+rerank16", replace(pq, rerank_dtype="float16"), shortlists), None)]
     for pca_dim in (d for d in pca_dims if d < dim):
         hnsw = IndexConfig(type="hnsw", pca_dim=pca_dim)
         ivf = IndexConfig(type="ivfpq", pca_dim=pca_dim, nprobe=32)
@@ -227,6 +232,10 @@ def configurations(pca_dims: Sequence[int], n: int, ef_search: Sequence[int] = (
             (Config(f"pca{pca_dim}+hnsw+rerank", hnsw, ef), FULL_DESCRIPTOR_LIMIT),
             (Config(f"pca{pca_dim}+hnsw+rerank16", replace(hnsw, rerank_dtype="float16"), ef), None),
             (Config(f"pca{pca_dim}+ivfpq+rerank16", replace(ivf, rerank_dtype="float16"), probes), None),
+            (Config(f"pca{pca_dim}+pq+rerank", IndexConfig(type="pq", pca_dim=pca_dim), shortlists),
+             FULL_DESCRIPTOR_LIMIT),
+            (Config(f"pca{pca_dim}+pq+rerank16", IndexConfig(type="pq", pca_dim=pca_dim, rerank_dtype="float16"),
+                    shortlists), None),
             (Config(f"pca{pca_dim}+hnsw", replace(hnsw, rerank=False)), 10_000),
             (Config(f"pca{pca_dim}+ivfpq", replace(ivf, rerank=False)), None),
         ]

@@ -15,7 +15,7 @@ from tscm_ros.describe.models.vlad import Vocabulary
 from tscm_ros.errors import ConfigError, MapError
 from tscm_ros.io.geometry import Pose
 from tscm_ros.map.exclusion import Exclusion
-from tscm_ros.map.index import IndexConfig, fit_pca
+from tscm_ros.map.index import IndexConfig, auto_index_config, fit_pca
 from tscm_ros.map.keyframe_map import KeyframeMap, KeyframeMeta
 from tscm_ros.map.storage import FORMAT_VERSION, INDEX_FILE, KEYFRAMES_FILE, MANIFEST_FILE, VOCABULARY_FILE
 
@@ -239,6 +239,7 @@ def _reference_exclusion(keyframe_map: KeyframeMap, exclusion: Exclusion) -> np.
     ("hnsw", {"ef_search": 256}),
     ("hnsw", {"pca_dim": 32, "train_size": 256, "k_factor": 8, "ef_search": 256}),
     ("ivfpq", {"nlist": 4, "nprobe": 4, "train_size": 400, "k_factor": 50}),
+    ("pq", {"train_size": 400}),
 ])
 def test_exclusion_skips_the_excluded_inside_every_index_type(index, params):
     """Time and path exclusion together, keyframes without poses among them: every index returns the k best
@@ -443,6 +444,43 @@ def test_pca_without_rerank_reports_projected_distance_lower_bound():
     for candidate in keyframe_map.query(query, k=5):
         exact = float(((database[candidate.keyframe_id] - query) ** 2).sum())
         assert candidate.distance <= exact + 1e-5
+
+
+def test_pq_scans_every_code_and_reranks_exactly_saved_and_loaded(tmp_path):
+    """The pq index: exact until train_size, then 4-bit codes of every keyframe re-ranked by exact distance;
+    saved, loaded and grown again it answers the same; k beyond the keyframes allowed by an exclusion pads
+    nothing in."""
+    database = low_rank(1200, seed=24)
+    queries = perturbed(database[::40], seed=25, noise=2.0)
+    keyframe_map = new_map("pq", train_size=1000)
+    assert keyframe_map.index_config.pq_m == DIM // 4
+    keyframe_map.add(database[:700], metas(700))
+    assert not keyframe_map.is_trained and keyframe_map.factory == "Flat"
+    keyframe_map.add(database[700:], metas(500, start=700))
+    assert keyframe_map.is_trained and keyframe_map.factory == f"PQ{DIM // 4}x4fs,RFlat"
+    assert recall_at_1(keyframe_map, database, queries) >= 0.95
+    for candidate in keyframe_map.query(queries[3], k=5):
+        exact = float(((database[candidate.keyframe_id] - queries[3]) ** 2).sum())
+        assert candidate.distance == pytest.approx(exact, abs=1e-4)
+    keyframe_map.save(tmp_path / "map")
+    loaded = KeyframeMap.load(tmp_path / "map")
+    assert loaded.index_config == keyframe_map.index_config and loaded.factory == keyframe_map.factory
+    for a, b in zip(loaded.query_batch(queries, k=3), keyframe_map.query_batch(queries, k=3)):
+        assert [c.keyframe_id for c in a] == [c.keyframe_id for c in b]
+    loaded.add(database[:10], metas(10, start=1200))
+    assert loaded.query(database[5], k=1)[0].keyframe_id in (5, 1205)
+    nearly_all = Exclusion(min_time_gap_s=590.0, query_stamp_ns=0)  # stamps every 0.5 s: all but the last 30
+    allowed = ~loaded._track.excluded(nearly_all).contains(np.arange(len(loaded)))
+    assert allowed.sum() == 30
+    found = [c.keyframe_id for c in loaded.query(database[0], k=50, exclusion=nearly_all)]
+    assert sorted(found) == np.flatnonzero(allowed).tolist()
+
+
+def test_pq_needs_reranking_and_the_auto_index_of_compact_descriptors_is_pq():
+    with pytest.raises(ConfigError, match="needs rerank=True"):
+        IndexConfig(type="pq", rerank=False)
+    assert auto_index_config(512) == IndexConfig(type="pq")
+    assert auto_index_config(3840).type == "hnsw"
 
 
 def test_ivfpq_save_load_before_and_after_training(tmp_path):

@@ -11,7 +11,8 @@ at the straight-line distance from it. Keyframes without a pose are only exclude
 
 Excluded keyframes are never returned, and the ``k`` candidates are the best valid ones: FAISS skips them
 during the search itself (an ID selector in the search parameters), so neither ``k`` nor the work grows
-with the number excluded. Finding them costs O(log n), not a pass over the map: path length only grows
+with the number excluded (except in the ``pq`` index, whose fast scan takes no selector: it fetches that many
+more and drops them). Finding them costs O(log n), not a pass over the map: path length only grows
 with keyframe id, and stamps normally do too (the bag reader and the node add keyframes in time order), so
 each rule excludes one contiguous range of ids found by binary search. A map whose stamps are not in id
 order (bags given out of time order) sorts them once after each add and excludes the ids found there.
@@ -56,6 +57,10 @@ class ExcludedIds:
 
     def __bool__(self) -> bool:
         return bool(self.ranges or self.ids)
+
+    def count(self) -> int:
+        """How many ids are excluded, at most (explicit ids may repeat a range's)."""
+        return sum(stop - start for start, stop in self.ranges) + sum(len(ids) for ids in self.ids)
 
     def key(self) -> tuple:
         """Equal keys exclude the same ids (queries with equal keys are searched together)."""

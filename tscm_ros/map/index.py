@@ -8,15 +8,30 @@ Index types
   ``ef_search``). Incremental adds, no training.
 - ``ivfpq``: inverted lists with product quantisation (``nlist`` lists, ``pq_m`` bytes per vector,
   ``nprobe`` lists visited per query). Needs training.
-Measured by ``bench/map_search.py --real`` (3840-d descriptors of real-photo statistics, re-ranked, 2-core
-CPU): ``hnsw`` over PCA to 512 answers in 0.8 ms at 10k keyframes with 99.4 % recall@1 against exact search
-at the default ``ef_search`` 128, and in 2.4 ms with 90.4 % at 100k, where ``ef_search`` 512 gives 98.8 % in
-5.3 ms; at 1M, 2048 gives 95.3 % in 30 ms. PCA to 256 caps recall there: the exact top-1 is among its 40
-nearest in PCA-256 space for 90 % of queries. Queries with exclusion on cost the same recall and up to 0.6 ms
-more. ``ivfpq`` is the choice when memory, not latency, is the limit.
+- ``pq``: every keyframe's 4-bit product-quantised code (``pq_m`` codes, by default one per 4 dimensions: 64
+  bytes for a 512-d descriptor) scanned in full with FAISS's SIMD fast scan; the best ``k * k_factor``, and
+  at least ``PQ_MIN_SHORTLIST`` (320), re-ranked exactly. Needs training, and always re-ranks. No partition
+  to miss, and built in seconds. FAISS's fast scan takes no ID selector, so a query with exclusion fetches
+  as many more as there are excluded keyframes and drops those (the allowed shortlist keeps its size).
+
+Measured by ``bench/map_search.py`` on this 2-core CPU, recall@1 against exact search:
+
+- 512-d descriptors with a distilled student's statistics (``--real DIR --student``): ``pq`` finds the exact
+  top-1 for 99.9 % of queries at 100k keyframes in 0.7-1.2 ms (exact search: 17-18 ms; HNSW needs 5.2 ms for
+  as much), and for 97.9 % at 1M in 6.5 ms (99.2 % with a shortlist of 640), built in 19 s where HNSW over
+  PCA took 17 min. ``auto_index_config`` gives it to such maps.
+- 3840-d descriptors of the default model's real-photo statistics (``--real DIR``): ``hnsw`` over PCA to 512
+  answers in 0.8 ms at 10k keyframes with 99.4 % at the default ``ef_search`` 128, and in 2.4 ms with 90.4 %
+  at 100k, where ``ef_search`` 512 gives 98.8 % in 5.3 ms; at 1M, 2048 gives 95.3 % in 30 ms. PCA to 256 caps
+  recall there: the exact top-1 is among its 40 nearest in PCA-256 space for 90 % of queries. ``pq`` (960
+  codes) gives 100 % at 10k and 100k, at 1.0x and 1.5x the time of HNSW at efSearch 128, built in 20 s
+  against 165 s at 100k; it is not the default for them because training it on 4096 keyframes takes 7 s
+  (PCA + HNSW: under 2 s), which a node in mapping mode waits for.
+- Queries with exclusion on cost the same recall and up to 0.6 ms more (``pq``: 0.6 ms with 600 keyframes
+  excluded). ``ivfpq`` is the choice when memory, not latency, is the limit.
 
 Any type can put a PCA reduction to ``pca_dim`` (optionally whitened) in front; it is learned from the
-map's own descriptors. Types that need training (``ivfpq``, or any with ``pca_dim``) keep an exact flat
+map's own descriptors. Types that need training (``ivfpq``, ``pq``, or any with ``pca_dim``) keep an exact flat
 index until the map holds ``train_size`` descriptors; the ``add`` that reaches it trains on them (at most
 ``MAX_TRAIN_POINTS``, sampled with a fixed seed) and moves them into the real index, so that one call takes
 seconds on a big map. Later adds go straight in; the learned PCA and quantisers are not updated.
@@ -26,7 +41,7 @@ descriptors present then: set it explicitly for a map that will grow far beyond 
 Exact distances
 ---------------
 The distance is exact (computed from the full descriptors) for the ``flat`` and plain ``hnsw`` indexes, and
-for every lossy index (PCA reduction or IVF-PQ) built with ``rerank=True``, the default: the lossy index
+for every lossy index (PCA reduction, IVF-PQ or PQ) built with ``rerank=True``, the default: the lossy index
 then only proposes a shortlist of ``k * k_factor`` keyframes, which FAISS re-ranks by their exact distance
 to the query (``IndexRefineFlat``), so scores and thresholds mean the same for every index type.
 ``rerank_dtype='float16'`` keeps the full descriptors in half precision instead (half the memory: 4 GB for
@@ -46,11 +61,14 @@ import faiss
 import numpy as np
 
 from tscm_ros.errors import ConfigError
+from tscm_ros.map.exclusion import ExcludedIds
 
-INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+INDEX_TYPES = ("flat", "hnsw", "ivfpq", "pq")
 MAX_TRAIN_POINTS = 100_000
 AUTO_PCA_DIM = 512  # ``auto_index_config``: descriptors of more than twice this are reduced for the graph
 SINGLE_THREAD_BELOW = 20  # queries per search below which FAISS runs single-threaded
+PQ_TRAIN_SIZE = 4096  # a ``pq`` map searches exactly (under 0.5 ms for 512-d) until it holds this many
+PQ_MIN_SHORTLIST = 320  # re-ranked at least (bench/map_search.py: 100k keyframes, 99.9 % of exact top-1)
 
 
 def _as_int(value):
@@ -94,6 +112,9 @@ class IndexConfig:
         if self.whiten and not self.rerank:
             raise ConfigError("keyframe map: whiten=True needs rerank=True "
                               "(whitened distances are not descriptor distances)")
+        if self.type == "pq" and not self.rerank:
+            raise ConfigError("keyframe map: index type 'pq' needs rerank=True (its 4-bit codes only shortlist "
+                              "candidates; their distances are too rough to score with)")
         if self.rerank_dtype not in ("float32", "float16"):
             raise ConfigError(f"keyframe map: rerank_dtype must be 'float32' or 'float16', got {self.rerank_dtype!r}")
         for name in ("k_factor", "hnsw_m", "ef_construction", "ef_search", "nprobe"):
@@ -104,7 +125,7 @@ class IndexConfig:
 
     @property
     def needs_training(self) -> bool:
-        return self.type == "ivfpq" or self.pca_dim is not None
+        return self.type in ("ivfpq", "pq") or self.pca_dim is not None
 
     def for_dim(self, dim: int) -> IndexConfig:
         """This config checked against ``dim``-d descriptors, with the defaults of ``pq_m`` and ``train_size``."""
@@ -114,7 +135,8 @@ class IndexConfig:
         reduced_dim = self.pca_dim or dim
         pq_m = self.pq_m
         if pq_m is None:
-            pq_m = max(d for d in range(1, max(1, reduced_dim // 8) + 1) if reduced_dim % d == 0)
+            per_code = 4 if self.type == "pq" else 8  # dimensions per sub-quantiser
+            pq_m = max(d for d in range(1, max(1, reduced_dim // per_code) + 1) if reduced_dim % d == 0)
         if not _positive_int(pq_m) or reduced_dim % pq_m:
             raise ConfigError(f"keyframe map: pq_m must divide the indexed dimension {reduced_dim}, got {pq_m!r}")
         train_size = self.train_size
@@ -124,6 +146,8 @@ class IndexConfig:
                 train_size = max(1000, 4 * self.pca_dim)
             if self.type == "ivfpq":
                 train_size = max(train_size, 10_000, 39 * (self.nlist or 0))
+            if self.type == "pq":
+                train_size = max(train_size, PQ_TRAIN_SIZE)
         least = max(256, self.nlist or 0, self.pca_dim or 0) if self.needs_training else 0
         if not isinstance(train_size, int) or train_size < least:
             raise ConfigError(f"keyframe map: train_size {train_size!r} is too small for index {self.type!r} "
@@ -139,9 +163,11 @@ class IndexConfig:
             parts.append("Flat")
         elif self.type == "hnsw":
             parts.append(f"HNSW{self.hnsw_m}")
+        elif self.type == "pq":
+            parts.append(f"PQ{self.pq_m}x4fs")
         else:
             parts.append(f"IVF{self.nlist},PQ{self.pq_m}np")  # np: no polysemous training (slow, unused)
-        if self.rerank and (self.pca_dim or self.type == "ivfpq"):
+        if self.rerank and (self.pca_dim or self.type in ("ivfpq", "pq")):
             parts.append("RFlat" if self.rerank_dtype == "float32" else "Refine(SQfp16)")
         return ",".join(parts)
 
@@ -161,15 +187,19 @@ class IndexConfig:
 
 
 def auto_index_config(dim: int) -> IndexConfig:
-    """The index a map of ``dim``-d descriptors gets by default: for descriptors of more than
-    ``2 * AUTO_PCA_DIM`` dimensions, PCA to ``AUTO_PCA_DIM`` + HNSW with exact re-ranking, which searches
-    exactly (flat) until the map holds ``train_size`` (2048) keyframes and trains then; smaller descriptors
-    stay exact (flat). bench/map_search.py with descriptors of real-photo statistics (``--real``), 3840-d:
-    at 10k keyframes 0.8 ms median per query and 99.4 % recall@1 of exact search (PCA to 256: 0.6 ms and
-    98.1 %; exact 8.0 ms); at 100k 2.4 ms and 90.4 % (PCA to 256: 81.9 %)."""
+    """The index a map of ``dim``-d descriptors gets by default. Both search exactly (flat) until the map holds
+    ``train_size`` keyframes, and train then.
+
+    - Over ``2 * AUTO_PCA_DIM`` dimensions (the default model's 3840): PCA to ``AUTO_PCA_DIM`` + HNSW with exact
+      re-ranking, trained at 2048 keyframes. bench/map_search.py with descriptors of real-photo statistics
+      (``--real``): at 10k keyframes 0.8 ms median per query and 99.4 % recall@1 of exact search (exact 8.0 ms);
+      at 100k 2.4 ms and 90.4 %.
+    - Compact descriptors (a distilled student's 512): ``pq``, trained at ``PQ_TRAIN_SIZE`` keyframes
+      (``--real --student``: 100k keyframes in 0.4 ms at 99.4 %, exact 12.8 ms).
+    """
     if dim > 2 * AUTO_PCA_DIM:
         return IndexConfig(type="hnsw", pca_dim=AUTO_PCA_DIM)
-    return IndexConfig()
+    return IndexConfig(type="pq")
 
 
 def fit_pca(pca: faiss.PCAMatrix, sample: np.ndarray) -> None:
@@ -342,18 +372,49 @@ class DescriptorIndex:
             alive.append(params)
         return params, alive
 
-    def search(self, vectors: np.ndarray, k: int, selector: faiss.IDSelector | None = None
+    def search(self, vectors: np.ndarray, k: int, excluded: ExcludedIds | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS search among the ids ``selector`` accepts (all without one); a few queries run on one
-        OpenMP thread.
+        """FAISS search for the ``k`` nearest keyframes not in ``excluded`` (rows padded with id -1 where fewer
+        are found); a few queries run on one OpenMP thread.
 
         Measured here: one query through a PCA index took 8-16 ms with 2 threads on a busy 2-core machine
         (threads waiting for time slices) and 0.2 ms with one; batches still use every thread. The thread
         count set here is the calling thread's own (OpenMP's nthreads-var belongs to each thread's data
         environment, as test_keyframe_map checks), so concurrent queries from other threads are unaffected.
         """
-        params, _alive = self._search_parameters(selector) if selector is not None else (None, None)
         vectors = np.ascontiguousarray(vectors)
+        if self._trained and self._config.type == "pq":
+            return self._search_pq(vectors, k, excluded)
+        if not excluded:
+            return self._run(vectors, k, None)
+        selector, _selector_alive = excluded.selector()
+        params, _alive = self._search_parameters(selector)
+        return self._run(vectors, k, params)
+
+    def _search_pq(self, vectors: np.ndarray, k: int, excluded: ExcludedIds | None) -> tuple[np.ndarray, np.ndarray]:
+        """``search`` in the ``pq`` index: a shortlist of ``max(k * k_factor, PQ_MIN_SHORTLIST)`` re-ranked (the
+        top-1 needs a shortlist of that size whatever ``k``). Its fast scan takes no ID selector: with
+        exclusion, the best ``k`` + (number excluded) come from a shortlist that many longer, and the excluded
+        are dropped."""
+        count = excluded.count() if excluded else 0
+        wider = min(len(self), k + count)
+        shortlist = min(len(self), max(k * self._config.k_factor, PQ_MIN_SHORTLIST) + count)
+        params = faiss.IndexRefineSearchParameters()
+        params.k_factor = (shortlist + 0.5) / wider  # FAISS truncates wider * k_factor
+        distances, ids = self._run(vectors, wider, params)
+        if not count:
+            return distances, ids
+        keep = (ids >= 0) & ~excluded.contains(ids.ravel()).reshape(ids.shape)
+        kept_distances = np.full((len(ids), k), np.inf, np.float32)
+        kept_ids = np.full((len(ids), k), -1, np.int64)
+        for row, mask in enumerate(keep):
+            columns = np.flatnonzero(mask)[:k]
+            kept_distances[row, : len(columns)] = distances[row, columns]
+            kept_ids[row, : len(columns)] = ids[row, columns]
+        return kept_distances, kept_ids
+
+    def _run(self, vectors: np.ndarray, k: int, params: faiss.SearchParameters | None
+             ) -> tuple[np.ndarray, np.ndarray]:
         if len(vectors) >= SINGLE_THREAD_BELOW:
             return self._index.search(vectors, k, params=params)
         threads = faiss.omp_get_max_threads()

@@ -399,8 +399,7 @@ class KeyframeMap:
             excluded = self._track.excluded(item)
             groups.setdefault(excluded.key() if excluded else (), (excluded, []))[1].append(row)
         for excluded, rows in groups.values():
-            selector, _alive = excluded.selector() if excluded else (None, None)
-            distances, ids = self._index.search(vectors[rows], k, selector)
+            distances, ids = self._index.search(vectors[rows], k, excluded)
             for row, row_distances, row_ids in zip(rows, distances, ids):
                 found = row_ids >= 0
                 row_distances = np.maximum(row_distances[found], 0.0)  # rounding can give -1e-7
