@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{AUTO_PCA_DIM} dimensions + HNSW with exact re-ranking (10k keyframes: 0.8 ms against "
                         "8 ms exact, 99 %% of top-1 answers as exact search gives; 100k: 90 %%); smaller "
                         f"descriptors (a distilled student's): exact up to {PQ_TRAIN_SIZE} keyframes, then pq "
-                        "(4-bit codes scanned in full, re-ranked exactly; 100k keyframes: 0.4 ms, 99 %%), unless "
+                        "(4-bit codes scanned in full, re-ranked exactly; 100k keyframes: 0.7 ms, 99.9 %%), unless "
                         "--pca-dim is given. flat: exact. With --append the map keeps its own index")
     parser.add_argument("--pca-dim", type=int, help="reduce descriptors with PCA learned from the map (large maps)")
     parser.add_argument("--thumbnails", action="store_true", help=f"store {THUMBNAIL_WIDTH}-px wide thumbnails")

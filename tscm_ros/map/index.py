@@ -17,9 +17,9 @@ Index types
 Measured by ``bench/map_search.py`` on this 2-core CPU, recall@1 against exact search:
 
 - 512-d descriptors with a distilled student's statistics (``--real DIR --student``): ``pq`` finds the exact
-  top-1 for 99.9 % of queries at 100k keyframes in 0.7-1.2 ms (exact search: 17-18 ms; HNSW needs 5.2 ms for
-  as much), and for 97.9 % at 1M in 6.5 ms (99.2 % with a shortlist of 640), built in 19 s where HNSW over
-  PCA took 17 min. ``auto_index_config`` gives it to such maps.
+  top-1 for 99.9 % of queries at 100k keyframes in 0.7-1.2 ms (exact search: 16-18 ms; HNSW needs 5.4 ms for
+  as much), and for 97.9 % at 1M in 6.5-7.7 ms (99.2 % with a shortlist of 640), built in 17 s where HNSW
+  over PCA took 17 min. ``auto_index_config`` gives it to such maps.
 - 3840-d descriptors of the default model's real-photo statistics (``--real DIR``): ``hnsw`` over PCA to 512
   answers in 0.8 ms at 10k keyframes with 99.4 % at the default ``ef_search`` 128, and in 2.4 ms with 90.4 %
   at 100k, where ``ef_search`` 512 gives 98.8 % in 5.3 ms; at 1M, 2048 gives 95.3 % in 30 ms. PCA to 256 caps
@@ -195,7 +195,7 @@ def auto_index_config(dim: int) -> IndexConfig:
       (``--real``): at 10k keyframes 0.8 ms median per query and 99.4 % recall@1 of exact search (exact 8.0 ms);
       at 100k 2.4 ms and 90.4 %.
     - Compact descriptors (a distilled student's 512): ``pq``, trained at ``PQ_TRAIN_SIZE`` keyframes
-      (``--real --student``: 100k keyframes in 0.4 ms at 99.4 %, exact 12.8 ms).
+      (``--real --student``: 100k keyframes in 0.7 ms at 99.9 %, exact 15.5 ms).
     """
     if dim > 2 * AUTO_PCA_DIM:
         return IndexConfig(type="hnsw", pca_dim=AUTO_PCA_DIM)
