@@ -24,11 +24,11 @@ Measured by ``bench/map_search.py`` on this 2-core CPU, recall@1 against exact s
   answers in 0.8 ms at 10k keyframes with 99.4 % at the default ``ef_search`` 128, and in 2.4 ms with 90.4 %
   at 100k, where ``ef_search`` 512 gives 98.8 % in 5.3 ms; at 1M, 2048 gives 95.3 % in 30 ms. PCA to 256 caps
   recall there: the exact top-1 is among its 40 nearest in PCA-256 space for 90 % of queries. ``pq`` (960
-  codes) gives 100 % at 10k and 100k, at 1.0x and 1.5x the time of HNSW at efSearch 128, built in 20 s
+  codes) gives 100 % at 10k and 100k, at 0.9x and 1.5x the time of HNSW at efSearch 128, built in 20 s
   against 165 s at 100k; it is not the default for them because training it on 4096 keyframes takes 7 s
   (PCA + HNSW: under 2 s), which a node in mapping mode waits for.
-- Queries with exclusion on cost the same recall and up to 0.6 ms more (``pq``: 0.6 ms with 600 keyframes
-  excluded). ``ivfpq`` is the choice when memory, not latency, is the limit.
+- Queries with exclusion on cost the same recall and up to 0.6 ms more (``pq``: 0.8 ms more at 100k, with
+  600 keyframes excluded). ``ivfpq`` is the choice when memory, not latency, is the limit.
 
 Any type can put a PCA reduction to ``pca_dim`` (optionally whitened) in front; it is learned from the
 map's own descriptors. Types that need training (``ivfpq``, ``pq``, or any with ``pca_dim``) keep an exact flat
